@@ -1,0 +1,1 @@
+"""diffusers adapters (installed as ``freecure_ops.adapters``)."""

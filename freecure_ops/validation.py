@@ -1,0 +1,145 @@
+"""Input checks for FASA, done once at the API edge before any kernel launch.
+
+Every problem is reported as a ``TypeError`` (wrong kind or dtype) or ``ValueError`` (wrong shape or value)
+whose message starts with the argument's name.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+MODES = ("bias", "scale")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+
+
+@dataclass(frozen=True)
+class FasaProblem:
+    """The validated sizes and scalars of one FASA call."""
+
+    batch: int
+    heads: int
+    n_q: int
+    n_p: int
+    n_f: int
+    head_dim: int
+    n_txt: int
+    scale: float
+    omega: float
+    mode: str
+
+    @property
+    def n_img(self) -> int:
+        return self.n_f - self.n_txt
+
+
+def _check_tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 4:
+        raise ValueError(f"{name} must have shape [B, H, N, D] (4 dims), got {tuple(t.shape)}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    return t
+
+
+def _check_scalar(name: str, value, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.Tensor | None:
+    """Check an FD-token mask of shape ``[n_img]`` or ``[batch, n_img]``; returns it unchanged (None stays None)."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    if mask.dim() == 1:
+        if mask.shape[0] != n_img:
+            raise ValueError(f"mask must have shape [Nimg]={n_img} (Nf - n_txt), got {tuple(mask.shape)}")
+    elif mask.dim() == 2:
+        if tuple(mask.shape) != (batch, n_img):
+            raise ValueError(
+                f"mask must have shape [Nimg]=[{n_img}] or [B, Nimg]=[{batch}, {n_img}], got {tuple(mask.shape)}")
+    else:
+        raise ValueError(f"mask must have shape [Nimg] or [B, Nimg], got {mask.dim()} dims {tuple(mask.shape)}")
+    if mask.device != device:
+        raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
+    if mask.dtype != torch.bool and mask.numel() > 0:
+        bad = (~torch.isfinite(mask) | (mask < 0)).any()
+        if bool(bad):
+            raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
+    return mask
+
+
+def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
+                      allowed_dtypes=KERNEL_DTYPES) -> FasaProblem:
+    """Validate a FASA call; returns its sizes. Raises before anything is computed."""
+    tensors = {"q": q, "k_p": k_p, "k_f": k_f, "v_p": v_p, "v_f": v_f}
+    for name, t in tensors.items():
+        _check_tensor(name, t)
+    if q.dtype not in allowed_dtypes:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
+        raise TypeError(f"q must have dtype in ({names}), got {q.dtype}")
+    for name, t in tensors.items():
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all of q, k_p, k_f, v_p, v_f "
+                            "must share one dtype")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share one device")
+
+    batch, heads, n_q, head_dim = q.shape
+    for name, t in tensors.items():
+        if t.shape[0] != batch or t.shape[1] != heads:
+            raise ValueError(f"{name} must have batch and heads [B={batch}, H={heads}] like q, "
+                             f"got shape {tuple(t.shape)}")
+        if t.shape[3] != head_dim:
+            raise ValueError(f"{name} must have head dim D={head_dim} like q, got shape {tuple(t.shape)}")
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"q head dim D must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    if batch < 1 or heads < 1:
+        raise ValueError(f"q must have B >= 1 and H >= 1, got shape {tuple(q.shape)}")
+    n_p, n_f = k_p.shape[2], k_f.shape[2]
+    if v_p.shape[2] != n_p:
+        raise ValueError(f"v_p must have as many tokens as k_p ({n_p}), got shape {tuple(v_p.shape)}")
+    if v_f.shape[2] != n_f:
+        raise ValueError(f"v_f must have as many tokens as k_f ({n_f}), got shape {tuple(v_f.shape)}")
+    for name, n in (("q", n_q), ("k_p", n_p), ("k_f", n_f)):
+        if n < 1:
+            raise ValueError(f"{name} must hold at least one token, got shape {tuple(tensors[name].shape)}")
+
+    if isinstance(n_txt, bool) or not isinstance(n_txt, int):
+        raise TypeError(f"n_txt must be an int, got {type(n_txt).__name__}")
+    if not 0 <= n_txt < n_f or n_txt > n_q or n_txt > n_p:
+        raise ValueError(f"n_txt must satisfy 0 <= n_txt < Nf={n_f} and n_txt <= Nq={n_q}, Np={n_p} "
+                         f"(text tokens lead every joint sequence), got {n_txt}")
+    if not isinstance(mode, str) or mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    omega = _check_scalar("omega", omega)
+    scale = _check_scalar("scale", scale, allow_none=True)
+    if scale is None:
+        scale = head_dim ** -0.5
+    check_mask(mask, batch=batch, n_img=n_f - n_txt, device=q.device)
+    return FasaProblem(batch, heads, n_q, n_p, n_f, head_dim, n_txt, scale, omega, mode)
+
+
+def mask_as_rows(mask: torch.Tensor | None, batch: int, n_img: int, device, dtype=torch.float32) -> torch.Tensor:
+    """The mask as a ``[1 or B, Nimg]`` tensor of ``dtype`` (None becomes all ones, shared)."""
+    if mask is None:
+        return torch.ones(1, n_img, device=device, dtype=dtype)
+    mask = mask.to(dtype)
+    return mask.unsqueeze(0) if mask.dim() == 1 else mask

@@ -1,0 +1,31 @@
+from setuptools import setup
+
+# The top-level folders kernels/ and adapters/ install under the freecure_ops namespace: PyPI already has
+# packages named "kernels" (used by diffusers) and "adapters", which must never be shadowed.
+setup(
+    name="freecure-ops",
+    version="0.1.0",
+    description="Fused Triton FASA attention (FreeCure) with diffusers adapters",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["freecure_ops", "freecure_ops.kernels", "freecure_ops.adapters", "freecure_ops.bench"],
+    package_dir={
+        "freecure_ops": "freecure_ops",
+        "freecure_ops.kernels": "kernels",
+        "freecure_ops.adapters": "adapters",
+        "freecure_ops.bench": "bench",
+    },
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "numpy",
+        "einops",
+    ],
+    extras_require={
+        "diffusers": ["diffusers>=0.32"],
+        "bench": ["matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.32", "transformers>=4.40", "sentencepiece",
+                 "matplotlib"],
+    },
+)
