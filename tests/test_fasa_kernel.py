@@ -1,0 +1,180 @@
+"""The Triton kernel against the float64 eager reference (flash-attention tolerance rule).
+
+Without CUDA these run in Triton's CPU interpreter (tests/conftest.py). bf16 there: the interpreter's bf16
+tl.dot is wrong, so the launcher upcasts bf16 tiles to fp32 before tl.dot when interpreting; bf16 loads,
+stores and the fp32 accumulation are still exercised. On CUDA the same tests run the real compiled bf16 path.
+"""
+import pytest
+import torch
+
+from fasa_cases import FLOOR, assert_close_to_ref, make_inputs, make_mask, to64
+from freecure_ops import fasa_attention, fasa_reference
+from freecure_ops.kernels import fasa_fwd
+from freecure_ops.validation import mask_as_rows
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def run_triton(inputs, mask, omega, **kw):
+    return fasa_attention(*inputs, mask, omega, backend="triton", **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d", [16, 40, 64, 72, 80, 128, 160])
+def test_head_dims_odd_lengths(d, dtype, device):
+    # Nq != Np != Nf, none a multiple of any tile size.
+    inputs = make_inputs(2, 2, 67, 45, 83, d, dtype, device, seed=d)
+    mask = make_mask("binary", 2, 83, device)
+    assert_close_to_ref(run_triton(inputs, mask, 1.5), inputs, mask, 1.5)
+
+
+@pytest.mark.parametrize("layout", ["bnhd", "strided_d"])
+def test_strided_inputs_read_in_place(layout, device):
+    inputs = make_inputs(2, 3, 50, 37, 61, 40, torch.float16, device, layout=layout)
+    assert not inputs[0].is_contiguous()
+    mask = make_mask("soft", 2, 61, device)
+    assert_close_to_ref(run_triton(inputs, mask, 1.5), inputs, mask, 1.5)
+
+
+def test_output_layout_allows_free_head_merge(device):
+    b, h, n, d = 2, 3, 29, 40
+    inputs = make_inputs(b, h, n, n, n, d, torch.float16, device)
+    out = run_triton(inputs, None, 1.0)
+    merged = out.transpose(1, 2).reshape(b, n, h * d)
+    assert merged.data_ptr() == out.data_ptr() and out.transpose(1, 2).is_contiguous()
+
+
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+@pytest.mark.parametrize("kind,shared", [("binary", False), ("bool", False), ("soft", False), ("soft", True),
+                                         ("zeros", False), ("ones", True), ("bool", True)])
+def test_mask_kinds(kind, shared, mode, device):
+    inputs = make_inputs(2, 2, 53, 41, 70, 64, torch.float16, device, seed=3)
+    mask = make_mask(kind, 2, 70, device, shared=shared)
+    assert_close_to_ref(run_triton(inputs, mask, 1.5, mode=mode), inputs, mask, 1.5, mode=mode)
+
+
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+@pytest.mark.parametrize("omega", [0.0, 0.5, 1.5, 8.0])
+def test_omega(omega, mode, device):
+    inputs = make_inputs(1, 2, 45, 39, 58, 64, torch.float32, device, seed=4)
+    mask = make_mask("soft", 1, 58, device)
+    assert_close_to_ref(run_triton(inputs, mask, omega, mode=mode), inputs, mask, omega, mode=mode)
+
+
+def test_mask_none_means_all_ones(device):
+    inputs = make_inputs(1, 2, 33, 30, 40, 32, torch.float32, device)
+    ones = torch.ones(40, device=device)
+    torch.testing.assert_close(run_triton(inputs, None, 1.5), run_triton(inputs, ones, 1.5), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+@pytest.mark.parametrize("n_txt", [1, 13, 40])
+def test_flux_variant_text_image_boundary(n_txt, mode, dtype, device):
+    # Joint sequences [text, image]; with 32-row query tiles the boundary falls inside a block for 13 and
+    # 40, and the first block is pure text for 40.
+    n = 97
+    inputs = make_inputs(1, 2, n, n, n, 48, dtype, device, seed=n_txt)
+    mask = make_mask("soft", 1, n - n_txt, device)
+    out = run_triton(inputs, mask, 1.5, mode=mode, n_txt=n_txt)
+    assert_close_to_ref(out, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
+
+
+def test_flux_text_rows_ignore_fd_entirely(device):
+    n, n_txt = 60, 21
+    q, k_p, k_f, v_p, v_f = make_inputs(1, 2, n, n, n, 32, torch.float32, device)
+    mask = torch.ones(n - n_txt, device=device)
+    out = run_triton((q, k_p, k_f, v_p, v_f), mask, 8.0, n_txt=n_txt)
+    plain = torch.nn.functional.scaled_dot_product_attention(q[:, :, :n_txt], k_p, v_p)
+    torch.testing.assert_close(out[:, :, :n_txt], plain, atol=1e-5, rtol=1e-5)
+    # FD text keys are never attended: scrambling them changes nothing anywhere.
+    k_f2, v_f2 = k_f.clone(), v_f.clone()
+    k_f2[:, :, :n_txt] = 1e3
+    v_f2[:, :, :n_txt] = -1e3
+    out2 = run_triton((q, k_p, k_f2, v_p, v_f2), mask, 8.0, n_txt=n_txt)
+    torch.testing.assert_close(out2, out, atol=0, rtol=0)
+
+
+def test_large_logits_fp16_do_not_overflow(device):
+    # Logits of several hundred: exp() of them overflows fp16 (and fp32) unless the softmax is online.
+    inputs = make_inputs(1, 2, 40, 36, 44, 64, torch.float16, device, scale_qk=12.0)
+    mask = make_mask("binary", 1, 44, device)
+    ref64 = fasa_reference(*[to64(t) for t in inputs], to64(mask), 1.5)
+    s = torch.einsum("bhqd,bhkd->bhqk", to64(inputs[0]), to64(inputs[1])) * 64 ** -0.5
+    assert s.abs().max() > 200
+    out = run_triton(inputs, mask, 1.5)
+    assert torch.isfinite(out).all()
+    # The same-dtype eager reference is the error scale.
+    assert_close_to_ref(out, inputs, mask, 1.5)
+    assert (out.double() - ref64).abs().max() < 0.05
+
+
+def test_excluded_fd_tiles_are_never_loaded(device):
+    # With 16-key tiles, FD tiles 1 and 3 have an all-zero mask. Poison their keys and values with NaN: the
+    # kernel must skip those tiles outright (a masked-but-loaded tile would turn 0 * NaN into NaN).
+    b, h, n, d, bn = 1, 2, 40, 32, 16
+    q, k_p, k_f, v_p, v_f = make_inputs(b, h, n, n, 4 * bn + 5, d, torch.float32, device)
+    mask = torch.rand(4 * bn + 5, device=device) + 0.1
+    for tile in (1, 3):
+        mask[tile * bn:(tile + 1) * bn] = 0
+    clean = (q, k_p, k_f.clone(), v_p, v_f.clone())
+    for t in (k_f, v_f):
+        t[:, :, mask == 0] = float("nan")
+    out = fasa_fwd(q, k_p, k_f, v_p, v_f, mask_as_rows(mask, b, mask.numel(), device), scale=d ** -0.5,
+                   omega=1.5, mode="bias", n_txt=0, block_m=16, block_n=bn)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, clean, mask, 1.5)
+
+
+@pytest.mark.parametrize("block_m,block_n", [(16, 16), (16, 64), (64, 16)])
+def test_tile_sizes(block_m, block_n, device):
+    # Many tile boundaries on small shapes, FLUX variant included.
+    b, d, n_txt = 2, 40, 19
+    inputs = make_inputs(b, 2, 75, 58, 91, d, torch.float16, device, layout="bnhd")
+    mask = make_mask("soft", b, 91 - n_txt, device)
+    out = fasa_fwd(*inputs, mask_as_rows(mask, b, 91 - n_txt, device), scale=d ** -0.5, omega=1.5,
+                   mode="bias", n_txt=n_txt, block_m=block_m, block_n=block_n)
+    assert_close_to_ref(out, inputs, mask, 1.5, n_txt=n_txt)
+
+
+def test_single_token_everywhere(device):
+    inputs = make_inputs(1, 1, 1, 1, 1, 8, torch.float32, device)
+    mask = torch.ones(1, device=device)
+    assert_close_to_ref(run_triton(inputs, mask, 1.5), inputs, mask, 1.5)
+
+
+def test_custom_scale(device):
+    inputs = make_inputs(1, 2, 31, 30, 29, 64, torch.float32, device)
+    mask = make_mask("soft", 1, 29, device)
+    out = run_triton(inputs, mask, 1.5, scale=0.3)
+    assert_close_to_ref(out, inputs, mask, 1.5, scale=0.3)
+    assert (out - run_triton(inputs, mask, 1.5)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_lse_matches_reference(dtype, device):
+    n_txt = 11
+    inputs = make_inputs(2, 2, 50, 50, 50, 40, dtype, device)
+    mask = make_mask("soft", 2, 50 - n_txt, device)
+    out, lse = run_triton(inputs, mask, 1.5, n_txt=n_txt, return_lse=True)
+    _, lse64 = fasa_reference(*[to64(t) for t in inputs], mask.double(), 1.5, n_txt=n_txt, return_lse=True)
+    assert lse.dtype == torch.float32 and lse.shape == inputs[0].shape[:3]
+    assert (lse.double() - lse64).abs().max() < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+def test_lse_merges_partial_results(mode, backend, device):
+    # Attention over a union of key sets = the LSE-weighted merge of attention over each part.
+    b, h, d = 2, 2, 32
+    q, k_p, k_f, v_p, v_f = make_inputs(b, h, 45, 50, 62, d, torch.float32, device)
+    mask = make_mask("soft", b, 62, device)
+    full = fasa_attention(q, k_p, k_f, v_p, v_f, mask, 1.5, mode=mode, backend=backend)
+    a = fasa_attention(q, k_p[:, :, :20], k_f[:, :, :27], v_p[:, :, :20], v_f[:, :, :27], mask[:, :27], 1.5,
+                       mode=mode, backend=backend, return_lse=True)
+    c = fasa_attention(q, k_p[:, :, 20:], k_f[:, :, 27:], v_p[:, :, 20:], v_f[:, :, 27:], mask[:, 27:], 1.5,
+                       mode=mode, backend=backend, return_lse=True)
+    lse = torch.logaddexp(a[1], c[1])
+    merged = torch.exp(a[1] - lse)[..., None] * a[0] + torch.exp(c[1] - lse)[..., None] * c[0]
+    torch.testing.assert_close(merged, full, atol=2e-5, rtol=2e-5)
+    assert_close_to_ref(merged, (q, k_p, k_f, v_p, v_f), mask, 1.5, mode=mode, floor=FLOOR[torch.float32] * 2)
