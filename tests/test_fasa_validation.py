@@ -1,0 +1,124 @@
+"""Every bad input is refused with a TypeError/ValueError naming the argument, before any launch."""
+import math
+
+import pytest
+import torch
+
+from freecure_ops import fasa_attention, fasa_reference
+
+B, H, NQ, NP, NF, D = 2, 3, 10, 12, 14, 16
+
+
+def good(**over):
+    torch.manual_seed(0)
+    args = dict(
+        q=torch.randn(B, H, NQ, D), k_p=torch.randn(B, H, NP, D), k_f=torch.randn(B, H, NF, D),
+        v_p=torch.randn(B, H, NP, D), v_f=torch.randn(B, H, NF, D), mask=torch.ones(NF), omega=1.5,
+    )
+    args.update(over)
+    return args
+
+
+def call(fn=fasa_attention, backend="torch", **over):
+    kw = {k: over.pop(k) for k in ("scale", "mode", "n_txt", "return_lse") if k in over}
+    a = good(**over)
+    if fn is fasa_attention:
+        kw["backend"] = backend
+    return fn(a["q"], a["k_p"], a["k_f"], a["v_p"], a["v_f"], a["mask"], a["omega"], **kw)
+
+
+BAD = [
+    # (override, error type, words the message must contain)
+    (dict(q=torch.randn(B, NQ, D)), ValueError, ["q", "4 dims"]),
+    (dict(k_p=[1, 2]), TypeError, ["k_p", "torch.Tensor"]),
+    (dict(v_f=torch.randn(B, H, NF, D, 1)), ValueError, ["v_f"]),
+    (dict(q=torch.randint(0, 3, (B, H, NQ, D))), TypeError, ["q", "floating"]),
+    (dict(k_f=torch.randn(B, H, NF, D, dtype=torch.float16)), TypeError, ["k_f", "dtype"]),
+    (dict(k_p=torch.randn(B + 1, H, NP, D)), ValueError, ["k_p", "batch"]),
+    (dict(v_p=torch.randn(B, H + 1, NP, D)), ValueError, ["v_p", "heads"]),
+    (dict(k_f=torch.randn(B, H, NF, D + 1)), ValueError, ["k_f", "head dim"]),
+    (dict(v_p=torch.randn(B, H, NP + 1, D)), ValueError, ["v_p", "k_p"]),
+    (dict(v_f=torch.randn(B, H, NF - 1, D)), ValueError, ["v_f", "k_f"]),
+    (dict(k_p=torch.randn(B, H, 0, D), v_p=torch.randn(B, H, 0, D)), ValueError, ["k_p", "at least one"]),
+    (dict(q=torch.randn(B, H, NQ, 300), k_p=torch.randn(B, H, NP, 300), k_f=torch.randn(B, H, NF, 300),
+          v_p=torch.randn(B, H, NP, 300), v_f=torch.randn(B, H, NF, 300), ), ValueError, ["head dim", "256"]),
+    (dict(mask=torch.ones(NF + 1)), ValueError, ["mask", "Nimg"]),
+    (dict(mask=torch.ones(B + 1, NF)), ValueError, ["mask", "[B, Nimg]"]),
+    (dict(mask=torch.ones(1, 1, NF)), ValueError, ["mask", "3 dims"]),
+    (dict(mask=torch.ones(NF, dtype=torch.int64)), TypeError, ["mask", "bool or floating"]),
+    (dict(mask=[1.0] * NF), TypeError, ["mask", "torch.Tensor"]),
+    (dict(mask=torch.ones(NF).index_fill(0, torch.tensor([3]), -0.5)), ValueError, ["mask", "negative"]),
+    (dict(mask=torch.ones(NF).index_fill(0, torch.tensor([3]), math.nan)), ValueError, ["mask", "NaN"]),
+    (dict(mask=torch.ones(NF).index_fill(0, torch.tensor([3]), math.inf)), ValueError, ["mask", "inf"]),
+    (dict(omega=math.nan), ValueError, ["omega", "finite"]),
+    (dict(omega=math.inf), ValueError, ["omega", "finite"]),
+    (dict(omega="1.5"), TypeError, ["omega"]),
+    (dict(omega=True), TypeError, ["omega"]),
+    (dict(omega=torch.ones(2)), ValueError, ["omega", "0-dim"]),
+    (dict(scale=math.inf), ValueError, ["scale", "finite"]),
+    (dict(mode="multiply"), ValueError, ["mode", "bias"]),
+    (dict(n_txt=-1), ValueError, ["n_txt"]),
+    (dict(n_txt=NF), ValueError, ["n_txt"]),
+    (dict(n_txt=NQ + 1), ValueError, ["n_txt"]),
+    (dict(n_txt=2.0), TypeError, ["n_txt", "int"]),
+    (dict(n_txt=True), TypeError, ["n_txt", "int"]),
+]
+
+
+@pytest.mark.parametrize("fn", [fasa_attention, fasa_reference], ids=["fasa_attention", "fasa_reference"])
+@pytest.mark.parametrize("over,err,words", BAD, ids=[f"bad{i}" for i in range(len(BAD))])
+def test_bad_input_is_refused_with_named_argument(over, err, words, fn):
+    with pytest.raises(err) as info:
+        call(fn, **over)
+    msg = str(info.value)
+    for w in words:
+        assert w in msg, f"{w!r} not in message: {msg}"
+
+
+def test_float64_is_for_the_reference_only():
+    a = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in good().items()}
+    with pytest.raises(TypeError, match="q must have dtype"):
+        fasa_attention(*a.values())
+    assert fasa_reference(*a.values()).dtype == torch.float64
+
+
+def test_mask_length_follows_n_txt():
+    # With n_txt text tokens the mask covers only the Nf - n_txt image tokens.
+    with pytest.raises(ValueError, match="mask"):
+        call(n_txt=4)
+    call(n_txt=4, mask=torch.ones(NF - 4))
+
+
+def test_unknown_backend_and_bad_flags():
+    with pytest.raises(ValueError, match="backend"):
+        call(backend="cuda")
+    with pytest.raises(TypeError, match="return_lse"):
+        call(return_lse="yes")
+
+
+def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
+        call(backend="triton")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to mix devices")
+def test_mixed_devices_are_refused():
+    with pytest.raises(ValueError, match="k_p.*device"):
+        call(k_p=torch.randn(B, H, NP, D, device="cuda"))
+    with pytest.raises(ValueError, match="mask.*device"):
+        a = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != "mask" else v) for k, v in good().items()}
+        fasa_attention(*a.values())
+
+
+def test_mask_on_another_device_is_refused():
+    # Without CUDA, the meta device stands in for "another device".
+    with pytest.raises(ValueError, match="mask must be on the same device"):
+        call(mask=torch.ones(NF, device="meta"))
+
+
+def test_omega_as_zero_dim_tensor_and_int_accepted():
+    a = call(omega=torch.tensor(1.5))
+    b = call(omega=1.5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    call(omega=2)
