@@ -163,11 +163,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(block_d: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim. GPU values fit H100/H200
-    shared memory (228 KB) with room; the interpreter prefers big tiles (fewer, vectorized programs)."""
+def _config(block_d: int, elem_bytes: int, interpret: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim and element size.
+
+    Checked by compiling for sm_90 (tests/test_kernel_compile.py): shared memory stays well under the
+    H100/H200 227 KB limit and fp16/bf16 variants do not spill. fp32 (IEEE dots, a correctness path, not
+    a fast one) needs small tiles to fit. The interpreter prefers big tiles: fewer, vectorized programs.
+    """
     if interpret:
         return 32, 32, 1, 1
+    if elem_bytes == 4:
+        return 64, 32, 8, 2
     if block_d <= 64:
         return 128, 64, 4, 3
     if block_d <= 128:
@@ -188,7 +194,7 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask_rows, *, scale: float, omega: float, mo
     n_p, n_f = k_p.shape[2], k_f.shape[2]
     interpret = interpreting()
     block_d = max(16, triton.next_power_of_2(head_dim))
-    bm, bn, warps, stages = _config(block_d, interpret)
+    bm, bn, warps, stages = _config(block_d, q.element_size(), interpret)
     bm, bn = block_m or bm, block_n or bn
 
     out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
