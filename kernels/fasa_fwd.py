@@ -20,70 +20,70 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _online_softmax_step(acc, l_i, m_i, qk, v):
-    """Fold one tile of log2-domain logits ``qk`` [M, N] and values ``v`` [N, D] into the running state."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    return acc, l_i, m_new
+def _dot(a, b, IEEE: tl.constexpr):
+    if IEEE:  # fp32 inputs: full fp32 products like torch's fp32 matmul (no TF32)
+        return tl.dot(a, b, input_precision="ieee")
+    return tl.dot(a, b)
 
 
 @triton.jit
-def _load_tile(base, offs_n, offs_d, stride_n, stride_d, n_end, d_ok, EVEN_N: tl.constexpr,
-               EVEN_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
-    """Load a [BLOCK_N, BLOCK_D] tile of keys or values; rows >= n_end and cols >= D read as zero."""
-    ptrs = base + offs_n[:, None] * stride_n + offs_d[None, :] * stride_d
-    if EVEN_N and EVEN_D:
-        t = tl.load(ptrs)
-    elif EVEN_N:
-        t = tl.load(ptrs, mask=d_ok[None, :], other=0.0)
-    elif EVEN_D:
-        t = tl.load(ptrs, mask=(offs_n < n_end)[:, None], other=0.0)
+def _load_rows(base, rows, cols, stride_n, stride_d, n_end, HEAD_DIM: tl.constexpr, CHECK_N: tl.constexpr,
+               CHECK_D: tl.constexpr, DOT_DTYPE: tl.constexpr):
+    """Load the [rows, cols] tile of an [N, HEAD_DIM] matrix; rows >= n_end and cols >= HEAD_DIM read as
+    zero. A bound is checked only where the tile can cross it (CHECK_N, CHECK_D are compile-time)."""
+    ptrs = base + rows[:, None] * stride_n + cols[None, :] * stride_d
+    if CHECK_N and CHECK_D:
+        t = tl.load(ptrs, mask=(rows < n_end)[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    elif CHECK_N:
+        t = tl.load(ptrs, mask=(rows < n_end)[:, None], other=0.0)
+    elif CHECK_D:
+        t = tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
     else:
-        t = tl.load(ptrs, mask=(offs_n < n_end)[:, None] & d_ok[None, :], other=0.0)
+        t = tl.load(ptrs)
     return t.to(DOT_DTYPE)
 
 
 @triton.jit
-def _pd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, n_end, offs_n, offs_d, d_ok,
-             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale,
-             EVEN_N: tl.constexpr, EVEN_D: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    cols = start_n + offs_n
-    k = _load_tile(k_base, cols, offs_d, stride_kn, stride_kd, n_end, d_ok, EVEN_N, EVEN_D, DOT_DTYPE)
-    if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-    else:
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-    if not EVEN_N:
-        qk = tl.where((cols < n_end)[None, :], qk, float("-inf"))
-    v = _load_tile(v_base, cols, offs_d, stride_vn, stride_vd, n_end, d_ok, EVEN_N, EVEN_D, DOT_DTYPE)
-    return _online_softmax_step(acc, l_i, m_i, qk, v)
+def _scores(q0, q1, k_base, cols, offs_d0, offs_d1, stride_n, stride_d, n_end, qk_scale,
+            HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
+            CHECK_N: tl.constexpr,
+            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """log2-domain scores q k^T * scale of one key tile, the head dim split in two pow2 parts."""
+    k0 = _load_rows(k_base, cols, offs_d0, stride_n, stride_d, n_end, HEAD_DIM, CHECK_N,
+                    BLOCK_D0 > HEAD_DIM, DOT_DTYPE)
+    qk = _dot(q0, tl.trans(k0), IEEE)
+    if SPLIT_D:
+        k1 = _load_rows(k_base, cols, offs_d1, stride_n, stride_d, n_end, HEAD_DIM, CHECK_N,
+                        BLOCK_D0 + BLOCK_D1 > HEAD_DIM, DOT_DTYPE)
+        qk += _dot(q1, tl.trans(k1), IEEE)
+    return qk * qk_scale
 
 
 @triton.jit
-def _fd_tile(acc, l_i, m_i, q, k_base, v_base, start_n, n_end, offs_m, offs_n, offs_d, d_ok, mvals,
-             stride_kn, stride_kd, stride_vn, stride_vd, qk_scale, omega, n_txt,
-             SCALE_MODE: tl.constexpr, HAS_TXT: tl.constexpr, EVEN_D: tl.constexpr,
-             DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    cols = start_n + offs_n
-    k = _load_tile(k_base, cols, offs_d, stride_kn, stride_kd, n_end, d_ok, False, EVEN_D, DOT_DTYPE)
-    if IEEE:
-        qk = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-    else:
-        qk = tl.dot(q, tl.trans(k)) * qk_scale
-    if SCALE_MODE:
-        # logit = omega * m * s (log2 domain scales the same way); keys past the end are excluded.
-        qk = tl.where((cols < n_end)[None, :], qk * (omega * mvals)[None, :], float("-inf"))
-    else:
-        # logit = s + omega * m where m > 0 (omega arrives pre-multiplied by log2(e)); m == 0 excluded.
-        # Out-of-range keys load m = 0 and so are excluded too.
-        qk = tl.where((mvals > 0)[None, :], qk + (omega * mvals)[None, :], float("-inf"))
-    if HAS_TXT:
-        qk = tl.where((offs_m >= n_txt)[:, None], qk, float("-inf"))
-    v = _load_tile(v_base, cols, offs_d, stride_vn, stride_vd, n_end, d_ok, False, EVEN_D, DOT_DTYPE)
-    return _online_softmax_step(acc, l_i, m_i, qk, v)
+def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, cols, offs_d0, offs_d1, stride_n, stride_d, n_end,
+                HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
+            CHECK_N: tl.constexpr,
+                DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """Fold one tile of log2-domain logits [M, N] and its values into the online-softmax state."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(qk - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    p = p.to(DOT_DTYPE)
+    v0 = _load_rows(v_base, cols, offs_d0, stride_n, stride_d, n_end, HEAD_DIM, CHECK_N,
+                    BLOCK_D0 > HEAD_DIM, DOT_DTYPE)
+    acc0 = acc0 * alpha[:, None] + _dot(p, v0, IEEE)
+    if SPLIT_D:
+        v1 = _load_rows(v_base, cols, offs_d1, stride_n, stride_d, n_end, HEAD_DIM, CHECK_N,
+                        BLOCK_D0 + BLOCK_D1 > HEAD_DIM, DOT_DTYPE)
+        acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
+    return acc0, acc1, l_i, m_new
+
+
+@triton.jit
+def _store_rows(base, rows, cols, stride_n, stride_d, n_end, x, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_n + cols[None, :] * stride_d
+    tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_end)[:, None] & (cols < HEAD_DIM)[None, :])
 
 
 @triton.jit
@@ -98,64 +98,84 @@ def _fasa_fwd_kernel(
     sm_b,
     H, NQ, NP, NF, N_TXT,
     qk_scale, omega,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SCALE_MODE: tl.constexpr, HAS_TXT: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
+    # Head dim D = BLOCK_D0 (+ BLOCK_D1 when SPLIT_D), powers of two, the last part zero-padded: 80 = 64 + 16
+    # and 160 = 128 + 32 waste nothing, where one padded block (128, 256) would waste 37%. Without a split,
+    # BLOCK_D1 only sizes unused placeholders.
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
-    EVEN_D: tl.constexpr = HEAD_DIM == BLOCK_D
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    row_ok = offs_m < NQ
+    offs_d0 = tl.arange(0, BLOCK_D0)
+    offs_d1 = BLOCK_D0 + tl.arange(0, BLOCK_D1)
 
-    q_ptrs = Q + off_b * sq_b + off_h * sq_h + offs_m[:, None] * sq_n + offs_d[None, :] * sq_d
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0).to(DOT_DTYPE)
-
+    q_base = Q + off_b * sq_b + off_h * sq_h
+    q0 = _load_rows(q_base, offs_m, offs_d0, sq_n, sq_d, NQ, HEAD_DIM, True, BLOCK_D0 > HEAD_DIM, DOT_DTYPE)
+    if SPLIT_D:
+        q1 = _load_rows(q_base, offs_m, offs_d1, sq_n, sq_d, NQ, HEAD_DIM, True, True, DOT_DTYPE)
+    else:
+        q1 = q0
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
+    acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
-    # 1. PD keys. Key 0 always exists, so every row's running max is finite after this loop and the
-    #    fully excluded FD tiles/rows below fold in as exact zeros.
+    # 1. PD keys. Key 0 always exists, so every row's running max is finite after this loop and fully
+    #    excluded FD tiles/rows below fold in as exact zeros. Full tiles carry no bound checks.
     kp_base = KP + off_b * skp_b + off_h * skp_h
     vp_base = VP + off_b * svp_b + off_h * svp_h
     np_full = (NP // BLOCK_N) * BLOCK_N
     for start_n in range(0, np_full, BLOCK_N):
-        acc, l_i, m_i = _pd_tile(acc, l_i, m_i, q, kp_base + start_n * skp_n, vp_base + start_n * svp_n,
-                                 0, NP, offs_n, offs_d, d_ok, skp_n, skp_d, svp_n, svp_d, qk_scale,
-                                 True, EVEN_D, DOT_DTYPE, IEEE)
+        cols = start_n + offs_n
+        qk = _scores(q0, q1, kp_base, cols, offs_d0, offs_d1, skp_n, skp_d, NP, qk_scale,
+                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE)
+        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vp_base, cols, offs_d0, offs_d1, svp_n,
+                                           svp_d, NP, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE)
     if np_full < NP:
-        acc, l_i, m_i = _pd_tile(acc, l_i, m_i, q, kp_base, vp_base, np_full, NP, offs_n, offs_d, d_ok,
-                                 skp_n, skp_d, svp_n, svp_d, qk_scale, False, EVEN_D, DOT_DTYPE, IEEE)
+        cols = np_full + offs_n
+        qk = _scores(q0, q1, kp_base, cols, offs_d0, offs_d1, skp_n, skp_d, NP, qk_scale,
+                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
+        qk = tl.where((cols < NP)[None, :], qk, float("-inf"))
+        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vp_base, cols, offs_d0, offs_d1, svp_n,
+                                           svp_d, NP, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
 
     # 2. FD image keys [N_TXT, NF). Query blocks made only of text rows have nothing to do here.
     kf_base = KF + off_b * skf_b + off_h * skf_h
     vf_base = VF + off_b * svf_b + off_h * svf_h
-    m_base = MASK + off_b * sm_b - N_TXT  # mask index of FD key j is j - N_TXT
+    m_base = MASK + off_b * sm_b - N_TXT  # the mask entry of FD key j is j - N_TXT
     if pid_m * BLOCK_M + BLOCK_M > N_TXT:
         for start_n in range(N_TXT, NF, BLOCK_N):
             cols = start_n + offs_n
             mvals = tl.load(m_base + cols, mask=cols < NF, other=0.0)
-            if SCALE_MODE:
-                acc, l_i, m_i = _fd_tile(acc, l_i, m_i, q, kf_base, vf_base, start_n, NF, offs_m, offs_n,
-                                         offs_d, d_ok, mvals, skf_n, skf_d, svf_n, svf_d, qk_scale, omega,
-                                         N_TXT, SCALE_MODE, HAS_TXT, EVEN_D, DOT_DTYPE, IEEE)
-            elif tl.max(mvals, 0) > 0:  # an all-zero mask tile is fully excluded: skip its K/V entirely
-                acc, l_i, m_i = _fd_tile(acc, l_i, m_i, q, kf_base, vf_base, start_n, NF, offs_m, offs_n,
-                                         offs_d, d_ok, mvals, skf_n, skf_d, svf_n, svf_d, qk_scale, omega,
-                                         N_TXT, SCALE_MODE, HAS_TXT, EVEN_D, DOT_DTYPE, IEEE)
+            # "bias": an all-zero mask tile is fully excluded, so its K/V are never loaded.
+            if SCALE_MODE or tl.max(mvals, 0) > 0:
+                qk = _scores(q0, q1, kf_base, cols, offs_d0, offs_d1, skf_n, skf_d, NF, qk_scale,
+                             HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
+                if SCALE_MODE:
+                    # logit = omega * m * s (the log2 domain scales alike); keys past the end are excluded.
+                    qk = tl.where((cols < NF)[None, :], qk * (omega * mvals)[None, :], float("-inf"))
+                else:
+                    # logit = s + omega * m where m > 0 (omega arrives times log2(e)), excluded where m == 0;
+                    # keys past the end read m = 0.
+                    qk = tl.where((mvals > 0)[None, :], qk + (omega * mvals)[None, :], float("-inf"))
+                if HAS_TXT:  # text query rows see PD keys only
+                    qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
+                acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, cols, offs_d0, offs_d1,
+                                                   svf_n, svf_d, NF, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
+                                                   DOT_DTYPE, IEEE)
 
-    out = acc / l_i[:, None]
-    o_ptrs = OUT + off_b * so_b + off_h * so_h + offs_m[:, None] * so_n + offs_d[None, :] * so_d
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+    o_base = OUT + off_b * so_b + off_h * so_h
+    _store_rows(o_base, offs_m, offs_d0, so_n, so_d, NQ, acc0 / l_i[:, None], HEAD_DIM)
+    if SPLIT_D:
+        _store_rows(o_base, offs_m, offs_d1, so_n, so_d, NQ, acc1 / l_i[:, None], HEAD_DIM)
     if WRITE_LSE:
         lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
-        tl.store(LSE + ((off_b * H + off_h) * NQ + offs_m), lse, mask=row_ok)
+        tl.store(LSE + ((off_b * H + off_h) * NQ + offs_m), lse, mask=offs_m < NQ)
 
 
 def interpreting() -> bool:
@@ -163,7 +183,19 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _config(block_d: int, elem_bytes: int, interpret: bool) -> tuple[int, int, int, int]:
+def head_dim_split(head_dim: int) -> tuple[int, int]:
+    """Cover the head dim with one or two power-of-two blocks (each >= 16, as tl.dot needs):
+    (block_d0, block_d1), block_d1 == 0 for one block. Two blocks only when they pad less than one."""
+    single = max(16, triton.next_power_of_2(head_dim))
+    d0 = max(16, 1 << (head_dim.bit_length() - 1))
+    rest = head_dim - d0
+    if rest <= 0:
+        return single, 0
+    d1 = max(16, triton.next_power_of_2(rest))
+    return (d0, d1) if d0 + d1 < single else (single, 0)
+
+
+def _config(d_padded: int, elem_bytes: int, interpret: bool) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim and element size.
 
     Checked by compiling for sm_90 (tests/test_kernel_compile.py): shared memory stays well under the
@@ -174,9 +206,9 @@ def _config(block_d: int, elem_bytes: int, interpret: bool) -> tuple[int, int, i
         return 32, 32, 1, 1
     if elem_bytes == 4:
         return 64, 32, 8, 2
-    if block_d <= 64:
+    if d_padded <= 64:
         return 128, 64, 4, 3
-    if block_d <= 128:
+    if d_padded <= 128:
         return 128, 64, 8, 3
     return 64, 64, 8, 2
 
@@ -193,8 +225,8 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask_rows, *, scale: float, omega: float, mo
     batch, heads, n_q, head_dim = q.shape
     n_p, n_f = k_p.shape[2], k_f.shape[2]
     interpret = interpreting()
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    bm, bn, warps, stages = _config(block_d, q.element_size(), interpret)
+    block_d0, block_d1 = head_dim_split(head_dim)
+    bm, bn, warps, stages = _config(block_d0 + block_d1, q.element_size(), interpret)
     bm, bn = block_m or bm, block_n or bn
 
     out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
@@ -214,7 +246,8 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask_rows, *, scale: float, omega: float, mo
         mask_stride_b,
         heads, n_q, n_p, n_f, n_txt,
         scale * LOG2E, omega_arg,
-        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=bm, BLOCK_N=bn,
+        HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
+        BLOCK_M=bm, BLOCK_N=bn,
         SCALE_MODE=(mode == "scale"), HAS_TXT=(n_txt > 0), WRITE_LSE=return_lse,
         DOT_DTYPE=dot_dtype, IEEE=(q.dtype == torch.float32),
         num_warps=warps, num_stages=stages,
