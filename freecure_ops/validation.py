@@ -6,6 +6,7 @@ whose message starts with the argument's name.
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -60,6 +61,21 @@ def _check_scalar(name: str, value, *, allow_none: bool = False) -> float | None
     return value
 
 
+# Masks whose values were already checked, by id: (weak reference, version counter at the check). Checking
+# values costs a device sync; a diffusers model passes the same cached mask to every layer at every step.
+_checked_masks: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _values_already_checked(mask: torch.Tensor) -> bool:
+    entry = _checked_masks.get(id(mask))
+    return entry is not None and entry[0]() is mask and entry[1] == mask._version
+
+
+def _remember_checked(mask: torch.Tensor) -> None:
+    key = id(mask)
+    _checked_masks[key] = (weakref.ref(mask, lambda _: _checked_masks.pop(key, None)), mask._version)
+
+
 def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.Tensor | None:
     """Check an FD-token mask of shape ``[n_img]`` or ``[batch, n_img]``; returns it unchanged (None stays None)."""
     if mask is None:
@@ -79,10 +95,11 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.T
         raise ValueError(f"mask must have shape [Nimg] or [B, Nimg], got {mask.dim()} dims {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
-    if mask.dtype != torch.bool and mask.numel() > 0:
+    if mask.dtype != torch.bool and mask.numel() > 0 and not _values_already_checked(mask):
         bad = (~torch.isfinite(mask) | (mask < 0)).any()
         if bool(bad):
             raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
+        _remember_checked(mask)  # an in-place change bumps the version and forces a new check
     return mask
 
 

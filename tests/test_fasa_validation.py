@@ -122,3 +122,17 @@ def test_omega_as_zero_dim_tensor_and_int_accepted():
     b = call(omega=1.5)
     torch.testing.assert_close(a, b, rtol=0, atol=0)
     call(omega=2)
+
+
+def test_mask_values_rechecked_after_in_place_change():
+    # A mask's values are checked once per version (the check syncs the device); an in-place edit of an
+    # already accepted mask must not slip through.
+    mask = torch.ones(NF)
+    call(mask=mask)
+    call(mask=mask)
+    mask[2] = -1.0
+    with pytest.raises(ValueError, match="mask must hold finite values"):
+        call(mask=mask)
+    mask[2] = float("nan")
+    with pytest.raises(ValueError, match="mask must hold finite values"):
+        call(mask=mask)
