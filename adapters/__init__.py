@@ -1,1 +1,18 @@
-"""diffusers adapters (installed as ``freecure_ops.adapters``)."""
+"""diffusers adapters (installed as ``freecure_ops.adapters``): drop-in FASA for SD1.x/SD2.x, SDXL and FLUX.
+
+    handle = install_fasa(pipe, mask)   # pipe.unet / pipe.transformer, presets from .presets
+    images = pipe(...)                  # batch per guidance half: [PD_1..PD_n, FD_1..FD_n]
+    handle.remove()                     # the original processors, the same objects
+
+Only self-attention is touched (``attn1`` of UNet transformer blocks, the joint attention of FLUX blocks);
+processors hold no math: PD rows go through :func:`freecure_ops.fasa_attention`, FD rows through the stock
+attention.
+"""
+from .discovery import SelfAttentionBlock, find_self_attention_blocks
+from .flux_processor import FasaFluxAttnProcessor
+from .install import FasaHandle, install_fasa
+from .presets import PRESETS, FasaPreset, preset_blocks
+from .unet_processor import FasaAttnProcessor
+
+__all__ = ["install_fasa", "FasaHandle", "FasaAttnProcessor", "FasaFluxAttnProcessor", "find_self_attention_blocks",
+           "SelfAttentionBlock", "PRESETS", "FasaPreset", "preset_blocks"]

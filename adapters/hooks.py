@@ -1,0 +1,55 @@
+"""Forward pre-hooks on the UNet / FLUX transformer: they feed the controller the timestep (step counter),
+the latent grid and, for FLUX, the text length. They store Python numbers only."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _arg(args, kwargs, index: int, name: str):
+    if name in kwargs:
+        return kwargs[name]
+    return args[index] if len(args) > index else None
+
+
+def _timestep_value(t) -> float:
+    if isinstance(t, torch.Tensor):
+        return float(t.detach().reshape(-1)[0]) if t.numel() else math.nan
+    return math.nan if t is None else float(t)
+
+
+def unet_pre_hook(ctl):
+    def hook(module, args, kwargs):
+        sample = _arg(args, kwargs, 0, "sample")
+        if ctl.begin_forward(_timestep_value(_arg(args, kwargs, 1, "timestep"))) and sample is not None:
+            ctl.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
+    return hook
+
+
+def grid_from_img_ids(img_ids) -> tuple[tuple[int, int] | None, str | None]:
+    """``((h, w), None)`` when ``img_ids`` (``[N, 3]``, rows ``(0, y, x)``) form a row-major ``h x w`` grid
+    from 0, else ``(None, reason)``."""
+    if not isinstance(img_ids, torch.Tensor):
+        return None, "img_ids were not passed to the transformer"
+    ids = img_ids[0] if img_ids.dim() == 3 else img_ids
+    if ids.dim() != 2 or ids.shape[-1] < 3 or ids.shape[0] == 0:
+        return None, f"img_ids must have shape [N, 3], got {tuple(img_ids.shape)}"
+    ids = ids.detach().to("cpu", torch.float64)
+    rows, cols = ids[:, 1], ids[:, 2]
+    h, w = int(rows.max()) + 1, int(cols.max()) + 1
+    index = torch.arange(ids.shape[0], dtype=torch.float64)
+    if ids.shape[0] != h * w or not torch.equal(rows, torch.div(index, w, rounding_mode="floor")) \
+            or not torch.equal(cols, torch.remainder(index, w)):
+        return None, "img_ids do not describe one row-major image grid starting at 0 (FASA needs it to place the mask)"
+    return (h, w), None
+
+
+def flux_pre_hook(ctl):
+    def hook(module, args, kwargs):
+        if not ctl.begin_forward(_timestep_value(_arg(args, kwargs, 3, "timestep"))):
+            return
+        text = _arg(args, kwargs, 1, "encoder_hidden_states")
+        ctl.n_txt = int(text.shape[1]) if isinstance(text, torch.Tensor) else None
+        ctl.latent_hw, ctl.grid_error = grid_from_img_ids(_arg(args, kwargs, 4, "img_ids"))
+    return hook

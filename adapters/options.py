@@ -1,0 +1,89 @@
+"""Checks of install_fasa's arguments, done before the model is touched. Errors name the argument."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+LAYOUTS = ("cfg", "plain")
+MODES = ("bias", "scale")
+BACKENDS = ("auto", "triton", "torch")
+
+
+def check_mask(mask) -> torch.Tensor:
+    """An attribute mask ``[h, w]`` or ``[n, h, w]``, bool or float >= 0; returned as float32."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor of shape [h, w] or [n, h, w], got {type(mask).__name__}")
+    if mask.dim() not in (2, 3):
+        raise ValueError(f"mask must have shape [h, w] (shared) or [n, h, w] (one per PD/FD pair), "
+                         f"got {mask.dim()} dims {tuple(mask.shape)}")
+    if mask.numel() == 0:
+        raise ValueError(f"mask must not be empty, got shape {tuple(mask.shape)}")
+    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
+        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    mask = mask.detach().to(torch.float32)
+    if mask.device.type != "meta" and bool((~torch.isfinite(mask) | (mask < 0)).any()):
+        raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
+    return mask
+
+
+def check_real(name: str, value, *, allow_none: bool = False, lo: float | None = None,
+               hi: float | None = None) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _int_collection(name: str, value) -> frozenset:
+    if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be None or a collection/range of ints, got {type(value).__name__}")
+    items = list(value)
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, int):
+            raise TypeError(f"{name} must hold ints, got an item of type {type(item).__name__}")
+        if item < 0:
+            raise ValueError(f"{name} must hold indices >= 0, got {item}")
+    if not items:
+        raise ValueError(f"{name} must not be empty (pass None for the default)")
+    return frozenset(items)
+
+
+def check_steps(steps) -> frozenset | None:
+    """None (every step) or a collection/range of denoising step indices."""
+    return None if steps is None else _int_collection("steps", steps)
+
+
+def check_layers(layers, n_blocks: int) -> frozenset | str | None:
+    """None (preset), "all", or a collection of block indices below ``n_blocks``."""
+    if layers is None:
+        return None
+    if isinstance(layers, str):
+        if layers != "all":
+            raise ValueError(f"layers must be None, 'all' or a collection of block indices, got {layers!r}")
+        return "all"
+    chosen = _int_collection("layers", layers)
+    bad = sorted(i for i in chosen if i >= n_blocks)
+    if bad:
+        raise ValueError(f"layers holds block indices {bad} but the model has {n_blocks} transformer blocks "
+                         f"(0..{n_blocks - 1} in execution order)")
+    return chosen

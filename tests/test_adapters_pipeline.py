@@ -1,0 +1,67 @@
+"""Step gating across a real 3-step diffusers pipeline assembled offline from tiny components."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import freecure_ops.adapters.attend as attend_mod
+from freecure_ops.adapters import FasaAttnProcessor, install_fasa
+from test_adapters_helpers import one_thread, random_mask, tiny_sd15  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for word in ("a", "photo", "of", "person", "with", "red", "hair", "man"):
+        vocab[word + "</w>"] = len(vocab)
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=[], model_max_length=16)
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(vocab) + 2, hidden_size=32, intermediate_size=37,
+                                                num_hidden_layers=1, num_attention_heads=2,
+                                                max_position_embeddings=16, projection_dim=32)).eval()
+    vae = AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=8,
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2).eval()
+    scheduler = DDIMScheduler(clip_sample=False, steps_offset=1)
+    p = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=tiny_sd15(seed=1),
+                                scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                requires_safety_checker=False)
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+def _generate(pipe):
+    # one PD/FD pair; with CFG the UNet batch is [PD_uncond, FD_uncond, PD_cond, FD_cond]
+    return pipe(["a photo of person", "a photo of man"], num_inference_steps=3,
+                guidance_scale=5.0, height=16, width=24, output_type="pt",
+                generator=torch.Generator().manual_seed(0)).images
+
+
+def test_step_gating_over_a_real_pipeline(pipe, monkeypatch):
+    stock = _generate(pipe)
+    mask = random_mask((16, 24))                       # image resolution; the latent is 8 x 12
+
+    with install_fasa(pipe, mask, layers="all", steps=range(3, 6)) as handle:
+        assert torch.equal(_generate(pipe), stock)     # 3 steps, none in range: stock, bit for bit
+        assert handle.step == 2
+
+    seen = []
+    real = attend_mod.fasa_attention
+
+    def spy(*args, **kwargs):
+        seen.append(handle.step)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attend_mod, "fasa_attention", spy)
+    with install_fasa(pipe, mask, layers="all", steps={1}) as handle:
+        first = _generate(pipe)
+        calls_first = list(seen)
+        second = _generate(pipe)                       # a new generation restarts the counter
+    assert calls_first and set(calls_first) == {1}
+    assert set(seen) == {1} and len(seen) == 2 * len(calls_first)
+    assert len(calls_first) == 10                      # 10 layers x one (conditional) PD call with sf = 1
+    assert torch.equal(first, second) and not torch.equal(first, stock)
+    assert torch.equal(first[1], stock[1])             # the FD image is unchanged by FASA
+    assert not any(isinstance(p, FasaAttnProcessor) for p in pipe.unet.attn_processors.values())
