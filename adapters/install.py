@@ -112,7 +112,7 @@ class FasaHandle:
         return f"FasaHandle({self.family}, {len(self._installed)} layers, omega={self.omega}, {state})"
 
 
-def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fidelity=1.0, layout="cfg",
+def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fidelity=1.0, layout=None,
                  mode="bias", backend="auto", force=False) -> FasaHandle:
     """Turn a diffusers SD1.x/SD2.x/SDXL UNet or FLUX transformer (or a pipeline holding one) into a FASA model.
 
@@ -121,7 +121,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     ``layers``: None (preset), "all", or block indices in execution order. ``steps``: None (all) or the step
     indices where FASA runs. ``style_fidelity``: blend of the unconditional PD rows,
     ``(1 - sf) * FASA + sf * plain``. ``layout``: "cfg" (each guidance half is ``[PD_1..PD_n, FD_1..FD_n]``)
-    or "plain" (the whole batch is). ``mode``/``backend``: passed to :func:`freecure_ops.fasa_attention`.
+    or "plain" (the whole batch is); None takes the family's: "cfg" for UNets, "plain" for FLUX (no CFG batch). ``mode``/``backend``: passed to :func:`freecure_ops.fasa_attention`.
     ``force``: replace unknown custom self-attention processors too. Presets: see :mod:`.presets`.
     """
     denoiser, family = resolve_model(model)
@@ -129,7 +129,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     omega = check_real("omega", omega, allow_none=True)
     steps = check_steps(steps)
     style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
-    layout = check_choice("layout", layout, LAYOUTS)
+    layout = PRESETS[family].layout if layout is None else check_choice("layout", layout, LAYOUTS)
     mode = check_choice("mode", mode, MODES)
     backend = check_choice("backend", backend, BACKENDS)
     force = check_bool("force", force)

@@ -27,13 +27,14 @@ FAMILIES = ("sd1", "sdxl", "flux")
 class FasaPreset:
     family: str
     omega: float
+    layout: str  # the batch layout of the family's stock pipeline: UNets batch CFG, FLUX-dev has none
     description: str
 
 
 PRESETS = {
-    "sd1": FasaPreset("sd1", 0.5, "blocks 10..15 in execution order (reference code, Face2Diffusion)"),
-    "sdxl": FasaPreset("sdxl", 1.5, "blocks 50..69 in execution order (reference code, PhotoMaker/InstantID)"),
-    "flux": FasaPreset("flux", 1.0, "second half of the single-stream blocks (38..56 on FLUX.1)"),
+    "sd1": FasaPreset("sd1", 0.5, "cfg", "blocks 10..15 in execution order (reference code, Face2Diffusion)"),
+    "sdxl": FasaPreset("sdxl", 1.5, "cfg", "blocks 50..69 in execution order (reference code, PhotoMaker/InstantID)"),
+    "flux": FasaPreset("flux", 1.0, "plain", "second half of the single-stream blocks (38..56 on FLUX.1)"),
 }
 
 

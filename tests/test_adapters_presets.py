@@ -59,6 +59,7 @@ def test_unet_presets_select_the_documented_blocks(name, family, n_blocks, expec
     assert handle.family == family and handle.omega == PRESETS[family].omega
     assert list(handle.layer_names) == expected
     assert handle.layers == tuple(range(10, 16) if family == "sd1" else range(50, 70))
+    assert handle.controller.layout == "cfg"  # the UNet family default: CFG batches
     touched = {k for k, v in unet.attn_processors.items() if v is not before[k]}
     assert touched == {n + ".processor" for n in expected}
     handle.remove()
@@ -78,8 +79,9 @@ def test_flux_preset_is_the_second_half_of_the_single_stream_blocks():
     with torch.device("meta"):
         flux = FluxTransformer2DModel(guidance_embeds=True)
     assert len(find_self_attention_blocks(flux)) == 57
-    with install_fasa(SimpleNamespace(transformer=flux), torch.ones(128, 128), layout="plain") as handle:
+    with install_fasa(SimpleNamespace(transformer=flux), torch.ones(128, 128)) as handle:
         assert handle.family == "flux" and handle.omega == 1.0
+        assert handle.controller.layout == "plain"  # FLUX-dev batches no CFG: the family default
         assert handle.layers == tuple(range(38, 57))
         assert list(handle.layer_names) == [f"single_transformer_blocks.{i}.attn" for i in range(19, 38)]
 
