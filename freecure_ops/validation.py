@@ -67,6 +67,8 @@ _checked_masks: dict[int, tuple[weakref.ref, int]] = {}
 
 
 def _values_already_checked(mask: torch.Tensor) -> bool:
+    if mask.is_inference():  # inference tensors have no version counter: check every time
+        return False
     entry = _checked_masks.get(id(mask))
     return entry is not None and entry[0]() is mask and entry[1] == mask._version
 
@@ -99,7 +101,8 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.T
         bad = (~torch.isfinite(mask) | (mask < 0)).any()
         if bool(bad):
             raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
-        _remember_checked(mask)  # an in-place change bumps the version and forces a new check
+        if not mask.is_inference():
+            _remember_checked(mask)  # an in-place change bumps the version and forces a new check
     return mask
 
 

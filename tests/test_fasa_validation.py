@@ -136,3 +136,12 @@ def test_mask_values_rechecked_after_in_place_change():
     mask[2] = float("nan")
     with pytest.raises(ValueError, match="mask must hold finite values"):
         call(mask=mask)
+
+
+def test_inference_mode_masks_are_checked_every_time():
+    with torch.inference_mode():
+        mask = torch.ones(NF)
+        call(mask=mask)
+        mask[2] = -1.0
+        with pytest.raises(ValueError, match="mask must hold finite values"):
+            call(mask=mask)
