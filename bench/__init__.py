@@ -1,0 +1,15 @@
+"""FASA benchmarks (installed as ``freecure_ops.bench``): ``python -m bench`` from the repo root, or
+``python -m freecure_ops.bench`` anywhere. Modules: shapes (cases), masks (synthetic parsing maps),
+providers (the implementations compared), measure (timing, FLOPs, memory), runner (check then time),
+kernel_check (interpreter correctness on CPU), report (table, CSV, plot), e2e (one denoising step).
+
+Without CUDA the Triton kernel can only run in Triton's interpreter, which must be switched on before
+triton is first imported: importing this package does that (unless triton is already imported).
+"""
+import os
+import sys
+
+import torch
+
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")

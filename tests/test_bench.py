@@ -1,0 +1,324 @@
+"""The benchmark's pieces (bench/): case tables, FLOP counting, masks, provider agreement, report writers,
+and a smoke run of the CPU main job. Everything here is CPU-sized; on CUDA the same tests run there."""
+import collections
+import csv
+import re
+import sys
+import time
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench import measure, report
+from bench.masks import HAIR, case_mask, nearest_resize, parsing_map, token_mask
+from bench.providers import (PREPARE, PROVIDERS, Prepared, Skip, make_problem, oracle, sdpa_backends)
+from bench.runner import annotate, run
+from bench.shapes import CASES, FLUX, SD15, SDXL, Case, cases_for, reduced
+
+SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
+
+
+# ------------------------------------------------------------------------------------------------ shapes
+def _table(cases):
+    return sorted((c.heads, c.head_dim, c.n_txt, c.n_img, c.layers, c.batch) for c in cases)
+
+
+def test_shape_tables_match_spec():
+    # SPEC.md "Real shapes": (heads, head dim, text tokens, image tokens, layers, PD rows per call)
+    assert _table(SD15) == sorted([(8, 40, 0, 4096, 5, 2), (8, 80, 0, 1024, 5, 2), (8, 160, 0, 256, 5, 2),
+                                   (8, 160, 0, 64, 1, 2)])
+    assert _table(SDXL) == sorted([(10, 64, 0, 4096, 10, 2), (20, 64, 0, 1024, 60, 2)])
+    assert _table(FLUX) == [(24, 128, 512, 4096, 57, 1)]
+    assert sum(c.layers for c in SD15) == 16 and sum(c.layers for c in SDXL) == 70
+    for c in cases_for(["sd15", "sdxl", "flux"]):
+        assert c.n_q == c.n_p == c.n_f == c.n_txt + c.grid[0] * c.grid[1]
+    assert [c.omega for c in SD15] == [0.5] * 4 and [c.omega for c in SDXL] == [1.5] * 2
+
+
+@pytest.mark.skipif(not SPEC.exists(), reason="../shared/SPEC.md not present in this checkout")
+def test_shape_tables_match_spec_text():
+    """Read the table in SPEC.md itself: head counts, head dims and token counts (with layer counts)."""
+    rows = {m: line for line in SPEC.read_text().splitlines()
+            for m in ("SD1.5", "SDXL", "FLUX.1-dev") if line.startswith(f"| {m} |")}
+    for key, cases in (("SD1.5", SD15), ("SDXL", SDXL)):
+        line = rows[key]
+        heads_dims = {(int(h), int(d)) for h, d in re.findall(r"(\d+) x (\d+)", line)}
+        tokens = {(int(n), int(k)) for n, k in re.findall(r"(\d+) \((\d+)\)", line)}
+        assert {(c.heads, c.head_dim) for c in cases} == heads_dims
+        assert {(c.n_img, c.layers) for c in cases} == tokens
+    line = rows["FLUX.1-dev"]
+    (c,) = FLUX
+    assert f"{c.heads} x {c.head_dim}" in line and f"{c.n_txt} text + {c.n_img} image" in line
+    assert f"{c.layers} blocks" in line
+
+
+def test_shape_tables_match_the_architectures():
+    """Independently of SPEC.md: the attn1 layers of the real SD1.5 / SDXL UNets and FLUX blocks (meta device)."""
+    diffusers = pytest.importorskip("diffusers")
+    from bench.configs import FLUX_DEV, SD15_UNET, SDXL_UNET, flux_self_attention, unet_self_attention
+
+    for cases, cfg, latent in ((SD15, SD15_UNET, (64, 64)), (SDXL, SDXL_UNET, (128, 128))):
+        with torch.device("meta"):
+            unet = diffusers.UNet2DConditionModel(**cfg)
+        got = collections.Counter(unet_self_attention(unet, latent))
+        assert got == {(c.heads, c.head_dim, c.grid): c.layers for c in cases}
+    with torch.device("meta"):
+        flux = diffusers.FluxTransformer2DModel(**FLUX_DEV)
+    got = flux_self_attention(flux)
+    assert len(got) == FLUX[0].layers and {(h, d) for h, d, _ in got} == {(FLUX[0].heads, FLUX[0].head_dim)}
+
+
+def test_reduced_cases_keep_head_dim_batch_and_aspect():
+    c = reduced(Case("x", "x", 2, 20, 64, (32, 16), n_txt=512))
+    assert (c.batch, c.head_dim, c.heads, c.grid, c.n_txt) == (2, 64, 2, (16, 8), 128)
+    with pytest.raises(ValueError, match="unknown model"):
+        cases_for(["sd3"])
+
+
+# ------------------------------------------------------------------------------------------------- FLOPs
+def test_flop_formula():
+    # 4 * B * H * Nq * (Np + nnz) * D with no text tokens
+    assert measure.fasa_flops(2, 10, 64, 4096, 4096, 1024) == 4 * 2 * 10 * 4096 * (4096 + 1024) * 64
+    # text rows of FLUX see PD keys only
+    assert measure.attended_pairs(512 + 4096, 512 + 4096, 1000, 512) == 4608 * 4608 + 4096 * 1000
+    assert measure.tflops(2e12, 1000.0) == pytest.approx(2.0)
+    assert measure.tflops(1, None) is None
+
+
+@pytest.mark.parametrize("n_txt", [0, 3])
+def test_flop_count_matches_attended_pairs_brute_force(n_txt):
+    """Count finite logits of the reference (independent of the formula) on a tiny case."""
+    from freecure_ops import fasa_reference
+
+    case = Case("t", "t", 1, 1, 48, (3, 5), n_txt=n_txt)
+    p = make_problem(case, torch.float64, 0.4, "cpu", seed=3)
+    # The attended (query, key) pairs built explicitly from SPEC.md's rules.
+    n_q, n_p = case.n_q, case.n_p
+    keep = torch.zeros(n_q, n_p + case.n_f, dtype=torch.bool)
+    keep[:, :n_p] = True
+    fd = torch.cat([torch.zeros(n_txt, dtype=torch.bool), p.mask > 0])
+    keep[n_txt:, n_p:] = fd[None, :]
+    assert measure.attended_pairs(n_q, n_p, p.nnz, n_txt) == int(keep.sum())
+    # and the reference agrees on which keys carry weight: put v = one-hot per key, read the weights back
+    eye = torch.eye(n_p + case.n_f, dtype=torch.float64)
+    pad = torch.zeros(1, 1, n_p + case.n_f, case.head_dim - n_p - case.n_f, dtype=torch.float64) \
+        if case.head_dim > n_p + case.n_f else None
+    if pad is None:
+        pytest.skip("head dim too small for the one-hot read-back")
+    v = torch.cat([eye[None, None], pad], dim=-1)
+    w = fasa_reference(p.q, p.k_p, p.k_f, v[:, :, :n_p], v[:, :, n_p:], p.mask, p.omega, n_txt=n_txt)
+    assert int((w[0, 0, :, :n_p + case.n_f] > 0).sum()) == int(keep.sum())
+
+
+# ------------------------------------------------------------------------------------------------- masks
+@pytest.mark.parametrize("grid", [(64, 64), (32, 32), (16, 16), (32, 16), (12, 20)])
+@pytest.mark.parametrize("coverage", [0.10, 0.25, 0.50, 1.00])
+def test_mask_coverage_near_target(grid, coverage):
+    mask, got = case_mask(grid, coverage)
+    assert mask.dtype == torch.bool and mask.shape == (grid[0] * grid[1],)
+    tol = 0.02 if min(grid) >= 16 else 0.05
+    assert abs(got - coverage) <= tol, (grid, coverage, got)
+    if coverage == 1.0:
+        assert bool(mask.all())
+
+
+def test_parsing_map_exact_coverage_and_labels():
+    labels = parsing_map(96, 64, 0.25, seed=1)
+    assert labels.shape == (96, 64)
+    assert int((labels == HAIR).sum()) == round(0.25 * 96 * 64)
+    assert set(labels.unique().tolist()) <= {0, 1, 14, 16, 17}
+    assert bool((labels[0] == HAIR).any()), "hair starts at the top of the head"
+    assert not torch.equal(parsing_map(32, 32, 0.5, seed=1), parsing_map(32, 32, 0.5, seed=2))
+
+
+def test_nearest_resize_non_square_and_row_major():
+    labels = torch.arange(37 * 53).reshape(37, 53)
+    small = nearest_resize(labels, (12, 7))
+    rows = [(i * 37) // 12 for i in range(12)]
+    cols = [(j * 53) // 7 for j in range(7)]
+    assert torch.equal(small, labels[rows][:, cols])
+    # token j of the mask is grid cell (j // w, j % w)
+    lab = torch.zeros(6, 10, dtype=torch.int64)
+    lab[1, 7] = HAIR
+    m = token_mask(lab, (6, 10))
+    assert m.nonzero().flatten().tolist() == [1 * 10 + 7]
+
+
+# --------------------------------------------------------------------------------------------- providers
+TINY = [Case("sd15", "tiny-sd", 2, 2, 40, (6, 8), omega=0.5),
+        Case("flux", "tiny-flux", 1, 2, 32, (4, 6), n_txt=8, omega=1.5)]
+
+
+@pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
+def test_providers_agree_on_a_tiny_case(case, device):
+    dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
+    providers = [p for p in PROVIDERS if device == "cuda" or p not in ("fasa", "flex")]
+    rows = run([case], dtypes, [0.25, 1.0], providers, device,
+               timing={"cpu_max_reps": 1, "cpu_budget_s": 0.0, "warmup_ms": 1.0, "rep_ms": 2.0})
+    assert len(rows) == len(dtypes) * 2 * len(providers)
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["max_err"] <= r["tol"] and r["ms"] > 0 and r["tflops"] > 0
+        assert r["device"] and r["torch"] == torch.__version__ and r["triton"]
+    backends = {r["sdpa_backend"] for r in rows if r["provider"].startswith("sdpa")}
+    assert "unknown" not in backends and "" not in backends
+
+
+def test_fasa_provider_skips_on_cpu_and_kernel_runs_in_interpreter(device):
+    if device != "cpu":
+        pytest.skip("CPU behaviour")
+    p = make_problem(TINY[0], torch.float32, 0.25, "cpu")
+    with pytest.raises(Skip, match="need CUDA"):
+        PREPARE["fasa"](p)
+    from bench.kernel_check import run_kernel_check
+
+    rows = run_kernel_check(log=lambda s: None)
+    assert rows and all(r["status"] == "ok" for r in rows), [r for r in rows if r["status"] != "ok"]
+
+
+def test_reference_query_chunking_matches(monkeypatch):
+    import bench.providers as prov
+
+    p = make_problem(TINY[1], torch.float32, 0.5, "cpu", seed=5)
+    full = PREPARE["reference"](p).fn()
+    monkeypatch.setattr(prov, "REFERENCE_MAX_SCORE_BYTES", 4096)
+    prep = PREPARE["reference"](p)
+    assert "chunked" in prep.note
+    torch.testing.assert_close(prep.fn(), full, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(full, oracle(p, "fasa").float(), atol=1e-5, rtol=1e-4)
+
+
+def test_disagreeing_provider_is_failed_not_timed(monkeypatch):
+    import bench.providers as prov
+
+    def broken(p):  # ignores the FD branch entirely
+        return Prepared(lambda: torch.nn.functional.scaled_dot_product_attention(p.q, p.k_p, p.v_p, scale=p.scale))
+
+    monkeypatch.setitem(prov.PREPARE, "sdpa_bias", broken)
+    rows = run([TINY[0]], [torch.float32], [1.0], ["sdpa_bias", "sdpa_pd"], "cpu",
+               timing={"cpu_max_reps": 1, "cpu_budget_s": 0.0}, log=lambda s: None)
+    bad, good = rows
+    assert bad["status"] == "FAIL" and bad["ms"] is None and bad["max_err"] > bad["tol"]
+    assert good["status"] == "ok"
+
+
+def test_sdpa_backend_is_logged():
+    q = torch.randn(1, 2, 16, 32)
+    name = sdpa_backends(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    assert name in {"flash", "flash_cpu", "mem_efficient", "cudnn", "math"}
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fake_rows():
+    base = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "model": "sdxl",
+            "case": "sdxl-1024", "label": "sdxl 1024 20x64", "batch": 2, "heads": 20, "head_dim": 64, "n_txt": 0,
+            "n_img": 1024, "grid": "32x32", "layers": 60, "dtype": "fp16", "coverage": 0.25,
+            "coverage_actual": 0.26, "nnz": 266, "flops": 10 ** 10, "peak_mib": 5.0, "max_err": 1e-4,
+            "tol": 1e-3, "sdpa_backend": "", "build_ms": None, "target": "", "note": "", "x_fasa": None}
+    rows = []
+    for prov, ms in (("fasa", 0.1), ("sdpa_bias", 0.2), ("reference", 2.0), ("flex", None)):
+        rows.append({**base, "provider": prov, "ms": ms, "tflops": measure.tflops(10 ** 10, ms),
+                     "status": "ok" if ms else "skip"})
+    rows[1]["sdpa_backend"] = "mem_efficient"
+    return rows
+
+
+def test_csv_and_table_writers(tmp_path):
+    rows = _fake_rows()
+    annotate(rows)
+    assert rows[1]["x_fasa"] == pytest.approx(2.0) and rows[1]["target"] == ">=1.3x ok"
+    assert rows[2]["target"] == ">=10x ok" and rows[3]["target"] == ">=1.2x: n/a"
+    assert rows[0]["target"].startswith("mem O(N) ok")
+    path = report.write_csv(rows, tmp_path / "sub" / "bench.csv")
+    back = report.read_csv(path)
+    assert [r["provider"] for r in back] == ["fasa", "sdpa_bias", "reference", "flex"]
+    assert all(r["device"] == "NVIDIA H100 80GB HBM3" and r["torch"] and r["triton"] for r in back)
+    assert list(back[0]) == report.COLUMNS
+    table = report.format_table(rows)
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["case", "dtype", "cov"] and "mem_efficient" in table
+    assert len({len(l) for l in lines[2:] if l}) >= 1 and "2.00" in table
+    assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert report.device_slug("cpu x86_64 (2 threads)") == "cpu"
+    png = report.plot(rows, tmp_path / "bench.png", title="t")
+    if png is not None:
+        assert png.stat().st_size > 1000
+
+
+# --------------------------------------------------------------------------------------------------- e2e
+def test_e2e_guard_and_eager_redirect(monkeypatch):
+    from bench import e2e
+    from freecure_ops import api
+
+    if not torch.cuda.is_available():
+        assert "CUDA" in e2e.why_not("cpu")
+        assert e2e.run_e2e("unused", log=lambda s: None, device="cpu") == []
+    fake = types.ModuleType("freecure_ops.adapters._fake_processor")
+    fake.fasa_attention = api.fasa_attention
+    monkeypatch.setitem(sys.modules, fake.__name__, fake)
+    p = make_problem(TINY[0], torch.float32, 0.5, "cpu")
+    with e2e.eager_attention() as calls:
+        out = fake.fasa_attention(p.q, p.k_p, p.k_f, p.v_p, p.v_f, p.mask, p.omega, backend="auto")
+    assert calls[0] == 1 and fake.fasa_attention is api.fasa_attention
+    torch.testing.assert_close(out.double(), oracle(p, "fasa"), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- main (smoke)
+def test_main_smoke_run(tmp_path, capsys):
+    from bench.__main__ import main
+
+    t0 = time.perf_counter()
+    rc = main(["--models", "sd15", "--coverages", "25", "--providers", "fasa,sdpa_bias,sdpa_pd", "--quick",
+               "--no-e2e", "--no-kernel-check", "--out", str(tmp_path)])
+    elapsed = time.perf_counter() - t0
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert elapsed < 30, f"smoke run took {elapsed:.1f} s"
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert {r["provider"] for r in rows} == {"fasa", "sdpa_bias", "sdpa_pd"}
+    assert (tmp_path / "table.txt").read_text().count("sdpa_bias") == 4
+    assert all(r["device"] and r["torch"] and r["triton"] for r in rows)
+    if not torch.cuda.is_available():
+        assert "KERNEL TIMINGS NEED CUDA" in out and "REDUCED" in out and "fp32" in out
+        assert all(r["status"] == "skip" for r in rows if r["provider"] == "fasa")
+    assert all(r["status"] == "ok" for r in rows if r["provider"] != "fasa")
+
+
+def test_cli_rejects_unknown_names():
+    from bench.__main__ import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--providers", "fasa,cudnn"])
+    assert parse_args(["--coverages", "10,0.5,100%"]).coverages == [0.1, 0.5, 1.0]
+
+
+def test_e2e_variants_on_tiny_models():
+    """The end-to-end variants (stock / fasa / eager) on tiny SDXL-style and FLUX-style models on CPU."""
+    pytest.importorskip("diffusers")
+    adapters = pytest.importorskip("freecure_ops.adapters")
+    if not hasattr(adapters, "install_fasa"):
+        pytest.skip("freecure_ops.adapters.install_fasa not there yet")
+    from bench import e2e
+    from bench.configs import FLUX_DEV, SDXL_UNET
+
+    timing = {"cpu_max_reps": 1, "cpu_budget_s": 0.0}
+    unet_cfg = dict(SDXL_UNET, block_out_channels=(32, 64), layers_per_block=1, transformer_layers_per_block=(1, 1),
+                    attention_head_dim=(2, 4), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=32,
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 48, norm_num_groups=8,
+                    sample_size=16)
+    unet = e2e.build_unet(unet_cfg, "cpu", torch.float32)
+    inputs = e2e.unet_inputs(unet_cfg, 4, (16, 12), "cpu", torch.float32)
+    mask = parsing_map(16, 12, 0.25) == HAIR
+    rows = e2e._variants(unet, inputs, mask, "cfg", adapters.install_fasa, torch.device("cpu"), timing,
+                         lambda s: None, "sdxl-tiny")
+    assert [r["variant"] for r in rows] == ["stock", "fasa", "eager"] and all(r["ms"] for r in rows), rows
+    flux_cfg = dict(FLUX_DEV, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+                    joint_attention_dim=32, pooled_projection_dim=16, axes_dims_rope=(4, 6, 6), in_channels=16)
+    flux = e2e.build_flux(flux_cfg, "cpu", torch.float32)
+    inputs = e2e.flux_inputs(flux_cfg, 2, (4, 6), 8, "cpu", torch.float32)
+    rows = e2e._variants(flux, inputs, parsing_map(4, 6, 0.5) == HAIR, "plain", adapters.install_fasa,
+                         torch.device("cpu"), timing, lambda s: None, "flux-tiny")
+    assert all(r["ms"] and "NON-FINITE" not in r["note"] for r in rows), rows
