@@ -22,8 +22,9 @@ setup(
         "numpy",
         "einops",
     ],
+    entry_points={"console_scripts": ["freecure = freecure_ops.cli:main"]},
     extras_require={
-        "diffusers": ["diffusers>=0.32"],
+        "diffusers": ["diffusers>=0.32", "Pillow"],
         "bench": ["matplotlib"],
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.32", "transformers>=4.40", "sentencepiece",
                  "matplotlib"],

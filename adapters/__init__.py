@@ -8,11 +8,14 @@ Only self-attention is touched (``attn1`` of UNet transformer blocks, the joint 
 processors hold no math: PD rows go through :func:`freecure_ops.fasa_attention`, FD rows through the stock
 attention.
 """
+from .apg import apply_apg
 from .discovery import SelfAttentionBlock, find_self_attention_blocks
+from .freecure import EmptyMaskError, FreeCure, FreeCureOutput, FreeCureWarning, collate_branches
 from .flux_processor import FasaFluxAttnProcessor
 from .install import FasaHandle, install_fasa
 from .presets import PRESETS, FasaPreset, preset_blocks
 from .unet_processor import FasaAttnProcessor
 
-__all__ = ["install_fasa", "FasaHandle", "FasaAttnProcessor", "FasaFluxAttnProcessor", "find_self_attention_blocks",
+__all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg",
+           "install_fasa", "FasaHandle", "FasaAttnProcessor", "FasaFluxAttnProcessor", "find_self_attention_blocks",
            "SelfAttentionBlock", "PRESETS", "FasaPreset", "preset_blocks"]

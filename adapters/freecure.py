@@ -1,0 +1,569 @@
+"""The FreeCure pipeline wrapper: two passes around a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline.
+
+    fc = FreeCure(pipe, parser)                         # parser: image -> label map [H, W]
+    out = fc(pd={"prompt_embeds": pd_embeds, ...},      # personalized (identity) conditioning
+             fd={"prompt_embeds": fd_embeds, ...},      # foundation conditioning (identity removed)
+             attribute_prompt="a man with red hair", seed=0, num_inference_steps=30)
+    out.images, out.fd_images, out.mask, out.timings
+
+1. Pass 1 runs the FD branch alone from initial latents drawn once from the seed.
+2. The parser turns the FD image into a label map; the attributes named in the prompt
+   (:func:`freecure_ops.attributes.find_attributes`) select its classes: the attribute mask. Or the caller
+   passes ``mask=``, and pass 1 is skipped.
+3. Pass 2 runs PD and FD as one batch (``[PD_1..PD_n, FD_1..FD_n]``; with CFG the pipeline makes it
+   ``[neg_PD, neg_FD, PD, FD]``, layout "cfg"; FLUX-dev has no CFG batch, layout "plain") from the same initial
+   latents, with FASA installed for that call only (removed again, also when the call raises).
+4. Optionally APG (:mod:`.apg`) on the PD latents of pass 2.
+
+PD and FD conditioning are pipeline keyword arguments: each branch's own (``prompt``, ``prompt_embeds``,
+``negative_prompt_embeds``, ``pooled_prompt_embeds``, ``ip_adapter_image_embeds``, ...) in ``pd`` / ``fd``
+(``fd`` may be a function of the PD kwargs), arguments common to both as plain keyword arguments. Batching
+for pass 2 (:func:`collate_branches`): tensors are concatenated along dim 0, lists of tensors element by
+element, prompt strings become lists, anything else must be equal in both branches.
+"""
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from freecure_ops.attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attributes, label_table_for,
+                                     template_prompt)
+
+from .apg import TEXT_KEYS, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
+from .discovery import find_self_attention_blocks
+from .install import install_fasa
+from .options import BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask, check_real, check_steps
+from .presets import preset_blocks
+
+__all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
+           "BRANCH_KEYS"]
+
+#: keyword arguments that belong to one branch; given as common kwargs, each branch gets a copy.
+BRANCH_KEYS = ("negative_prompt", "negative_prompt_2", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
+               "ip_adapter_image_embeds", "negative_ip_adapter_image_embeds")
+_SDXL_SIZE_KEYS = ("original_size", "crops_coords_top_left", "target_size", "negative_original_size",
+                   "negative_crops_coords_top_left", "negative_target_size")
+_OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+
+
+class FreeCureWarning(UserWarning):
+    """FreeCure ran, but not as asked (e.g. no attribute words: the plain pipeline ran instead)."""
+
+
+class EmptyMaskError(ValueError):
+    """The attribute mask made from the FD image is empty: FASA would have nothing to do."""
+
+
+@dataclass
+class FreeCureOutput:
+    """``images``: the PD images (FASA, and APG when asked) in ``output_type``. ``fd_images``: the FD images
+    (pass 1 when it ran, else the FD rows of pass 2; ``"pt"`` when ``output_type="latent"``). ``mask``: the
+    attribute mask FASA used (``[H, W]``, or ``[n, H, W]`` for n prompts). ``label_maps``: the parser's output.
+    ``attributes``: per prompt, the attributes found. ``template_prompts``: APG's template prompts, when built
+    from text. ``timings``: seconds per stage (``pass1``, ``mask``, ``pass2``, ``apg``, ``total``).
+    ``fasa_applied``: False when FASA was skipped (no attribute words)."""
+
+    images: Any
+    fd_images: Any = None
+    mask: torch.Tensor | None = None
+    label_maps: torch.Tensor | None = None
+    attributes: list = field(default_factory=list)
+    template_prompts: list | None = None
+    timings: dict = field(default_factory=dict)
+    fasa_applied: bool = True
+
+
+# ----------------------------------------------------------------------------------------------------------
+# batching of the two branches
+# ----------------------------------------------------------------------------------------------------------
+
+def _equal(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, np.ndarray) or isinstance(b, np.ndarray):
+        return isinstance(a, np.ndarray) and isinstance(b, np.ndarray) and a.shape == b.shape \
+            and bool(np.array_equal(a, b))
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (objects whose == is not a plain bool)
+        return False
+
+
+def _is_str_batch(v) -> bool:
+    return isinstance(v, str) or (isinstance(v, (list, tuple)) and len(v) > 0 and all(isinstance(s, str) for s in v))
+
+
+def _as_str_list(v) -> list:
+    return [v] if isinstance(v, str) else list(v)
+
+
+def _cat(key: str, a: torch.Tensor, b: torch.Tensor, cfg_chunks: bool) -> torch.Tensor:
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"{key}: PD {tuple(a.shape)} and FD {tuple(b.shape)} differ beyond the batch dimension "
+                         "and cannot be batched (pad the FD conditioning to the PD shape)")
+    b = b.to(device=a.device, dtype=a.dtype)
+    if cfg_chunks:
+        if a.shape[0] % 2 or b.shape[0] % 2:
+            raise ValueError(f"{key}: with classifier-free guidance each tensor must be [negative; positive] "
+                             f"(an even batch), got PD {tuple(a.shape)} and FD {tuple(b.shape)}")
+        (an, ap), (bn, bp) = a.chunk(2), b.chunk(2)
+        return torch.cat([an, bn, ap, bp])
+    return torch.cat([a, b])
+
+
+def collate_branches(pd: Mapping, fd: Mapping, *, cfg: bool = False) -> dict:
+    """PD and FD pipeline kwargs -> the kwargs of one batched call whose prompt batch is
+    ``[PD_1..PD_n, FD_1..FD_n]``. Tensors: concatenated along dim 0; lists/tuples of tensors: element by
+    element; prompt strings (or lists of them): one list; other values must be equal and pass through once.
+    ``ip_adapter_image_embeds`` tensors are ``[negative; positive]`` under CFG (diffusers' convention) and are
+    batched half by half. Both branches must hold the same keys (ValueError naming the key)."""
+    if not isinstance(pd, Mapping) or not isinstance(fd, Mapping):
+        raise TypeError("pd and fd must be mappings of pipeline keyword arguments")
+    if set(pd) != set(fd):
+        only_pd, only_fd = sorted(set(pd) - set(fd)), sorted(set(fd) - set(pd))
+        raise ValueError(f"PD and FD conditioning must use the same keyword arguments (PD only: {only_pd}, FD only: "
+                         f"{only_fd}); e.g. give FD zeroed identity embeddings instead of leaving them out")
+    out = {}
+    for key, a in pd.items():
+        b = fd[key]
+        chunks = cfg and key in ("ip_adapter_image_embeds", "negative_ip_adapter_image_embeds")
+        if a is None and b is None:
+            out[key] = None
+        elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+            out[key] = _cat(key, a, b, chunks)
+        elif (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and len(a) > 0
+              and all(isinstance(x, torch.Tensor) for x in (*a, *b))):
+            out[key] = [_cat(f"{key}[{i}]", x, y, chunks) for i, (x, y) in enumerate(zip(a, b))]
+        elif _is_str_batch(a) and _is_str_batch(b):
+            a_l, b_l = _as_str_list(a), _as_str_list(b)
+            if len(a_l) != len(b_l):
+                raise ValueError(f"{key}: PD holds {len(a_l)} prompts and FD {len(b_l)}; each PD prompt needs its "
+                                 "FD partner")
+            out[key] = a_l + b_l
+        elif _equal(a, b):
+            out[key] = a
+        else:
+            raise ValueError(f"{key}: PD and FD values differ ({type(a).__name__} vs {type(b).__name__}) and cannot "
+                             "be batched; pass tensors, lists of tensors, prompt strings, or one shared value")
+    return out
+
+
+def _branch_size(kw: Mapping) -> int:
+    p = kw.get("prompt")
+    if isinstance(p, str):
+        return 1
+    if isinstance(p, (list, tuple)) and p:
+        return len(p)
+    pe = kw.get("prompt_embeds")
+    if isinstance(pe, torch.Tensor):
+        return int(pe.shape[0])
+    return 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# images and masks
+# ----------------------------------------------------------------------------------------------------------
+
+def _mask_to_tensor(mask) -> torch.Tensor:
+    try:
+        from PIL import Image
+    except ImportError:  # pragma: no cover
+        Image = None
+    if Image is not None and isinstance(mask, Image.Image):
+        mask = np.array(mask.convert("L"))
+    if isinstance(mask, np.ndarray):
+        if mask.dtype == np.uint8:
+            mask = torch.from_numpy(mask.astype(np.float32) / 255.0)
+        elif mask.dtype == bool or np.issubdtype(mask.dtype, np.floating):
+            mask = torch.from_numpy(np.ascontiguousarray(mask))
+        else:
+            raise TypeError(f"mask: a numpy mask must be bool, float or uint8, got {mask.dtype}")
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, numpy array or PIL image, got {type(mask).__name__}")
+    check_mask(mask)
+    return mask
+
+
+def _to_output_type(pipe, pt: torch.Tensor, output_type: str):
+    """``pt`` images ([B, 3, H, W] in [0, 1]) -> the pipeline's output type."""
+    if output_type in ("pt", "latent"):
+        return pt
+    arr = pipe.image_processor.pt_to_numpy(pt)
+    return arr if output_type == "np" else pipe.image_processor.numpy_to_pil(arr)
+
+
+def _decode(pipe, family: str, latents: torch.Tensor, height: int, width: int, output_type: str):
+    """Latents (as returned with ``output_type="latent"``) -> images, the way the pipeline decodes them."""
+    if output_type == "latent":
+        return latents
+    vae = pipe.vae
+    if family == "flux":
+        lat = pipe._unpack_latents(latents, height, width, pipe.vae_scale_factor)
+        lat = lat / vae.config.scaling_factor + vae.config.shift_factor
+        image = vae.decode(lat.to(vae.dtype), return_dict=False)[0]
+        return pipe.image_processor.postprocess(image, output_type=output_type)
+    upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False) and family == "sdxl"
+    if upcast:
+        vae.to(torch.float32)
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    lat = latents.to(vae.dtype)
+    if mean is not None and std is not None:
+        c = lat.shape[1]
+        mean = torch.tensor(mean).view(1, c, 1, 1).to(lat)
+        std = torch.tensor(std).view(1, c, 1, 1).to(lat)
+        lat = lat * std / vae.config.scaling_factor + mean
+    else:
+        lat = lat / vae.config.scaling_factor
+    image = vae.decode(lat, return_dict=False)[0]
+    if upcast:
+        vae.to(torch.float16)
+    if getattr(pipe, "safety_checker", None) is not None and hasattr(pipe, "run_safety_checker"):
+        image, _ = pipe.run_safety_checker(image, image.device, image.dtype)
+    if getattr(pipe, "watermark", None) is not None:
+        image = pipe.watermark.apply_watermark(image)
+    return pipe.image_processor.postprocess(image, output_type=output_type)
+
+
+def _rows(images, start: int, stop: int):
+    return images[start:stop]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the wrapper
+# ----------------------------------------------------------------------------------------------------------
+
+class FreeCure:
+    """FreeCure around a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline (or a personalization pipeline built on
+    one, whose ``__call__`` takes the stock keyword arguments).
+
+    ``parser``: a face parser, any callable ``image -> label map [H, W]`` of int class ids (e.g.
+    :class:`freecure_ops.face_parser.BiSeNetParser`); it gets each FD image as a float tensor ``[3, H, W]`` in
+    [0, 1]. Not needed when every call passes ``mask=``. ``label_table``: attribute -> class ids of that parser
+    (default: from the parser's ``labels`` mapping when it has one, else the BiSeNet CelebAMask-HQ table).
+    ``vocabulary``: attribute words (:class:`freecure_ops.attributes.AttributeVocabulary` or a mapping).
+    ``mask_dilate`` / ``mask_feather``: pixels of dilation / Gaussian feathering of the parsed mask.
+    ``empty_mask``: "error" (raise :class:`EmptyMaskError` when parsing finds no attribute pixel) or "warn"
+    (go on; FASA then equals plain self-attention). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
+    ``mode``, ``backend``, ``force``: as :func:`freecure_ops.adapters.install_fasa` (None = family preset).
+    """
+
+    def __init__(self, pipe, parser: Callable | None = None, *, omega=None, layers=None, steps=None,
+                 style_fidelity=1.0, mode="bias", backend="auto", force=False, label_table=None, vocabulary=None,
+                 mask_dilate=0, mask_feather=0.0, empty_mask="error"):
+        self.family = pipeline_family(pipe)
+        self.pipe = pipe
+        if parser is not None and not callable(parser):
+            raise TypeError(f"parser must be a callable image -> label map, got {type(parser).__name__}")
+        self.parser = parser
+        self.omega = check_real("omega", omega, allow_none=True)
+        self.steps = check_steps(steps)
+        self.style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
+        self.mode = check_choice("mode", mode, MODES)
+        self.backend = check_choice("backend", backend, BACKENDS)
+        self.force = check_bool("force", force)
+        blocks = find_self_attention_blocks(pipe)
+        self.layers = layers
+        if check_layers(layers, len(blocks)) is None:  # the preset must fit this model: fail here, not mid-call
+            n_double = sum(b.kind != "flux_single" for b in blocks)
+            preset_blocks(self.family, n_double, len(blocks) - n_double)
+        if label_table is not None and not isinstance(label_table, Mapping):
+            raise TypeError(f"label_table must be a mapping attribute -> class ids, got {type(label_table).__name__}")
+        if label_table is None:
+            labels = getattr(parser, "labels", None)
+            label_table = label_table_for(labels) if isinstance(labels, Mapping) else BISENET_ATTRIBUTE_LABELS
+        self.label_table = label_table
+        self.vocabulary = vocabulary
+        if isinstance(mask_dilate, bool) or not isinstance(mask_dilate, int) or mask_dilate < 0:
+            raise ValueError(f"mask_dilate must be an int >= 0 (pixels), got {mask_dilate!r}")
+        self.mask_dilate = mask_dilate
+        self.mask_feather = check_real("mask_feather", mask_feather, lo=0.0)
+        self.empty_mask = check_choice("empty_mask", empty_mask, ("error", "warn"))
+
+    def __repr__(self):
+        return f"FreeCure({type(self.pipe).__name__}, family={self.family!r}, omega={self.omega}, layers={self.layers})"
+
+    # -- pieces ----------------------------------------------------------------------------------------------
+    def _size(self, kwargs: Mapping) -> tuple[int, int]:
+        pipe = self.pipe
+        default = getattr(pipe, "default_sample_size", None)
+        if default is None:
+            default = pipe.unet.config.sample_size
+        d = int(default) * int(pipe.vae_scale_factor)
+        h, w = kwargs.get("height") or d, kwargs.get("width") or d
+        for name, v in (("height", h), ("width", w)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        return h, w
+
+    def initial_latents(self, n: int, height: int, width: int, generator=None) -> torch.Tensor:
+        """The initial noise of ``n`` images, drawn as the pipeline draws it (packed for FLUX), unscaled."""
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe = self.pipe
+        device = pipe._execution_device
+        if self.family == "flux":
+            dtype = pipe.transformer.dtype
+            lat, _ = pipe.prepare_latents(n, pipe.transformer.config.in_channels // 4, height, width, dtype, device,
+                                          generator)
+            return lat
+        vsf = pipe.vae_scale_factor
+        shape = (n, pipe.unet.config.in_channels, height // vsf, width // vsf)
+        return randn_tensor(shape, generator=generator, device=device, dtype=pipe.unet.dtype)
+
+    def _attributes(self, pd_kw: Mapping, attribute_prompt, n: int) -> list[list[str]] | None:
+        text = attribute_prompt if attribute_prompt is not None else pd_kw.get("prompt")
+        if text is None:
+            return None
+        if not _is_str_batch(text):
+            raise TypeError(f"attribute_prompt must be a string or a list of strings, got {type(text).__name__}")
+        texts = _as_str_list(text)
+        if len(texts) == 1 and n > 1:
+            texts = texts * n
+        if len(texts) != n:
+            raise ValueError(f"attribute_prompt holds {len(texts)} prompts for {n} images")
+        return [find_attributes(t, self.vocabulary) for t in texts]
+
+    def mask_from_fd(self, fd_pt: torch.Tensor, attributes: list[list[str]]):
+        """Parse each FD image (``[n, 3, H, W]`` in [0, 1]) and build the attribute mask: ``(mask, label_maps)``,
+        ``[H, W]`` for one image, ``[n, H, W]`` for several."""
+        if self.parser is None:
+            raise ValueError("FreeCure needs a parser (FreeCure(pipe, parser)) or an explicit mask= to know where "
+                             "the attributes are")
+        maps, masks = [], []
+        for i in range(fd_pt.shape[0]):
+            lm = self.parser(fd_pt[i])
+            if isinstance(lm, np.ndarray):
+                lm = torch.from_numpy(lm.astype(np.int64))
+            if not isinstance(lm, torch.Tensor) or lm.dim() != 2:
+                raise ValueError(f"parser must return a label map [H, W] (tensor or numpy array of class ids), got "
+                                 f"{type(lm).__name__}{tuple(lm.shape) if hasattr(lm, 'shape') else ''}")
+            missing = [a for a in attributes[i] if a not in self.label_table]
+            if missing:
+                warnings.warn(f"attributes {missing} have no classes in the parser's label table "
+                              f"({sorted(self.label_table)}); they get no mask", FreeCureWarning, stacklevel=3)
+            maps.append(lm)
+            masks.append(attribute_mask(lm, attributes[i], self.label_table, dilate=self.mask_dilate,
+                                        feather=self.mask_feather, strict=False))
+        if len(maps) == 1:
+            return masks[0], maps[0]
+        return torch.stack([m.float() for m in masks]), torch.stack(maps)
+
+    def _check_mask_not_empty(self, mask: torch.Tensor, attributes) -> None:
+        per = mask.reshape(mask.shape[0], -1) if mask.dim() == 3 else mask.reshape(1, -1)
+        empty = [i for i in range(per.shape[0]) if not bool((per[i] > 0).any())]
+        if not empty:
+            return
+        which = "the attribute mask is empty" if len(empty) == per.shape[0] else \
+            f"the attribute masks of images {empty} are empty"
+        msg = (f"{which} after parsing: the parser found no pixel of {attributes} in the FD image, so FASA has "
+               "nothing to do there")
+        if self.empty_mask == "error" and len(empty) == per.shape[0]:
+            raise EmptyMaskError(msg + ". Check the parser and its label table, pass mask= yourself, or use "
+                                 "empty_mask='warn' to go on")
+        warnings.warn(msg, FreeCureWarning, stacklevel=3)
+
+    def _apg_conditioning(self, pd_kw: Mapping, common: Mapping, attributes, apg_template):
+        full = {k: v for k, v in {**common, **pd_kw}.items() if k in TEXT_KEYS + _SDXL_SIZE_KEYS}
+        base = {k: v for k, v in full.items() if k not in ("prompt", "prompt_2", "prompt_embeds",
+                                                            "pooled_prompt_embeds")}
+        if apg_template is not None:
+            if _is_str_batch(apg_template):
+                return full, {**base, "prompt": apg_template}, _as_str_list(apg_template)
+            if isinstance(apg_template, Mapping):
+                return full, {**base, **apg_template}, None
+            raise TypeError(f"apg_template must be a prompt, a list of prompts or a mapping of pipeline keyword "
+                            f"arguments, got {type(apg_template).__name__}")
+        if not _is_str_batch(full.get("prompt")):
+            raise ValueError("apg=True: the PD conditioning has no text prompt to remove the attribute words from; "
+                             "pass apg_template= (the template conditioning as pipeline kwargs, e.g. "
+                             "{'prompt_embeds': ..., 'pooled_prompt_embeds': ...})")
+        template = dict(full)
+        out_prompts = None
+        for key in ("prompt", "prompt_2"):
+            if _is_str_batch(full.get(key)):
+                texts = _as_str_list(full[key])
+                attrs = attributes if len(attributes) == len(texts) else [attributes[0]] * len(texts)
+                tp = [template_prompt(t, a, self.vocabulary) for t, a in zip(texts, attrs)]
+                template[key] = tp if isinstance(full[key], (list, tuple)) else tp[0]
+                if key == "prompt":
+                    out_prompts = tp
+        return full, template, out_prompts
+
+    # -- the call --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, *, fd_prompt=None, pd: Mapping | None = None,
+                 fd: Mapping | Callable | None = None, mask=None, attribute_prompt=None, seed: int | None = None,
+                 generator=None, latents: torch.Tensor | None = None, apg: bool = False, gamma: float = 0.5,
+                 apg_template=None, output_type: str = "pil", return_dict: bool = True, **kwargs):
+        """Run FreeCure. PD conditioning: ``prompt`` and/or ``pd`` (pipeline kwargs of the personalized branch);
+        FD conditioning: ``fd_prompt`` and/or ``fd`` (a mapping, or a function PD kwargs -> FD kwargs).
+        ``kwargs``: pipeline arguments common to both (``num_inference_steps``, ``guidance_scale``, ``height``,
+        ``width``, ``negative_prompt``, ...; the per-branch ones of :data:`BRANCH_KEYS` are copied to both).
+        ``mask``: skip pass 1 and the parser and use this mask (tensor / numpy ``[H, W]`` or ``[n, H, W]``, or a
+        PIL image). ``attribute_prompt``: the text the attributes are read from (default: the PD ``prompt``).
+        ``seed`` / ``generator`` / ``latents``: the initial noise, drawn once and used by both passes and both
+        rows. ``apg``, ``gamma``, ``apg_template``: Asymmetric Prompt Guidance (template conditioning; default:
+        the PD prompt without its attribute phrases). Returns a :class:`FreeCureOutput` (or just the images
+        when ``return_dict=False``)."""
+        t_start = time.perf_counter()
+        pipe, family = self.pipe, self.family
+        apg = check_bool("apg", apg)
+        return_dict = check_bool("return_dict", return_dict)
+        output_type = check_choice("output_type", output_type, _OUTPUT_TYPES)
+        if apg:
+            check_real("gamma", gamma, lo=0.0, hi=1.0)
+            if not 0.0 < gamma <= 1.0:
+                raise ValueError(f"gamma must be in (0, 1], got {gamma}")
+        if kwargs.get("num_images_per_prompt", 1) not in (1, None):
+            raise ValueError("num_images_per_prompt must be 1: pass a list of prompts (one PD/FD pair each) or call "
+                             "again with another seed")
+        kwargs.pop("num_images_per_prompt", None)
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+        # ---- branch kwargs
+        if pd is not None and not isinstance(pd, Mapping):
+            raise TypeError(f"pd must be a mapping of pipeline keyword arguments, got {type(pd).__name__}")
+        pd_kw = dict(pd or {})
+        if prompt is not None:
+            if "prompt" in pd_kw:
+                raise ValueError("prompt given twice: as prompt= and in pd")
+            pd_kw["prompt"] = prompt
+        if not pd_kw:
+            raise ValueError("no PD conditioning: pass prompt= or pd={...} (pipeline kwargs of the personalized "
+                             "branch)")
+        moved = {key: kwargs.pop(key) for key in BRANCH_KEYS if key in kwargs}
+        for key, value in moved.items():
+            pd_kw.setdefault(key, value)
+        if callable(fd) and not isinstance(fd, Mapping):
+            fd_kw = fd(dict(pd_kw))
+            if not isinstance(fd_kw, Mapping):
+                raise TypeError(f"fd (a function) must return a mapping of pipeline kwargs, got {type(fd_kw).__name__}")
+            fd_kw = dict(fd_kw)
+        elif fd is None or isinstance(fd, Mapping):
+            fd_kw = dict(fd or {})
+        else:
+            raise TypeError(f"fd must be a mapping of pipeline kwargs or a function of the PD kwargs, "
+                            f"got {type(fd).__name__}")
+        for key, value in moved.items():
+            fd_kw.setdefault(key, value)
+        if fd_prompt is not None:
+            if isinstance(fd, Mapping) and "prompt" in fd and not _equal(fd["prompt"], fd_prompt):
+                raise ValueError("FD prompt given twice: as fd_prompt= and in fd")
+            fd_kw["prompt"] = fd_prompt
+        if not any(k in fd_kw for k in ("prompt", "prompt_embeds")):
+            raise ValueError("no FD conditioning: pass fd_prompt= or fd={...} (the PD inputs without the identity) or "
+                             "a function fd=lambda pd: {...}")
+        for key in set(pd_kw) | set(fd_kw):
+            if key in kwargs:
+                raise ValueError(f"{key!r} is given both as a common argument and in pd/fd")
+
+        n = _branch_size(pd_kw)
+        if _branch_size(fd_kw) != n:
+            raise ValueError(f"PD conditioning holds {n} prompts but FD holds {_branch_size(fd_kw)}")
+        height, width = self._size(kwargs)
+        common = {**kwargs, "height": height, "width": width}
+        gs = kwargs.get("guidance_scale", default_guidance_scale(pipe))
+        cfg = uses_cfg(pipe, family, float(gs))
+
+        if latents is None:
+            if generator is None and seed is not None:
+                generator = torch.Generator(device="cpu").manual_seed(seed)
+            latents = self.initial_latents(n, height, width, generator)
+        elif not isinstance(latents, torch.Tensor) or latents.shape[0] != n:
+            raise ValueError(f"latents must be a tensor with one row per PD prompt ({n}), got "
+                             f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
+
+        timings = {}
+        if mask is not None:
+            mask = _mask_to_tensor(mask)
+        attributes = self._attributes(pd_kw, attribute_prompt, n)
+        if mask is None and attributes is None:
+            raise ValueError("cannot tell which attributes to mask: the PD conditioning has no text prompt; pass "
+                             "attribute_prompt= (the prompt as text) or mask=")
+
+        # ---- nothing to do: the plain pipeline
+        if mask is None and not any(attributes):
+            warnings.warn(f"the prompt names none of the attributes FreeCure knows ({_known(self.vocabulary)}): "
+                          "FASA has nothing to do; running the plain pipeline (PD only)", FreeCureWarning,
+                          stacklevel=2)
+            t0 = time.perf_counter()
+            images = pipe(**common, **pd_kw, latents=latents, output_type=output_type).images
+            timings["plain"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - t_start
+            if not return_dict:
+                return images
+            return FreeCureOutput(images=images, attributes=attributes or [], timings=timings, fasa_applied=False)
+
+        # ---- pass 1: FD only -> parser -> mask
+        fd_images = label_maps = None
+        if mask is None:
+            t0 = time.perf_counter()
+            fd_pt = pipe(**common, **fd_kw, latents=latents, output_type="pt").images
+            timings["pass1"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            mask, label_maps = self.mask_from_fd(fd_pt, attributes)
+            self._check_mask_not_empty(mask, attributes if n > 1 else attributes[0])
+            timings["mask"] = time.perf_counter() - t0
+            fd_images = _to_output_type(pipe, fd_pt, output_type)
+
+        # ---- pass 2: PD + FD in one batch, FASA for this call only
+        batched = collate_branches(pd_kw, fd_kw, cfg=cfg)
+        layout = "cfg" if cfg else "plain"
+        pass2_type = "latent" if apg else output_type
+        t0 = time.perf_counter()
+        handle = install_fasa(pipe, mask, self.omega, layers=self.layers, steps=self.steps,
+                              style_fidelity=self.style_fidelity, layout=layout, mode=self.mode, backend=self.backend,
+                              force=self.force)
+        try:
+            out = pipe(**common, **batched, latents=torch.cat([latents, latents]), output_type=pass2_type).images
+        finally:
+            handle.remove()
+        timings["pass2"] = time.perf_counter() - t0
+        pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
+
+        # ---- APG on the PD latents
+        template_prompts = None
+        if apg:
+            t0 = time.perf_counter()
+            full, template, template_prompts = self._apg_conditioning(pd_kw, common, attributes or [[]] * n,
+                                                                      apg_template)
+            pd_lat = apply_apg(pipe, pd_out, full=full, template=template,
+                               num_inference_steps=int(kwargs.get("num_inference_steps", _default_steps(pipe))),
+                               gamma=gamma, guidance_scale=float(gs), height=height, width=width,
+                               sigmas=kwargs.get("sigmas"), cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
+                               joint_attention_kwargs=kwargs.get("joint_attention_kwargs"))
+            pd_out = _decode(pipe, family, pd_lat, height, width, output_type)
+            if fd_images is None:
+                fd_out = _decode(pipe, family, fd_out, height, width, output_type)
+            timings["apg"] = time.perf_counter() - t0
+        if fd_images is None:
+            fd_images = fd_out
+        timings["total"] = time.perf_counter() - t_start
+        if not return_dict:
+            return pd_out
+        return FreeCureOutput(images=pd_out, fd_images=fd_images, mask=mask, label_maps=label_maps,
+                              attributes=attributes or [], template_prompts=template_prompts, timings=timings)
+
+
+def _known(vocabulary) -> str:
+    from freecure_ops.attributes import DEFAULT_VOCABULARY, AttributeVocabulary
+
+    v = vocabulary if isinstance(vocabulary, AttributeVocabulary) else \
+        AttributeVocabulary(vocabulary) if isinstance(vocabulary, Mapping) else DEFAULT_VOCABULARY
+    return ", ".join(v.attributes)
+
+
+def _default_steps(pipe) -> int:
+    import inspect
+
+    p = inspect.signature(pipe.__call__).parameters.get("num_inference_steps")
+    return int(p.default) if p is not None and isinstance(p.default, int) else 50

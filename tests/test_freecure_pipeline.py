@@ -1,0 +1,230 @@
+"""FreeCure end to end on tiny SD1.5-, SDXL- and FLUX-style pipelines (random weights, 2 steps, 16x16 images)
+with a fake parser: the two passes, the batch layout, the mask, processor restoration and the error paths."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from freecure_ops.adapters.freecure import (EmptyMaskError, FreeCure, FreeCureWarning, collate_branches)
+from freecure_ops.adapters.discovery import resolve_model
+from tiny_pipes import BUILDERS, IMAGE, FakeParser, one_thread  # noqa: F401
+
+PD = "a photo of sks man with red hair"
+FD = "a photo of man with red hair"
+STEPS = 2
+FAMILIES = ("sd1", "sdxl", "flux")
+COMMON = dict(num_inference_steps=STEPS, height=IMAGE, width=IMAGE)
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    return {}
+
+
+def get(pipes, family):
+    if family not in pipes:
+        pipes[family] = BUILDERS[family]()
+    return pipes[family]
+
+
+def plain_dual_batch(fc, latents):
+    """The pipeline itself on the [PD, FD] batch with the same initial noise and no FASA."""
+    return fc.pipe([PD, FD], latents=torch.cat([latents, latents]), output_type="pt", **COMMON).images
+
+
+def close(a, b, tol=2e-5):
+    return (a - b).abs().max().item() <= tol
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_passes_fd_rows_and_fasa_effect(pipes, family):
+    pipe = get(pipes, family)
+    parser = FakeParser()
+    fc = FreeCure(pipe, parser, layers="all", omega=2.0)
+    out = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+    assert out.images.shape == out.fd_images.shape == (1, 3, IMAGE, IMAGE)
+    assert len(parser.calls) == 1 and parser.calls[0].shape == (3, IMAGE, IMAGE)
+    assert out.mask.shape == (IMAGE, IMAGE) and out.mask[: IMAGE // 2].all() and not out.mask[IMAGE // 2:].any()
+    assert out.attributes == [["hair"]] and out.fasa_applied
+    assert set(out.timings) == {"pass1", "mask", "pass2", "total"}
+
+    # pass 1 is the FD branch from the seed's noise, exactly as the pipeline draws it
+    own = pipe(FD, generator=torch.Generator().manual_seed(0), output_type="pt", **COMMON).images
+    assert torch.equal(out.fd_images, own)
+
+    # pass 2 with the same mask (pass 1 skipped): its FD row is the pass-1 FD image (fp32 rounding level)
+    again = fc(PD, fd_prompt=FD, seed=0, mask=out.mask, output_type="pt", **COMMON)
+    assert len(parser.calls) == 1 and "pass1" not in again.timings
+    assert close(again.fd_images, out.fd_images)
+    assert torch.allclose(again.images, out.images, atol=1e-6)
+
+    # FASA changes the PD image; the FD row of the plain dual batch is the same FD image
+    latents = fc.initial_latents(1, IMAGE, IMAGE, torch.Generator().manual_seed(0))
+    plain = plain_dual_batch(fc, latents)
+    assert (out.images[0] - plain[0]).abs().max().item() > 1e-3
+    assert close(plain[1:], out.fd_images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_empty_mask_is_the_plain_dual_batch_run(pipes, family):
+    fc = FreeCure(get(pipes, family), layers="all", omega=2.0)
+    out = fc(PD, fd_prompt=FD, seed=1, mask=torch.zeros(IMAGE, IMAGE), output_type="pt", **COMMON)
+    plain = plain_dual_batch(fc, fc.initial_latents(1, IMAGE, IMAGE, torch.Generator().manual_seed(1)))
+    assert close(out.images, plain[:1]) and close(out.fd_images, plain[1:])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_processors_restored_after_call_and_after_exception(pipes, family):
+    pipe = get(pipes, family)
+    model, _ = resolve_model(pipe)
+    before = dict(model.attn_processors)
+    fc = FreeCure(pipe, FakeParser(), layers="all")
+    fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+    after = model.attn_processors
+    assert after.keys() == before.keys() and all(after[k] is before[k] for k in before)
+
+    def boom(p, i, t, kw):
+        if kw["latents"].shape[0] == 2:  # pass 2 (PD + FD)
+            raise RuntimeError("boom")
+        return kw
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fc(PD, fd_prompt=FD, seed=0, output_type="pt", callback_on_step_end=boom, **COMMON)
+    after = model.attn_processors
+    assert all(after[k] is before[k] for k in before)
+    assert getattr(model, "_freecure_fasa_handle", None) is None
+    fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)  # installs again cleanly
+
+
+def test_embeddings_and_fd_function_match_the_prompt_path(pipes):
+    """PD/FD given as prompt embeddings (as a personalization model supplies them), FD derived by a function."""
+    pipe = get(pipes, "sd1")
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)
+    by_prompt = fc(PD, fd_prompt=FD, negative_prompt="glasses", seed=3, output_type="pt", **COMMON)
+
+    def enc(text):
+        return pipe.encode_prompt(text, "cpu", 1, True, negative_prompt="glasses")
+
+    pd_e, neg_e = enc(PD)
+    fd_e, _ = enc(FD)
+    out = fc(pd={"prompt_embeds": pd_e, "negative_prompt_embeds": neg_e},
+             fd=lambda pd: {**pd, "prompt_embeds": fd_e}, attribute_prompt=PD, seed=3, output_type="pt", **COMMON)
+    assert torch.allclose(out.images, by_prompt.images, atol=1e-6)
+    assert torch.allclose(out.fd_images, by_prompt.fd_images, atol=1e-6)
+    with pytest.raises(ValueError, match="attribute_prompt"):
+        fc(pd={"prompt_embeds": pd_e, "negative_prompt_embeds": neg_e},
+           fd={"prompt_embeds": fd_e, "negative_prompt_embeds": neg_e}, seed=3, **COMMON)
+
+
+def test_two_pairs_per_call_get_one_mask_each(pipes):
+    pipe = get(pipes, "sd1")
+    parser = FakeParser()
+    fc = FreeCure(pipe, parser, layers="all")
+    pds, fds = [PD, "a photo of sks woman with blue eyes"], [FD, "a photo of woman with blue eyes"]
+    with pytest.warns(FreeCureWarning, match=r"images \[1\] are empty"):
+        out = fc(pds, fd_prompt=fds, seed=0, output_type="pt", **COMMON)
+    assert out.images.shape[0] == 2 and out.mask.shape == (2, IMAGE, IMAGE) and len(parser.calls) == 2
+    assert out.attributes == [["hair"], ["eye"]]
+    assert out.mask[0].any() and not out.mask[1].any()  # the fake parser paints hair only
+    again = fc(pds, fd_prompt=fds, seed=0, mask=out.mask, output_type="pt", **COMMON)
+    assert close(again.fd_images, out.fd_images)
+
+
+def test_no_attribute_words_runs_the_plain_pipeline(pipes):
+    pipe = get(pipes, "sd1")
+    parser = FakeParser()
+    fc = FreeCure(pipe, parser, layers="all")
+    with pytest.warns(FreeCureWarning, match="FASA has nothing to do"):
+        out = fc("a photo of sks man", fd_prompt="a photo of man", seed=0, output_type="pt", **COMMON)
+    own = pipe("a photo of sks man", generator=torch.Generator().manual_seed(0), output_type="pt", **COMMON).images
+    assert torch.equal(out.images, own) and not out.fasa_applied and not parser.calls
+
+
+def test_mask_empty_after_parsing(pipes):
+    fc = FreeCure(get(pipes, "sd1"), FakeParser(hair_rows=0), layers="all")
+    with pytest.raises(EmptyMaskError, match="empty after parsing"):
+        fc(PD, fd_prompt=FD, seed=0, **COMMON)
+    fc = FreeCure(get(pipes, "sd1"), FakeParser(hair_rows=0), layers="all", empty_mask="warn")
+    with pytest.warns(FreeCureWarning, match="empty after parsing"):
+        out = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+    assert not out.mask.any()
+
+
+def test_parser_labels_select_the_label_table(pipes):
+    """A parser with its own class order brings its labels; FreeCure builds the table from them."""
+    labels = {"background": 0, "skin": 1, "hair": 5}
+    parser = FakeParser(labels=labels)
+    fc = FreeCure(get(pipes, "sd1"), parser, layers="all", empty_mask="warn")
+    assert fc.label_table["hair"] == (5,)
+    with pytest.warns(FreeCureWarning):
+        out = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)  # the fake paints 17: not hair here
+    assert not out.mask.any()
+
+
+def test_unknown_family_and_bad_arguments(pipes):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    ddpm = DDPMPipeline(unet=UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=8,
+                                         down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
+                        scheduler=DDPMScheduler())
+    with pytest.raises(TypeError, match="unknown pipeline family"):
+        FreeCure(ddpm)
+    pipe = get(pipes, "sd1")
+    with pytest.raises(TypeError, match="pipe must be a diffusers pipeline"):
+        FreeCure(pipe.unet)
+    with pytest.raises(ValueError, match="layers=None takes the sd1 preset"):
+        FreeCure(pipe)  # the tiny UNet has 4 blocks: the SD1.5 preset (10..15) does not fit
+    for kwargs, err, what in [(dict(omega="x"), TypeError, "omega"), (dict(mode="fast"), ValueError, "mode"),
+                              (dict(style_fidelity=2.0), ValueError, "style_fidelity"),
+                              (dict(layers=[99]), ValueError, "layers"),
+                              (dict(empty_mask="x"), ValueError, "empty_mask"),
+                              (dict(mask_dilate=-1), ValueError, "mask_dilate")]:
+        with pytest.raises(err, match=what):
+            FreeCure(pipe, layers=kwargs.pop("layers", "all"), **kwargs)
+    with pytest.raises(TypeError, match="parser"):
+        FreeCure(pipe, parser="bisenet", layers="all")
+
+    fc = FreeCure(pipe, FakeParser(), layers="all")
+    calls = [(dict(), ValueError, "no PD conditioning"),
+             (dict(prompt=PD), ValueError, "no FD conditioning"),
+             (dict(prompt=PD, fd_prompt=FD, seed=1, generator=torch.Generator()), ValueError, "not both"),
+             (dict(prompt=PD, fd_prompt=FD, seed=1.5), TypeError, "seed"),
+             (dict(prompt=PD, fd_prompt=FD, apg=True, gamma=0.0), ValueError, "gamma"),
+             (dict(prompt=PD, fd_prompt=FD, apg="yes"), TypeError, "apg"),
+             (dict(prompt=PD, fd_prompt=FD, output_type="jpeg"), ValueError, "output_type"),
+             (dict(prompt=PD, fd_prompt=FD, num_images_per_prompt=2), ValueError, "num_images_per_prompt"),
+             (dict(prompt=PD, fd_prompt=[FD, FD]), ValueError, "FD holds 2"),
+             (dict(prompt=PD, fd_prompt=FD, mask=torch.ones(3)), ValueError, "mask"),
+             (dict(prompt=PD, fd_prompt=FD, mask=[[1]]), TypeError, "mask"),
+             (dict(prompt=PD, fd={"prompt": FD, "guidance_rescale": 0.3}), ValueError, "same keyword arguments"),
+             (dict(prompt=PD, fd=42), TypeError, "fd must be")]
+    for kwargs, err, what in calls:
+        with pytest.raises(err, match=what):
+            fc(**kwargs, **COMMON)
+    no_parser = FreeCure(pipe, layers="all")
+    with pytest.raises(ValueError, match="needs a parser"):
+        no_parser(PD, fd_prompt=FD, seed=0, **COMMON)
+
+
+def test_collate_branches():
+    a, b = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    out = collate_branches({"prompt": "x", "prompt_embeds": a, "ip": [a, a], "guidance_rescale": 0.0, "p2": None},
+                           {"prompt": "y", "prompt_embeds": b, "ip": [b, a], "guidance_rescale": 0.0, "p2": None})
+    assert out["prompt"] == ["x", "y"] and torch.equal(out["prompt_embeds"], torch.cat([a, b]))
+    assert torch.equal(out["ip"][0], torch.cat([a, b])) and out["guidance_rescale"] == 0.0 and out["p2"] is None
+    # IP-Adapter embeddings are [negative; positive] under CFG: batched half by half
+    pn, pp, fn, fp = (torch.full((1, 2), float(i)) for i in range(4))
+    ip = collate_branches({"ip_adapter_image_embeds": [torch.cat([pn, pp])]},
+                          {"ip_adapter_image_embeds": [torch.cat([fn, fp])]}, cfg=True)["ip_adapter_image_embeds"][0]
+    assert ip[:, 0].tolist() == [0.0, 2.0, 1.0, 3.0]
+    with pytest.raises(ValueError, match="differ beyond the batch"):
+        collate_branches({"prompt_embeds": a}, {"prompt_embeds": torch.randn(1, 5, 4)})
+    with pytest.raises(ValueError, match="guidance_rescale"):
+        collate_branches({"guidance_rescale": 0.0}, {"guidance_rescale": 0.7})
+    with pytest.raises(ValueError, match="2 prompts"):
+        collate_branches({"prompt": ["x", "y"]}, {"prompt": "z"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert collate_branches({}, {}) == {}

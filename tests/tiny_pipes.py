@@ -1,0 +1,143 @@
+"""Tiny SD1.5-, SDXL- and FLUX-style diffusers pipelines built offline from configs (random weights, no
+downloads), for the FreeCure pipeline, APG and CLI tests. Each builds in well under a second and runs a
+denoising step in milliseconds at the sizes used here (16x16 images)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+WORDS = ("a", "photo", "of", "person", "man", "woman", "sks", "with", "red", "blue", "hair", "eyes", "and",
+         "glasses", "smiling", "wearing", "hat", "the")
+IMAGE = 16  # image side in pixels; the VAEs downsample by 2 -> 8x8 latents
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run faster on one intra-op thread; import into a test module to apply it there."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    merges = []
+    for w in WORDS:
+        # BPE merges (and their pieces) that assemble each word from its characters, left to right
+        parts = list(w[:-1]) + [w[-1] + "</w>"]
+        for p in parts:
+            vocab.setdefault(p, len(vocab))
+        piece = parts[0]
+        for nxt in parts[1:]:
+            if (piece, nxt) not in merges:
+                merges.append((piece, nxt))
+            piece += nxt
+            vocab.setdefault(piece, len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=12)
+
+
+def _clip_text(hidden=16, projection=None, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(vocab_size=len(_clip_tokenizer()), hidden_size=hidden, intermediate_size=24,
+                         num_hidden_layers=1,
+                         num_attention_heads=2, max_position_embeddings=12, projection_dim=projection or hidden,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(cfg).eval()
+
+
+def _vae(latent_channels=4, seed=0, **extra):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=(8, 8), layers_per_block=1, latent_channels=latent_channels,
+                         norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, **extra).eval()
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sd_pipe(seed=0):
+    """StableDiffusionPipeline: 2-stage UNet (4 self-attention blocks), DDIM scheduler, 16x16 images."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, attention_head_dim=2, norm_num_groups=8).eval()
+    sched = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                          set_alpha_to_one=False, steps_offset=1)
+    return _finish(StableDiffusionPipeline(vae=_vae(seed=seed), text_encoder=_clip_text(seed=seed),
+                                           tokenizer=_clip_tokenizer(), unet=unet, scheduler=sched,
+                                           safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False))
+
+
+def tiny_sdxl_pipe(seed=0):
+    """StableDiffusionXLPipeline: two CLIP encoders (16 + 16 -> 32), text_time conditioning, Euler scheduler
+    (as SDXL ships)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 1), attention_head_dim=(2, 4), cross_attention_dim=32,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=16 + 6 * 8,
+        use_linear_projection=True, norm_num_groups=8).eval()
+    sched = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                   steps_offset=1, timestep_spacing="leading")
+    return _finish(StableDiffusionXLPipeline(
+        vae=_vae(seed=seed), text_encoder=_clip_text(seed=seed),
+        text_encoder_2=_clip_text(projection=16, seed=seed + 2),
+        tokenizer=_clip_tokenizer(), tokenizer_2=_clip_tokenizer(), unet=unet, scheduler=sched,
+        force_zeros_for_empty_prompt=True, add_watermarker=False))
+
+
+def tiny_flux_pipe(seed=0):
+    """FluxPipeline (guidance-distilled, like FLUX.1-dev): 1 double + 2 single blocks, CLIP + T5 encoders."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel, T5Tokenizer
+
+    torch.manual_seed(seed + 1)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=2, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [("\u2581" + w, -1.0 - i) for i, w in enumerate(WORDS)]
+    t5_tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    torch.manual_seed(seed + 3)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+                                 relative_attention_num_buckets=8)).eval()
+    return _finish(FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=_vae(4, seed, shift_factor=0.1),
+                                text_encoder=_clip_text(seed=seed), tokenizer=_clip_tokenizer(), text_encoder_2=t5,
+                                tokenizer_2=t5_tok, transformer=transformer))
+
+
+BUILDERS = {"sd1": tiny_sd_pipe, "sdxl": tiny_sdxl_pipe, "flux": tiny_flux_pipe}
+
+
+class FakeParser:
+    """A face parser stand-in: returns a fixed label map at the image's size (hair = 17 on the top rows,
+    skin = 1 elsewhere) and records what it was called with."""
+
+    def __init__(self, hair_rows=0.5, labels=None):
+        self.hair_rows = hair_rows
+        self.calls = []
+        if labels is not None:
+            self.labels = labels
+
+    def __call__(self, image):
+        self.calls.append(image)
+        h, w = image.shape[-2:]
+        lm = torch.ones(h, w, dtype=torch.int64)
+        lm[: int(round(h * self.hair_rows))] = 17
+        return lm
