@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from freecure_ops.masks import resize_mask_to_grid
+
 BACKGROUND, SKIN, NECK, CLOTH, HAIR = 0, 1, 14, 16, 17
 HAIR_LABELS = (HAIR,)
 PIXELS_PER_TOKEN = 8  # the map is made at image-like resolution: 8 pixels per token side
@@ -45,20 +47,11 @@ def parsing_map(h: int, w: int, coverage: float, seed: int = 0) -> torch.Tensor:
     return labels
 
 
-def nearest_resize(labels: torch.Tensor, size: tuple) -> torch.Tensor:
-    """Resize an ``[H, W]`` label map to ``size = (h, w)`` with nearest interpolation (torch's "nearest":
-    source index ``floor(i * H / h)``), as the adapters do; grids need not be square."""
-    out = F.interpolate(labels[None, None].float(), size=tuple(size), mode="nearest")[0, 0]
-    return out.to(labels.dtype)
-
-
 def token_mask(labels: torch.Tensor, grid: tuple, label_ids=HAIR_LABELS) -> torch.Tensor:
-    """The bool FD-token mask ``[h * w]`` (row-major, ``y * w + x``) of ``label_ids`` on the token grid."""
-    small = nearest_resize(labels, grid)
-    keep = torch.zeros_like(small, dtype=torch.bool)
-    for label in label_ids:
-        keep |= small == label
-    return keep.flatten()
+    """The bool FD-token mask ``[h * w]`` (row-major, ``y * w + x``) of ``label_ids`` on the token grid,
+    resized exactly as the adapters resize a parser's mask."""
+    keep = torch.isin(labels, torch.tensor(label_ids, device=labels.device))
+    return resize_mask_to_grid(keep, *grid)
 
 
 def case_mask(grid: tuple, coverage: float, seed: int = 0) -> tuple:

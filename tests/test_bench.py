@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench import measure, report
-from bench.masks import HAIR, case_mask, nearest_resize, parsing_map, token_mask
+from bench.masks import HAIR, SKIN as SKIN_LABEL, case_mask, parsing_map, token_mask
 from bench.providers import (PREPARE, PROVIDERS, Prepared, Skip, make_problem, oracle, sdpa_backends)
 from bench.runner import annotate, run
 from bench.shapes import CASES, FLUX, SD15, SDXL, Case, cases_for, reduced
@@ -133,12 +133,13 @@ def test_parsing_map_exact_coverage_and_labels():
     assert not torch.equal(parsing_map(32, 32, 0.5, seed=1), parsing_map(32, 32, 0.5, seed=2))
 
 
-def test_nearest_resize_non_square_and_row_major():
-    labels = torch.arange(37 * 53).reshape(37, 53)
-    small = nearest_resize(labels, (12, 7))
+def test_token_mask_nearest_non_square_and_row_major():
+    labels = torch.full((37, 53), SKIN_LABEL)
+    labels[::3, ::2] = HAIR
+    m = token_mask(labels, (12, 7))
     rows = [(i * 37) // 12 for i in range(12)]
     cols = [(j * 53) // 7 for j in range(7)]
-    assert torch.equal(small, labels[rows][:, cols])
+    assert torch.equal(m, (labels[rows][:, cols] == HAIR).flatten())
     # token j of the mask is grid cell (j // w, j % w)
     lab = torch.zeros(6, 10, dtype=torch.int64)
     lab[1, 7] = HAIR
