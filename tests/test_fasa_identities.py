@@ -69,7 +69,8 @@ def test_backend_auto_picks_by_device(device):
     assert_close_to_ref(out, inputs, None, 1.0)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+# On CUDA every new head dim / dtype / mode is a fresh kernel compile (about a second each): fewer examples.
+@settings(max_examples=25 if torch.cuda.is_available() else 60, deadline=None, derandomize=True)
 @given(
     b=st.integers(1, 2), h=st.integers(1, 2), n_q=st.integers(1, 70), n_p=st.integers(1, 70),
     n_f=st.integers(1, 70), d=st.integers(1, 130), txt_frac=st.floats(0, 0.9),
