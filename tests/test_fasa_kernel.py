@@ -20,11 +20,18 @@ def run_triton(inputs, mask, omega, **kw):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("d", [16, 40, 64, 72, 80, 128, 160])
+@pytest.mark.parametrize("d", [16, 40, 64, 72, 80, 96, 111, 128, 160, 256])
 def test_head_dims_odd_lengths(d, dtype, device):
     # Nq != Np != Nf, none a multiple of any tile size.
     inputs = make_inputs(2, 2, 67, 45, 83, d, dtype, device, seed=d)
     mask = make_mask("binary", 2, 83, device)
+    assert_close_to_ref(run_triton(inputs, mask, 1.5), inputs, mask, 1.5)
+
+
+def test_long_key_sequences(device):
+    # Tens of thousands of keys against a handful of queries; a sparse mask (FD tiles mostly skipped).
+    inputs = make_inputs(1, 1, 7, 3001, 12007, 16, torch.float16, device)
+    mask = (torch.rand(12007, generator=torch.Generator().manual_seed(0)) > 0.97).float().to(device)
     assert_close_to_ref(run_triton(inputs, mask, 1.5), inputs, mask, 1.5)
 
 
