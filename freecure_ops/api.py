@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .torch_backend import fasa_torch
-from .validation import check_fasa_inputs, mask_as_rows
+from .validation import check_fasa_inputs
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -41,6 +41,5 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
         return fasa_torch(q, k_p, k_f, v_p, v_f, mask, p, return_lse=return_lse)
     from .kernels import fasa_fwd
 
-    mask_rows = mask_as_rows(mask, p.batch, p.n_img, q.device).contiguous()
-    return fasa_fwd(q, k_p, k_f, v_p, v_f, mask_rows, scale=p.scale, omega=p.omega, mode=p.mode,
+    return fasa_fwd(q, k_p, k_f, v_p, v_f, mask, scale=p.scale, omega=p.omega, mode=p.mode,
                     n_txt=p.n_txt, return_lse=return_lse)

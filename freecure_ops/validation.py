@@ -6,10 +6,11 @@ whose message starts with the argument's name.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
+
+from .tensor_memo import TensorMemo
 
 MODES = ("bias", "scale")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -61,21 +62,7 @@ def _check_scalar(name: str, value, *, allow_none: bool = False) -> float | None
     return value
 
 
-# Masks whose values were already checked, by id: (weak reference, version counter at the check). Checking
-# values costs a device sync; a diffusers model passes the same cached mask to every layer at every step.
-_checked_masks: dict[int, tuple[weakref.ref, int]] = {}
-
-
-def _values_already_checked(mask: torch.Tensor) -> bool:
-    if mask.is_inference():  # inference tensors have no version counter: check every time
-        return False
-    entry = _checked_masks.get(id(mask))
-    return entry is not None and entry[0]() is mask and entry[1] == mask._version
-
-
-def _remember_checked(mask: torch.Tensor) -> None:
-    key = id(mask)
-    _checked_masks[key] = (weakref.ref(mask, lambda _: _checked_masks.pop(key, None)), mask._version)
+_checked_masks = TensorMemo()  # masks whose values passed: checking them costs a device sync
 
 
 def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.Tensor | None:
@@ -97,12 +84,11 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.T
         raise ValueError(f"mask must have shape [Nimg] or [B, Nimg], got {mask.dim()} dims {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
-    if mask.dtype != torch.bool and mask.numel() > 0 and not _values_already_checked(mask):
+    if mask.dtype != torch.bool and mask.numel() > 0 and not _checked_masks.get(mask, "values"):
         bad = (~torch.isfinite(mask) | (mask < 0)).any()
         if bool(bad):
             raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
-        if not mask.is_inference():
-            _remember_checked(mask)  # an in-place change bumps the version and forces a new check
+        _checked_masks.put(mask, "values", True)
     return mask
 
 

@@ -4,7 +4,8 @@ One program per (query block, head, batch). Online softmax in fp32 in the log2 d
   1. PD keys: plain attention; full tiles carry no masking, a final partial tile masks its tail.
   2. FD keys from ``n_txt`` on: the mask tile is loaded and the bias/exclusion ("bias" mode) or the
      per-key logit scale ("scale" mode) is applied in registers. In "bias" mode a tile whose mask is all
-     zero cannot contribute and is skipped before any K/V load.
+     zero cannot contribute: the loop runs over a precomputed list of live tiles only, so excluded
+     tiles are never loaded and the loop body stays branch-free (pipelined).
 Nothing of size Nq x Nk is ever written to memory. The launcher expects validated inputs
 (``freecure_ops.validation``) and does no checking of its own beyond what the launch needs.
 """
@@ -15,6 +16,9 @@ import os
 import torch
 import triton
 import triton.language as tl
+
+from freecure_ops.tensor_memo import TensorMemo
+from freecure_ops.validation import mask_as_rows
 
 LOG2E = 1.4426950408889634
 
@@ -81,6 +85,29 @@ def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, cols, offs_d0, offs_d1, stride
 
 
 @triton.jit
+def _fd_tile(acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, m_base, start_n, offs_m, offs_n, offs_d0, offs_d1,
+             skf_n, skf_d, svf_n, svf_d, NF, N_TXT, qk_scale, omega,
+             HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
+             SCALE_MODE: tl.constexpr, HAS_TXT: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+    """Fold the FD key tile starting at ``start_n`` in, its mask applied in registers."""
+    cols = start_n + offs_n
+    mvals = tl.load(m_base + cols, mask=cols < NF, other=0.0)
+    qk = _scores(q0, q1, kf_base, cols, offs_d0, offs_d1, skf_n, skf_d, NF, qk_scale,
+                 HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
+    if SCALE_MODE:
+        # logit = omega * m * s (the log2 domain scales alike); keys past the end are excluded.
+        qk = tl.where((cols < NF)[None, :], qk * (omega * mvals)[None, :], float("-inf"))
+    else:
+        # logit = s + omega * m where m > 0 (omega arrives times log2(e)), excluded where m == 0;
+        # keys past the end read m = 0.
+        qk = tl.where((mvals > 0)[None, :], qk + (omega * mvals)[None, :], float("-inf"))
+    if HAS_TXT:  # text query rows see PD keys only
+        qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
+    return _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, cols, offs_d0, offs_d1, svf_n, svf_d, NF,
+                       HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
+
+
+@triton.jit
 def _store_rows(base, rows, cols, stride_n, stride_d, n_end, x, HEAD_DIM: tl.constexpr):
     ptrs = base + rows[:, None] * stride_n + cols[None, :] * stride_d
     tl.store(ptrs, x.to(base.dtype.element_ty), mask=(rows < n_end)[:, None] & (cols < HEAD_DIM)[None, :])
@@ -88,19 +115,19 @@ def _store_rows(base, rows, cols, stride_n, stride_d, n_end, x, HEAD_DIM: tl.con
 
 @triton.jit
 def _fasa_fwd_kernel(
-    Q, KP, VP, KF, VF, MASK, OUT, LSE,
+    Q, KP, VP, KF, VF, MASK, TILES, OUT, LSE,
     sq_b, sq_h, sq_n, sq_d,
     skp_b, skp_h, skp_n, skp_d,
     svp_b, svp_h, svp_n, svp_d,
     skf_b, skf_h, skf_n, skf_d,
     svf_b, svf_h, svf_n, svf_d,
     so_b, so_h, so_n, so_d,
-    sm_b,
+    sm_b, st_b,
     H, NQ, NP, NF, N_TXT,
     qk_scale, omega,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    SCALE_MODE: tl.constexpr, HAS_TXT: tl.constexpr, WRITE_LSE: tl.constexpr,
+    SCALE_MODE: tl.constexpr, HAS_TXT: tl.constexpr, SKIP_TILES: tl.constexpr, WRITE_LSE: tl.constexpr,
     DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Head dim D = BLOCK_D0 (+ BLOCK_D1 when SPLIT_D), powers of two, the last part zero-padded: 80 = 64 + 16
@@ -149,25 +176,23 @@ def _fasa_fwd_kernel(
     vf_base = VF + off_b * svf_b + off_h * svf_h
     m_base = MASK + off_b * sm_b - N_TXT  # the mask entry of FD key j is j - N_TXT
     if pid_m * BLOCK_M + BLOCK_M > N_TXT:
-        for start_n in range(N_TXT, NF, BLOCK_N):
-            cols = start_n + offs_n
-            mvals = tl.load(m_base + cols, mask=cols < NF, other=0.0)
-            # "bias": an all-zero mask tile is fully excluded, so its K/V are never loaded.
-            if SCALE_MODE or tl.max(mvals, 0) > 0:
-                qk = _scores(q0, q1, kf_base, cols, offs_d0, offs_d1, skf_n, skf_d, NF, qk_scale,
-                             HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
-                if SCALE_MODE:
-                    # logit = omega * m * s (the log2 domain scales alike); keys past the end are excluded.
-                    qk = tl.where((cols < NF)[None, :], qk * (omega * mvals)[None, :], float("-inf"))
-                else:
-                    # logit = s + omega * m where m > 0 (omega arrives times log2(e)), excluded where m == 0;
-                    # keys past the end read m = 0.
-                    qk = tl.where((mvals > 0)[None, :], qk + (omega * mvals)[None, :], float("-inf"))
-                if HAS_TXT:  # text query rows see PD keys only
-                    qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
-                acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, cols, offs_d0, offs_d1,
-                                                   svf_n, svf_d, NF, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                                   DOT_DTYPE, IEEE)
+        if SKIP_TILES:
+            # "bias" mode: an FD tile whose mask is all zero is fully excluded. TILES lists, per batch row,
+            # the count of live tiles and then their indices, so the loop runs over live tiles only with no
+            # branch in its body (a branch would stop Triton from software-pipelining the K/V loads).
+            tiles = TILES + off_b * st_b
+            for i in range(0, tl.load(tiles)):
+                start_n = N_TXT + tl.load(tiles + 1 + i) * BLOCK_N
+                acc0, acc1, l_i, m_i = _fd_tile(acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, m_base, start_n,
+                                                offs_m, offs_n, offs_d0, offs_d1, skf_n, skf_d, svf_n, svf_d, NF,
+                                                N_TXT, qk_scale, omega, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                                                SCALE_MODE, HAS_TXT, DOT_DTYPE, IEEE)
+        else:
+            for start_n in range(N_TXT, NF, BLOCK_N):
+                acc0, acc1, l_i, m_i = _fd_tile(acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, m_base, start_n,
+                                                offs_m, offs_n, offs_d0, offs_d1, skf_n, skf_d, svf_n, svf_d, NF,
+                                                N_TXT, qk_scale, omega, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                                                SCALE_MODE, HAS_TXT, DOT_DTYPE, IEEE)
 
     o_base = OUT + off_b * so_b + off_h * so_h
     _store_rows(o_base, offs_m, offs_d0, so_n, so_d, NQ, acc0 / l_i[:, None], HEAD_DIM)
@@ -213,11 +238,37 @@ def _config(d_padded: int, elem_bytes: int, interpret: bool) -> tuple[int, int, 
     return 64, 64, 8, 2
 
 
-def fasa_fwd(q, k_p, k_f, v_p, v_f, mask_rows, *, scale: float, omega: float, mode: str, n_txt: int,
-             return_lse: bool = False, block_m: int | None = None, block_n: int | None = None):
-    """Launch the kernel on validated inputs.
+_launch_memo = TensorMemo()  # per user mask: its float32 rows and live-tile list, per tile width
 
-    mask_rows: float32 ``[1 or B, Nimg]`` with unit stride along Nimg (row 0 shared when it has one row).
+
+def fd_tile_list(rows: torch.Tensor, block_n: int) -> torch.Tensor:
+    """For mask rows ``[R, Nimg]``: int32 ``[R, 1 + n_tiles]``, per row the number of FD tiles of width
+    ``block_n`` holding a nonzero mask entry, then those tiles' indices in ascending order (the rest of the
+    row is padding). Computed on the mask's device without a host sync."""
+    n_rows, n_img = rows.shape
+    n_tiles = triton.cdiv(n_img, block_n)
+    padded = torch.nn.functional.pad(rows, (0, n_tiles * block_n - n_img))
+    live = padded.view(n_rows, n_tiles, block_n).amax(dim=2) > 0
+    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)  # live tiles first, in order
+    return torch.cat([live.sum(dim=1, keepdim=True), order], dim=1).to(torch.int32).contiguous()
+
+
+def _mask_launch_data(mask, batch: int, n_img: int, device, block_n: int, skip_tiles: bool):
+    """(float32 mask rows ``[1|B, Nimg]``, live-tile list or None), memoized per mask tensor."""
+    if mask is None:
+        return mask_as_rows(None, batch, n_img, device), None
+    key = (block_n, skip_tiles)
+    data = _launch_memo.get(mask, key)
+    if data is None:
+        rows = mask_as_rows(mask, batch, n_img, device).contiguous()
+        data = _launch_memo.put(mask, key, (rows, fd_tile_list(rows, block_n) if skip_tiles else None))
+    return data
+
+
+def fasa_fwd(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
+             return_lse: bool = False, block_m: int | None = None, block_n: int | None = None):
+    """Launch the kernel on validated inputs (``mask``: None, or ``[Nimg]`` / ``[B, Nimg]`` bool or float).
+
     Returns ``out`` laid out as ``[B, Nq, H, D]`` memory viewed as ``[B, H, Nq, D]`` (so that
     ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free) and, if asked, the fp32 LSE ``[B, H, Nq]``.
     ``block_m``/``block_n`` override the tile sizes (tests use small tiles to cross many boundaries).
@@ -229,26 +280,30 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask_rows, *, scale: float, omega: float, mo
     bm, bn, warps, stages = _config(block_d0 + block_d1, q.element_size(), interpret)
     bm, bn = block_m or bm, block_n or bn
 
+    # "bias" mode skips all-zero mask tiles; with no mask every tile is live, and "scale" mode excludes none.
+    skip_tiles = mode == "bias" and mask is not None
+    rows, tiles = _mask_launch_data(mask, batch, n_f - n_txt, q.device, bn, skip_tiles)
     out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else out
-    assert mask_rows.dtype == torch.float32 and mask_rows.stride(1) == 1
-    mask_stride_b = mask_rows.stride(0) if mask_rows.shape[0] > 1 else 0
 
     # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.
     dot_dtype = tl.float32 if (interpret and q.dtype == torch.bfloat16) else {
         torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[q.dtype]
     omega_arg = omega if mode == "scale" else omega * LOG2E
 
+    def row_stride(t):  # one shared row is read by every batch entry
+        return 0 if t is None or t.shape[0] == 1 else t.stride(0)
+
     grid = (triton.cdiv(n_q, bm), heads, batch)
     _fasa_fwd_kernel[grid](
-        q, k_p, v_p, k_f, v_f, mask_rows, out, lse,
+        q, k_p, v_p, k_f, v_f, rows, rows if tiles is None else tiles, out, lse,
         *q.stride(), *k_p.stride(), *v_p.stride(), *k_f.stride(), *v_f.stride(), *out.stride(),
-        mask_stride_b,
+        row_stride(rows), row_stride(tiles),
         heads, n_q, n_p, n_f, n_txt,
         scale * LOG2E, omega_arg,
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
         BLOCK_M=bm, BLOCK_N=bn,
-        SCALE_MODE=(mode == "scale"), HAS_TXT=(n_txt > 0), WRITE_LSE=return_lse,
+        SCALE_MODE=(mode == "scale"), HAS_TXT=(n_txt > 0), SKIP_TILES=skip_tiles, WRITE_LSE=return_lse,
         DOT_DTYPE=dot_dtype, IEEE=(q.dtype == torch.float32),
         num_warps=warps, num_stages=stages,
     )

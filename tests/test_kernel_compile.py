@@ -22,8 +22,8 @@ HOPPER_SMEM_LIMIT = 232448  # bytes per block on sm_90 (227 KB)
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 TL_DTYPES = {"fp16": tl.float16, "bf16": tl.bfloat16, "fp32": tl.float32}
 ELEM_BYTES = {"fp16": 2, "bf16": 2, "fp32": 4}
-POINTERS = ("Q", "KP", "VP", "KF", "VF", "MASK", "OUT", "LSE")
-SIZES = ("H", "NQ", "NP", "NF", "N_TXT", "sm_b")
+POINTERS = ("Q", "KP", "VP", "KF", "VF", "MASK", "TILES", "OUT", "LSE")
+SIZES = ("H", "NQ", "NP", "NF", "N_TXT", "sm_b", "st_b")
 
 pytestmark = pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")),
                                 reason="this triton build ships no NVIDIA ptxas")
@@ -41,13 +41,13 @@ def compile_for_sm90(dtype: str, head_dim: int, scale_mode: bool, has_txt: bool)
     bm, bn, warps, stages = _config(block_d0 + block_d1, ELEM_BYTES[dtype], interpret=False)
     const = dict(HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
                  BLOCK_M=bm, BLOCK_N=bn, SCALE_MODE=scale_mode,
-                 HAS_TXT=has_txt, WRITE_LSE=True, DOT_DTYPE=TL_DTYPES[dtype], IEEE=dtype == "fp32")
+                 HAS_TXT=has_txt, SKIP_TILES=not scale_mode, WRITE_LSE=True, DOT_DTYPE=TL_DTYPES[dtype], IEEE=dtype == "fp32")
     signature, attrs = {}, {}
     for i, name in enumerate(inspect.signature(_fasa_fwd_kernel.fn).parameters):
         if name in const:
             signature[name] = "constexpr"
         elif name in POINTERS:
-            signature[name] = "*fp32" if name in ("MASK", "LSE") else f"*{dtype}"
+            signature[name] = {"MASK": "*fp32", "LSE": "*fp32", "TILES": "*i32"}.get(name, f"*{dtype}")
             attrs[(i,)] = [["tt.divisibility", 16]]
         elif name in ("qk_scale", "omega"):
             signature[name] = "fp32"
