@@ -260,7 +260,8 @@ def _mask_launch_data(mask, batch: int, n_img: int, device, block_n: int, skip_t
     key = (block_n, skip_tiles)
     data = _launch_memo.get(mask, key)
     if data is None:
-        rows = mask_as_rows(mask, batch, n_img, device).contiguous()
+        # A copy, never a view: a memo value that referenced the mask would keep it alive forever.
+        rows = mask_as_rows(mask, batch, n_img, device).clone(memory_format=torch.contiguous_format)
         data = _launch_memo.put(mask, key, (rows, fd_tile_list(rows, block_n) if skip_tiles else None))
     return data
 

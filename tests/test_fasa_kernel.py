@@ -209,3 +209,19 @@ def test_mask_edited_in_place_between_calls(device):
     second = run_triton(inputs, mask, 1.5)
     assert_close_to_ref(second, inputs, mask, 1.5)
     assert (second[1] - first[1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("shape", [(90,), (2, 90)])
+def test_launch_memo_releases_dead_masks(shape, device):
+    import gc
+
+    from freecure_ops.kernels.fasa_fwd import _launch_memo as memo
+
+    inputs = make_inputs(2, 1, 20, 20, 90, 16, torch.float32, device)
+    before = len(memo)
+    mask = torch.rand(*shape, device=device)  # float32 and contiguous: the rows the kernel reads alias it
+    run_triton(inputs, mask, 1.5)
+    assert len(memo) == before + 1
+    del mask
+    gc.collect()
+    assert len(memo) == before
