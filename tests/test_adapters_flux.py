@@ -111,8 +111,8 @@ def test_triton_backend_in_interpreter():
     """The FLUX n_txt variant through the Triton kernel (TRITON_INTERPRET=1 on CPU), head dim 16."""
     from freecure_ops.kernels import interpreting
 
-    if not torch.cuda.is_available() and not interpreting():
-        pytest.skip("Triton interpreter not active")
+    if not interpreting():
+        pytest.skip("interpreter-only (CPU tensors); on CUDA see tests/test_adapters_cuda.py")
     model = tiny_flux(seed=3)
     kw = flux_inputs(2, *GRID, N_TXT)
     mask = soft_mask(GRID)
