@@ -266,6 +266,23 @@ def _mask_launch_data(mask, batch: int, n_img: int, device, block_n: int, skip_t
     return data
 
 
+MAX_GRID_YZ = 65535  # CUDA grid limit on the head and batch axes
+INT32_MAX = 2**31 - 1
+
+
+def check_launch_limits(heads: int, batch: int, tensors: dict) -> None:
+    """Refuse, before launch, what the kernel's indexing cannot address: more than 65535 heads or batch
+    entries (grid axes), or a [N, D] slice of one (batch, head) whose last element lies beyond int32
+    offsets (per-token offsets are int32; batch/head offsets are int64)."""
+    if heads > MAX_GRID_YZ or batch > MAX_GRID_YZ:
+        raise ValueError(f"q: the Triton kernel takes at most {MAX_GRID_YZ} heads and {MAX_GRID_YZ} batch entries, "
+                         f"got H={heads}, B={batch}; split the batch or use backend='torch'")
+    for name, (n, d, stride_n, stride_d) in tensors.items():
+        if (n - 1) * abs(stride_n) + (d - 1) * abs(stride_d) > INT32_MAX:
+            raise ValueError(f"{name}: {n} tokens at token stride {stride_n} exceed the kernel's int32 offsets "
+                             "within one (batch, head); use backend='torch' or a layout with a smaller token stride")
+
+
 def fasa_fwd(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None):
     """Launch the kernel on validated inputs (``mask``: None, or ``[Nimg]`` / ``[B, Nimg]`` bool or float).
@@ -276,6 +293,8 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: s
     """
     batch, heads, n_q, head_dim = q.shape
     n_p, n_f = k_p.shape[2], k_f.shape[2]
+    check_launch_limits(heads, batch, {name: (t.shape[2], head_dim, t.stride(2), t.stride(3)) for name, t in
+                                       (("q", q), ("k_p", k_p), ("k_f", k_f), ("v_p", v_p), ("v_f", v_f))})
     interpret = interpreting()
     block_d0, block_d1 = head_dim_split(head_dim)
     bm, bn, warps, stages = _config(block_d0 + block_d1, q.element_size(), interpret)

@@ -10,7 +10,7 @@ import torch
 from fasa_cases import FLOOR, assert_close_to_ref, make_inputs, make_mask, to64
 from freecure_ops import fasa_attention, fasa_reference
 from freecure_ops.kernels import fasa_fwd
-from freecure_ops.kernels.fasa_fwd import fd_tile_list
+from freecure_ops.kernels.fasa_fwd import check_launch_limits, fd_tile_list
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -225,3 +225,12 @@ def test_launch_memo_releases_dead_masks(shape, device):
     del mask
     gc.collect()
     assert len(memo) == before
+
+
+def test_launch_limits_are_clear_errors():
+    ok = {"q": (4096, 64, 64 * 24, 1)}
+    check_launch_limits(24, 2, ok)
+    with pytest.raises(ValueError, match="q: the Triton kernel takes at most 65535 heads"):
+        check_launch_limits(24, 70000, ok)
+    with pytest.raises(ValueError, match="k_f: .*int32 offsets"):
+        check_launch_limits(24, 2, {"k_f": (2_000_000, 128, 24 * 128, 1)})
