@@ -50,8 +50,7 @@ def _load_rows(base, rows, cols, stride_n, stride_d, n_end, HEAD_DIM: tl.constex
 @triton.jit
 def _scores(q0, q1, k_base, cols, offs_d0, offs_d1, stride_n, stride_d, n_end, qk_scale,
             HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
-            CHECK_N: tl.constexpr,
-            DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+            CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """log2-domain scores q k^T * scale of one key tile, the head dim split in two pow2 parts."""
     k0 = _load_rows(k_base, cols, offs_d0, stride_n, stride_d, n_end, HEAD_DIM, CHECK_N,
                     BLOCK_D0 > HEAD_DIM, DOT_DTYPE)
@@ -66,8 +65,7 @@ def _scores(q0, q1, k_base, cols, offs_d0, offs_d1, stride_n, stride_d, n_end, q
 @triton.jit
 def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, cols, offs_d0, offs_d1, stride_n, stride_d, n_end,
                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
-            CHECK_N: tl.constexpr,
-                DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
+                CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
     """Fold one tile of log2-domain logits [M, N] and its values into the online-softmax state."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
     alpha = tl.math.exp2(m_i - m_new)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from freecure_ops.adapters import install_fasa
-from test_adapters_helpers import one_thread, random_mask, run, tiny_sd15, unet_inputs  # noqa: F401
+from test_adapters_helpers import random_mask, run, tiny_sd15, unet_inputs  # noqa: F401
 
 GOOD = torch.ones(8, 8, dtype=torch.bool)
 

@@ -7,7 +7,7 @@ import torch
 
 from freecure_ops.adapters import FasaFluxAttnProcessor, find_self_attention_blocks, install_fasa
 from test_adapters_helpers import (LayerCapture, assert_close, flux_attn_oracle, flux_inputs, mask_tokens,  # noqa: F401
-                                   one_thread, pair_rows, random_mask, run, soft_mask, tiny_flux)
+                                   pair_rows, random_mask, run, soft_mask, tiny_flux)
 
 GRID = (4, 6)  # non-square image token grid (h, w)
 N_TXT = 5

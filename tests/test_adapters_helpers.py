@@ -17,16 +17,6 @@ from freecure_ops.masks import resize_mask_to_grid
 # tiny models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The tiny models run ~10x faster on one intra-op thread than on two (oneDNN's threading overhead
-    dominates at these sizes). Import this fixture into a test module to apply it there; restored after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_sd15(seed=0):
     """SD1.5-shaped: 4 stages, head dims 40/80/160 (one head each), 10 transformer blocks."""
     from diffusers import UNet2DConditionModel

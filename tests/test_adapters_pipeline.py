@@ -6,7 +6,7 @@ import torch
 
 import freecure_ops.adapters.attend as attend_mod
 from freecure_ops.adapters import FasaAttnProcessor, install_fasa
-from test_adapters_helpers import one_thread, random_mask, tiny_sd15  # noqa: F401
+from test_adapters_helpers import random_mask, tiny_sd15  # noqa: F401
 
 
 @pytest.fixture(scope="module")

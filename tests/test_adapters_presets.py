@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from freecure_ops.adapters import PRESETS, find_self_attention_blocks, install_fasa
-from test_adapters_helpers import one_thread, tiny_sdxl  # noqa: F401
+from test_adapters_helpers import tiny_sdxl  # noqa: F401
 
 CROSS = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 CROSS_UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3

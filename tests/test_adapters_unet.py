@@ -8,7 +8,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 
 import freecure_ops.adapters.controller as controller_mod
 from freecure_ops.adapters import FasaAttnProcessor, find_self_attention_blocks, install_fasa
-from test_adapters_helpers import (LayerCapture, assert_close, capture_grids, mask_tokens, one_thread,  # noqa: F401
+from test_adapters_helpers import (LayerCapture, assert_close, capture_grids, mask_tokens,  # noqa: F401
                                    pair_rows, random_mask, run, soft_mask, tiny_sd15, tiny_sdxl, unet_attn1_oracle,
                                    unet_inputs)
 

@@ -9,7 +9,7 @@ import torch
 from freecure_ops.adapters.apg import (apg_steps, apply_apg, ddim_invert_then_denoise, flow_invert_then_denoise,
                                        flow_sigmas)
 from freecure_ops.adapters.freecure import FreeCure
-from tiny_pipes import BUILDERS, IMAGE, FakeParser, one_thread  # noqa: F401
+from tiny_pipes import BUILDERS, IMAGE, FakeParser  # noqa: F401
 
 PD = "a photo of sks man with red hair and glasses"
 FD = "a photo of man with red hair and glasses"

@@ -15,7 +15,7 @@ from bench import measure, report
 from bench.masks import HAIR, SKIN as SKIN_LABEL, case_mask, parsing_map, token_mask
 from bench.providers import (PREPARE, PROVIDERS, Prepared, Skip, make_problem, oracle, sdpa_backends)
 from bench.runner import annotate, run
-from bench.shapes import CASES, FLUX, SD15, SDXL, Case, cases_for, reduced
+from bench.shapes import FLUX, SD15, SDXL, Case, cases_for, reduced
 
 SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
 

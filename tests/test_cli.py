@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from freecure_ops.cli import main
-from tiny_pipes import IMAGE, one_thread, tiny_sd_pipe  # noqa: F401
+from tiny_pipes import IMAGE, tiny_sd_pipe  # noqa: F401
 
 PD = "a photo of sks man with red hair"
 FD = "a photo of man with red hair"

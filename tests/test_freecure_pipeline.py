@@ -9,7 +9,7 @@ import torch
 
 from freecure_ops.adapters.freecure import (EmptyMaskError, FreeCure, FreeCureWarning, collate_branches)
 from freecure_ops.adapters.discovery import resolve_model
-from tiny_pipes import BUILDERS, IMAGE, FakeParser, one_thread  # noqa: F401
+from tiny_pipes import BUILDERS, IMAGE, FakeParser  # noqa: F401
 
 PD = "a photo of sks man with red hair"
 FD = "a photo of man with red hair"

@@ -3,21 +3,11 @@ downloads), for the FreeCure pipeline, APG and CLI tests. Each builds in well un
 denoising step in milliseconds at the sizes used here (16x16 images)."""
 from __future__ import annotations
 
-import pytest
 import torch
 
 WORDS = ("a", "photo", "of", "person", "man", "woman", "sks", "with", "red", "blue", "hair", "eyes", "and",
          "glasses", "smiling", "wearing", "hat", "the")
 IMAGE = 16  # image side in pixels; the VAEs downsample by 2 -> 8x8 latents
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run faster on one intra-op thread; import into a test module to apply it there."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _clip_tokenizer():
