@@ -8,7 +8,9 @@
 #   pytest.log, bench.log, bench.csv, table.txt, bench.png, e2e.csv, e2e.txt   (7 files, 1 folder level)
 # Then copy bench.csv, table.txt, bench.png, e2e.csv, e2e.txt into bench/results/<device slug>/ and commit.
 #
-# From the device tool, with a diffusers wheel in .whl/ (pip download diffusers==0.42.1 --no-deps -d .whl):
+# Prepare the wheels here first (pure Python; the device image lacks them):
+#   pip download diffusers==0.42.1 hypothesis sortedcontainers --no-deps -d .whl
+# then, from the device tool:
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 set -u
 cd "$(dirname "$0")/.."
@@ -25,14 +27,12 @@ elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-  # 1. diffusers (absent on the device image) from a carried wheel, into a private site folder.
-  if ! "$PY" -c "import diffusers" 2>/dev/null; then
-    if ls .whl/diffusers-*.whl >/dev/null 2>&1; then
-      "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-    else
-      echo "!! diffusers missing and no .whl/diffusers-*.whl carried: e2e and diffusers tests will skip"
-    fi
+  # 1. diffusers and hypothesis (absent on the device image) from carried wheels, into a private site folder.
+  if ls .whl/*.whl >/dev/null 2>&1; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+      .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "!! no .whl/*.whl carried: diffusers tests and the property test cannot run"
   fi
   "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 || true
 
