@@ -8,8 +8,8 @@
 #   pytest.log, bench.log, bench.csv, table.txt, bench.png, e2e.csv, e2e.txt   (7 files, 1 folder level)
 # Then copy bench.csv, table.txt, bench.png, e2e.csv, e2e.txt into bench/results/<device slug>/ and commit.
 #
-# Prepare the wheels here first (pure Python; the device image lacks them):
-#   pip download diffusers==0.42.1 hypothesis sortedcontainers --no-deps -d .whl
+# Prepare the diffusers wheel here first (pure Python; the device image, Python 3.12, lacks it):
+#   pip download diffusers==0.42.1 --no-deps -d .whl
 # then, from the device tool:
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 set -u
@@ -27,12 +27,12 @@ elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
   "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
 
-  # 1. diffusers and hypothesis (absent on the device image) from carried wheels, into a private site folder.
+  # 1. diffusers (absent on the device image) from a carried wheel, into a private site folder.
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
       .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
   else
-    echo "!! no .whl/*.whl carried: diffusers tests and the property test cannot run"
+    echo "!! no .whl/*.whl carried: the diffusers tests and the end-to-end step cannot run"
   fi
   "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 || true
 
@@ -47,7 +47,9 @@ elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
 } > "$OUT/bench.log" 2>&1
 
 # 2. The test suite on CUDA (kernel natively, not interpreted).
-timeout -k 10 200 "$PY" -m pytest tests -q -p no:cacheprovider > "$OUT/pytest.log" 2>&1
+# pytest-xdist is on the device image: kernel compiles (one per variant) then run on several cores.
+XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
+timeout -k 10 200 "$PY" -m pytest tests -q -p no:cacheprovider $XDIST > "$OUT/pytest.log" 2>&1
 echo "== pytest rc=$? at $(elapsed) (tail of pytest.log:)" >> "$OUT/bench.log"
 tail -n 5 "$OUT/pytest.log" >> "$OUT/bench.log"
 
