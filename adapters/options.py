@@ -1,14 +1,17 @@
 """Checks of install_fasa's arguments, done before the model is touched. Errors name the argument."""
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
 
+from freecure_ops.api import BACKENDS
+from freecure_ops.validation import MODES, check_mask_values, check_real
+
+__all__ = ["BACKENDS", "LAYOUTS", "MODES", "check_bool", "check_choice", "check_layers", "check_mask", "check_real",
+           "check_steps"]
+
 LAYOUTS = ("cfg", "plain")
-MODES = ("bias", "scale")
-BACKENDS = ("auto", "triton", "torch")
 
 
 def check_mask(mask) -> torch.Tensor:
@@ -23,23 +26,9 @@ def check_mask(mask) -> torch.Tensor:
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
     mask = mask.detach().to(torch.float32)
-    if mask.device.type != "meta" and bool((~torch.isfinite(mask) | (mask < 0)).any()):
-        raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
+    if mask.device.type != "meta":
+        check_mask_values(mask)
     return mask
-
-
-def check_real(name: str, value, *, allow_none: bool = False, lo: float | None = None,
-               hi: float | None = None) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if (lo is not None and value < lo) or (hi is not None and value > hi):
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-    return value
 
 
 def check_choice(name: str, value, choices) -> str:

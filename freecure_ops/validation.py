@@ -47,7 +47,9 @@ def _check_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
-def _check_scalar(name: str, value, *, allow_none: bool = False) -> float | None:
+def check_real(name: str, value, *, allow_none: bool = False, lo: float | None = None,
+               hi: float | None = None) -> float | None:
+    """A finite real number (a Python int/float or a 0-dim tensor) within ``[lo, hi]``, as a float."""
     if value is None and allow_none:
         return None
     if isinstance(value, torch.Tensor):
@@ -59,7 +61,15 @@ def _check_scalar(name: str, value, *, allow_none: bool = False) -> float | None
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """A float mask must hold finite values >= 0 (costs a device sync; bool masks need no check)."""
+    if mask.dtype != torch.bool and mask.numel() > 0 and bool((~torch.isfinite(mask) | (mask < 0)).any()):
+        raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
 
 
 _checked_masks = TensorMemo()  # masks whose values passed: checking them costs a device sync
@@ -84,10 +94,8 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.T
         raise ValueError(f"mask must have shape [Nimg] or [B, Nimg], got {mask.dim()} dims {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
-    if mask.dtype != torch.bool and mask.numel() > 0 and not _checked_masks.get(mask, "values"):
-        bad = (~torch.isfinite(mask) | (mask < 0)).any()
-        if bool(bad):
-            raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
+    if mask.dtype != torch.bool and not _checked_masks.get(mask, "values"):
+        check_mask_values(mask)
         _checked_masks.put(mask, "values", True)
     return mask
 
@@ -135,8 +143,8 @@ def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
                          f"(text tokens lead every joint sequence), got {n_txt}")
     if not isinstance(mode, str) or mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    omega = _check_scalar("omega", omega)
-    scale = _check_scalar("scale", scale, allow_none=True)
+    omega = check_real("omega", omega)
+    scale = check_real("scale", scale, allow_none=True)
     if scale is None:
         scale = head_dim ** -0.5
     check_mask(mask, batch=batch, n_img=n_f - n_txt, device=q.device)
