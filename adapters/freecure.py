@@ -270,8 +270,7 @@ class FreeCure:
         blocks = find_self_attention_blocks(pipe)
         self.layers = layers
         if check_layers(layers, len(blocks)) is None:  # the preset must fit this model: fail here, not mid-call
-            n_double = sum(b.kind != "flux_single" for b in blocks)
-            preset_blocks(self.family, n_double, len(blocks) - n_double)
+            preset_blocks(self.family, blocks)
         if label_table is not None and not isinstance(label_table, Mapping):
             raise TypeError(f"label_table must be a mapping attribute -> class ids, got {type(label_table).__name__}")
         if label_table is None:

@@ -140,8 +140,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
                                                          for b in blocks):
         raise ValueError("model already carries FASA: call .remove() on the handle of the first install_fasa first")
     if layers is None:
-        n_double = sum(b.kind != "flux_single" for b in blocks)
-        chosen_idx = set(preset_blocks(family, n_double, len(blocks) - n_double))
+        chosen_idx = set(preset_blocks(family, blocks))
     elif layers == "all":
         chosen_idx = {b.index for b in blocks}
     else:

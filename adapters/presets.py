@@ -38,17 +38,19 @@ PRESETS = {
 }
 
 
-def preset_blocks(family: str, n_double: int, n_single: int) -> range:
-    """Block indices the preset selects. For UNets ``n_double`` is the block count and ``n_single`` is 0."""
+def preset_blocks(family: str, blocks) -> range:
+    """Block indices the preset selects among ``blocks`` (from :func:`.discovery.find_self_attention_blocks`,
+    in execution order). Raises ValueError when the model is too small for the preset."""
+    total = len(blocks)
+    if family == "flux":
+        n_double = sum(b.kind != "flux_single" for b in blocks)
+        return range(n_double + (total - n_double) // 2, total)
     if family == "sd1":
         wanted = range(10, 16)
     elif family == "sdxl":
         wanted = range(50, 70)
-    elif family == "flux":
-        return range(n_double + n_single // 2, n_double + n_single)
     else:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
-    total = n_double + n_single
     if wanted.stop > total:
         raise ValueError(f"layers=None takes the {family} preset ({PRESETS[family].description}), but this model has "
                          f"only {total} transformer blocks: pass layers='all' or explicit block indices")
