@@ -9,6 +9,7 @@ import math
 
 import torch
 
+from freecure_ops.fasa_mask import FasaMask, prepare_fasa_mask
 from freecure_ops.masks import resize_mask_to_grid
 
 
@@ -41,9 +42,9 @@ class FasaController:
         """Number of per-pair masks, or None for one mask shared by every pair."""
         return self._mask.shape[0] if self._mask.dim() == 3 else None
 
-    def mask_for(self, h: int, w: int, device: torch.device, n_pairs: int, layer: str) -> torch.Tensor:
-        """The mask on an ``h x w`` token grid: ``[h*w]`` (shared) or ``[n_pairs, h*w]``, float32 on ``device``.
-        Resized and moved once per (grid, device)."""
+    def mask_for(self, h: int, w: int, device: torch.device, n_pairs: int, layer: str) -> FasaMask:
+        """The mask on an ``h x w`` token grid, prepared for FASA (1 shared row or ``n_pairs`` rows) on ``device``.
+        Resized, moved and prepared once per (grid, device), then reused by every layer and step."""
         pairs = self.mask_pairs
         if pairs is not None and pairs != n_pairs:
             raise ValueError(f"mask holds {pairs} per-pair masks but the batch at {layer} has {n_pairs} PD/FD pairs "
@@ -51,7 +52,7 @@ class FasaController:
         key = (h, w, device)
         cached = self._cache.get(key)
         if cached is None:
-            cached = resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32).contiguous()
+            cached = prepare_fasa_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
             self._cache[key] = cached
         return cached
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .fasa_mask import FasaMask, pack_checked_mask
 from .torch_backend import fasa_torch
 from .validation import check_fasa_inputs
 
@@ -29,7 +30,9 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
 
     q ``[B, H, Nq, D]``; k_p, v_p ``[B, H, Np, D]``; k_f, v_f ``[B, H, Nf, D]`` (any strides; one dtype
     among fp16/bf16/fp32; one device). ``mask``: ``[Nimg]`` or ``[B, Nimg]`` with ``Nimg = Nf - n_txt``,
-    bool or float >= 0, None for all ones. ``mode``: "bias" (``logit = s + omega*m`` where ``m > 0``,
+    bool or float >= 0, None for all ones; or a :class:`FasaMask` from :func:`prepare_fasa_mask` (reuse one
+    across calls: a raw mask is checked and prepared again in every call, which costs a host sync for float
+    masks). ``mode``: "bias" (``logit = s + omega*m`` where ``m > 0``,
     excluded where ``m == 0``) or "scale" (``logit = omega*m*s``). ``n_txt > 0`` selects the FLUX joint-sequence
     variant. Returns ``[B, H, Nq, D]`` in q's dtype, and with ``return_lse`` also the fp32 natural-log
     log-sum-exp ``[B, H, Nq]`` of each row's logits.
@@ -37,9 +40,11 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     p = check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, scale=scale, mode=mode, n_txt=n_txt)
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    if _pick_backend(backend, q.device) == "torch":
-        return fasa_torch(q, k_p, k_f, v_p, v_f, mask, p, return_lse=return_lse)
+    backend = _pick_backend(backend, q.device)
+    prepared = mask if mask is None or isinstance(mask, FasaMask) else pack_checked_mask(mask)
+    if backend == "torch":
+        return fasa_torch(q, k_p, k_f, v_p, v_f, None if prepared is None else prepared.rows, p, return_lse=return_lse)
     from .kernels import fasa_fwd
 
-    return fasa_fwd(q, k_p, k_f, v_p, v_f, mask, scale=p.scale, omega=p.omega, mode=p.mode,
+    return fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=p.scale, omega=p.omega, mode=p.mode,
                     n_txt=p.n_txt, return_lse=return_lse)

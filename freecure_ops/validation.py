@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .tensor_memo import TensorMemo
+from .fasa_mask import FasaMask, check_mask_values
 
 MODES = ("bias", "scale")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -66,21 +66,21 @@ def check_real(name: str, value, *, allow_none: bool = False, lo: float | None =
     return value
 
 
-def check_mask_values(mask: torch.Tensor) -> None:
-    """A float mask must hold finite values >= 0 (costs a device sync; bool masks need no check)."""
-    if mask.dtype != torch.bool and mask.numel() > 0 and bool((~torch.isfinite(mask) | (mask < 0)).any()):
-        raise ValueError("mask must hold finite values >= 0 (found a negative, NaN or inf entry)")
-
-
-_checked_masks = TensorMemo()  # masks whose values passed: checking them costs a device sync
-
-
-def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.Tensor | None:
-    """Check an FD-token mask of shape ``[n_img]`` or ``[batch, n_img]``; returns it unchanged (None stays None)."""
+def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
+    """Check an FD-token mask: None, a raw ``[n_img]`` / ``[batch, n_img]`` bool or float tensor (its values
+    too: one host sync for a float mask), or a :class:`FasaMask` (checked when it was prepared) with 1 or
+    ``batch`` rows."""
     if mask is None:
-        return None
+        return
+    if isinstance(mask, FasaMask):
+        if mask.n_img != n_img or mask.n_rows not in (1, batch):
+            raise ValueError(f"mask: a prepared mask of {mask.n_rows} row(s) x {mask.n_img} tokens does not fit "
+                             f"[Nimg]={n_img} (Nf - n_txt) shared or [B, Nimg]=[{batch}, {n_img}]")
+        if mask.device != device:
+            raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
+        return
     if not isinstance(mask, torch.Tensor):
-        raise TypeError(f"mask must be a torch.Tensor or None, got {type(mask).__name__}")
+        raise TypeError(f"mask must be a torch.Tensor, a FasaMask or None, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
         raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
     if mask.dim() == 1:
@@ -94,10 +94,9 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> torch.T
         raise ValueError(f"mask must have shape [Nimg] or [B, Nimg], got {mask.dim()} dims {tuple(mask.shape)}")
     if mask.device != device:
         raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
-    if mask.dtype != torch.bool and not _checked_masks.get(mask, "values"):
-        check_mask_values(mask)
-        _checked_masks.put(mask, "values", True)
-    return mask
+    if mask.requires_grad:
+        raise ValueError("mask must not require grad: FASA does not differentiate through the mask")
+    check_mask_values(mask)
 
 
 def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,

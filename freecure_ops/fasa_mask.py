@@ -1,0 +1,117 @@
+"""The prepared FD-token mask: FASA's analogue of FlexAttention's ``BlockMask``.
+
+A raw mask (``[Nimg]`` or ``[B, Nimg]``, bool or float >= 0) is checked once and turned into what the kernel
+reads: the float32 mask rows, and per row the packed list of live FD keys (``m > 0``) with their mask values,
+so that the "bias"-mode FD loop visits ``ceil(nnz / BLOCK_N)`` key tiles and never loads an excluded key.
+Everything is built on the mask's device without a host sync (the value check of a float mask is the one
+sync, paid once here instead of once per attention call).
+
+A ``FasaMask`` owns copies, never views of the user's tensor: editing the raw mask afterwards changes
+nothing (prepare it again). ``fasa_attention`` accepts either form; a raw mask is prepared inside every call
+(no hidden cache), so reuse a prepared one across layers and steps.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["FasaMask", "prepare_fasa_mask"]
+
+
+class FasaMask:
+    """An immutable, validated FD-token mask. Build it with :func:`prepare_fasa_mask`.
+
+    ``rows``: float32 ``[R, Nimg]`` (R = 1 shared by the batch, or R = B). ``fd_index``: int32 ``[R, Nimg]``,
+    per row the indices of the live keys (``rows > 0``) in ascending order, then padding. ``fd_value``:
+    float32 ``[R, Nimg]``, the mask value of each listed key (0 in the padding). ``fd_count``: int32 ``[R]``,
+    the number of live keys per row.
+    """
+
+    __slots__ = ("rows", "fd_index", "fd_value", "fd_count")
+
+    def __init__(self, rows: torch.Tensor, fd_index: torch.Tensor, fd_value: torch.Tensor, fd_count: torch.Tensor):
+        for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count)):
+            object.__setattr__(self, name, value)
+
+    def __setattr__(self, name, value):
+        raise AttributeError("FasaMask is immutable: prepare a new one with prepare_fasa_mask")
+
+    @property
+    def n_rows(self) -> int:
+        return self.rows.shape[0]
+
+    @property
+    def n_img(self) -> int:
+        return self.rows.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.rows.device
+
+    @property
+    def shared(self) -> bool:
+        """True when one row serves every batch entry."""
+        return self.n_rows == 1
+
+    def live_keys(self) -> torch.Tensor:
+        """Fraction of live FD keys per row, float32 ``[R]`` on the mask's device (no host sync)."""
+        return self.fd_count.float() / self.n_img
+
+    def fd_tiles(self, block_n: int) -> torch.Tensor:
+        """Key tiles of width ``block_n`` the "bias"-mode FD loop visits per row: ``ceil(nnz / block_n)``."""
+        return (self.fd_count + block_n - 1) // block_n
+
+    def __repr__(self) -> str:
+        return f"FasaMask(rows={self.n_rows}, n_img={self.n_img}, device={self.device})"
+
+
+def _check_raw(mask) -> torch.Tensor:
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and mask.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise TypeError(f"mask must be bool or float16/bfloat16/float32/float64, got {mask.dtype}")
+    if mask.dim() not in (1, 2) or mask.shape[-1] < 1 or mask.shape[0] < 1:
+        raise ValueError(f"mask must have shape [Nimg] or [B, Nimg] with Nimg >= 1, got {tuple(mask.shape)}")
+    if mask.requires_grad:
+        raise ValueError("mask must not require grad: FASA does not differentiate through the mask")
+    return mask
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """A float mask holds finite values >= 0 that stay finite and keep their sign in float32 (one host sync;
+    bool masks need no check). A value too small for float32 would silently become "excluded"."""
+    if mask.dtype == torch.bool:
+        return
+    f32 = mask.to(torch.float32)
+    bad = ~torch.isfinite(mask) | (mask < 0) | ~torch.isfinite(f32) | ((mask > 0) & (f32 == 0))
+    if bool(bad.any()):
+        raise ValueError("mask must hold finite values >= 0 that are representable in float32 "
+                         "(found a negative, NaN, inf, overflowing or underflowing entry)")
+
+
+def pack_live_keys(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For float32 rows ``[R, N]``: (int32 live-key indices ``[R, N]`` ascending then padding, float32 values
+    of those keys ``[R, N]`` with 0 padding, int32 counts ``[R]``). On the rows' device, no host sync."""
+    live = rows > 0
+    order = torch.argsort((~live).to(torch.int8), dim=1, stable=True)  # live keys first, in key order
+    values = torch.where(live, rows, torch.zeros_like(rows)).gather(1, order)
+    return order.to(torch.int32), values, live.sum(dim=1).to(torch.int32)
+
+
+def prepare_fasa_mask(mask) -> FasaMask:
+    """Check and prepare an FD-token mask (``[Nimg]`` shared by the batch, or ``[B, Nimg]``; bool or float
+    >= 0) for :func:`freecure_ops.fasa_attention`. Raises ``TypeError``/``ValueError`` on bad input.
+
+    The result holds its own float32 copy on the mask's device: reuse it for every call with the same mask
+    (every layer of one token grid, every step). Its memory is about 3x a float32 copy of the mask.
+    """
+    if isinstance(mask, FasaMask):
+        return mask
+    mask = _check_raw(mask)
+    check_mask_values(mask)
+    return pack_checked_mask(mask)
+
+
+def pack_checked_mask(mask: torch.Tensor) -> FasaMask:
+    """:func:`prepare_fasa_mask` for a raw mask already checked (``fasa_attention`` checks it at its edge)."""
+    rows = mask.detach().to(torch.float32, copy=True).reshape(-1, mask.shape[-1]).contiguous()
+    return FasaMask(rows, *pack_live_keys(rows))
