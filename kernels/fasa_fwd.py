@@ -91,6 +91,12 @@ def _store_rows(base, rows, cols, stride_n, stride_d, n_end, x, HEAD_DIM: tl.con
 
 
 @triton.jit
+def _aligned(stride, ALIGN: tl.constexpr):
+    """``stride``, known to be a multiple of ALIGN (launcher-checked), in a form the compiler can see is."""
+    return (stride // ALIGN) * ALIGN
+
+
+@triton.jit
 def _fasa_fwd_kernel(
     Q, KP, VP, KF, VF, MASK, FD_INDEX, FD_VALUE, FD_COUNT, OUT, LSE, VISITED,
     sq_b, sq_h, sq_n, sq_d,
@@ -111,15 +117,17 @@ def _fasa_fwd_kernel(
     # and 160 = 128 + 32 waste nothing, where one padded block (128, 256) would waste 37%. Without a split,
     # BLOCK_D1 only sizes unused placeholders.
     if ALIGN > 1:
-        # The launcher checked that every base pointer is 16-byte aligned and every batch/head/token stride
-        # a multiple of ALIGN elements (head strides of 40 or 72 elements are, of 8, not of 16, which is all
-        # Triton can see on its own): with this, row loads become 16-byte vectors and async copies.
-        sq_b, sq_h, sq_n = tl.multiple_of(sq_b, ALIGN), tl.multiple_of(sq_h, ALIGN), tl.multiple_of(sq_n, ALIGN)
-        skp_b, skp_h, skp_n = tl.multiple_of(skp_b, ALIGN), tl.multiple_of(skp_h, ALIGN), tl.multiple_of(skp_n, ALIGN)
-        svp_b, svp_h, svp_n = tl.multiple_of(svp_b, ALIGN), tl.multiple_of(svp_h, ALIGN), tl.multiple_of(svp_n, ALIGN)
-        skf_b, skf_h, skf_n = tl.multiple_of(skf_b, ALIGN), tl.multiple_of(skf_h, ALIGN), tl.multiple_of(skf_n, ALIGN)
-        svf_b, svf_h, svf_n = tl.multiple_of(svf_b, ALIGN), tl.multiple_of(svf_h, ALIGN), tl.multiple_of(svf_n, ALIGN)
-        so_b, so_h, so_n = tl.multiple_of(so_b, ALIGN), tl.multiple_of(so_h, ALIGN), tl.multiple_of(so_n, ALIGN)
+        # The launcher checked that every base pointer is 16-byte aligned and every batch/head/token stride a
+        # multiple of ALIGN elements (head strides of 40 or 72 elements are multiples of 8, not of 16, which
+        # is all Triton's specialization can see). Rewriting s as (s // ALIGN) * ALIGN states it where the
+        # compiler's alignment analysis sees it (tl.multiple_of does not attach to a kernel argument): row
+        # loads then become 16-byte vectors and async copies.
+        sq_b, sq_h, sq_n = _aligned(sq_b, ALIGN), _aligned(sq_h, ALIGN), _aligned(sq_n, ALIGN)
+        skp_b, skp_h, skp_n = _aligned(skp_b, ALIGN), _aligned(skp_h, ALIGN), _aligned(skp_n, ALIGN)
+        svp_b, svp_h, svp_n = _aligned(svp_b, ALIGN), _aligned(svp_h, ALIGN), _aligned(svp_n, ALIGN)
+        skf_b, skf_h, skf_n = _aligned(skf_b, ALIGN), _aligned(skf_h, ALIGN), _aligned(skf_n, ALIGN)
+        svf_b, svf_h, svf_n = _aligned(svf_b, ALIGN), _aligned(svf_h, ALIGN), _aligned(svf_n, ALIGN)
+        so_b, so_h, so_n = _aligned(so_b, ALIGN), _aligned(so_h, ALIGN), _aligned(so_n, ALIGN)
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -261,20 +269,23 @@ def tile_config(d_padded: int, elem_bytes: int, n_q: int, heads: int, batch: int
                 sm_count: int = HOPPER_SMS) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for the compiled kernel.
 
-    Checked by compiling for sm_90 (tests/test_kernel_compile.py): no spills in fp16/bf16, shared memory well
-    under the 227 KB per-block limit, both key loops multi-buffered. Query tiles of 128 rows unless that
-    leaves fewer than two waves of programs on the device (one image per guidance half: SD1.5 1024 tokens x
-    8 heads is 64 programs at 128 rows for 132 SMs), then 64. fp32 (IEEE dots, a correctness path, not a
-    fast one) takes small tiles to fit.
+    Chosen from sm_90 offline compiles (``python -m freecure_ops.bench.compile_report``, checked in CI by
+    tests/test_kernel_compile.py): fp16/bf16 never spill, shared memory stays under the 227 KB per-block limit,
+    both key loops keep a 3-deep K/V ring. 128-row query tiles need 8 warps (4 spill in "bias" mode); 128-key
+    tiles spill at 128 rows; 64-row tiles of head dim 128 need 8 warps. Query tiles of 64 rows when 128 would leave fewer than two waves of programs on
+    the device (one image per guidance half: SD1.5's 1024-token layers are 64 programs of 128 rows for 132
+    SMs). fp32 (IEEE dots, a correctness path, not a fast one) takes small tiles to fit. Speed on a real card
+    is for the GPU sweep (bench/gpu_check.sh) to confirm.
     """
     if elem_bytes == 4:
         return 64, 32, 8, 2
+    if d_padded > 192:
+        return 64, 32, 8, 3
     if d_padded > 128:
-        return 64, 64, 4, 2
-    warps = 4 if d_padded <= 64 else 8
+        return 64, 64, 8, 3
     if triton.cdiv(n_q, 128) * heads * batch < 2 * sm_count:
-        return 64, 64, 4, 3
-    return 128, 64, warps, 3
+        return 64, 64, 4 if d_padded <= 96 else 8, 3
+    return 128, 64, 8, 3
 
 
 INTERPRETER_CONFIG = (32, 32, 1, 1)  # the interpreter prefers big tiles: fewer, vectorized programs
@@ -311,6 +322,47 @@ def check_launch_limits(heads: int, batch: int, tensors: dict) -> None:
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
+                return_lse: bool, config: tuple, interpret: bool, visited: torch.Tensor | None = None):
+    """(grid, positional args, keyword args) of the kernel launch for validated inputs and a tile config
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs. Also what the offline compile
+    check feeds to Triton's own specialization, so that it compiles exactly what a launch gets."""
+    batch, heads, n_q, head_dim = q.shape
+    n_p, n_f = k_p.shape[2], k_f.shape[2]
+    check_launch_limits(heads, batch, {name: (t.shape[2], head_dim, t.stride(2), t.stride(3)) for name, t in
+                                       (("q", q), ("k_p", k_p), ("k_f", k_f), ("v_p", v_p), ("v_f", v_f))})
+    block_d0, block_d1 = head_dim_split(head_dim)
+    bm, bn, warps, stages = config
+    out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
+    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else out
+    grid = (triton.cdiv(n_q, bm), heads, batch)
+    if visited is not None and (visited.dtype != torch.int32 or tuple(visited.shape) != (batch, heads, grid[0])
+                                or not visited.is_contiguous()):
+        raise ValueError(f"visited must be a contiguous int32 tensor of shape {(batch, heads, grid[0])}")
+    packed = mode == "bias" and mask is not None  # "scale" mode excludes no key: nothing to pack
+    rows = q if mask is None else mask.rows  # an unread placeholder pointer when there is no mask
+    row_stride = 0 if mask is None or mask.rows.shape[0] == 1 else mask.rows.stride(0)
+    # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.
+    dot_dtype = tl.float32 if (interpret and q.dtype == torch.bfloat16) else _DOT_DTYPES[q.dtype]
+    args = (
+        q, k_p, v_p, k_f, v_f, rows,
+        mask.fd_index if packed else rows, mask.fd_value if packed else rows, mask.fd_count if packed else rows,
+        out, lse, out if visited is None else visited,
+        *q.stride(), *k_p.stride(), *v_p.stride(), *k_f.stride(), *v_f.stride(), *out.stride(),
+        row_stride, 0 if row_stride == 0 else 1,
+        heads, n_q, n_p, n_f, n_txt,
+        scale * LOG2E, omega if mode == "scale" else omega * LOG2E,
+    )
+    meta = dict(
+        HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
+        BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems([q, k_p, v_p, k_f, v_f, out], q.element_size()),
+        SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, HAS_TXT=n_txt > 0,
+        WRITE_LSE=return_lse, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype, IEEE=q.dtype == torch.float32,
+        num_warps=warps, num_stages=stages,
+    )
+    return grid, args, meta
+
+
 def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mode: str, n_txt: int,
              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
              num_warps: int | None = None, num_stages: int | None = None, visited: torch.Tensor | None = None):
@@ -324,45 +376,18 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
     ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free) and, if asked, the fp32 LSE ``[B, H, Nq]``.
     ``block_m``/``block_n``/``num_warps``/``num_stages`` override the tile table (tests, sweeps).
     ``visited``: an int32 tensor ``[B, H, cdiv(Nq, BLOCK_M)]`` that receives the FD key tiles each program
-    visited (introspection; slower).
+    visited (introspection).
     """
-    batch, heads, n_q, head_dim = q.shape
-    n_p, n_f = k_p.shape[2], k_f.shape[2]
-    tensors = (("q", q), ("k_p", k_p), ("k_f", k_f), ("v_p", v_p), ("v_f", v_f))
-    check_launch_limits(heads, batch, {name: (t.shape[2], head_dim, t.stride(2), t.stride(3)) for name, t in tensors})
     interpret = interpreting()
-    block_d0, block_d1 = head_dim_split(head_dim)
     if interpret:
         config = INTERPRETER_CONFIG
     else:
+        batch, heads, n_q, head_dim = q.shape
+        d0, d1 = head_dim_split(head_dim)
         sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-        config = tile_config(block_d0 + block_d1, q.element_size(), n_q, heads, batch, sms)
-    bm, bn, warps, stages = (o or c for o, c in zip((block_m, block_n, num_warps, num_stages), config))
-
-    out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else out
-    grid = (triton.cdiv(n_q, bm), heads, batch)
-    if visited is not None and (visited.dtype != torch.int32 or tuple(visited.shape) != (batch, heads, grid[0])
-                                or not visited.is_contiguous()):
-        raise ValueError(f"visited must be a contiguous int32 tensor of shape {(batch, heads, grid[0])}")
-    packed = mode == "bias" and mask is not None  # "scale" mode excludes no key: nothing to pack
-    rows = q if mask is None else mask.rows  # an unread placeholder pointer when there is no mask
-    row_stride = 0 if mask is None or mask.rows.shape[0] == 1 else mask.rows.stride(0)
-
-    # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.
-    dot_dtype = tl.float32 if (interpret and q.dtype == torch.bfloat16) else _DOT_DTYPES[q.dtype]
-    _fasa_fwd_kernel[grid](
-        q, k_p, v_p, k_f, v_f, rows,
-        mask.fd_index if packed else rows, mask.fd_value if packed else rows, mask.fd_count if packed else rows,
-        out, lse, out if visited is None else visited,
-        *q.stride(), *k_p.stride(), *v_p.stride(), *k_f.stride(), *v_f.stride(), *out.stride(),
-        row_stride, 0 if row_stride == 0 else 1,
-        heads, n_q, n_p, n_f, n_txt,
-        scale * LOG2E, omega if mode == "scale" else omega * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
-        BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems([q, k_p, v_p, k_f, v_f, out], q.element_size()),
-        SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, HAS_TXT=n_txt > 0,
-        WRITE_LSE=return_lse, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
-    )
-    return (out, lse) if return_lse else out
+        config = tile_config(d0 + d1, q.element_size(), n_q, heads, batch, sms)
+    config = tuple(o or c for o, c in zip((block_m, block_n, num_warps, num_stages), config))
+    grid, args, meta = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
+                                   return_lse=return_lse, config=config, interpret=interpret, visited=visited)
+    _fasa_fwd_kernel[grid](*args, **meta)
+    return (args[9], args[10]) if return_lse else args[9]
