@@ -15,6 +15,7 @@ from . import __name__ as _pkg  # noqa: F401  (the package __init__ sets TRITON_
 
 import torch  # noqa: E402
 
+from .masks import MASK_KINDS  # noqa: E402
 from .providers import PROVIDERS, dtype_name  # noqa: E402
 from .shapes import MODELS, cases_for, reduced  # noqa: E402
 
@@ -59,6 +60,9 @@ def parse_args(argv=None):
                     help="comma list from fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--coverages", type=_coverages, default=None,
                     help="mask coverages, fractions or percents (default: 10,25,50,100)")
+    ap.add_argument("--masks", type=lambda s: _csv_list(s, MASK_KINDS, "mask kind"), default=list(MASK_KINDS),
+                    help="mask kinds from hair (blobs touching most rows), band (eyes/glasses), full (every token) "
+                         "(default: all; hair and band at each coverage, full once)")
     ap.add_argument("--providers", type=lambda s: _csv_list(s, PROVIDERS, "provider"), default=None,
                     help=f"comma list from {','.join(PROVIDERS)} (default: all; on CPU flex is skipped unless named)")
     ap.add_argument("--out", type=Path, default=None,
@@ -107,7 +111,8 @@ def main(argv=None) -> int:
         if torch.float32 in dtypes:
             say("# dtype fp32: CPU fp16/bf16 SDPA is slow and says nothing about GPU behaviour.")
     say(f"# cases: {', '.join(c.name for c in cases)}; dtypes: {', '.join(dtype_name(d) for d in dtypes)}; "
-        f"coverages: {', '.join(f'{c:.0%}' for c in coverages)}; providers: {', '.join(providers)}")
+        f"masks: {', '.join(args.masks)}; coverages: {', '.join(f'{c:.0%}' for c in coverages)}; "
+        f"providers: {', '.join(providers)}")
     say("# Every provider is checked against a high-precision oracle (float64 on CPU, fp32 on CUDA) before it is"
         " timed; FLOPs count attended keys only: 4*B*H*D*(Nq*Np + (Nq-n_txt)*nnz).")
 
@@ -131,7 +136,7 @@ def main(argv=None) -> int:
         report.write_csv(so_far, out_dir / "bench.csv")
         (out_dir / "table.txt").write_text(header + report.format_table(so_far) + "\n")
 
-    rows += run(cases, dtypes, coverages, providers, device, timing=timing, log=say, seed=args.seed,
+    rows += run(cases, dtypes, coverages, providers, device, timing=timing, log=say, seed=args.seed, masks=args.masks,
                 allow_cpu_flex="flex" in (args.providers or ()),
                 on_progress=lambda got: progress(done + got))
     skips = {}

@@ -96,13 +96,15 @@ def eager_attention():
     rebinding the name in every loaded ``freecure_ops.adapters`` module (and the package itself). Yields a
     one-element list counting the calls that went through, so that a caller can tell whether it reached."""
     import freecure_ops
-    from freecure_ops import api, fasa_reference
+    from freecure_ops import FasaMask, api, fasa_reference
 
     calls = [0]
 
     def eager(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, mode="bias", n_txt=0, backend="auto",
               return_lse=False):
         calls[0] += 1
+        if isinstance(mask, FasaMask):  # the adapters hand over prepared masks; the authors' code had raw ones
+            mask = mask.rows if mask.n_rows == q.shape[0] else mask.rows[0]
         return fasa_reference(q, k_p, k_f, v_p, v_f, mask, omega, scale=scale, mode=mode, n_txt=n_txt,
                               return_lse=return_lse)
 

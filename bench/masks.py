@@ -1,5 +1,10 @@
 """Synthetic attribute masks: a face-parsing label map with a hair-like region at a chosen coverage,
-nearest-resized to a layer's token grid the way the adapters resize the parser's output.
+nearest-resized to a layer's token grid the way the adapters resize the parser's output; eye/glasses-like
+bands; the full mask.
+
+Three kinds (MASK_KINDS): "hair", a 2-D blob touching nearly every row of the grid (at 25% coverage about
+92% of 64-key row tiles hold a live key: the case where skipping whole tiles saves nothing); "band", a
+compact horizontal band at eye height (glasses, eyes: few rows touched); "full", every token.
 
 Labels follow BiSeNet / CelebAMask-HQ (SPEC.md): 0 background, 1 skin, 14 neck, 16 cloth, 17 hair.
 The hair region grows from the crown outward and down the sides (the face is reached last), with
@@ -54,9 +59,32 @@ def token_mask(labels: torch.Tensor, grid: tuple, label_ids=HAIR_LABELS) -> torc
     return resize_mask_to_grid(keep, *grid)
 
 
-def case_mask(grid: tuple, coverage: float, seed: int = 0) -> tuple:
-    """(bool mask ``[h * w]``, its actual coverage) for a token grid at a target hair coverage."""
+MASK_KINDS = ("hair", "band", "full")
+
+
+def band_map(h: int, w: int, coverage: float) -> torch.Tensor:
+    """An ``[h, w]`` bool map of a band centred at eye height, about 3x wider than tall at small coverage
+    (growing to full rows), cut at the quantile that gives ``coverage`` exactly at this resolution."""
+    if not 0.0 <= coverage <= 1.0:
+        raise ValueError(f"coverage must be in [0, 1], got {coverage}")
+    y = torch.linspace(0.0, 1.0, h)[:, None].expand(h, w)
+    x = torch.linspace(-1.0, 1.0, w)[None, :].expand(h, w)
+    score = -torch.maximum((y - 0.42).abs() * 6.0, x.abs())  # rectangles, wide before tall
+    keep = torch.zeros(h * w, dtype=torch.bool)
+    keep[torch.argsort(score.flatten(), descending=True, stable=True)[:round(coverage * h * w)]] = True
+    return keep.view(h, w)
+
+
+def case_mask(grid: tuple, coverage: float, seed: int = 0, kind: str = "hair") -> tuple:
+    """(bool mask ``[h * w]``, its actual coverage) for a token grid: a ``kind`` mask at a target coverage
+    ("full" ignores the coverage)."""
     h, w = grid
-    labels = parsing_map(h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN, coverage, seed)
-    mask = token_mask(labels, grid)
+    if kind == "hair":
+        mask = token_mask(parsing_map(h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN, coverage, seed), grid)
+    elif kind == "band":
+        mask = resize_mask_to_grid(band_map(h * PIXELS_PER_TOKEN, w * PIXELS_PER_TOKEN, coverage), h, w)
+    elif kind == "full":
+        mask = torch.ones(h * w, dtype=torch.bool)
+    else:
+        raise ValueError(f"unknown mask kind {kind!r}; choose from {MASK_KINDS}")
     return mask, float(mask.float().mean())

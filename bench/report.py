@@ -7,12 +7,14 @@ import re
 from pathlib import Path
 
 COLUMNS = ["device", "torch", "triton", "model", "case", "label", "batch", "heads", "head_dim", "n_txt", "n_img",
-           "grid", "layers", "dtype", "coverage", "coverage_actual", "nnz", "provider", "status", "ms", "tflops",
+           "grid", "layers", "dtype", "mask", "coverage", "coverage_actual", "nnz", "live_keys", "fd_tiles",
+           "provider", "status", "ms", "tflops",
            "flops", "peak_mib", "x_fasa", "max_err", "tol", "sdpa_backend", "build_ms", "target", "note"]
 
 TABLE = [  # (header, key, format)
-    ("case", "label", "{}"), ("dtype", "dtype", "{}"), ("cov", "coverage", "{:.0%}"),
-    ("got", "coverage_actual", "{:.1%}"), ("provider", "provider", "{}"), ("status", "status", "{}"),
+    ("case", "label", "{}"), ("dtype", "dtype", "{}"), ("mask", "mask", "{}"), ("cov", "coverage", "{:.0%}"),
+    ("got", "coverage_actual", "{:.1%}"), ("fd tiles", "fd_tiles", "{:.0%}"), ("provider", "provider", "{}"),
+    ("status", "status", "{}"),
     ("ms", "ms", "{:.4g}"), ("TFLOP/s", "tflops", "{:.3g}"), ("peak MiB", "peak_mib", "{:.4g}"),
     ("x fasa", "x_fasa", "{:.2f}"), ("max err", "max_err", "{:.1e}"), ("info", "info", "{}"),
     ("target", "target", "{}"),
@@ -30,7 +32,7 @@ def _info(r: dict) -> str:
     if r.get("sdpa_backend"):
         return r["sdpa_backend"]
     if r.get("build_ms") is not None:
-        return f"block mask {r['build_ms']:.3g} ms"
+        return f"{'mask' if r['provider'] == 'fasa' else 'block mask'} {r['build_ms']:.3g} ms"
     if (r.get("note") or "").startswith("Triton interpreter"):
         return "interpreter, not timed"
     if r["provider"] == "reference" and "chunked" in (r.get("note") or ""):
@@ -101,7 +103,7 @@ def plot(rows: list, path, title: str = "") -> Path | None:
         return None
     dtypes = list(dict.fromkeys(r["dtype"] for r in timed))
     providers = list(dict.fromkeys(r["provider"] for r in timed))
-    groups = list(dict.fromkeys((r["label"], r["coverage"]) for r in timed))
+    groups = list(dict.fromkeys((r["label"], r["mask"], r["coverage"]) for r in timed))
     fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 0.55 * len(groups) * len(providers) / 3), 4.2 * len(dtypes)),
                              squeeze=False)
     width = 0.8 / len(providers)
@@ -110,13 +112,14 @@ def plot(rows: list, path, title: str = "") -> Path | None:
             xs, ys = [], []
             for i, g in enumerate(groups):
                 r = next((r for r in timed if r["dtype"] == dt and r["provider"] == prov
-                          and (r["label"], r["coverage"]) == g), None)
+                          and (r["label"], r["mask"], r["coverage"]) == g), None)
                 if r:
                     xs.append(i + (j - (len(providers) - 1) / 2) * width)
                     ys.append(r["tflops"])
             ax.bar(xs, ys, width, label=prov)
         ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{lab}\n{cov:.0%}" for lab, cov in groups], fontsize=7, rotation=60, ha="right")
+        ax.set_xticklabels([f"{lab}\n{kind} {cov:.0%}" for lab, kind, cov in groups], fontsize=7, rotation=60,
+                           ha="right")
         ax.set_ylabel(f"{dt}: TFLOP/s (attended keys)")
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=7, ncol=len(providers))

@@ -56,12 +56,27 @@ def check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> tuple:
     return err <= tol, err, tol
 
 
+def fd_work(case, nnz: int, elem_bytes: int) -> tuple[float, float]:
+    """(live_keys, fd_tiles): the fraction of FD image keys the mask keeps (nnz / Nimg), and the fraction of
+    FD key tiles the kernel visits per query tile ("bias" mode: ceil(nnz / BLOCK_N) of ceil(Nimg / BLOCK_N)),
+    with the BLOCK_N the launcher picks for this case on an H100/H200 (on CUDA: on this device)."""
+    from freecure_ops.kernels.fasa_fwd import HOPPER_SMS, _sm_count, head_dim_split, tile_config
+
+    d0, d1 = head_dim_split(case.head_dim)
+    sms = _sm_count(torch.cuda.current_device()) if torch.cuda.is_available() else HOPPER_SMS
+    block_n = tile_config(d0 + d1, elem_bytes, case.n_q, case.heads, case.batch, sms)[1]
+    tiles = -(-nnz // block_n) / -(-case.n_img // block_n)
+    return round(nnz / case.n_img, 4), round(tiles, 4)
+
+
 def _base_row(p, provider: str, env: dict) -> dict:
     c = p.case
+    live_keys, fd_tiles = fd_work(c, p.nnz, p.q.element_size())
     return {**env, "model": c.model, "case": c.name, "label": c.label, "batch": c.batch, "heads": c.heads,
             "head_dim": c.head_dim, "n_txt": c.n_txt, "n_img": c.n_img, "grid": f"{c.grid[0]}x{c.grid[1]}",
-            "layers": c.layers, "dtype": p.dtype_name, "coverage": p.coverage,
-            "coverage_actual": round(p.actual_coverage, 4), "nnz": p.nnz, "provider": provider,
+            "layers": c.layers, "dtype": p.dtype_name, "mask": p.mask_kind, "coverage": p.coverage,
+            "coverage_actual": round(p.actual_coverage, 4), "nnz": p.nnz, "live_keys": live_keys,
+            "fd_tiles": fd_tiles, "provider": provider,
             "status": "", "ms": None, "tflops": None, "flops": flops_for(provider, p), "peak_mib": None,
             "x_fasa": None, "max_err": None, "tol": None, "sdpa_backend": "", "build_ms": None,
             "target": "", "note": ""}
@@ -105,7 +120,7 @@ def annotate(rows: list) -> None:
     """Fill ``x_fasa`` (provider time / fasa time: > 1 means fasa is faster) and the target column."""
     groups = {}
     for r in rows:
-        groups.setdefault((r["case"], r["dtype"], r["coverage"]), []).append(r)
+        groups.setdefault((r["case"], r["dtype"], r["mask"], r["coverage"]), []).append(r)
     for group in groups.values():
         fasa = next((r for r in group if r["provider"] == "fasa" and r["ms"]), None)
         for r in group:
@@ -129,23 +144,35 @@ def target_note(r: dict, fasa: dict | None) -> str:
     return f">={need:g}x {'ok' if r['x_fasa'] >= need else 'MISS'}"
 
 
+def mask_configs(masks, coverages) -> list:
+    """(kind, coverage) pairs: "hair" and "band" at each coverage, "full" once; a hair or band mask at 100%
+    is the full mask, so it is left out when "full" runs anyway."""
+    out = []
+    for kind in masks:
+        if kind == "full":
+            out.append(("full", 1.0))
+        else:
+            out += [(kind, c) for c in coverages if not (c >= 1.0 and "full" in masks)]
+    return out
+
+
 def run(cases, dtypes, coverages, providers, device, *, timing: dict, log=print, seed: int = 0,
-        allow_cpu_flex: bool = False, on_progress=None) -> list:
-    """All rows, annotated. ``on_progress(rows)`` is called after every (case, dtype, coverage), so that a
-    run stopped by a time limit still leaves what it measured."""
+        allow_cpu_flex: bool = False, on_progress=None, masks=("hair",)) -> list:
+    """All rows, annotated. ``masks``: mask kinds (bench.masks.MASK_KINDS). ``on_progress(rows)`` is called
+    after every (case, dtype, mask), so that a run stopped by a time limit still leaves what it measured."""
     env = versions()
     rows, backend_cache = [], {}
     device = torch.device(device)
     # dtype outermost: a run stopped by a time limit has every model in the first dtype.
     for dtype in dtypes:
         for ci, case in enumerate(cases):
-            for cov in coverages:
-                p = make_problem(case, dtype, cov, device, seed=seed + ci)
+            for kind, cov in mask_configs(masks, coverages):
+                p = make_problem(case, dtype, cov, device, seed=seed + ci, mask_kind=kind)
                 for name in providers:
                     row = run_provider(p, name, env, timing, backend_cache, allow_cpu_flex)
                     rows.append(row)
                     if row["status"] in ("error", "FAIL"):
-                        log(f"# {case.name} {p.dtype_name} cov {cov:g}: {name} {row['status']}: {row['note']}"
+                        log(f"# {case.name} {p.dtype_name} {kind} {cov:g}: {name} {row['status']}: {row['note']}"
                             + (f" (err {row['max_err']:.3g} > tol {row['tol']:.3g})" if row["status"] == "FAIL"
                                else ""))
                 del p

@@ -1,6 +1,8 @@
 """Benchmark cases: every distinct self-attention shape of SD1.5, SDXL and FLUX.1-dev (SPEC.md "Real shapes").
 
-A case is one FASA call as the adapters make it: ``batch`` PD rows (2 with CFG for SD/SDXL, 1 for FLUX-dev),
+A case is one FASA call as the adapters make it: ``batch`` PD rows per call. The adapters call FASA once per
+guidance half, so one image is B=1 for every model (with the default style_fidelity=1 only the conditional
+half calls it at all); the ``-b4`` cases are four images per call (a batch of prompts).
 ``heads`` x ``head_dim``, and per branch ``n_txt`` text tokens followed by the ``grid`` of image tokens
 (row-major). ``layers`` counts the model's self-attention layers of that shape.
 """
@@ -15,7 +17,7 @@ MODELS = ("sd15", "sdxl", "flux")
 class Case:
     model: str
     name: str
-    batch: int           # PD rows per call
+    batch: int           # PD rows per call (one per image)
     heads: int
     head_dim: int
     grid: tuple          # (h, w) of the image-token grid
@@ -37,27 +39,34 @@ class Case:
     @property
     def label(self) -> str:
         txt = f"{self.n_txt}+" if self.n_txt else ""
-        return f"{self.model} {txt}{self.n_img} {self.heads}x{self.head_dim}"
+        batch = f" B={self.batch}" if self.batch > 1 and self.model != "flux" else ""
+        return f"{self.model} {txt}{self.n_img} {self.heads}x{self.head_dim}{batch}"
 
 
 # SPEC.md: SD1.5 at 512 (latent 64x64): 4096 (5 layers), 1024 (5), 256 (5), mid 64 (1); 8 heads x 40/80/160.
 SD15 = (
-    Case("sd15", "sd15-4096", 2, 8, 40, (64, 64), layers=5, omega=0.5),
-    Case("sd15", "sd15-1024", 2, 8, 80, (32, 32), layers=5, omega=0.5),
-    Case("sd15", "sd15-256", 2, 8, 160, (16, 16), layers=5, omega=0.5),
-    Case("sd15", "sd15-mid64", 2, 8, 160, (8, 8), layers=1, omega=0.5),
+    Case("sd15", "sd15-4096", 1, 8, 40, (64, 64), layers=5, omega=0.5),
+    Case("sd15", "sd15-1024", 1, 8, 80, (32, 32), layers=5, omega=0.5),
+    Case("sd15", "sd15-256", 1, 8, 160, (16, 16), layers=5, omega=0.5),
+    Case("sd15", "sd15-mid64", 1, 8, 160, (8, 8), layers=1, omega=0.5),
 )
 # SDXL at 1024 (latent 128x128): 10 x 64 at 4096 (10 layers), 20 x 64 at 1024 (60 layers).
 SDXL = (
-    Case("sdxl", "sdxl-4096", 2, 10, 64, (64, 64), layers=10, omega=1.5),
-    Case("sdxl", "sdxl-1024", 2, 20, 64, (32, 32), layers=60, omega=1.5),
+    Case("sdxl", "sdxl-4096", 1, 10, 64, (64, 64), layers=10, omega=1.5),
+    Case("sdxl", "sdxl-1024", 1, 20, 64, (32, 32), layers=60, omega=1.5),
 )
 # FLUX.1-dev at 1024: 24 x 128, 512 text + 4096 image tokens (64x64 after 2x2 patching), 57 blocks, no CFG.
 FLUX = (
     Case("flux", "flux-512+4096", 1, 24, 128, (64, 64), n_txt=512, layers=57, omega=1.5),
 )
 
-CASES = {"sd15": SD15, "sdxl": SDXL, "flux": FLUX}
+# Four images per call: the grid-filling case (the B=1 cases above leave SMs idle at 1024 tokens).
+BATCHED = {
+    "sd15": (replace(SD15[0], name="sd15-4096-b4", batch=4, layers=0),),
+    "sdxl": (replace(SDXL[1], name="sdxl-1024-b4", batch=4, layers=0),),
+    "flux": (),
+}
+CASES = {m: cases + BATCHED[m] for m, cases in (("sd15", SD15), ("sdxl", SDXL), ("flux", FLUX))}
 
 
 def cases_for(models) -> list[Case]:

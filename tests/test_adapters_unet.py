@@ -224,7 +224,7 @@ def test_masks_resized_once_per_grid_and_no_activation_kept(models, monkeypatch)
     # the controller and the processors keep Python numbers and the masks only
     ctl = handle.controller
     tensors = [k for k, v in vars(ctl).items() if isinstance(v, torch.Tensor) and k != "_mask"]
-    assert tensors == [] and all(v.dtype == torch.float32 for v in ctl._cache.values())
+    assert tensors == [] and all(v.rows.dtype == torch.float32 for v in ctl._cache.values())
     for b in find_self_attention_blocks(unet):
         assert not any(isinstance(v, torch.Tensor) for v in vars(b.attn.processor).values())
     handle.set_mask(torch.zeros(3, 3))

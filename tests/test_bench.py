@@ -26,10 +26,11 @@ def _table(cases):
 
 
 def test_shape_tables_match_spec():
-    # SPEC.md "Real shapes": (heads, head dim, text tokens, image tokens, layers, PD rows per call)
-    assert _table(SD15) == sorted([(8, 40, 0, 4096, 5, 2), (8, 80, 0, 1024, 5, 2), (8, 160, 0, 256, 5, 2),
-                                   (8, 160, 0, 64, 1, 2)])
-    assert _table(SDXL) == sorted([(10, 64, 0, 4096, 10, 2), (20, 64, 0, 1024, 60, 2)])
+    # SPEC.md "Real shapes": (heads, head dim, text tokens, image tokens, layers, PD rows per call). The
+    # adapters call FASA once per guidance half: one image is one PD row per call for every model.
+    assert _table(SD15) == sorted([(8, 40, 0, 4096, 5, 1), (8, 80, 0, 1024, 5, 1), (8, 160, 0, 256, 5, 1),
+                                   (8, 160, 0, 64, 1, 1)])
+    assert _table(SDXL) == sorted([(10, 64, 0, 4096, 10, 1), (20, 64, 0, 1024, 60, 1)])
     assert _table(FLUX) == [(24, 128, 512, 4096, 57, 1)]
     assert sum(c.layers for c in SD15) == 16 and sum(c.layers for c in SDXL) == 70
     for c in cases_for(["sd15", "sdxl", "flux"]):
@@ -215,8 +216,8 @@ def test_sdpa_backend_is_logged():
 def _fake_rows():
     base = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "model": "sdxl",
             "case": "sdxl-1024", "label": "sdxl 1024 20x64", "batch": 2, "heads": 20, "head_dim": 64, "n_txt": 0,
-            "n_img": 1024, "grid": "32x32", "layers": 60, "dtype": "fp16", "coverage": 0.25,
-            "coverage_actual": 0.26, "nnz": 266, "flops": 10 ** 10, "peak_mib": 5.0, "max_err": 1e-4,
+            "n_img": 1024, "grid": "32x32", "layers": 60, "dtype": "fp16", "mask": "hair", "coverage": 0.25,
+            "coverage_actual": 0.26, "nnz": 266, "live_keys": 0.2598, "fd_tiles": 0.3125, "flops": 10 ** 10, "peak_mib": 5.0, "max_err": 1e-4,
             "tol": 1e-3, "sdpa_backend": "", "build_ms": None, "target": "", "note": "", "x_fasa": None}
     rows = []
     for prov, ms in (("fasa", 0.1), ("sdpa_bias", 0.2), ("reference", 2.0), ("flex", None)):
@@ -239,7 +240,8 @@ def test_csv_and_table_writers(tmp_path):
     assert list(back[0]) == report.COLUMNS
     table = report.format_table(rows)
     lines = table.splitlines()
-    assert lines[0].split()[:3] == ["case", "dtype", "cov"] and "mem_efficient" in table
+    assert lines[0].split()[:4] == ["case", "dtype", "mask", "cov"] and "mem_efficient" in table
+    assert "31%" in table  # the fd_tiles column
     assert len({len(l) for l in lines[2:] if l}) >= 1 and "2.00" in table
     assert report.device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert report.device_slug("cpu x86_64 (2 threads)") == "cpu"
@@ -279,7 +281,8 @@ def test_main_smoke_run(tmp_path, capsys):
     assert elapsed < 30, f"smoke run took {elapsed:.1f} s"
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
     assert {r["provider"] for r in rows} == {"fasa", "sdpa_bias", "sdpa_pd"}
-    assert (tmp_path / "table.txt").read_text().count("sdpa_bias") == 4
+    # 5 SD1.5 cases (4 shapes + the B=4 batch) x (hair 25%, band 25%, full)
+    assert (tmp_path / "table.txt").read_text().count("sdpa_bias") == 15
     assert all(r["device"] and r["torch"] and r["triton"] for r in rows)
     if not torch.cuda.is_available():
         assert "KERNEL TIMINGS NEED CUDA" in out and "REDUCED" in out and "fp32" in out
@@ -323,3 +326,66 @@ def test_e2e_variants_on_tiny_models():
     rows = e2e._variants(flux, inputs, parsing_map(4, 6, 0.5) == HAIR, "plain", adapters.install_fasa,
                          torch.device("cpu"), timing, lambda s: None, "flux-tiny")
     assert all(r["ms"] and "NON-FINITE" not in r["note"] for r in rows), rows
+
+
+# ------------------------------------------------------------------------------ mask kinds and FD work
+@pytest.mark.parametrize("kind", ["hair", "band"])
+@pytest.mark.parametrize("coverage", [0.10, 0.25, 0.50])
+def test_mask_kinds_reach_their_coverage(kind, coverage):
+    mask, got = case_mask((64, 64), coverage, 0, kind)
+    assert mask.dtype == torch.bool and mask.shape == (4096,)
+    assert abs(got - coverage) <= 0.02 and got == mask.float().mean().item()
+    rows_touched = mask.view(64, 64).any(dim=1).float().mean().item()
+    if kind == "hair":
+        assert coverage > 0.2 or rows_touched > 0.3   # blobs spread over the rows
+        assert coverage < 0.2 or rows_touched > 0.85  # 25%: nearly every 64-key row tile is touched
+    else:
+        assert rows_touched <= coverage + 0.1         # a band spans few rows
+    full, got = case_mask((8, 6), 0.3, 0, "full")
+    assert full.all() and got == 1.0
+    with pytest.raises(ValueError, match="unknown mask kind"):
+        case_mask((8, 8), 0.25, 0, "beard")
+
+
+def test_mask_configs_run_full_once():
+    from bench.runner import mask_configs
+
+    assert mask_configs(["hair", "band", "full"], [0.1, 0.25, 1.0]) == [
+        ("hair", 0.1), ("hair", 0.25), ("band", 0.1), ("band", 0.25), ("full", 1.0)]
+    assert mask_configs(["hair"], [0.25, 1.0]) == [("hair", 0.25), ("hair", 1.0)]
+
+
+@pytest.mark.parametrize("case", cases_for(["sd15", "sdxl", "flux"]), ids=lambda c: c.name)
+def test_fd_tiles_follow_live_keys_at_real_shapes(case):
+    # The packed FD loop visits ceil(nnz / BLOCK_N) of the ceil(Nimg / BLOCK_N) FD tiles: at the 25% hair mask
+    # at most the live-key fraction plus one tile of rounding, where tile skipping visited ~92%.
+    from bench.runner import fd_work
+    from freecure_ops.kernels.fasa_fwd import head_dim_split, tile_config
+
+    d0, d1 = head_dim_split(case.head_dim)
+    block_n = tile_config(d0 + d1, 2, case.n_q, case.heads, case.batch)[1]
+    for kind in ("hair", "band"):
+        mask, _ = case_mask(case.grid, 0.25, 0, kind)
+        nnz = int(mask.sum())
+        live_keys, fd_tiles = fd_work(case, nnz, 2)
+        n_tiles = -(-case.n_img // block_n)
+        assert live_keys == round(nnz / case.n_img, 4)
+        assert fd_tiles == round(-(-nnz // block_n) / n_tiles, 4)
+        assert fd_tiles <= live_keys + 1 / n_tiles + 1e-4
+
+
+def test_bench_rows_carry_live_keys_and_fd_tiles(tmp_path):
+    from bench.__main__ import main
+
+    rc = main(["--models", "sdxl", "--coverages", "25", "--masks", "hair,full", "--providers", "sdpa_bias",
+               "--quick", "--no-e2e", "--no-kernel-check", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
+    assert {(r["mask"], r["coverage"]) for r in rows} == {("hair", "0.25"), ("full", "1.0")}
+    for r in rows:
+        assert float(r["live_keys"]) == round(int(r["nnz"]) / int(r["n_img"]), 4)
+        assert 0 < float(r["live_keys"]) <= float(r["fd_tiles"]) <= 1.0
+        if r["mask"] == "full":
+            assert float(r["live_keys"]) == float(r["fd_tiles"]) == 1.0
+    table = (tmp_path / "table.txt").read_text()
+    assert "fd tiles" in table and "full" in table
