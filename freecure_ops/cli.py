@@ -343,8 +343,28 @@ def _effective_settings(fc, pipe, args, device, dtype, call) -> dict:
                 height=height, width=width, empty_mask=args.empty_mask)
 
 
+def _quiet_libraries() -> None:
+    """--quiet: no loading bars or notes from diffusers / transformers (set before they are imported)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.set_verbosity_error()
+        transformers_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
 def _generate(args) -> int:
     device, dtype, mask = check_generate_args(args)
+    if args.quiet:
+        _quiet_libraries()
 
     import torch
 
