@@ -84,6 +84,8 @@ class FasaController:
         if self._scheduler_of is None:
             return self.step
         sched = self._scheduler_of()
+        if sched is None:  # the pipeline is gone (a bare model now): no step index
+            return self.step
         if sched is not self.counter.scheduler:
             # first forward, or the pipeline got another scheduler since: its set_timesteps already ran for
             # this generation, so this forward is its step 0

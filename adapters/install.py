@@ -56,7 +56,7 @@ def _scheduler_reader(model, scheduler):
     if isinstance(model, torch.nn.Module) or getattr(model, "scheduler", None) is None:
         return None
     ref = weakref.ref(model)
-    return lambda: ref().scheduler
+    return lambda: getattr(ref(), "scheduler", None)
 
 
 def _model_device(module: torch.nn.Module) -> torch.device:

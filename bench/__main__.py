@@ -1,4 +1,5 @@
-"""``freecure bench`` / ``python -m freecure_ops.bench``: FASA kernel benchmarks against SDPA and peers at real model shapes.
+"""``freecure bench`` / ``python -m freecure_ops.bench``: FASA kernel benchmarks against SDPA and peers
+at real model shapes.
 
 On CUDA: every provider at full size, fp16 and bf16, four mask coverages, then the end-to-end step.
 On CPU: torch providers at reduced sizes in fp32 plus an interpreter correctness run of the kernel

@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 from .outputs import atomic_write, atomic_write_text, output_dir_problem
@@ -343,29 +344,41 @@ def _effective_settings(fc, pipe, args, device, dtype, call) -> dict:
                 height=height, width=width, empty_mask=args.empty_mask)
 
 
-def _quiet_libraries() -> None:
-    """--quiet: no loading bars or notes from diffusers / transformers (set before they are imported)."""
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    from diffusers.utils import logging as diffusers_logging
+@contextmanager
+def _quiet_libraries(quiet: bool):
+    """--quiet: no loading bars or notes from diffusers / transformers; their settings are restored after."""
+    if not quiet:
+        yield
+        return
+    from diffusers.utils import logging as d_log
 
-    diffusers_logging.set_verbosity_error()
-    diffusers_logging.disable_progress_bar()
+    libs = [d_log]
     try:
-        from transformers.utils import logging as transformers_logging
+        from transformers.utils import logging as t_log
 
-        transformers_logging.set_verbosity_error()
-        transformers_logging.disable_progress_bar()
+        libs.append(t_log)
     except ImportError:  # pragma: no cover
         pass
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    for lib in libs:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (level, bars) in zip(libs, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
 
 
 def _generate(args) -> int:
     device, dtype, mask = check_generate_args(args)
-    if args.quiet:
-        _quiet_libraries()
+    with _quiet_libraries(args.quiet):
+        return _run_generate(args, device, dtype, mask)
 
+
+def _run_generate(args, device, dtype, mask) -> int:
     import torch
 
     from freecure_ops.adapters.freecure import EmptyMaskError, FreeCure, FreeCureWarning
