@@ -12,17 +12,28 @@ import torch
 from freecure_ops.fasa_mask import FasaMask, prepare_fasa_mask
 from freecure_ops.masks import resize_mask_to_grid
 
+from .steps import SchedulerStepCounter
+
 
 class FasaController:
+    """``layout``: "cfg" / "plain", or "auto" with ``cfg_of_call`` (a callable returning whether the pipeline
+    batches classifier-free guidance in the running call). ``scheduler_of``: a callable giving the scheduler
+    whose loop is counted (read at every forward, so a scheduler swapped on the pipeline after install is
+    followed), or None when nothing tells the step (then ``step`` stays -1 and ``steps`` must be None)."""
+
     def __init__(self, *, mask: torch.Tensor, omega: float, steps, style_fidelity: float, layout: str, mode: str,
-                 backend: str):
+                 backend: str, cfg_of_call=None, scheduler_of=None):
         self.omega = omega
         self.steps = steps                  # frozenset of step indices, or None for every step
         self.style_fidelity = style_fidelity
-        self.layout = layout
+        self.layout = layout                # "cfg", "plain" or "auto" (asked from the pipeline per forward)
         self.mode = mode
         self.backend = backend
         self.enabled = True
+        self._cfg_of_call = cfg_of_call
+        self._scheduler_of = scheduler_of
+        self.counter = SchedulerStepCounter()
+        self.call_layout = None if layout == "auto" else layout
         self.reset()
         self.set_mask(mask)
 
@@ -48,7 +59,7 @@ class FasaController:
         pairs = self.mask_pairs
         if pairs is not None and pairs != n_pairs:
             raise ValueError(f"mask holds {pairs} per-pair masks but the batch at {layer} has {n_pairs} PD/FD pairs "
-                             f"per guidance half (layout={self.layout!r})")
+                             f"per guidance half (layout={self.call_layout or self.layout!r})")
         key = (h, w, device)
         cached = self._cache.get(key)
         if cached is None:
@@ -60,34 +71,46 @@ class FasaController:
     def reset(self) -> None:
         """Forget the step counter; the next forward is step 0 of a new generation."""
         self.step = -1
-        self._last_t = None
-        self._direction = 0
+        self.counter.restart()
         self.active = False
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
 
-    def observe_timestep(self, t: float) -> None:
-        """Advance the step counter when the timestep changes. A change against the direction of the current
-        run (a larger timestep after a decreasing run, as when a new denoising run starts) starts a new
-        generation at step 0; repeated calls at one timestep (e.g. CFG run as two calls) are one step."""
-        last = self._last_t
-        if last is None:
-            self.step, self._direction = 0, 0
-        elif t != last:
-            direction = 1 if t > last else -1
-            if self._direction in (0, direction):
-                self.step += 1
-                self._direction = direction
-            else:
-                self.step, self._direction = 0, 0
-        self._last_t = t
+    def detach(self) -> None:
+        """Stop counting (after remove): the scheduler gets its own methods back."""
+        self.counter.detach()
 
-    def begin_forward(self, t: float) -> bool:
-        """Called by the model's pre-hook: count the step, decide whether FASA runs in this forward, and
-        clear the grid of the previous forward (the hook sets the new one). Returns whether FASA is active."""
-        self.observe_timestep(t)
+    def _current_step(self) -> int:
+        if self._scheduler_of is None:
+            return self.step
+        sched = self._scheduler_of()
+        if sched is None:  # the pipeline is gone (a bare model now): no step index
+            return self.step
+        if sched is not self.counter.scheduler:
+            # first forward, or the pipeline got another scheduler since: its set_timesteps already ran for
+            # this generation, so this forward is its step 0
+            self.counter.attach(sched)
+        return self.counter.count
+
+    def _layout_of_call(self) -> str:
+        if self.layout != "auto":
+            return self.layout
+        try:
+            cfg = bool(self._cfg_of_call())
+        except Exception as e:  # noqa: BLE001  (a pipeline property read outside its __call__)
+            raise ValueError("layout=None: could not tell from the pipeline whether it batches classifier-free "
+                             f"guidance in this call ({type(e).__name__}: {e}); call the pipeline itself, or pass "
+                             "layout='cfg' or layout='plain' to install_fasa") from e
+        return "cfg" if cfg else "plain"
+
+    def begin_forward(self) -> bool:
+        """Called by the model's pre-hook: take the step index of the denoising loop, decide whether FASA runs
+        in this forward, and clear the grid of the previous forward (the hook sets the new one). Python only:
+        nothing is read from the device. Returns whether FASA is active."""
+        self.step = self._current_step()
         self.active = self.enabled and (self.steps is None or self.step in self.steps)
+        self.call_layout = self._layout_of_call() if self.active else None
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
@@ -120,13 +143,19 @@ class FasaController:
     def plan(self, batch: int, layer: str) -> list[tuple[int, int, bool]]:
         """``(start, n, is_uncond)`` per guidance half: rows ``start..start+n-1`` are PD_1..PD_n and the next
         n rows their FD partners."""
-        if self.layout == "cfg":
+        layout = self.call_layout or self.layout
+        why = " (the pipeline batches CFG in this call)" if self.layout == "auto" and layout == "cfg" else \
+            " (the pipeline runs without CFG in this call)" if self.layout == "auto" else ""
+        if layout == "cfg":
             if batch % 4:
-                raise ValueError(f"layout='cfg' needs each guidance half to be [PD_1..PD_n, FD_1..FD_n] (a batch that "
-                                 f"is a multiple of 4), got batch {batch} at {layer}; use layout='plain' without CFG")
+                raise ValueError(f"layout='cfg'{why} needs each guidance half to be [PD_1..PD_n, FD_1..FD_n] (a batch "
+                                 f"that is a multiple of 4), got batch {batch} at {layer}: pass the prompts as "
+                                 "[PD_1..PD_n, FD_1..FD_n] (e.g. [pd_prompt, fd_prompt]); with a bare model and no "
+                                 "CFG batch use layout='plain'")
             n = batch // 4
             return [(0, n, True), (2 * n, n, False)]
         if batch % 2:
-            raise ValueError(f"layout='plain' needs the batch to be [PD_1..PD_n, FD_1..FD_n] (an even batch), "
-                             f"got batch {batch} at {layer}")
+            raise ValueError(f"layout='plain'{why} needs the batch to be [PD_1..PD_n, FD_1..FD_n] (an even batch), "
+                             f"got batch {batch} at {layer}: pass the prompts as [PD_1..PD_n, FD_1..FD_n] "
+                             "(e.g. [pd_prompt, fd_prompt])")
         return [(0, batch // 2, False)]

@@ -26,6 +26,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -232,6 +233,26 @@ def _decode(pipe, family: str, latents: torch.Tensor, height: int, width: int, o
 
 def _rows(images, start: int, stop: int):
     return images[start:stop]
+
+
+#: progress-bar labels of the stages (tqdm ``desc``)
+STAGE_LABELS = {"pass1": "FreeCure pass 1 (FD)", "pass2": "FreeCure pass 2 (PD+FD, FASA)",
+                "apg": "FreeCure APG (invert + denoise)", "plain": "FreeCure plain (PD only)"}
+
+
+@contextmanager
+def _progress_label(pipe, stage: str):
+    """Label the pipeline's progress bar for one stage (its other settings, ``disable`` included, are kept)."""
+    had = "_progress_bar_config" in vars(pipe)
+    old = vars(pipe).get("_progress_bar_config")
+    pipe._progress_bar_config = {**(old if isinstance(old, dict) else {}), "desc": STAGE_LABELS[stage]}
+    try:
+        yield
+    finally:
+        if had:
+            pipe._progress_bar_config = old
+        else:
+            del pipe._progress_bar_config
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -495,7 +516,8 @@ class FreeCure:
                           "FASA has nothing to do; running the plain pipeline (PD only)", FreeCureWarning,
                           stacklevel=2)
             t0 = time.perf_counter()
-            images = pipe(**common, **pd_kw, latents=latents, output_type=output_type).images
+            with _progress_label(pipe, "plain"):
+                images = pipe(**common, **pd_kw, latents=latents, output_type=output_type).images
             timings["plain"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_start
             if not return_dict:
@@ -506,7 +528,8 @@ class FreeCure:
         fd_images = label_maps = None
         if mask is None:
             t0 = time.perf_counter()
-            fd_pt = pipe(**common, **fd_kw, latents=latents, output_type="pt").images
+            with _progress_label(pipe, "pass1"):
+                fd_pt = pipe(**common, **fd_kw, latents=latents, output_type="pt").images
             timings["pass1"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             mask, label_maps = self.mask_from_fd(fd_pt, attributes)
@@ -523,7 +546,8 @@ class FreeCure:
                               style_fidelity=self.style_fidelity, layout=layout, mode=self.mode, backend=self.backend,
                               force=self.force)
         try:
-            out = pipe(**common, **batched, latents=torch.cat([latents, latents]), output_type=pass2_type).images
+            with _progress_label(pipe, "pass2"):
+                out = pipe(**common, **batched, latents=torch.cat([latents, latents]), output_type=pass2_type).images
         finally:
             handle.remove()
         timings["pass2"] = time.perf_counter() - t0
@@ -535,11 +559,13 @@ class FreeCure:
             t0 = time.perf_counter()
             full, template, template_prompts = self._apg_conditioning(pd_kw, common, attributes or [[]] * n,
                                                                       apg_template)
-            pd_lat = apply_apg(pipe, pd_out, full=full, template=template,
-                               num_inference_steps=int(kwargs.get("num_inference_steps", _default_steps(pipe))),
-                               gamma=gamma, guidance_scale=float(gs), height=height, width=width,
-                               sigmas=kwargs.get("sigmas"), cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
-                               joint_attention_kwargs=kwargs.get("joint_attention_kwargs"))
+            with _progress_label(pipe, "apg"):
+                pd_lat = apply_apg(pipe, pd_out, full=full, template=template,
+                                   num_inference_steps=int(kwargs.get("num_inference_steps", _default_steps(pipe))),
+                                   gamma=gamma, guidance_scale=float(gs), height=height, width=width,
+                                   sigmas=kwargs.get("sigmas"),
+                                   cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
+                                   joint_attention_kwargs=kwargs.get("joint_attention_kwargs"))
             pd_out = _decode(pipe, family, pd_lat, height, width, output_type)
             if fd_images is None:
                 fd_out = _decode(pipe, family, fd_out, height, width, output_type)

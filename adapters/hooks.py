@@ -1,8 +1,7 @@
-"""Forward pre-hooks on the UNet / FLUX transformer: they feed the controller the timestep (step counter),
-the latent grid and, for FLUX, the text length. They store Python numbers only."""
+"""Forward pre-hooks on the UNet / FLUX transformer: they start the controller's forward (step index from the
+scheduler's loop, layout of the call) and give it the latent grid and, for FLUX, the text length. They read
+shapes and Python state only: no device-to-host sync (the timestep is never read)."""
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -13,16 +12,10 @@ def _arg(args, kwargs, index: int, name: str):
     return args[index] if len(args) > index else None
 
 
-def _timestep_value(t) -> float:
-    if isinstance(t, torch.Tensor):
-        return float(t.detach().reshape(-1)[0]) if t.numel() else math.nan
-    return math.nan if t is None else float(t)
-
-
 def unet_pre_hook(ctl):
     def hook(module, args, kwargs):
         sample = _arg(args, kwargs, 0, "sample")
-        if ctl.begin_forward(_timestep_value(_arg(args, kwargs, 1, "timestep"))) and sample is not None:
+        if ctl.begin_forward() and sample is not None:
             ctl.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
     return hook
 
@@ -47,7 +40,7 @@ def grid_from_img_ids(img_ids) -> tuple[tuple[int, int] | None, str | None]:
 
 def flux_pre_hook(ctl):
     def hook(module, args, kwargs):
-        if not ctl.begin_forward(_timestep_value(_arg(args, kwargs, 3, "timestep"))):
+        if not ctl.begin_forward():
             return
         text = _arg(args, kwargs, 1, "encoder_hidden_states")
         ctl.n_txt = int(text.shape[1]) if isinstance(text, torch.Tensor) else None

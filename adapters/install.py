@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import warnings
+import weakref
 
 import torch
 
@@ -19,16 +20,43 @@ FASA_PROCESSORS = (FasaAttnProcessor, FasaFluxAttnProcessor)
 
 
 def _stock_processor_kind(proc) -> str | None:
-    """"plain" / "fused" for diffusers' own plain self-attention processors, None for anything else."""
+    """"sdpa" / "fused" / "legacy" for diffusers' own plain self-attention processors (``AttnProcessor2_0`` and
+    ``FluxAttnProcessor`` / ``FusedAttnProcessor2_0`` / ``AttnProcessor``), None for anything else."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
     from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     kind = type(proc)
-    if kind in (AttnProcessor, AttnProcessor2_0, FluxAttnProcessor):
-        return "plain"
+    if kind in (AttnProcessor2_0, FluxAttnProcessor):
+        return "sdpa"
     if kind is FusedAttnProcessor2_0:
         return "fused"
+    if kind is AttnProcessor:
+        return "legacy"
     return None
+
+
+def _pipeline_cfg_reader(pipe):
+    """A callable telling whether ``pipe`` batches classifier-free guidance in its running call (diffusers'
+    ``do_classifier_free_guidance`` property, set from ``guidance_scale`` at the start of each call), or None
+    when the pipeline has no such property."""
+    if not isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        return None
+    ref = weakref.ref(pipe)
+    return lambda: ref().do_classifier_free_guidance
+
+
+def _scheduler_reader(model, scheduler):
+    """A callable giving the scheduler whose loop counts the steps: ``scheduler`` when given, else the
+    pipeline's current ``.scheduler`` (read per forward); None when there is neither."""
+    if scheduler is not None:
+        if not (callable(getattr(scheduler, "step", None)) and callable(getattr(scheduler, "set_timesteps", None))):
+            raise TypeError("scheduler must be a diffusers scheduler (with set_timesteps() and step()), got "
+                            f"{type(scheduler).__name__}")
+        return lambda: scheduler
+    if isinstance(model, torch.nn.Module) or getattr(model, "scheduler", None) is None:
+        return None
+    ref = weakref.ref(model)
+    return lambda: getattr(ref(), "scheduler", None)
 
 
 def _model_device(module: torch.nn.Module) -> torch.device:
@@ -65,7 +93,9 @@ class FasaHandle:
 
     @property
     def step(self) -> int:
-        """Index of the current denoising step (-1 before the first forward)."""
+        """Index of the denoising-loop iteration of the latest forward (the index the pipeline's step callback
+        gets): the number of ``scheduler.step()`` calls since the loop's ``set_timesteps``. -1 before the first
+        forward, and always when no scheduler is known (bare model without ``scheduler=``)."""
         return self.controller.step
 
     @property
@@ -77,8 +107,10 @@ class FasaHandle:
         self.controller.enabled = check_bool("enabled", value)
 
     def set_mask(self, mask) -> None:
-        """Replace the attribute mask (``[h, w]`` or ``[n, h, w]``); resized masks are recomputed lazily."""
-        self.controller.set_mask(check_mask(mask).to(_model_device(self.model)))
+        """Replace the attribute mask (``[h, w]`` or ``[n, h, w]``) with a copy of ``mask``: later in-place
+        edits of the caller's tensor are not seen (call ``set_mask`` again). Resized masks are recomputed
+        lazily."""
+        self.controller.set_mask(_own_copy(check_mask(mask), _model_device(self.model)))
 
     def reset(self) -> None:
         """Restart the step counter (the next forward is step 0)."""
@@ -95,6 +127,7 @@ class FasaHandle:
                 warnings.warn(f"{block.name}: its FASA processor was replaced after install_fasa; leaving "
                               f"{type(block.attn.processor).__name__} in place", stacklevel=2)
         self._hook.remove()
+        self.controller.detach()
         if getattr(self.model, _MARK, None) is self:
             delattr(self.model, _MARK)
         self.controller.drop_masks()
@@ -112,29 +145,57 @@ class FasaHandle:
         return f"FasaHandle({self.family}, {len(self._installed)} layers, omega={self.omega}, {state})"
 
 
+def _own_copy(mask: torch.Tensor, device) -> torch.Tensor:
+    """A float32 copy of a validated mask on ``device`` that shares no memory with the caller's tensor."""
+    return mask.to(device=device, dtype=torch.float32, copy=True)
+
+
 def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fidelity=1.0, layout=None,
-                 mode="bias", backend="auto", force=False) -> FasaHandle:
+                 mode="bias", backend="auto", force=False, scheduler=None) -> FasaHandle:
     """Turn a diffusers SD1.x/SD2.x/SDXL UNet or FLUX transformer (or a pipeline holding one) into a FASA model.
 
     ``mask``: attribute mask ``[h, w]`` (shared) or ``[n, h, w]`` (one per PD/FD pair), bool or float >= 0,
-    any resolution; resized per layer grid (nearest) and cached. ``omega``: None takes the family preset.
-    ``layers``: None (preset), "all", or block indices in execution order. ``steps``: None (all) or the step
-    indices where FASA runs. ``style_fidelity``: blend of the unconditional PD rows,
-    ``(1 - sf) * FASA + sf * plain``. ``layout``: "cfg" (each guidance half is ``[PD_1..PD_n, FD_1..FD_n]``)
-    or "plain" (the whole batch is); None takes the family's: "cfg" for UNets, "plain" for FLUX (no CFG batch). ``mode``/``backend``: passed to :func:`freecure_ops.fasa_attention`.
-    ``force``: replace unknown custom self-attention processors too. Presets: see :mod:`.presets`.
+    any resolution; copied at install (later in-place edits of your tensor are not seen: use
+    ``handle.set_mask``), resized per layer grid (nearest) and cached. ``omega``: None takes the family preset.
+    ``layers``: None (preset), "all", or block indices in execution order. ``steps``: None (all) or the
+    denoising-loop iterations where FASA runs (the index the pipeline's step callback gets; counted from the
+    scheduler's ``step()`` calls, so second-order schedulers count each of their loop iterations).
+    ``style_fidelity``: blend of the unconditional PD rows, ``(1 - sf) * FASA + sf * plain``.
+    ``layout``: how the batch pairs PD and FD rows. "cfg": each guidance half is ``[PD_1..PD_n, FD_1..FD_n]``;
+    "plain": the whole batch is. None: FLUX takes "plain" (its pipelines never batch CFG); for a UNet
+    *pipeline* FASA asks the pipeline at every call whether it batches CFG (``guidance_scale > 1``) and pairs
+    accordingly; a bare UNet (or an object without ``do_classifier_free_guidance``) must be told.
+    ``mode``/``backend``: passed to :func:`freecure_ops.fasa_attention`. ``force``: replace unknown custom
+    self-attention processors too. ``scheduler``: the scheduler whose loop counts the steps; default: the
+    pipeline's (read at every forward); needed for ``steps=`` on a bare model. Presets: see :mod:`.presets`.
     """
     denoiser, family = resolve_model(model)
     mask = check_mask(mask)
     omega = check_real("omega", omega, allow_none=True)
     steps = check_steps(steps)
     style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
-    layout = PRESETS[family].layout if layout is None else check_choice("layout", layout, LAYOUTS)
     mode = check_choice("mode", mode, MODES)
     backend = check_choice("backend", backend, BACKENDS)
     force = check_bool("force", force)
+    if layout is not None:
+        layout = check_choice("layout", layout, LAYOUTS)
     blocks = find_self_attention_blocks(denoiser)
     layers = check_layers(layers, len(blocks))
+    cfg_of_call = None
+    if layout is None and PRESETS[family].layout == "plain":
+        layout = "plain"
+    elif layout is None:
+        cfg_of_call = None if isinstance(model, torch.nn.Module) else _pipeline_cfg_reader(model)
+        if cfg_of_call is None:
+            raise ValueError("layout=None works with a diffusers pipeline, which says per call whether it batches "
+                             f"classifier-free guidance; for a bare {type(model).__name__} pass layout='cfg' (each "
+                             "guidance half of the batch is [PD_1..PD_n, FD_1..FD_n]) or layout='plain' (the whole "
+                             "batch is, no CFG batch)")
+        layout = "auto"
+    scheduler_of = _scheduler_reader(model, scheduler)
+    if steps is not None and scheduler_of is None:
+        raise ValueError("steps= needs the denoising loop's step index: pass the pipeline (its scheduler counts the "
+                         "steps) or scheduler= (the scheduler whose step() your loop calls)")
 
     if getattr(denoiser, _MARK, None) is not None or any(isinstance(b.attn.processor, FASA_PROCESSORS)
                                                          for b in blocks):
@@ -154,14 +215,15 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
                              f"{type(b.attn.processor).__name__}; FASA would replace it (and restore it on remove): "
                              "pass force=True to allow that")
 
-    controller = FasaController(mask=mask.to(_model_device(denoiser)),
+    controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)),
                                 omega=PRESETS[family].omega if omega is None else omega, steps=steps,
-                                style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend)
+                                style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
+                                cfg_of_call=cfg_of_call, scheduler_of=scheduler_of)
     installed = []
     for b in chosen:
         original = b.attn.processor
         if b.kind == "unet":
-            ours = FasaAttnProcessor(controller, b.name, fused=kinds[b.name] == "fused")
+            ours = FasaAttnProcessor(controller, b.name, kind=kinds[b.name] or "sdpa")
         else:
             ours = FasaFluxAttnProcessor(controller, b.name)
             for attr in ("_attention_backend", "_parallel_config"):

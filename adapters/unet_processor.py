@@ -1,13 +1,17 @@
 """FASA processor for ``attn1`` of SD1.x/SD2.x/SDXL UNet transformer blocks.
 
-It is diffusers' ``AttnProcessor2_0`` (or ``FusedAttnProcessor2_0`` when built with ``fused=True``) line for
-line, except that while FASA is active the PD rows of the attention result are replaced by
-:func:`.attend.overwrite_pd_rows`.
-Like the stock processors it calls SDPA with its default scale ``head_dim ** -0.5`` (``attn.scale`` is the
-same value for every SD/SDXL layer; the stock SDPA processors ignore it, and so does this one).
+It is the stock processor it replaces line for line: diffusers' ``AttnProcessor2_0`` (``kind="sdpa"``),
+``FusedAttnProcessor2_0`` (``kind="fused"``) or the legacy ``AttnProcessor`` (``kind="legacy"``: baddbmm,
+softmax, bmm, honouring ``attn.scale``, ``upcast_attention`` and ``upcast_softmax``), except that while FASA
+is active the PD rows of the attention result are replaced by :func:`.attend.overwrite_pd_rows`. So the FD
+rows (and every row while FASA is inactive) are bit-identical to the replaced processor's.
+Like the stock SDPA processors the "sdpa"/"fused" kinds use SDPA's default scale ``head_dim ** -0.5``
+(``attn.scale`` is the same value for every SD/SDXL layer; the stock SDPA processors ignore it); the
+"legacy" kind passes ``attn.scale`` to FASA as the legacy processor uses it.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from diffusers.utils import deprecate
 
@@ -18,10 +22,15 @@ from .controller import FasaController
 class FasaAttnProcessor:
     """Self-attention processor with FASA on PD rows. State lives in the shared ``controller``."""
 
-    def __init__(self, controller: FasaController, name: str, fused: bool = False):
+    KINDS = ("sdpa", "fused", "legacy")
+
+    def __init__(self, controller: FasaController, name: str, kind: str = "sdpa"):
+        if kind not in self.KINDS:
+            raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
         self.controller = controller
         self.name = name
-        self.fused = fused
+        self.kind = kind
+        self.fused = kind == "fused"
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
                  **kwargs):
@@ -35,6 +44,8 @@ class FasaAttnProcessor:
         ctl = self.controller
         # FASA is for self-attention only: a cross-attention attn1 (only_cross_attention blocks) stays stock.
         use_fasa = ctl.active and encoder_hidden_states is None
+        if self.kind == "legacy":
+            return self._legacy(attn, hidden_states, encoder_hidden_states, attention_mask, temb, use_fasa)
 
         residual = hidden_states
         if attn.spatial_norm is not None:
@@ -101,6 +112,71 @@ class FasaAttnProcessor:
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
+
+        # linear proj
+        hidden_states = attn.to_out[0](hidden_states)
+        # dropout
+        hidden_states = attn.to_out[1](hidden_states)
+
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+
+        hidden_states = hidden_states / attn.rescale_output_factor
+
+        return hidden_states
+
+    def _legacy(self, attn, hidden_states, encoder_hidden_states, attention_mask, temb, use_fasa):
+        """diffusers' ``AttnProcessor.__call__`` line for line, plus the PD-row overwrite."""
+        ctl = self.controller
+        residual = hidden_states
+
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None and use_fasa:
+            raise ValueError(f"attention_mask is not supported on a FASA self-attention layer ({self.name})")
+        attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        query = attn.head_to_batch_dim(query)
+        key = attn.head_to_batch_dim(key)
+        value = attn.head_to_batch_dim(value)
+
+        attention_probs = attn.get_attention_scores(query, key, attention_mask)
+        hidden_states = torch.bmm(attention_probs, value)
+        if use_fasa:
+            # head_to_batch_dim / bmm give contiguous [B * H, N, D]: views as [B, H, N, D], no copies
+            heads = attn.heads
+            as4 = (lambda t: t.view(batch_size, heads, t.shape[1], t.shape[2]))
+            grid = (height, width) if input_ndim == 4 else ctl.unet_grid(query.shape[1], self.name)
+            out4 = overwrite_pd_rows(ctl, as4(query), as4(key), as4(value), as4(hidden_states), grid, 0, self.name,
+                                     scale=attn.scale)
+            hidden_states = out4.reshape(batch_size * heads, out4.shape[2], out4.shape[3])
+        hidden_states = attn.batch_to_head_dim(hidden_states)
 
         # linear proj
         hidden_states = attn.to_out[0](hidden_states)

@@ -1,4 +1,5 @@
-"""``python -m bench``: FASA kernel benchmarks against SDPA and peers at real model shapes.
+"""``freecure bench`` / ``python -m freecure_ops.bench``: FASA kernel benchmarks against SDPA and peers
+at real model shapes.
 
 On CUDA: every provider at full size, fp16 and bf16, four mask coverages, then the end-to-end step.
 On CPU: torch providers at reduced sizes in fp32 plus an interpreter correctness run of the kernel
@@ -51,8 +52,23 @@ def _coverages(text: str) -> list:
     return out
 
 
+def _prog() -> str:
+    """How the user started us: ``freecure bench`` (the CLI entry point) or ``python -m freecure_ops.bench``."""
+    return "freecure bench" if Path(sys.argv[0]).name.startswith("freecure") else "python -m freecure_ops.bench"
+
+
+def _out_dir(text: str) -> Path:
+    """--out: a folder that is (or can be created) writable, checked before any benchmark runs."""
+    from freecure_ops.outputs import output_dir_problem
+
+    problem = output_dir_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text}: {problem}")
+    return Path(text)
+
+
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
+    ap = argparse.ArgumentParser(prog=_prog(), description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=lambda s: _csv_list(s, MODELS, "model"), default=list(MODELS),
                     help=f"comma list from {','.join(MODELS)} (default: all)")
@@ -65,8 +81,8 @@ def parse_args(argv=None):
                          "(default: all; hair and band at each coverage, full once)")
     ap.add_argument("--providers", type=lambda s: _csv_list(s, PROVIDERS, "provider"), default=None,
                     help=f"comma list from {','.join(PROVIDERS)} (default: all; on CPU flex is skipped unless named)")
-    ap.add_argument("--out", type=Path, default=None,
-                    help="folder for table.txt, bench.csv, bench.png (default: bench/results/<device>/)")
+    ap.add_argument("--out", type=_out_dir, default=".",
+                    help="folder for table.txt, bench.csv, bench.png (default: the current folder); checked first")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: first dtype only, coverages 25,100 unless given, short timing")
     ap.add_argument("--full-size", action="store_true", help="on CPU, run the real (not reduced) shapes")

@@ -256,9 +256,27 @@ def load_state_dict_file(path) -> dict[str, torch.Tensor]:
     return state
 
 
+#: the most classes a parser head may have (CelebAMask-HQ has 19; LaPa 11; generous for custom label sets)
+MAX_CLASSES = 1024
+
+
+def _classes_from_head(state: Mapping[str, torch.Tensor], path: str) -> int:
+    """The class count of a checkpoint's main head, checked against the architecture before anything is built."""
+    head = state.get("conv_out.conv_out.weight")
+    if not isinstance(head, torch.Tensor) or head.dim() != 4:
+        return 19  # the strict key/shape check reports what is wrong
+    n = int(head.shape[0])
+    if not 2 <= n <= MAX_CLASSES or tuple(head.shape[1:]) != (256, 1, 1):
+        raise ValueError(f"path: {path!r} is not a BiSeNet (face-parsing.PyTorch) checkpoint: its head "
+                         f"conv_out.conv_out.weight has shape {tuple(head.shape)}, expected [n_classes, 256, 1, 1] "
+                         f"with 2 <= n_classes <= {MAX_CLASSES}")
+    return n
+
+
 def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str) -> None:
     """Strict key and shape check with a readable error; missing BatchNorm ``num_batches_tracked`` buffers
-    (absent from checkpoints saved by old PyTorch releases, unused in eval) are tolerated."""
+    (absent from checkpoints saved by old PyTorch releases, unused in eval) are tolerated. ``model`` may live
+    on the meta device: then only the check runs (nothing is loaded or allocated)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
@@ -277,6 +295,8 @@ def _load_strict(model: nn.Module, state: Mapping[str, torch.Tensor], path: str)
             parts.append(f"shape mismatches ({len(shapes)}): {_fmt(shapes, 6)}")
         raise ValueError(f"path: {path!r} is not a BiSeNet (face-parsing.PyTorch, n_classes="
                          f"{getattr(model, 'n_classes', '?')}) checkpoint: " + "; ".join(parts))
+    if any(v.is_meta for v in own.values()):
+        return
     full = dict(state)
     for k, v in own.items():
         if k not in full:  # num_batches_tracked only
@@ -390,8 +410,11 @@ class BiSeNetParser:
         """
         state = load_state_dict_file(path)
         if n_classes is None:
-            head = state.get("conv_out.conv_out.weight")
-            n_classes = int(head.shape[0]) if isinstance(head, torch.Tensor) and head.dim() == 4 else 19
+            n_classes = _classes_from_head(state, os.fspath(path))
+        elif isinstance(n_classes, bool) or not isinstance(n_classes, int) or not 2 <= n_classes <= MAX_CLASSES:
+            raise ValueError(f"n_classes must be an int in [2, {MAX_CLASSES}], got {n_classes!r}")
+        with torch.device("meta"):  # keys and shapes first, at no memory cost: nothing sized by the file is built
+            _load_strict(BiSeNet(n_classes), state, os.fspath(path))
         net = BiSeNet(n_classes)
         _load_strict(net, state, os.fspath(path))
         return cls(net, labels=labels, input_size=input_size, device=device, dtype=dtype)

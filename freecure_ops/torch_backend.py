@@ -2,54 +2,90 @@
 
 For CPUs and machines without Triton. Nothing of size [B, H, Nq, Nk] is built, except by SDPA's own math
 fallback and by the chunked LSE path (``return_lse=True``), which materializes one query chunk at a time.
+
+Precision: the attention runs in float32 whatever the input dtype, and the output is cast back to q's dtype
+once. SDPA needs its additive mask in q's dtype, and in fp16/bf16 that rounds ``omega * m`` (bf16 keeps 8
+bits: an error of up to 0.04 in a logit of 10) or overflows it (fp16 past 65504); folding the "scale" mode
+factor into fp16/bf16 keys rounds it the same way. The float32 copies of q and the concatenated K/V cost
+memory of the same order as the concatenation itself, and they keep this path within the accuracy rule the
+Triton kernel meets (``max|out - ref64| <= 2 * max|same_dtype_eager - ref64| + floor``).
+
+Excluded FD keys (``m == 0`` in "bias" mode) get weight exactly 0 *and* their K/V entries are replaced by
+zeros, so NaN/inf there never reach the output (``0 * NaN`` would).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .validation import FasaProblem, mask_as_rows
+from .validation import FasaProblem
 
 _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
+_ACC = torch.float32
 
 
-def _fd_keys_and_bias(k_f, mask_rows, p: FasaProblem):
-    """FD image keys and their per-key logit bias ``[1|B, Nimg]`` (or scaled keys in "scale" mode)."""
-    k_img = k_f[:, :, p.n_txt:]
+def mask_rows(mask, p: FasaProblem, device) -> torch.Tensor:
+    """The FD image-token mask as float32 rows ``[1 | B, Nimg]`` (None: all ones, shared).
+
+    The one place that knows the user's mask format (``[Nimg]`` / ``[B, Nimg]``, bool or float): a caller
+    that already holds float32 rows ``[1|B, Nimg]`` can pass them straight through."""
+    if mask is None:
+        return torch.ones(1, p.n_img, device=device, dtype=_ACC)
+    rows = mask.to(device=device, dtype=_ACC)
+    return rows.unsqueeze(0) if rows.dim() == 1 else rows
+
+
+def _fd_keys_values_bias(k_f, v_f, rows, p: FasaProblem):
+    """FD image keys/values in float32 and their per-key logit bias ``[1|B, Nimg]`` (float32).
+
+    "bias": ``omega * m`` where ``m > 0``, ``-inf`` where ``m == 0``; the excluded keys and values are zeroed.
+    "scale": the per-key factor ``omega * m`` is folded into the (float32) keys; no bias, no exclusion."""
+    k_img = k_f[:, :, p.n_txt:].to(_ACC)
+    v_img = v_f[:, :, p.n_txt:].to(_ACC)
     if p.mode == "scale":
-        # omega * m_j * (q . k_j) == q . (omega * m_j * k_j): fold the per-key scale into the keys.
-        factor = (p.omega * mask_rows).to(k_f.dtype)[:, None, :, None]
-        return k_img * factor, torch.zeros_like(mask_rows)
-    bias = torch.where(mask_rows > 0, p.omega * mask_rows, torch.full_like(mask_rows, float("-inf")))
-    return k_img, bias
+        # omega * m_j * (q . k_j) == q . (omega * m_j * k_j), exact up to float32 rounding
+        factor = (p.omega * rows)[:, None, :, None]
+        return k_img * factor, v_img, torch.zeros_like(rows)
+    live = (rows > 0)[:, None, :, None]
+    zero = k_img.new_zeros(())
+    k_img = torch.where(live, k_img, zero)   # NaN/inf in excluded keys never meet a query
+    v_img = torch.where(live, v_img, zero)   # and never meet a zero weight (0 * NaN = NaN)
+    bias = torch.where(rows > 0, p.omega * rows, torch.full_like(rows, float("-inf")))
+    return k_img, v_img, bias
 
 
 def _attend(q, k, v, bias, scale, return_lse):
-    """softmax(scale * q k^T + bias) v with bias [1|B, Nk]; optionally also the natural-log LSE (fp32)."""
+    """softmax(scale * q k^T + bias) v in float32 with bias [1|B, Nk]; optionally also the LSE (natural log)."""
     if not return_lse:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)[:, None, None, :], scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=scale)
     outs, lses = [], []
     for start in range(0, q.shape[2], _LSE_CHUNK):
-        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:start + _LSE_CHUNK].float(), k.float()) * scale
+        s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:start + _LSE_CHUNK], k) * scale
         s = s + bias[:, None, None, :]
         lse = torch.logsumexp(s, dim=-1)
-        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(s - lse[..., None]), v.float()).to(q.dtype))
+        outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(s - lse[..., None]), v))
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False):
-    mask_rows = mask_as_rows(mask, p.batch, p.n_img, q.device)
-    k_img, fd_bias = _fd_keys_and_bias(k_f, mask_rows, p)
-    batch_bias = fd_bias.shape[0]
-    k = torch.cat([k_p, k_img], dim=2)
-    v = torch.cat([v_p, v_f[:, :, p.n_txt:]], dim=2)
-    bias = torch.cat([fd_bias.new_zeros(batch_bias, p.n_p), fd_bias], dim=1)
+    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32."""
+    rows = mask_rows(mask, p, q.device)
+    k_img, v_img, fd_bias = _fd_keys_values_bias(k_f, v_f, rows, p)
+    q32 = q.to(_ACC)
+    k = torch.cat([k_p.to(_ACC), k_img], dim=2)
+    v = torch.cat([v_p.to(_ACC), v_img], dim=2)
+    bias = torch.cat([fd_bias.new_zeros(fd_bias.shape[0], p.n_p), fd_bias], dim=1)
     if p.n_txt == 0:
-        return _attend(q, k, v, bias, p.scale, return_lse)
-    # FLUX joint sequence: text query rows see PD keys only; image rows see PD keys and FD image keys.
-    txt = _attend(q[:, :, :p.n_txt], k_p, v_p, bias[:, :p.n_p], p.scale, return_lse)
-    img = _attend(q[:, :, p.n_txt:], k, v, bias, p.scale, return_lse)
+        res = _attend(q32, k, v, bias, p.scale, return_lse)
+    else:
+        # FLUX joint sequence: text query rows see PD keys only; image rows see PD keys and FD image keys.
+        txt = _attend(q32[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], bias[:, :p.n_p], p.scale, return_lse)
+        img = _attend(q32[:, :, p.n_txt:], k, v, bias, p.scale, return_lse)
+        if return_lse:
+            res = torch.cat([txt[0], img[0]], dim=2), torch.cat([txt[1], img[1]], dim=2)
+        else:
+            res = torch.cat([txt, img], dim=2)
     if return_lse:
-        return torch.cat([txt[0], img[0]], dim=2), torch.cat([txt[1], img[1]], dim=2)
-    return torch.cat([txt, img], dim=2)
+        return res[0].to(q.dtype), res[1]
+    return res.to(q.dtype)

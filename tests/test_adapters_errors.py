@@ -51,7 +51,7 @@ def test_unknown_model(model):
 def test_bad_arguments_raise_before_anything_runs(unet, kwargs, err, name):
     before = dict(unet.attn_processors)
     hooks = dict(unet._forward_pre_hooks)
-    args = dict(mask=GOOD, layers="all")
+    args = dict(mask=GOOD, layers="all", layout="cfg")
     args.update(kwargs)
     with pytest.raises(err, match=f"^{name}"):
         install_fasa(unet, **args)
@@ -79,7 +79,7 @@ def test_batch_that_does_not_fit_the_layout(unet, layout, batch, mask, match):
 
 
 def test_handle_setters_check_their_input(unet):
-    with install_fasa(unet, GOOD, layers=[0]) as handle:
+    with install_fasa(unet, GOOD, layers=[0], layout="cfg") as handle:
         with pytest.raises(TypeError, match="^enabled"):
             handle.enabled = 1
         with pytest.raises(ValueError, match="^mask"):
@@ -93,7 +93,7 @@ def test_attention_mask_on_an_active_fasa_layer_is_refused(unet):
 
     attn = find_self_attention_blocks(unet)[0].attn
     x = torch.randn(4, 16, attn.to_q.in_features)
-    with install_fasa(unet, random_mask((4, 4)), layers=[0]) as handle:
+    with install_fasa(unet, random_mask((4, 4)), layers=[0], layout="cfg") as handle:
         run(unet, unet_inputs(unet, 4, 4, 4))                  # sets the grid and activates the step
         assert handle.controller.active
         with pytest.raises(ValueError, match="attention_mask"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
 from freecure_ops.adapters import FasaFluxAttnProcessor, find_self_attention_blocks, install_fasa
 from test_adapters_helpers import (LayerCapture, assert_close, flux_attn_oracle, flux_inputs, mask_tokens,  # noqa: F401
@@ -51,7 +52,8 @@ def test_inactive_disabled_and_removed_are_bit_identical(flux):
     kw = flux_inputs(2, *GRID, N_TXT)
     stock = run(flux, kw)
     before = dict(flux.attn_processors)
-    handle = install_fasa(flux, random_mask(GRID), layers="all", layout="plain", steps=range(1, 3))
+    handle = install_fasa(flux, random_mask(GRID), layers="all", layout="plain", steps=range(1, 3),
+                          scheduler=FlowMatchEulerDiscreteScheduler())
     assert torch.equal(run(flux, kw), stock)                     # step 0 is outside the steps
     handle.controller.steps = None
     handle.reset()
@@ -100,7 +102,8 @@ def test_fused_projections_and_default_preset():
 def test_img_ids_that_are_not_a_grid_raise_only_when_active(flux):
     kw = flux_inputs(2, *GRID, N_TXT)
     kw["img_ids"] = kw["img_ids"].flip(0)
-    with install_fasa(flux, random_mask(GRID), layers="all", layout="plain", steps=[5]) as handle:
+    with install_fasa(flux, random_mask(GRID), layers="all", layout="plain", steps=[5],
+                      scheduler=FlowMatchEulerDiscreteScheduler()) as handle:
         run(flux, kw)                                            # inactive: stock, no grid needed
         handle.controller.steps = None
         with pytest.raises(ValueError, match="img_ids"):

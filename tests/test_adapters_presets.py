@@ -55,11 +55,11 @@ def test_unet_presets_select_the_documented_blocks(name, family, n_blocks, expec
     assert len(blocks) == n_blocks
     before = dict(unet.attn_processors)
     # a pipeline-like object is accepted too
-    handle = install_fasa(SimpleNamespace(unet=unet), torch.ones(64, 64, dtype=torch.bool))
+    handle = install_fasa(SimpleNamespace(unet=unet), torch.ones(64, 64, dtype=torch.bool), layout="cfg")
     assert handle.family == family and handle.omega == PRESETS[family].omega
     assert list(handle.layer_names) == expected
     assert handle.layers == tuple(range(10, 16) if family == "sd1" else range(50, 70))
-    assert handle.controller.layout == "cfg"  # the UNet family default: CFG batches
+    assert handle.controller.layout == "cfg"  # a bare UNet (no pipeline to ask) is told the layout
     touched = {k for k, v in unet.attn_processors.items() if v is not before[k]}
     assert touched == {n + ".processor" for n in expected}
     handle.remove()
@@ -89,4 +89,4 @@ def test_flux_preset_is_the_second_half_of_the_single_stream_blocks():
 def test_preset_out_of_range_on_a_small_model_is_a_clear_error():
 
     with pytest.raises(ValueError, match="layers=None takes the sdxl preset"):
-        install_fasa(tiny_sdxl(), torch.ones(8, 8))
+        install_fasa(tiny_sdxl(), torch.ones(8, 8), layout="cfg")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
+from diffusers import DDIMScheduler
 
 import freecure_ops.adapters.controller as controller_mod
 from freecure_ops.adapters import FasaAttnProcessor, find_self_attention_blocks, install_fasa
@@ -49,7 +50,7 @@ def test_zero_mask_is_stock_within_rounding(models, name):
     unet = models[name]
     kw = unet_inputs(unet, 4, *LATENT)
     stock = run(unet, kw)
-    with install_fasa(unet, torch.zeros(20, 12), layers="all"):
+    with install_fasa(unet, torch.zeros(20, 12), layers="all", layout="cfg"):
         out = run(unet, kw)
     assert torch.allclose(out, stock, atol=1e-5, rtol=1e-5)
 
@@ -60,7 +61,8 @@ def test_inactive_steps_disabled_and_removed_are_bit_identical(models, name):
     kw = unet_inputs(unet, 4, *LATENT)
     stock = run(unet, kw)
     before = _processors(unet)
-    handle = install_fasa(unet, random_mask(LATENT), layers="all", steps=[3, 4])
+    handle = install_fasa(unet, random_mask(LATENT), layers="all", steps=[3, 4], layout="cfg",
+                          scheduler=DDIMScheduler())
     assert torch.equal(run(unet, kw), stock)                       # step 0 is outside the steps
     handle.controller.steps = None
     handle.reset()
@@ -102,7 +104,7 @@ def test_style_fidelity_changes_only_unconditional_pd_rows(models):
     mask = random_mask((2, 10, 6))
     outs = {}
     for sf in (0.0, 1.0):
-        with install_fasa(unet, mask, layers="all", style_fidelity=sf):
+        with install_fasa(unet, mask, layers="all", style_fidelity=sf, layout="cfg"):
             outs[sf] = run(unet, kw)
     uncond_pd = [0, 1]
     rest = [2, 3, 4, 5, 6, 7]
@@ -116,7 +118,7 @@ def test_layer_subset_and_fused_projections():
     kw = unet_inputs(unet, 4, *LATENT)
     stock = run(unet, kw)
     mask = random_mask((10, 6))
-    handle = install_fasa(unet, mask, 0.8, layers=[1, 6, 9])
+    handle = install_fasa(unet, mask, 0.8, layers=[1, 6, 9], layout="cfg")
     assert handle.layers == (1, 6, 9)
     procs = [b.attn.processor for b in find_self_attention_blocks(unet)]
     assert [isinstance(p, FasaAttnProcessor) for p in procs] == [i in (1, 6, 9) for i in range(10)]
@@ -151,7 +153,7 @@ def test_cross_attention_processors_survive(models):
         m.set_processor(CustomCross())
     custom = {n: m.processor for n, m in attn2.items()}
     try:
-        handle = install_fasa(unet, random_mask((10, 6)), layers="all")
+        handle = install_fasa(unet, random_mask((10, 6)), layers="all", layout="cfg")
         assert all(attn2[n].processor is custom[n] for n in attn2)
         run(unet, unet_inputs(unet, 4, *LATENT))
         handle.remove()
@@ -173,10 +175,10 @@ def test_custom_self_attention_processor_refused_unless_forced(models):
     try:
         before = _processors(unet)
         with pytest.raises(ValueError, match=block.name.replace(".", r"\.")):
-            install_fasa(unet, random_mask((10, 6)), layers="all")
+            install_fasa(unet, random_mask((10, 6)), layers="all", layout="cfg")
         after = _processors(unet)
         assert all(after[k] is before[k] for k in before)           # nothing was touched
-        handle = install_fasa(unet, random_mask((10, 6)), layers="all", force=True)
+        handle = install_fasa(unet, random_mask((10, 6)), layers="all", force=True, layout="cfg")
         assert isinstance(block.attn.processor, FasaAttnProcessor)
         handle.remove()
         assert block.attn.processor is mine
@@ -186,11 +188,11 @@ def test_custom_self_attention_processor_refused_unless_forced(models):
 
 def test_second_install_raises_and_first_stays_usable(models):
     unet = models["sd15"]
-    with install_fasa(unet, random_mask((10, 6)), layers="all") as handle:
+    with install_fasa(unet, random_mask((10, 6)), layers="all", layout="cfg") as handle:
         with pytest.raises(ValueError, match="already carries FASA"):
-            install_fasa(unet, random_mask((10, 6)))
+            install_fasa(unet, random_mask((10, 6)), layout="cfg")
         assert not handle.removed
-    handle2 = install_fasa(unet, random_mask((10, 6)), layers="all")  # fine after remove
+    handle2 = install_fasa(unet, random_mask((10, 6)), layers="all", layout="cfg")  # fine after remove
     handle2.remove()
 
 
@@ -199,9 +201,9 @@ def test_exception_mid_generation_leaves_handle_usable_and_model_removable(model
     kw = unet_inputs(unet, 4, *LATENT)
     stock = run(unet, kw)
     mask = random_mask((10, 6))
-    with install_fasa(unet, mask, layers="all") as fresh:
+    with install_fasa(unet, mask, layers="all", layout="cfg") as fresh:
         want = run(unet, kw)
-    handle = install_fasa(unet, mask, layers="all")
+    handle = install_fasa(unet, mask, layers="all", layout="cfg")
     with pytest.raises(ValueError, match="layout='cfg'"):
         run(unet, unet_inputs(unet, 6, *LATENT))                     # 6 rows do not fit the cfg layout
     handle.reset()
@@ -215,12 +217,12 @@ def test_masks_resized_once_per_grid_and_no_activation_kept(models, monkeypatch)
     calls = []
     real = controller_mod.resize_mask_to_grid
     monkeypatch.setattr(controller_mod, "resize_mask_to_grid", lambda m, h, w: calls.append((h, w)) or real(m, h, w))
-    handle = install_fasa(unet, random_mask((12, 20)), layers="all")
+    handle = install_fasa(unet, random_mask((12, 20)), layers="all", layout="cfg")
     assert handle.controller._mask.dtype == torch.float32
     for t in (900, 800, 700):
         run(unet, unet_inputs(unet, 4, *LATENT, t=t))
     assert sorted(calls) == [(2, 1), (3, 2), (5, 3), (10, 6)]        # once per grid, over 3 steps x 10 layers
-    assert handle.step == 2
+    assert handle.step == -1                                          # bare model, no scheduler: no step index
     # the controller and the processors keep Python numbers and the masks only
     ctl = handle.controller
     tensors = [k for k, v in vars(ctl).items() if isinstance(v, torch.Tensor) and k != "_mask"]
@@ -242,5 +244,5 @@ def test_triton_backend_in_interpreter():
     unet = tiny_sd15(seed=2)
     kw = unet_inputs(unet, 4, 4, 2)
     mask = soft_mask((8, 4))
-    with install_fasa(unet, mask, 1.5, layers=[0, 9], backend="triton", style_fidelity=0.5) as handle:
+    with install_fasa(unet, mask, 1.5, layers=[0, 9], backend="triton", style_fidelity=0.5, layout="cfg") as handle:
         _check_layerwise(unet, handle, kw, mask, 1.5, "cfg", sf=0.5, tol=1e-4)

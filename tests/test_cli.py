@@ -146,7 +146,8 @@ def test_empty_mask_after_parsing_is_an_error(model_dir, tmp_path, capsys, stub_
     weights, parser = stub_parser
     parser.hair = False
     assert main(_args(model_dir, tmp_path / "out", "--parser-weights", str(weights))) == 2
-    assert "empty after parsing" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "empty after parsing" in err and "--empty-mask warn" in err and "empty_mask=" not in err
     assert main(_args(model_dir, tmp_path / "out", "--parser-weights", str(weights), "--empty-mask", "warn")) == 0
     assert "freecure: warning: the attribute mask is empty after parsing" in capsys.readouterr().err
 

@@ -1,0 +1,76 @@
+"""Step counting the way the denoising loop counts: one step per ``scheduler.step()`` call.
+
+Every diffusers pipeline calls ``scheduler.set_timesteps`` (or ``retrieve_timesteps``, which calls it) once
+before its loop and ``scheduler.step`` exactly once per loop iteration, for every scheduler (second-order
+ones such as Heun and K-DPM2 included: their internal half steps are loop iterations too, each with its own
+progress-bar tick and step-callback index). So the index of the current iteration is the number of
+``step()`` calls since the last ``set_timesteps``. :class:`SchedulerStepCounter` wraps those two methods on
+the scheduler *instance* (the class is untouched; ``inspect.signature`` still sees the originals, which the
+pipelines read to find optional arguments such as ``eta``) and counts in Python: no timestep is read, so no
+device-to-host sync happens per forward, and the count is right where the timesteps repeat or rise
+(``KDPM2AncestralDiscreteScheduler`` emits ``666.0001, 666.0, 332.99997, 333.0, ...``).
+"""
+from __future__ import annotations
+
+import functools
+
+
+class SchedulerStepCounter:
+    """``count``: completed loop iterations (``step()`` calls) since the last ``set_timesteps`` (or
+    :meth:`restart`). Attach to one scheduler at a time; :meth:`detach` restores it."""
+
+    def __init__(self):
+        self.count = 0
+        self.scheduler = None
+        self._wrappers = {}   # method name -> (wrapper, whether the instance had its own attribute before)
+        self._live = False
+
+    def restart(self) -> None:
+        self.count = 0
+
+    def _on_set_timesteps(self) -> None:
+        self.count = 0
+
+    def _on_step(self) -> None:
+        self.count += 1
+
+    def attach(self, scheduler) -> None:
+        """Count ``scheduler``'s loop (detaching from the previous one). The count restarts at 0."""
+        if scheduler is self.scheduler and self._live:
+            return
+        self.detach()
+        for name, after in (("set_timesteps", self._on_set_timesteps), ("step", self._on_step)):
+            original = getattr(scheduler, name, None)
+            if not callable(original):
+                raise TypeError(f"scheduler must have set_timesteps() and step() methods (a diffusers scheduler), "
+                                f"got {type(scheduler).__name__}")
+            had_own = name in vars(scheduler)
+            wrapper = self._wrap(scheduler, original, after)
+            setattr(scheduler, name, wrapper)
+            self._wrappers[name] = (wrapper, original, had_own)
+        self.scheduler = scheduler
+        self._live = True
+        self.count = 0
+
+    def _wrap(self, scheduler, original, after):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            if self._live and self.scheduler is scheduler:
+                after()
+            return out
+        return wrapper
+
+    def detach(self) -> None:
+        """Put the scheduler's methods back (when someone wrapped them after us, ours turns into a pass-through)."""
+        sched = self.scheduler
+        self._live = False
+        if sched is not None:
+            for name, (wrapper, original, had_own) in self._wrappers.items():
+                if vars(sched).get(name) is wrapper:
+                    if had_own:
+                        setattr(sched, name, original)
+                    else:
+                        delattr(sched, name)
+        self._wrappers = {}
+        self.scheduler = None
