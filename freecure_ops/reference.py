@@ -93,9 +93,6 @@ def fasa_reference(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
         scale = 1.0 / math.sqrt(d)  # SPEC.md: scale defaults to D ** -0.5
     soft = torch.float64 if q.dtype == torch.float64 else torch.float32
 
-    s_p = (torch.einsum("bhqd,bhkd->bhqk", q, k_p) * scale).to(soft)   # [B, H, Nq, Np]
-    s_f = (torch.einsum("bhqd,bhkd->bhqk", q, k_f) * scale).to(soft)   # [B, H, Nq, Nf]
-
     # m_j for every FD key j: text keys (j < n_txt) carry none, image key j carries mask entry j - n_txt;
     # mask=None means m = 1 on every image key; a [Nimg] mask is shared by the whole batch.
     m = torch.zeros(b, n_f, dtype=soft, device=q.device)
@@ -103,6 +100,14 @@ def fasa_reference(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
         m[:, n_txt:] = 1.0
     else:
         m[:, n_txt:] = mask.to(soft).expand(b, n_f - n_txt)
+    # FD keys that are not part of the computation (text keys; in "bias" mode also m == 0) get zero K/V, so
+    # that whatever they hold (NaN, inf) cannot reach the output through 0 * inf.
+    part = (m > 0) if mode == "bias" else (torch.arange(n_f, device=q.device) >= n_txt).expand(b, n_f)
+    k_f = torch.where(part[:, None, :, None], k_f, torch.zeros((), dtype=k_f.dtype, device=k_f.device))
+    v_f = torch.where(part[:, None, :, None], v_f, torch.zeros((), dtype=v_f.dtype, device=v_f.device))
+
+    s_p = (torch.einsum("bhqd,bhkd->bhqk", q, k_p) * scale).to(soft)   # [B, H, Nq, Np]
+    s_f = (torch.einsum("bhqd,bhkd->bhqk", q, k_f) * scale).to(soft)   # [B, H, Nq, Nf]
     m = m[:, None, None, :]                                             # [B, 1, 1, Nf]
     if mode == "bias":  # logit = s + omega * m where m > 0, the key excluded where m == 0
         s_f = torch.where(m > 0, s_f + omega * m, torch.full_like(s_f, -math.inf))
