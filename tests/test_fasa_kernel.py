@@ -218,6 +218,7 @@ def test_launch_memo_releases_dead_masks(shape, device):
     from freecure_ops.kernels.fasa_fwd import _launch_memo as memo
 
     inputs = make_inputs(2, 1, 20, 20, 90, 16, torch.float32, device)
+    gc.collect()  # masks of earlier tests (e.g. held by a failed test's traceback) must not die in between
     before = len(memo)
     mask = rand(*shape, seed=8, device=device)  # float32 and contiguous: the rows the kernel reads alias it
     run_triton(inputs, mask, 1.5)

@@ -67,18 +67,24 @@ def test_freecure_hands_its_omega_and_mode_to_the_op(sd_pipe, op_calls, omega, m
     assert {c["backend"] for c in op_calls} == {"torch"}
 
 
-def test_freecure_omega_changes_the_image_as_install_fasa_does(sd_pipe):
-    """By value end to end: FreeCure(omega=w) equals the pipeline run by hand with install_fasa(omega=w)."""
+@pytest.mark.parametrize("omega,mode,sf", [(3.0, "scale", 0.3), (0.8, "bias", 0.0)])
+def test_freecure_equals_install_fasa_by_hand(sd_pipe, omega, mode, sf):
+    """By value end to end: FreeCure(omega, mode, style_fidelity) is the pipeline run by hand on the
+    [PD, FD] batch with install_fasa(omega, mode, style_fidelity), from the same initial noise."""
     from freecure_ops.adapters.freecure import FreeCure
 
     mask = _hair_mask()
     common = dict(num_inference_steps=2, height=IMAGE, width=IMAGE, output_type="pt")
-    fc = FreeCure(sd_pipe, layers="all", omega=3.0, mode="scale")
-    out = fc(PD, fd_prompt=FD, mask=mask, seed=0, **common).images
+    fc = FreeCure(sd_pipe, layers="all", omega=omega, mode=mode, style_fidelity=sf)
+    out = fc(PD, fd_prompt=FD, mask=mask, seed=0, **common)
     latents = fc.initial_latents(1, IMAGE, IMAGE, torch.Generator().manual_seed(0))
-    with install_fasa(sd_pipe, mask, 3.0, layers="all", layout="cfg", mode="scale"):
-        by_hand = sd_pipe([PD, FD], latents=torch.cat([latents, latents]), **common).images[:1]
-    assert torch.equal(out, by_hand)
+    with install_fasa(sd_pipe, mask, omega, layers="all", layout="cfg", mode=mode, style_fidelity=sf):
+        by_hand = sd_pipe([PD, FD], latents=torch.cat([latents, latents]), **common).images
+    assert torch.equal(out.images, by_hand[:1]) and torch.equal(out.fd_images, by_hand[1:])
+    # and the knobs matter here: the default settings give another image
+    with install_fasa(sd_pipe, mask, layers="all", layout="cfg"):
+        default = sd_pipe([PD, FD], latents=torch.cat([latents, latents]), **common).images
+    assert (default[:1] - out.images).abs().max() > 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -98,20 +104,42 @@ def mask_png(tmp_path_factory):
     return path
 
 
-@pytest.mark.parametrize("extra,omega,mode", [(["--omega", "2.5", "--mode", "scale"], 2.5, "scale"),
-                                              (["--omega", "0.25"], 0.25, "bias"),
-                                              ([], 0.5, "bias")])
-def test_cli_hands_omega_and_mode_to_the_op(model_dir, mask_png, tmp_path, op_calls, extra, omega, mode):
+def _cli(model_dir, mask_png, out, *extra):
     from freecure_ops.cli import main
 
-    args = ["generate", "--model", str(model_dir), "--prompt", PD, "--fd-prompt", FD, "--steps", "2", "--seed", "0",
-            "--height", str(IMAGE), "--width", str(IMAGE), "--layers", "all", "--quiet", "--backend", "torch",
-            "--out", str(tmp_path / "out"), "--mask", str(mask_png), *extra]
-    assert main(args) == 0
+    return main(["generate", "--model", str(model_dir), "--prompt", PD, "--fd-prompt", FD, "--steps", "2",
+                 "--seed", "0", "--height", str(IMAGE), "--width", str(IMAGE), "--layers", "all", "--quiet",
+                 "--out", str(out), "--mask", str(mask_png), *extra])
+
+
+@pytest.mark.parametrize("extra,omega,mode,backend", [
+    (["--omega", "2.5", "--mode", "scale", "--backend", "torch"], 2.5, "scale", "torch"),
+    (["--omega", "0.25", "--backend", "triton"], 0.25, "bias", "triton"),   # the interpreter on CPU
+    (["--backend", "torch"], 0.5, "bias", "torch"),                         # no --omega: the SD1.x preset
+])
+def test_cli_hands_omega_mode_backend_to_the_op(model_dir, mask_png, tmp_path, op_calls, extra, omega, mode,
+                                                backend):
+    assert _cli(model_dir, mask_png, tmp_path / "out", *extra) == 0
     assert op_calls, "FASA never ran"
     assert {c["omega"] for c in op_calls} == {omega}
     assert {c["mode"] for c in op_calls} == {mode}
-    assert {c["backend"] for c in op_calls} == {"torch"}
+    assert {c["backend"] for c in op_calls} == {backend}
+
+
+def test_cli_hands_style_fidelity_and_layers_to_install_fasa(model_dir, mask_png, tmp_path, monkeypatch):
+    import freecure_ops.adapters.freecure as fc_mod
+
+    seen = []
+    real = fc_mod.install_fasa
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fc_mod, "install_fasa", spy)
+    assert _cli(model_dir, mask_png, tmp_path / "out", "--style-fidelity", "0.3", "--layers", "1,2") == 0
+    assert len(seen) == 1
+    assert seen[0]["style_fidelity"] == 0.3 and sorted(seen[0]["layers"]) == [1, 2]
 
 
 # ---------------------------------------------------------------------------------------------------------------
