@@ -237,6 +237,13 @@ def _size_multiple(model: str) -> int:
         return 16
 
 
+def _interpreting() -> bool:
+    """Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1, as the tests set)."""
+    from freecure_ops.kernels import interpreting
+
+    return interpreting()
+
+
 def _pick_device(text: str | None):
     import torch
 
@@ -298,7 +305,7 @@ def check_generate_args(args):
     import torch
 
     device = _pick_device(args.device)
-    if args.backend == "triton" and device.type != "cuda":
+    if args.backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
         raise CLIError(f"--backend triton needs a CUDA --device (got {device}); use --backend torch or auto")
     dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     return device, dtype, mask

@@ -1,43 +1,64 @@
 """The adapters through the compiled Triton kernel on CUDA (skipped without a GPU).
 
 Tiny SD1.5-, SDXL- and FLUX-shaped models in fp16/bf16, FASA on every self-attention layer: no NaN/inf, and
-the kernel path agrees with the torch path (itself held against the float64 oracle in the CPU tests) by the
-flash-attention rule at model level, with the fp32 model as the reference.
+the kernel path is held against the float64 oracle at model level:
+
+* ``ref``: the model in float64, FASA computed by the float64 oracle (``fasa_reference``);
+* ``floor``: the model in fp16/bf16, FASA computed by the float64 oracle and rounded to fp16/bf16, i.e. the
+  best any FASA implementation can do inside that low-precision model;
+* ``kernel``: the model in fp16/bf16 with the Triton kernel.
+
+``max|kernel - ref| <= C[dtype] * max|floor - ref| + 1e-3`` (C from tests/fasa_cases.py): the kernel may
+cost a small multiple of what rounding the exact attention to the dtype costs, nothing more. Neither
+baseline runs the project's own torch backend.
 """
 import pytest
 import torch
 
+import freecure_ops.adapters.attend as attend
+from fasa_cases import C
+from freecure_ops import fasa_reference
 from freecure_ops.adapters import install_fasa
 from test_adapters_helpers import flux_inputs, random_mask, run, tiny_flux, tiny_sd15, tiny_sdxl, unet_inputs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (compiled Triton kernel)")
 
 
-def _to(kw, dtype):
+def _to(kw, device, dtype):
     def move(v):
         if isinstance(v, dict):
             return {k: move(x) for k, x in v.items()}
         if isinstance(v, torch.Tensor):
-            return v.to("cuda", dtype if v.is_floating_point() and v.dim() > 0 else v.dtype)
+            return v.to(device, dtype if v.is_floating_point() and v.dim() > 0 else v.dtype)
         return v
     return {k: move(v) for k, v in kw.items()}
 
 
-def _outputs(model, kw, mask, dtype, layout):
-    model = model.to("cuda", dtype)
+def _oracle_op(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, mode="bias", n_txt=0, **_):
+    """The adapters' FASA op replaced by the float64 oracle, its result rounded to the inputs' dtype."""
+    f64 = [t.double() for t in (q, k_p, k_f, v_p, v_f)]
+    m = None if mask is None else mask.double()
+    return fasa_reference(*f64, m, omega, scale=scale, mode=mode, n_txt=n_txt).to(q.dtype)
+
+
+def model_outputs(model, kw, mask, dtype, layout, device, monkeypatch):
+    """(kernel, floor, ref) model outputs as float64 (see the module docstring)."""
+    model = model.to(device, dtype)
     with install_fasa(model, mask, 1.5, layers="all", layout=layout, backend="triton"):
-        kernel = run(model, _to(kw, dtype)).float()
-    with install_fasa(model, mask, 1.5, layers="all", layout=layout, backend="torch"):
-        same = run(model, _to(kw, dtype)).float()
-    model = model.to(torch.float32)
-    with install_fasa(model, mask, 1.5, layers="all", layout=layout, backend="torch"):
-        ref = run(model, _to(kw, torch.float32)).float()
-    return kernel, same, ref
+        kernel = run(model, _to(kw, device, dtype)).double()
+    with monkeypatch.context() as mp:
+        mp.setattr(attend, "fasa_attention", _oracle_op)
+        with install_fasa(model, mask, 1.5, layers="all", layout=layout, backend="torch"):
+            floor = run(model, _to(kw, device, dtype)).double()
+        model = model.to(torch.float64)
+        with install_fasa(model, mask, 1.5, layers="all", layout=layout, backend="torch"):
+            ref = run(model, _to(kw, device, torch.float64))
+    return kernel, floor, ref
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", ["sd15", "sdxl", "flux"])
-def test_kernel_path_on_cuda(family, dtype):
+def test_kernel_path_on_cuda(family, dtype, monkeypatch):
     if family == "flux":
         model, kw, layout = tiny_flux(seed=5), flux_inputs(2, 6, 10, 5), "plain"
         mask = random_mask((6, 10))
@@ -45,8 +66,9 @@ def test_kernel_path_on_cuda(family, dtype):
         model = tiny_sd15(seed=5) if family == "sd15" else tiny_sdxl(seed=5)
         kw, layout = unet_inputs(model, 4, 12, 20), "cfg"
         mask = random_mask((12, 20))
-    kernel, same, ref = _outputs(model, kw, mask, dtype, layout)
+    kernel, floor, ref = model_outputs(model, kw, mask, dtype, layout, "cuda", monkeypatch)
     assert torch.isfinite(kernel).all()
     err = (kernel - ref).abs().max().item()
-    bound = 2 * (same - ref).abs().max().item() + 1e-3
-    assert err <= bound, f"{family} {dtype}: kernel path error {err:.3e} > {bound:.3e}"
+    floor_err = (floor - ref).abs().max().item()
+    bound = C[dtype] * floor_err + 1e-3
+    assert err <= bound, f"{family} {dtype}: kernel path error {err:.3e} > {bound:.3e} (floor {floor_err:.3e})"

@@ -92,7 +92,7 @@ def test_attention_mask_on_an_active_fasa_layer_is_refused(unet):
     from freecure_ops.adapters import find_self_attention_blocks
 
     attn = find_self_attention_blocks(unet)[0].attn
-    x = torch.randn(4, 16, attn.to_q.in_features)
+    x = torch.randn(4, 16, attn.to_q.in_features, generator=torch.Generator().manual_seed(0))
     with install_fasa(unet, random_mask((4, 4)), layers=[0], layout="cfg") as handle:
         run(unet, unet_inputs(unet, 4, 4, 4))                  # sets the grid and activates the step
         assert handle.controller.active

@@ -53,6 +53,11 @@ def parser(ckpt):
     return BiSeNetParser.from_checkpoint(ckpt, input_size=SIZE)
 
 
+def _rand(*shape, seed=0):
+    """torch.rand from a seeded generator (tests never draw from the global RNG)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
 def _image(h=40, w=50, seed=1):
     return np.random.default_rng(seed).integers(0, 256, size=(h, w, 3), dtype=np.uint8)
 
@@ -107,11 +112,11 @@ def test_no_torchvision_and_no_download(monkeypatch):
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_network)
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
-    BiSeNetParser(BiSeNet(19), input_size=SIZE)(_image(32, 32))
+    BiSeNetParser(_random_net(), input_size=SIZE)(_image(32, 32))
 
 
 def test_forward_heads(net):
-    x = torch.randn(1, 3, SIZE, SIZE)
+    x = torch.randn(1, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         out, out16, out32 = net(x, return_aux=True)
         assert torch.equal(out, net(x))
@@ -137,7 +142,7 @@ def test_round_trip_identical_state_and_outputs(net, parser, reference):
 
 
 def test_preprocessing_matches_an_independent_computation(parser, net):
-    img = torch.rand(3, SIZE, SIZE)  # already at the network size: no resize
+    img = _rand(3, SIZE, SIZE)  # already at the network size: no resize
     mean = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
     with torch.no_grad():
@@ -148,7 +153,7 @@ def test_preprocessing_matches_an_independent_computation(parser, net):
 
 def test_label_map_resized_back_with_nearest(parser):
     h, w = 40, 50
-    img = torch.rand(3, h, w)
+    img = _rand(3, h, w)
     small = parser.logits(img).argmax(1)[0]  # [SIZE, SIZE]
     rows = [i * SIZE // h for i in range(h)]
     cols = [j * SIZE // w for j in range(w)]
@@ -171,7 +176,7 @@ def test_output_contract_for_input_kinds(parser, kind):
     elif kind == "tensor":
         x, shape = torch.from_numpy(arr).permute(2, 0, 1).float() / 255, (40, 50)
     elif kind == "batch":
-        x, shape = torch.rand(2, 3, 40, 50), (2, 40, 50)
+        x, shape = _rand(2, 3, 40, 50), (2, 40, 50)
     else:
         x, shape = [Image.fromarray(arr), Image.fromarray(_image(40, 50, seed=2))], (2, 40, 50)
     out = parser(x)
@@ -190,13 +195,15 @@ def test_input_kinds_agree(parser):
 
 
 def test_dtype_and_device_arguments(ckpt):
+    torch.manual_seed(0)  # from_checkpoint builds a randomly initialised BiSeNet before loading
     p = BiSeNetParser.from_checkpoint(str(ckpt), device="cpu", dtype=torch.bfloat16, input_size=SIZE)
     assert p.dtype == torch.bfloat16 and p.device.type == "cpu"
-    out = p(torch.rand(3, 40, 50))
+    out = p(_rand(3, 40, 50))
     assert out.shape == (40, 50) and out.dtype == torch.int64
 
 
 def test_state_dict_wrappers_and_old_batchnorm(net, reference, tmp_path):
+    torch.manual_seed(0)  # from_checkpoint builds a randomly initialised BiSeNet before loading
     sd = net.state_dict()
     wrapped = tmp_path / "wrapped.pth"
     torch.save({"state_dict": {"module." + k: v for k, v in sd.items()}}, wrapped)
@@ -209,6 +216,7 @@ def test_state_dict_wrappers_and_old_batchnorm(net, reference, tmp_path):
 
 
 def test_safetensors_round_trip(net, tmp_path):
+    torch.manual_seed(0)  # from_checkpoint builds a randomly initialised BiSeNet before loading
     st = pytest.importorskip("safetensors.torch")
     path = tmp_path / "bisenet.safetensors"
     st.save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
@@ -219,7 +227,7 @@ def test_safetensors_round_trip(net, tmp_path):
 
 def test_other_class_count_is_read_from_the_checkpoint(tmp_path):
     path = tmp_path / "five.pth"
-    torch.save(BiSeNet(5).state_dict(), path)
+    torch.save(_random_net(5).state_dict(), path)
     p = BiSeNetParser.from_checkpoint(path, input_size=SIZE)
     assert p.net.n_classes == 5 and p.labels is None
     assert int(p(_image()).max()) < 5
@@ -238,6 +246,7 @@ def test_missing_file(tmp_path):
 
 
 def test_mismatched_keys_are_named(net, tmp_path):
+    torch.manual_seed(0)  # from_checkpoint builds a randomly initialised BiSeNet before loading
     sd = dict(net.state_dict())
     del sd["cp.arm16.conv_atten.weight"]
     sd["sp.conv1.conv.weight"] = torch.zeros(64, 3, 7, 7)
@@ -296,11 +305,11 @@ def test_bad_images(parser):
     with pytest.raises(ValueError, match="image"):
         parser(_image()[..., :2].copy())
     with pytest.raises(TypeError, match="image"):
-        parser(torch.randint(0, 255, (3, 8, 8)))
+        parser(torch.randint(0, 255, (3, 8, 8), generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="image"):
-        parser(torch.rand(4, 40, 50))
+        parser(_rand(4, 40, 50))
     with pytest.raises(ValueError, match=r"image.*\[0, 1\]"):
-        parser(torch.rand(3, 40, 50) * 2 - 1)
+        parser(_rand(3, 40, 50) * 2 - 1)
     with pytest.raises(ValueError, match="image"):
         parser([])
     with pytest.raises(ValueError, match="image"):
@@ -310,7 +319,7 @@ def test_bad_images(parser):
 
 
 def test_bad_constructor_arguments():
-    net = BiSeNet(19)
+    net = _random_net()
     with pytest.raises(ValueError, match="input_size"):
         BiSeNetParser(net, input_size=16)
     with pytest.raises(TypeError, match="input_size"):

@@ -1,23 +1,13 @@
 """Identities FASA must satisfy, checked for both backends against SDPA computed in float64."""
 import pytest
 import torch
-import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fasa_cases import FLOOR, assert_close_to_ref, make_inputs, make_mask
+from fasa_cases import ATOL, C, assert_close_to_ref, check_against_sdpa, make_inputs, make_mask
 from freecure_ops import fasa_attention
 
 BACKENDS = ["triton", "torch"]
-
-
-def check_against_sdpa(out, q, k, v):
-    """The flash-attention rule with SDPA as both the float64 oracle and the same-dtype baseline."""
-    ref64 = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
-    same = F.scaled_dot_product_attention(q, k, v)
-    err = (out.double() - ref64).abs().max().item()
-    bound = 2 * (same.double() - ref64).abs().max().item() + FLOOR[q.dtype]
-    assert err <= bound, f"{err:.3e} > {bound:.3e}"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -46,9 +36,11 @@ def test_torch_backend_matches_triton_backend(mode, device):
     mask = make_mask("soft", 2, 61 - n_txt, device)
     a = fasa_attention(*inputs, mask, 1.5, mode=mode, n_txt=n_txt, backend="torch")
     b = fasa_attention(*inputs, mask, 1.5, mode=mode, n_txt=n_txt, backend="triton")
-    assert_close_to_ref(a, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
-    assert_close_to_ref(b, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
-    assert (a.float() - b.float()).abs().max() < 4e-3
+    _, floor_a = assert_close_to_ref(a, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
+    _, floor_b = assert_close_to_ref(b, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
+    # Each within C * floor of the oracle, so within 2 * C * floor of each other: a fixed 4e-3 here (above
+    # the fp16 floor of outputs near 2) made this test fail for ~2.5% of random masks.
+    assert (a.double() - b.double()).abs().max() <= 2 * C[torch.float16] * floor_a + 2 * ATOL[torch.float16]
 
 
 def test_bias_multiplies_fd_weight_by_exp_omega(device):

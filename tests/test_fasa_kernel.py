@@ -7,7 +7,7 @@ stores and the fp32 accumulation are still exercised. On CUDA the same tests run
 import pytest
 import torch
 
-from fasa_cases import FLOOR, assert_close_to_ref, make_inputs, make_mask, to64
+from fasa_cases import assert_close_to_ref, make_inputs, make_mask, rand, to64
 from freecure_ops import fasa_attention, fasa_reference
 from freecure_ops.kernels import fasa_fwd
 from freecure_ops.kernels.fasa_fwd import check_launch_limits
@@ -122,7 +122,7 @@ def test_excluded_fd_tiles_are_never_loaded(device):
     # kernel must skip those tiles outright (a masked-but-loaded tile would turn 0 * NaN into NaN).
     b, h, n, d, bn = 1, 2, 40, 32, 16
     q, k_p, k_f, v_p, v_f = make_inputs(b, h, n, n, 4 * bn + 5, d, torch.float32, device)
-    mask = torch.rand(4 * bn + 5, device=device) + 0.1
+    mask = rand(4 * bn + 5, seed=7, device=device) + 0.1
     for tile in (1, 3):
         mask[tile * bn:(tile + 1) * bn] = 0
     clean = (q, k_p, k_f.clone(), v_p, v_f.clone())
@@ -185,7 +185,7 @@ def test_lse_merges_partial_results(mode, backend, device):
     lse = torch.logaddexp(a[1], c[1])
     merged = torch.exp(a[1] - lse)[..., None] * a[0] + torch.exp(c[1] - lse)[..., None] * c[0]
     torch.testing.assert_close(merged, full, atol=2e-5, rtol=2e-5)
-    assert_close_to_ref(merged, (q, k_p, k_f, v_p, v_f), mask, 1.5, mode=mode, floor=FLOOR[torch.float32] * 2)
+    assert_close_to_ref(merged, (q, k_p, k_f, v_p, v_f), mask, 1.5, mode=mode)
 
 
 def test_mask_edited_in_place_between_calls(device):

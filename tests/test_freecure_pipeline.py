@@ -166,6 +166,7 @@ def test_parser_labels_select_the_label_table(pipes):
 def test_unknown_family_and_bad_arguments(pipes):
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
+    torch.manual_seed(0)  # the DDPM UNet's random init
     ddpm = DDPMPipeline(unet=UNet2DModel(sample_size=8, block_out_channels=(8, 8), norm_num_groups=8,
                                          down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2),
                         scheduler=DDPMScheduler())
@@ -209,7 +210,8 @@ def test_unknown_family_and_bad_arguments(pipes):
 
 
 def test_collate_branches():
-    a, b = torch.randn(1, 3, 4), torch.randn(1, 3, 4)
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(1, 3, 4, generator=g), torch.randn(1, 3, 4, generator=g)
     out = collate_branches({"prompt": "x", "prompt_embeds": a, "ip": [a, a], "guidance_rescale": 0.0, "p2": None},
                            {"prompt": "y", "prompt_embeds": b, "ip": [b, a], "guidance_rescale": 0.0, "p2": None})
     assert out["prompt"] == ["x", "y"] and torch.equal(out["prompt_embeds"], torch.cat([a, b]))
@@ -220,7 +222,7 @@ def test_collate_branches():
                           {"ip_adapter_image_embeds": [torch.cat([fn, fp])]}, cfg=True)["ip_adapter_image_embeds"][0]
     assert ip[:, 0].tolist() == [0.0, 2.0, 1.0, 3.0]
     with pytest.raises(ValueError, match="differ beyond the batch"):
-        collate_branches({"prompt_embeds": a}, {"prompt_embeds": torch.randn(1, 5, 4)})
+        collate_branches({"prompt_embeds": a}, {"prompt_embeds": torch.randn(1, 5, 4, generator=g)})
     with pytest.raises(ValueError, match="guidance_rescale"):
         collate_branches({"guidance_rescale": 0.0}, {"guidance_rescale": 0.7})
     with pytest.raises(ValueError, match="2 prompts"):

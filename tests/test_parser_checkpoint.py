@@ -43,6 +43,7 @@ def test_absurd_shapes_are_refused_before_building(tmp_path, good_state, key, sh
 
 
 def test_n_classes_argument_is_bounded(tmp_path, good_state):
+    torch.manual_seed(0)  # building the net initializes weights from the global RNG before loading
     path = tmp_path / "ok.pth"
     torch.save(good_state, path)
     with pytest.raises(ValueError, match="^n_classes"):

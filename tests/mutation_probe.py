@@ -1,0 +1,360 @@
+#!/usr/bin/env python
+"""Mutation probe: does the test suite catch small deliberate bugs?
+
+    python tests/mutation_probe.py              # every mutant, 2 at a time; prints killed/survived
+    python tests/mutation_probe.py --list       # the mutants and the tests each one runs
+    python tests/mutation_probe.py --only NAME [--only NAME ...] [-j 1] [--keep]
+
+Not part of the default pytest run (pytest collects ``test_*.py`` only) and not run by CI: run it after
+changing the kernel, the backends, the validation, the adapters, the pipeline or the CLI, and keep MUTANTS
+below current (a mutant whose text no longer exists is reported as STALE: update its text, don't drop it).
+
+How it works. The working tree (tracked and untracked, not ignored files) is copied to a scratch folder per
+worker. The installed package is an editable install that maps ``freecure_ops`` to *this* checkout (and
+``freecure_ops.kernels`` / ``.adapters`` / ``.bench`` to the top-level folders), so the scratch copy gets
+``freecure_ops/kernels``, ``freecure_ops/adapters`` and ``freecure_ops/bench`` as symlinks to its own
+top-level folders, and pytest runs from the scratch root with it first on ``PYTHONPATH``: the editable
+finder comes after the path finder on ``sys.meta_path``, so the scratch copy is what gets imported (checked
+before every run: the probe refuses to run if ``freecure_ops.kernels.fasa_fwd`` resolves elsewhere). For
+each mutant one text replacement is applied to the scratch copy, the mutant's tests run with ``-x``, and the
+file is restored. The unmutated selection must pass first (baseline), so a kill is the mutant's doing.
+
+Each mutant: (name, file, [(old, new), ...] alternatives (the first ``old`` found is replaced, every
+occurrence), tests, description, equivalent). ``equivalent``: None, or why the mutant cannot be told
+apart by any test that runs here (it is then expected to survive, and reported as EQUIVALENT).
+Exit status: 0 when every non-equivalent mutant is killed and none is stale, 1 otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE_LINKS = {"freecure_ops/kernels": "../kernels", "freecure_ops/adapters": "../adapters",
+                 "freecure_ops/bench": "../bench"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    name: str
+    file: str
+    alternatives: tuple  # ((old, new), ...): the first old text present is replaced (all its occurrences)
+    tests: tuple         # pytest arguments (files or node ids), relative to the repo root
+    description: str
+    equivalent: str | None = None
+
+
+KERNEL_TESTS = ("tests/test_numerics_floor.py", "tests/test_fasa_kernel.py", "tests/test_fasa_identities.py")
+BACKEND_TESTS = ("tests/test_fasa_identities.py", "tests/test_numerics_floor.py", "tests/test_fasa_kernel.py")
+VALIDATION_TESTS = ("tests/test_fasa_validation.py",)
+ADAPTER_TESTS = ("tests/test_knobs.py", "tests/test_adapters_unet.py", "tests/test_adapters_flux.py")
+PIPELINE_TESTS = ("tests/test_knobs.py", "tests/test_freecure_pipeline.py")
+CLI_TESTS = ("tests/test_knobs.py", "tests/test_cli.py")
+ORACLE_TESTS = ("tests/test_oracle.py",)
+
+K = "kernels/fasa_fwd.py"
+MUTANTS = [
+    # ---- the kernel and its launcher ---------------------------------------------------------------------
+    Mutant("kernel-fp16-accumulation", K,
+           (("    return tl.dot(a, b)\n", "    return tl.dot(a, b, out_dtype=tl.float16)\n"),),
+           KERNEL_TESTS, "fp16/bf16 tl.dot accumulates in fp16 (out_dtype=tl.float16)"),
+    Mutant("kernel-no-rescale-acc", K,
+           (("acc0 = acc0 * alpha[:, None] + ", "acc0 = acc0 + "),),
+           KERNEL_TESTS, "online softmax: the accumulator is not rescaled when the running max grows"),
+    Mutant("kernel-no-rescale-l", K,
+           (("l_i = l_i * alpha + tl.sum(p, 1)", "l_i = l_i + tl.sum(p, 1)"),),
+           KERNEL_TESTS, "online softmax: the row sum is not rescaled when the running max grows"),
+    Mutant("kernel-log2e-truncated", K,
+           (("LOG2E = 1.4426950408889634", "LOG2E = 1.4427"),),
+           KERNEL_TESTS, "log2(e) truncated to 5 digits (a 3e-6 relative error in every logit)"),
+    Mutant("kernel-lse-natural-log", K,
+           (("* 0.6931471805599453", "* 0.6931"),),
+           ("tests/test_fasa_kernel.py::test_lse_matches_reference", "tests/test_fasa_kernel.py"),
+           "LSE converted back from log2 with a truncated ln(2)"),
+    Mutant("kernel-omega-not-log2", K,
+           (('omega if mode == "scale" else omega * LOG2E', 'omega if mode == "scale" else omega'),),
+           KERNEL_TESTS, "bias-mode omega passed in the natural-log domain to a log2-domain kernel"),
+    Mutant("kernel-text-rows-see-fd", K,
+           (("qk = tl.where((offs_m >= N_TXT)[:, None], qk, float(\"-inf\"))",
+             "qk = tl.where((offs_m >= 0)[:, None], qk, float(\"-inf\"))"),),
+           KERNEL_TESTS, "FLUX: PD text query rows attend to FD image keys"),
+    Mutant("kernel-pd-tail-unmasked", K,
+           (('qk = tl.where((cols < NP)[None, :], qk, float("-inf"))', "qk = qk"),
+            ('qk = tl.where(ok[None, :], qk, float("-inf"))\n        acc0', "qk = qk\n        acc0")),
+           KERNEL_TESTS, "the padding past the last PD key is attended (zero keys, zero values)"),
+    Mutant("kernel-bias-no-exclusion", K,
+           (("qk = tl.where((mvals > 0)[None, :], qk + (omega * mvals)[None, :], float(\"-inf\"))",
+             "qk = qk + (omega * mvals)[None, :]"),
+            ("qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float(\"-inf\"))",
+             "qk = qk + (omega * vals)[None, :]")),
+           KERNEL_TESTS, "bias mode: FD keys with m == 0 are attended with bias 0 instead of excluded"),
+    Mutant("kernel-scale-mode-as-bias", K,
+           (("SCALE_MODE=(mode == \"scale\")", "SCALE_MODE=False"), ("SCALE_MODE=mode == \"scale\"", "SCALE_MODE=False")),
+           KERNEL_TESTS, "\"scale\" mode computed as \"bias\" mode"),
+    Mutant("kernel-excluded-tiles-loaded", K,
+           (("skip_tiles = mode == \"bias\" and mask is not None", "skip_tiles = False"),
+            ("packed = mode == \"bias\" and mask is not None", "packed = False")),
+           KERNEL_TESTS, "bias mode walks every FD key instead of the live ones (excluded K/V are read)"),
+    Mutant("kernel-bf16-dots-as-fp16", K,
+           (("torch.bfloat16: tl.bfloat16", "torch.bfloat16: tl.float16"),),
+           ("tests/test_numerics_floor.py",),
+           "compiled path: bf16 inputs dotted as fp16 (the CPU interpreter upcasts bf16, so only the launch "
+           "arguments show it here; on a GPU the bf16 range test overflows)"),
+    Mutant("kernel-fp32-tf32", K,
+           (("IEEE=(q.dtype == torch.float32)", "IEEE=False"), ("IEEE=q.dtype == torch.float32", "IEEE=False")),
+           ("tests/test_numerics_floor.py",), "fp32 dots in TF32 on the compiled path"),
+    Mutant("kernel-no-normalization", K,
+           (("acc0 / l_i[:, None]", "acc0"),),
+           KERNEL_TESTS, "output not divided by the softmax row sum"),
+
+    # ---- the torch backend ------------------------------------------------------------------------------
+    Mutant("torch-omega-ignored", "freecure_ops/torch_backend.py",
+           (("p.omega * mask_rows, torch.full_like", "mask_rows, torch.full_like"),
+            ("p.omega * rows, torch.full_like", "rows, torch.full_like")),
+           BACKEND_TESTS, "torch backend, bias mode: omega dropped from the FD bias"),
+    Mutant("torch-text-rows-see-fd", "freecure_ops/torch_backend.py",
+           (("txt = _attend(q[:, :, :p.n_txt], k_p, v_p, bias[:, :p.n_p]", "txt = _attend(q[:, :, :p.n_txt], k, v, bias"),
+            ("txt = _attend(q32[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], bias[:, :p.n_p]",
+             "txt = _attend(q32[:, :, :p.n_txt], k, v, bias")),
+           BACKEND_TESTS, "torch backend, FLUX: text query rows attend to FD image keys"),
+
+    # ---- validation -------------------------------------------------------------------------------------
+    Mutant("validation-no-device-check", "freecure_ops/validation.py",
+           (("        if t.device != q.device:\n", "        if False:\n"),),
+           VALIDATION_TESTS, "tensors on different devices are not refused"),
+    Mutant("validation-no-ntxt-np-check", "freecure_ops/validation.py",
+           ((" or n_txt > n_q or n_txt > n_p:", " or n_txt > n_q:"),),
+           VALIDATION_TESTS, "n_txt > Np is not refused"),
+    Mutant("validation-default-scale", "freecure_ops/validation.py",
+           (("scale = head_dim ** -0.5", "scale = (head_dim + 1) ** -0.5"),),
+           ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
+           "the default scale is wrong (the oracle has its own: a shared bug would pass unseen)"),
+    Mutant("validation-negative-mask-allowed", "freecure_ops/validation.py",
+           (("(mask < 0)", "(mask < -1)"),), VALIDATION_TESTS, "negative mask values above -1 pass"),
+    Mutant("validation-omega-inf-allowed", "freecure_ops/validation.py",
+           (("    if not math.isfinite(value):\n", "    if False:\n"),), VALIDATION_TESTS,
+           "non-finite omega/scale are not refused"),
+    Mutant("validation-mask-none-not-ones", "freecure_ops/validation.py",
+           (("return torch.ones(1, n_img, device=device, dtype=dtype)",
+             "return torch.full((1, n_img), 2.0, device=device, dtype=dtype)"),),
+           ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
+           "mask=None read as all 2 instead of all ones (the oracle reads None on its own)"),
+
+    # ---- the oracle itself ------------------------------------------------------------------------------
+    Mutant("oracle-default-scale", "freecure_ops/reference.py",
+           (("scale = 1.0 / math.sqrt(d)", "scale = 1.0 / math.sqrt(d + 1)"),), ORACLE_TESTS,
+           "the oracle's default scale is wrong"),
+    Mutant("oracle-mask-none", "freecure_ops/reference.py",
+           (("        m[:, n_txt:] = 1.0\n", "        m[:, n_txt:] = 0.5\n"),), ORACLE_TESTS,
+           "the oracle reads mask=None as 0.5"),
+
+    # ---- adapters ---------------------------------------------------------------------------------------
+    Mutant("adapters-style-fidelity-swapped", "adapters/attend.py",
+           (("res = (1.0 - sf) * res + sf * out[pd]", "res = sf * res + (1.0 - sf) * out[pd]"),),
+           ADAPTER_TESTS, "style-fidelity blend with its two weights swapped"),
+    Mutant("adapters-fasa-on-cross-attn1", "adapters/unet_processor.py",
+           (("use_fasa = ctl.active and encoder_hidden_states is None", "use_fasa = ctl.active"),),
+           ADAPTER_TESTS, "FASA applied on an attn1 that is cross-attention (only_cross_attention blocks)"),
+    Mutant("adapters-omega-ignored", "adapters/attend.py",
+           (("mask, ctl.omega,", "mask, 1.0,"),), ADAPTER_TESTS, "the adapters pass omega=1.0 to the op"),
+    Mutant("adapters-uncond-cond-swapped", "adapters/controller.py",
+           (("return [(0, n, True), (2 * n, n, False)]", "return [(0, n, False), (2 * n, n, True)]"),),
+           ADAPTER_TESTS, "cfg layout: style fidelity applied to the conditional PD rows"),
+    Mutant("masks-column-major", "freecure_ops/masks.py",
+           (("return out.reshape(*mask.shape[:-2], h * w)",
+             "return out.transpose(-1, -2).reshape(*mask.shape[:-2], h * w)"),),
+           ("tests/test_adapters_helpers.py", "tests/test_adapters_unet.py"),
+           "mask tokens flattened column-major instead of row-major (y * W + x)"),
+
+    # ---- the FreeCure pipeline --------------------------------------------------------------------------
+    Mutant("freecure-omega-1", "adapters/freecure.py",
+           (("install_fasa(pipe, mask, self.omega,", "install_fasa(pipe, mask, 1.0,"),), PIPELINE_TESTS,
+           "FreeCure passes omega=1.0 instead of its own"),
+    Mutant("freecure-mode-ignored", "adapters/freecure.py",
+           (("mode=self.mode, backend=self.backend", 'mode="bias", backend=self.backend'),), PIPELINE_TESTS,
+           "FreeCure ignores mode"),
+    Mutant("freecure-style-fidelity-ignored", "adapters/freecure.py",
+           (("style_fidelity=self.style_fidelity, layout=layout", "style_fidelity=1.0, layout=layout"),),
+           PIPELINE_TESTS, "FreeCure ignores style_fidelity"),
+    Mutant("freecure-fd-latents-differ", "adapters/freecure.py",
+           (("latents=torch.cat([latents, latents])", "latents=torch.cat([latents, -latents])"),),
+           PIPELINE_TESTS, "pass 2's FD rows start from other noise than pass 1"),
+
+    # ---- the CLI ----------------------------------------------------------------------------------------
+    Mutant("cli-omega-ignored", "freecure_ops/cli.py",
+           (("omega=args.omega,", "omega=None,"),), CLI_TESTS, "the CLI ignores --omega"),
+    Mutant("cli-mode-ignored", "freecure_ops/cli.py",
+           (("mode=args.mode,", 'mode="bias",'),), CLI_TESTS, "the CLI ignores --mode"),
+    Mutant("cli-style-fidelity-ignored", "freecure_ops/cli.py",
+           (("style_fidelity=args.style_fidelity,", "style_fidelity=1.0,"),), CLI_TESTS,
+           "the CLI ignores --style-fidelity"),
+    Mutant("cli-backend-ignored", "freecure_ops/cli.py",
+           (("backend=args.backend,", 'backend="auto",'),), CLI_TESTS, "the CLI ignores --backend"),
+]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _files() -> list[str]:
+    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO, check=True,
+                         capture_output=True).stdout.decode()
+    return [f for f in out.split("\0") if f and (REPO / f).is_file()]
+
+
+def make_scratch(root: Path) -> Path:
+    """A copy of the working tree under ``root`` whose ``freecure_ops`` package is importable as installed."""
+    dst = root / "repo"
+    for rel in _files():
+        target = dst / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, target)
+    for link, to in PACKAGE_LINKS.items():
+        if not (dst / link).exists():
+            os.symlink(to, dst / link)
+    return dst
+
+
+def _env(scratch: Path) -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(scratch) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONDONTWRITEBYTECODE"] = "1"
+    env.pop("FASA_TOL_LOG", None)
+    return env
+
+
+def check_imports(scratch: Path) -> None:
+    code = ("import sys, freecure_ops, freecure_ops.kernels.fasa_fwd, freecure_ops.adapters.attend, freecure_ops.cli;"
+            "print('\\n'.join(sys.modules[m].__file__ for m in ('freecure_ops', 'freecure_ops.kernels.fasa_fwd',"
+            "'freecure_ops.adapters.attend', 'freecure_ops.cli')))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=scratch, env=_env(scratch), capture_output=True, text=True)
+    paths = res.stdout.split()
+    if res.returncode != 0 or len(paths) != 4 or not all(Path(p).resolve().is_relative_to(scratch.resolve())
+                                                         for p in paths):
+        raise SystemExit(f"mutation_probe: the scratch copy {scratch} is not what Python imports:\n"
+                         f"{res.stdout}{res.stderr}")
+
+
+def run_tests(scratch: Path, tests, timeout: float) -> tuple[str, float, str]:
+    """('pass' | 'fail' | 'timeout', seconds, last output lines)."""
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "--no-header", "-rN",
+           *dict.fromkeys(tests)]
+    t0 = time.perf_counter()
+    try:
+        res = subprocess.run(cmd, cwd=scratch, env=_env(scratch), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - t0, ""
+    tail = "\n".join((res.stdout + res.stderr).strip().splitlines()[-3:])
+    return ("pass" if res.returncode == 0 else "fail"), time.perf_counter() - t0, tail
+
+
+def apply(scratch: Path, m: Mutant) -> str | None:
+    """Apply the mutant in place; returns the original text (None when no alternative applies: stale)."""
+    path = scratch / m.file
+    text = path.read_text()
+    for old, new in m.alternatives:
+        if old in text:
+            path.write_text(text.replace(old, new))
+            return text
+    return None
+
+
+def probe(m: Mutant, scratch: Path, timeout: float) -> dict:
+    original = apply(scratch, m)
+    if original is None:
+        return dict(mutant=m, status="STALE", seconds=0.0, tail="no alternative's old text is in " + m.file)
+    try:
+        outcome, secs, tail = run_tests(scratch, m.tests, timeout)
+    finally:
+        (scratch / m.file).write_text(original)
+    if outcome == "pass":
+        status = "EQUIVALENT" if m.equivalent else "SURVIVED"
+    else:
+        status = "KILLED" + (" (timeout)" if outcome == "timeout" else "")
+    return dict(mutant=m, status=status, seconds=secs, tail=tail)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--list", action="store_true", help="list the mutants and exit")
+    ap.add_argument("--only", action="append", default=[], metavar="NAME",
+                    help="run only this mutant (repeatable; a prefix selects every mutant it starts)")
+    ap.add_argument("-j", "--jobs", type=int, default=2, help="mutants run in parallel (default 2)")
+    ap.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant before it counts as killed")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch folders")
+    args = ap.parse_args(argv)
+
+    names = [m.name for m in MUTANTS]
+    assert len(set(names)) == len(names), "duplicate mutant names"
+    chosen = [m for m in MUTANTS if not args.only or any(m.name.startswith(o) for o in args.only)]
+    if args.list:
+        for m in chosen:
+            print(f"{m.name:36s} {m.file:32s} {m.description}" + (f"  [equivalent: {m.equivalent}]"
+                                                                     if m.equivalent else ""))
+            print(f"{'':36s} tests: {' '.join(m.tests)}")
+        return 0
+    if not chosen:
+        print(f"mutation_probe: no mutant matches {args.only}; see --list", file=sys.stderr)
+        return 2
+
+    tmp = Path(tempfile.mkdtemp(prefix="fasa-mutants-"))
+    jobs = max(1, min(args.jobs, len(chosen)))
+    scratches = [make_scratch(tmp / f"w{i}") for i in range(jobs)]
+    for s in scratches:
+        check_imports(s)
+    print(f"mutation_probe: {len(chosen)} mutants, {jobs} worker(s), scratch {tmp}", flush=True)
+
+    baseline = sorted({t.split("::")[0] for m in chosen for t in m.tests})
+    outcome, secs, tail = run_tests(scratches[0], baseline, args.timeout * 2)
+    if outcome != "pass":
+        print(f"mutation_probe: the unmutated tests fail ({outcome}); fix them first:\n{tail}", file=sys.stderr)
+        return 2
+    print(f"baseline: {len(baseline)} test files pass unmutated ({secs:.0f} s)", flush=True)
+
+    free = list(scratches)
+    import threading
+
+    lock = threading.Lock()
+
+    def work(m):
+        with lock:
+            s = free.pop()
+        try:
+            r = probe(m, s, args.timeout)
+        finally:
+            with lock:
+                free.append(s)
+        line = f"{r['status']:11s} {m.name:36s} {r['seconds']:6.1f} s  {m.description}"
+        if r["status"] in ("SURVIVED", "STALE"):
+            line += f"\n{'':12s}{r['tail']}"
+        print(line, flush=True)
+        return r
+
+    with ThreadPoolExecutor(jobs) as pool:
+        results = list(pool.map(work, chosen))
+
+    counts = {}
+    for r in results:
+        key = r["status"].split()[0]
+        counts[key] = counts.get(key, 0) + 1
+    print("\nsummary: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
+    bad = [r["mutant"].name for r in results if r["status"] in ("SURVIVED", "STALE")]
+    if bad:
+        print("not killed: " + ", ".join(bad))
+    if args.keep:
+        print(f"scratch kept: {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
