@@ -107,7 +107,7 @@ def compile_case(case: CompileCase, config: tuple | None = None):
     mask = prepare_fasa_mask(torch.arange(n_img) % 4 == 0)
     d0, d1 = head_dim_split(case.head_dim)
     config = config or tile_config(d0 + d1, q.element_size(), q.shape[2], case.heads, case.pairs)
-    _, args, meta = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=case.head_dim ** -0.5, omega=1.5,
+    _, args, meta, _, _ = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=case.head_dim ** -0.5, omega=1.5,
                                 mode=case.mode, n_txt=case.n_txt, return_lse=case.lse, config=config,
                                 interpret=False)
     target = GPUTarget("cuda", 90, 32)

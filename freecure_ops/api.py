@@ -1,6 +1,8 @@
 """The public op: validate once, then dispatch to the Triton kernel or the PyTorch path."""
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .fasa_mask import FasaMask, pack_checked_mask
@@ -10,15 +12,22 @@ from .validation import check_fasa_inputs
 BACKENDS = ("auto", "triton", "torch")
 
 
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The Triton side, imported on first use: importing triton fixes whether kernels run interpreted, so
+    ``import freecure_ops`` must not do it (the benchmark and tests set TRITON_INTERPRET first)."""
+    from . import kernels
+
+    return kernels
+
+
 def _pick_backend(backend, device: torch.device) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         return "triton" if device.type == "cuda" else "torch"
     if backend == "triton" and device.type != "cuda":
-        from .kernels import interpreting
-
-        if device.type != "cpu" or not interpreting():
+        if device.type != "cpu" or not _kernels().interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
                              f"before triton is imported; got tensors on {device}")
     return backend
@@ -44,7 +53,5 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     prepared = mask if mask is None or isinstance(mask, FasaMask) else pack_checked_mask(mask)
     if backend == "torch":
         return fasa_torch(q, k_p, k_f, v_p, v_f, None if prepared is None else prepared.rows, p, return_lse=return_lse)
-    from .kernels import fasa_fwd
-
-    return fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=p.scale, omega=p.omega, mode=p.mode,
+    return _kernels().fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=p.scale, omega=p.omega, mode=p.mode,
                     n_txt=p.n_txt, return_lse=return_lse)

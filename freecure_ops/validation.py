@@ -6,7 +6,7 @@ whose message starts with the argument's name.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -17,9 +17,8 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
 
-@dataclass(frozen=True)
-class FasaProblem:
-    """The validated sizes and scalars of one FASA call."""
+class FasaProblem(NamedTuple):
+    """The validated sizes and scalars of one FASA call (a NamedTuple: built on every call, cheaply)."""
 
     batch: int
     heads: int
@@ -99,28 +98,45 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
     check_mask_values(mask)
 
 
-def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
-                      allowed_dtypes=KERNEL_DTYPES) -> FasaProblem:
-    """Validate a FASA call; returns its sizes. Raises before anything is computed."""
-    tensors = {"q": q, "k_p": k_p, "k_f": k_f, "v_p": v_p, "v_f": v_f}
-    for name, t in tensors.items():
+_NAMES = ("q", "k_p", "k_f", "v_p", "v_f")
+
+
+def _check_tensors(tensors, allowed_dtypes) -> None:
+    """The slow, precise path: raise the first problem among q, k_p, k_f, v_p, v_f, naming the argument."""
+    for name, t in zip(_NAMES, tensors):
         _check_tensor(name, t)
+    q = tensors[0]
     if q.dtype not in allowed_dtypes:
         names = ", ".join(str(d).replace("torch.", "") for d in allowed_dtypes)
         raise TypeError(f"q must have dtype in ({names}), got {q.dtype}")
-    for name, t in tensors.items():
+    for name, t in zip(_NAMES, tensors):
         if t.dtype != q.dtype:
             raise TypeError(f"{name} has dtype {t.dtype} but q has {q.dtype}: all of q, k_p, k_f, v_p, v_f "
                             "must share one dtype")
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share one device")
 
+
+def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
+                      allowed_dtypes=KERNEL_DTYPES) -> FasaProblem:
+    """Validate a FASA call; returns its sizes. Raises before anything is computed."""
+    tensors = (q, k_p, k_f, v_p, v_f)
+    # Fast path first (this runs on every call): the precise per-argument messages come from the slow path.
+    dtype = getattr(q, "dtype", None)
+    device = getattr(q, "device", None)
+    if dtype not in allowed_dtypes:
+        _check_tensors(tensors, allowed_dtypes)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != dtype or t.device != device:
+            _check_tensors(tensors, allowed_dtypes)
+
     batch, heads, n_q, head_dim = q.shape
-    for name, t in tensors.items():
-        if t.shape[0] != batch or t.shape[1] != heads:
+    for name, t in zip(_NAMES, tensors):
+        b, h, _, d = t.shape
+        if b != batch or h != heads:
             raise ValueError(f"{name} must have batch and heads [B={batch}, H={heads}] like q, "
                              f"got shape {tuple(t.shape)}")
-        if t.shape[3] != head_dim:
+        if d != head_dim:
             raise ValueError(f"{name} must have head dim D={head_dim} like q, got shape {tuple(t.shape)}")
     if not 1 <= head_dim <= MAX_HEAD_DIM:
         raise ValueError(f"q head dim D must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
@@ -131,9 +147,9 @@ def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
         raise ValueError(f"v_p must have as many tokens as k_p ({n_p}), got shape {tuple(v_p.shape)}")
     if v_f.shape[2] != n_f:
         raise ValueError(f"v_f must have as many tokens as k_f ({n_f}), got shape {tuple(v_f.shape)}")
-    for name, n in (("q", n_q), ("k_p", n_p), ("k_f", n_f)):
+    for name, n, t in (("q", n_q, q), ("k_p", n_p, k_p), ("k_f", n_f, k_f)):
         if n < 1:
-            raise ValueError(f"{name} must hold at least one token, got shape {tuple(tensors[name].shape)}")
+            raise ValueError(f"{name} must hold at least one token, got shape {tuple(t.shape)}")
 
     if isinstance(n_txt, bool) or not isinstance(n_txt, int):
         raise TypeError(f"n_txt must be an int, got {type(n_txt).__name__}")

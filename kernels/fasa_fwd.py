@@ -240,11 +240,16 @@ def _fasa_fwd_kernel(
         tl.store(LSE + ((off_b * H + off_h) * NQ + offs_m), lse, mask=offs_m < NQ)
 
 
+# Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported: fixed from then on.
+_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    """True when Triton runs kernels through its CPU interpreter (TRITON_INTERPRET=1 when triton was imported)."""
+    return _INTERPRETING
 
 
+@functools.lru_cache(maxsize=None)
 def head_dim_split(head_dim: int) -> tuple[int, int]:
     """Cover the head dim with one or two power-of-two blocks (each >= 16, as tl.dot needs):
     (block_d0, block_d1), block_d1 == 0 for one block. Two blocks only when they pad less than one."""
@@ -255,6 +260,10 @@ def head_dim_split(head_dim: int) -> tuple[int, int]:
         return single, 0
     d1 = max(16, triton.next_power_of_2(rest))
     return (d0, d1) if d0 + d1 < single else (single, 0)
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a jit function: ~2 us a call from the host
 
 
 HOPPER_SMS = 132  # H100 SXM / H200; the grid-size rule uses the real count on CUDA
@@ -283,7 +292,7 @@ def tile_config(d_padded: int, elem_bytes: int, n_q: int, heads: int, batch: int
         return 64, 32, 8, 3
     if d_padded > 128:
         return 64, 64, 8, 3
-    if triton.cdiv(n_q, 128) * heads * batch < 2 * sm_count:
+    if _cdiv(n_q, 128) * heads * batch < 2 * sm_count:
         return 64, 64, 4 if d_padded <= 96 else 8, 3
     return 128, 64, 8, 3
 
@@ -291,13 +300,15 @@ def tile_config(d_padded: int, elem_bytes: int, n_q: int, heads: int, batch: int
 INTERPRETER_CONFIG = (32, 32, 1, 1)  # the interpreter prefers big tiles: fewer, vectorized programs
 
 
-def vector_elems(tensors, elem_bytes: int) -> int:
+def vector_elems(tensors, strides, head_dim: int, out: torch.Tensor, elem_bytes: int) -> int:
     """The element count (8 for 2-byte, 4 for 4-byte types) by which every batch/head/token stride and every
-    base address of ``tensors`` is divisible, so that a 16-byte row segment starts 16-byte aligned; 1 when
-    any stride or pointer is not, or when the head dim is not unit-stride."""
+    base address of ``tensors`` (whose ``strides`` are given) and of ``out`` are divisible, so that a 16-byte
+    row segment starts 16-byte aligned; 1 when any is not, or when a head dim is not unit-stride."""
     vec = 16 // elem_bytes
-    for t in tensors:
-        if t.stride(3) != 1 or t.data_ptr() % 16 or any(s % vec for s in t.stride()[:3]):
+    if head_dim % vec or out.data_ptr() % 16:  # out is [B, Nq, H, D] memory: its strides are multiples of D
+        return 1
+    for t, (sb, sh, sn, sd) in zip(tensors, strides):
+        if sd != 1 or (sb | sh | sn) % vec or t.data_ptr() % 16:
             return 1
     return vec
 
@@ -306,14 +317,15 @@ MAX_GRID_YZ = 65535  # CUDA grid limit on the head and batch axes
 INT32_MAX = 2**31 - 1
 
 
-def check_launch_limits(heads: int, batch: int, tensors: dict) -> None:
+def check_launch_limits(heads: int, batch: int, extents) -> None:
     """Refuse, before launch, what the kernel's indexing cannot address: more than 65535 heads or batch
     entries (grid axes), or a [N, D] slice of one (batch, head) whose last element lies beyond int32
-    offsets (per-token offsets are int32; batch/head offsets are int64)."""
+    offsets (per-token offsets are int32; batch/head offsets are int64). ``extents``: (name, N, D, token
+    stride, head-dim stride) per tensor."""
     if heads > MAX_GRID_YZ or batch > MAX_GRID_YZ:
         raise ValueError(f"q: the Triton kernel takes at most {MAX_GRID_YZ} heads and {MAX_GRID_YZ} batch entries, "
                          f"got H={heads}, B={batch}; split the batch or use backend='torch'")
-    for name, (n, d, stride_n, stride_d) in tensors.items():
+    for name, n, d, stride_n, stride_d in extents:
         if (n - 1) * abs(stride_n) + (d - 1) * abs(stride_d) > INT32_MAX:
             raise ValueError(f"{name}: {n} tokens at token stride {stride_n} exceed the kernel's int32 offsets "
                              "within one (batch, head); use backend='torch' or a layout with a smaller token stride")
@@ -322,20 +334,25 @@ def check_launch_limits(heads: int, batch: int, tensors: dict) -> None:
 _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
+_ARG_NAMES = ("q", "k_p", "v_p", "k_f", "v_f")
+
+
 def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
                 return_lse: bool, config: tuple, interpret: bool, visited: torch.Tensor | None = None):
-    """(grid, positional args, keyword args) of the kernel launch for validated inputs and a tile config
-    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs. Also what the offline compile
-    check feeds to Triton's own specialization, so that it compiles exactly what a launch gets."""
+    """(grid, positional args, keyword args, out, lse) of the kernel launch for validated inputs and a tile
+    config ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs (``lse`` is None unless asked
+    for). Also what the offline compile check feeds to Triton's own specialization, so that it compiles
+    exactly what a launch gets. Kept lean: it runs on every call (host cost, see the README)."""
     batch, heads, n_q, head_dim = q.shape
-    n_p, n_f = k_p.shape[2], k_f.shape[2]
-    check_launch_limits(heads, batch, {name: (t.shape[2], head_dim, t.stride(2), t.stride(3)) for name, t in
-                                       (("q", q), ("k_p", k_p), ("k_f", k_f), ("v_p", v_p), ("v_f", v_f))})
+    tensors = (q, k_p, v_p, k_f, v_f)
+    strides = [t.stride() for t in tensors]
+    check_launch_limits(heads, batch, [(name, t.shape[2], head_dim, st[2], st[3])
+                                       for name, t, st in zip(_ARG_NAMES, tensors, strides)])
     block_d0, block_d1 = head_dim_split(head_dim)
     bm, bn, warps, stages = config
     out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
-    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else out
-    grid = (triton.cdiv(n_q, bm), heads, batch)
+    lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else None
+    grid = (_cdiv(n_q, bm), heads, batch)
     if visited is not None and (visited.dtype != torch.int32 or tuple(visited.shape) != (batch, heads, grid[0])
                                 or not visited.is_contiguous()):
         raise ValueError(f"visited must be a contiguous int32 tensor of shape {(batch, heads, grid[0])}")
@@ -344,23 +361,24 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     row_stride = 0 if mask is None or mask.rows.shape[0] == 1 else mask.rows.stride(0)
     # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.
     dot_dtype = tl.float32 if (interpret and q.dtype == torch.bfloat16) else _DOT_DTYPES[q.dtype]
+    out_strides = (n_q * heads * head_dim, head_dim, heads * head_dim, 1)  # out's [B, Nq, H, D] memory
     args = (
-        q, k_p, v_p, k_f, v_f, rows,
+        *tensors, rows,
         mask.fd_index if packed else rows, mask.fd_value if packed else rows, mask.fd_count if packed else rows,
-        out, lse, out if visited is None else visited,
-        *q.stride(), *k_p.stride(), *v_p.stride(), *k_f.stride(), *v_f.stride(), *out.stride(),
+        out, out if lse is None else lse, out if visited is None else visited,
+        *strides[0], *strides[1], *strides[2], *strides[3], *strides[4], *out_strides,
         row_stride, 0 if row_stride == 0 else 1,
-        heads, n_q, n_p, n_f, n_txt,
+        heads, n_q, k_p.shape[2], k_f.shape[2], n_txt,
         scale * LOG2E, omega if mode == "scale" else omega * LOG2E,
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
-        BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems([q, k_p, v_p, k_f, v_f, out], q.element_size()),
+        BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems(tensors, strides, head_dim, out, q.element_size()),
         SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, HAS_TXT=n_txt > 0,
         WRITE_LSE=return_lse, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages,
     )
-    return grid, args, meta
+    return grid, args, meta, out, lse
 
 
 def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mode: str, n_txt: int,
@@ -386,8 +404,10 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
         d0, d1 = head_dim_split(head_dim)
         sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
         config = tile_config(d0 + d1, q.element_size(), n_q, heads, batch, sms)
-    config = tuple(o or c for o, c in zip((block_m, block_n, num_warps, num_stages), config))
-    grid, args, meta = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
-                                   return_lse=return_lse, config=config, interpret=interpret, visited=visited)
+    if block_m or block_n or num_warps or num_stages:
+        config = tuple(o or c for o, c in zip((block_m, block_n, num_warps, num_stages), config))
+    grid, args, meta, out, lse = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode,
+                                             n_txt=n_txt, return_lse=return_lse, config=config, interpret=interpret,
+                                             visited=visited)
     _fasa_fwd_kernel[grid](*args, **meta)
-    return (args[9], args[10]) if return_lse else args[9]
+    return (out, lse) if return_lse else out

@@ -420,3 +420,19 @@ def test_bench_rows_carry_live_keys_and_fd_tiles(tmp_path):
             assert float(r["live_keys"]) == float(r["fd_tiles"]) == 1.0
     table = (tmp_path / "table.txt").read_text()
     assert "fd tiles" in table and "full" in table
+
+
+def test_host_overhead_tool_runs_and_restores_the_launch():
+    import sys as _sys
+
+    from bench.host_overhead import measure, no_launch
+
+    module = _sys.modules["freecure_ops.kernels.fasa_fwd"]
+    real = module._fasa_fwd_kernel
+    rows = measure(calls=3, log=lambda s: None)
+    assert module._fasa_fwd_kernel is real
+    assert {r["case"] for r in rows} >= {"sd15-4096", "sdxl-1024", "flux-512+4096"}
+    assert all(r["what"] == "before launch" and r["us"] > 0 for r in rows)
+    with no_launch():
+        assert module._fasa_fwd_kernel is not real
+    assert module._fasa_fwd_kernel is real

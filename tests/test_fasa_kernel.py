@@ -202,9 +202,9 @@ def test_mask_edited_in_place_between_calls(device):
 
 
 def test_launch_limits_are_clear_errors():
-    ok = {"q": (4096, 64, 64 * 24, 1)}
+    ok = [("q", 4096, 64, 64 * 24, 1)]
     check_launch_limits(24, 2, ok)
     with pytest.raises(ValueError, match="q: the Triton kernel takes at most 65535 heads"):
         check_launch_limits(24, 70000, ok)
     with pytest.raises(ValueError, match="k_f: .*int32 offsets"):
-        check_launch_limits(24, 2, {"k_f": (2_000_000, 128, 24 * 128, 1)})
+        check_launch_limits(24, 2, [("k_f", 2_000_000, 128, 24 * 128, 1)])
