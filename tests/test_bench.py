@@ -425,6 +425,7 @@ def test_bench_rows_carry_live_keys_and_fd_tiles(tmp_path):
 def test_host_overhead_tool_runs_and_restores_the_launch():
     import sys as _sys
 
+    import freecure_ops.kernels.fasa_fwd  # noqa: F401
     from bench.host_overhead import measure, no_launch
 
     module = _sys.modules["freecure_ops.kernels.fasa_fwd"]
