@@ -117,7 +117,9 @@ def main(argv=None) -> int:
     env = versions()
     out_dir = args.out or Path(__file__).resolve().parent / "results" / report.device_slug(env["device"])
     say = lambda s="": print(s, flush=True)  # noqa: E731
-    say(f"# FASA benchmark on {env['device']}: torch {env['torch']}, triton {env['triton']}")
+    stack = (f"driver {env['driver'] or '-'}, torch {env['torch']}, triton {env['triton']}, "
+             f"CUDA {env['cuda'] or '-'}")
+    say(f"# FASA benchmark on {env['device']}: {stack}")
     if not cuda:
         say("# No CUDA device: KERNEL TIMINGS NEED CUDA. The fasa rows below are not timed; the Triton kernel")
         say("# is checked for correctness in the Triton interpreter on tiny shapes instead.")
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     done = list(rows)
-    header = f"FASA benchmark on {env['device']}: torch {env['torch']}, triton {env['triton']}\n\n"
+    header = f"FASA benchmark on {env['device']}: {stack}\n\n"
 
     def progress(so_far):  # a run stopped by a time limit still leaves its CSV and table
         report.write_csv(so_far, out_dir / "bench.csv")

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# The GPU session's whole job for issue 4, in one go (about 9 minutes on an H100/H200):
+# The GPU session's whole job (issues 8 and 9), in one call of at most 6 minutes on an H100/H200:
 #   1. make diffusers importable (a wheel carried in .whl/, see NOTES.md) and the project importable,
-#   2. pytest tests -q on CUDA,
-#   3. the full benchmark (python -m bench: all providers, all shapes, fp16 + bf16, 4 coverages),
-#   4. the end-to-end denoising step (python -m bench.e2e).
-# Everything lands in "$OUT" (the device tool's output folder; defaults to bench/results/gpu-run):
-#   pytest.log, bench.log, bench.csv, table.txt, bench.png, e2e.csv, e2e.txt   (7 files, 1 folder level)
-# Then copy bench.csv, table.txt, bench.png, e2e.csv, e2e.txt into bench/results/<device slug>/ and commit.
+#   2. the kernel and adapter tests on CUDA (fp16, bf16: the compiled paths; interpreter-only tests skip),
+#   3. the tile sweep: every candidate config per real shape, the table's choice against the fastest,
+#   4. the benchmark at the real shapes, fp16: B=1 per guidance half and the B=4 cases, hair and band masks
+#      at 10/25/50% and the full mask, providers fasa, sdpa_bias, flex, reference, sdpa_dense, sdpa_pd,
+#   5. the host cost per call (our Python work; and whole calls with Triton's launch),
+#   6. the end-to-end denoising step with what time is left.
+# Each step has its own time limit; the benchmark and the sweep rewrite their CSVs as they go, so a limit
+# keeps what was measured. Everything lands in "$OUT" (the device tool's output folder; default
+# bench/results/gpu-run), 8 files in one folder:
+#   bench.log pytest.log sweep.csv sweep.txt bench.csv table.txt bench.png e2e.csv
+# every one with the GPU name, driver, torch, Triton and CUDA versions (text headers, CSV columns).
+# Then copy them into bench/results/<device slug>/ and commit.
 #
 # Prepare the diffusers wheel here first (pure Python; the device image, Python 3.12, lacks it):
 #   pip download diffusers==0.42.1 --no-deps -d .whl
 # then, from the device tool:
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=400)
 set -u
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench/results/gpu-run}
@@ -20,13 +26,15 @@ export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 T0=$(date +%s)
 elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
+left() { echo $(( 350 - ($(date +%s) - T0) )); }   # seconds left of the 350 s this script allows itself
+
+STACK=$("$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
+'| triton', triton.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())" 2>&1)
+DRIVER=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)
+HEADER="# $STACK | driver: $DRIVER | $(date -u +%FT%TZ)"
 
 {
-  echo "== gpu_check.sh $(date -u +%FT%TZ)"
-  nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 || true
-  "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, \
-'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
-
+  echo "$HEADER"
   # 1. diffusers (absent on the device image) from a carried wheel, into a private site folder.
   if ls .whl/*.whl >/dev/null 2>&1; then
     "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -35,7 +43,6 @@ elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
     echo "!! no .whl/*.whl carried: the diffusers tests and the end-to-end step cannot run"
   fi
   "$PY" -c "import diffusers; print('diffusers', diffusers.__version__)" 2>&1 || true
-
   # The project: editable install (maps kernels/, adapters/, bench/ under freecure_ops); links as a fallback.
   "$PY" -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 || true
   if ! "$PY" -c "import freecure_ops.kernels, freecure_ops.bench" 2>/dev/null; then
@@ -45,24 +52,44 @@ elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
   "$PY" -c "import freecure_ops.kernels; print('freecure_ops importable')"
   echo "== setup done at $(elapsed)"
 } > "$OUT/bench.log" 2>&1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 
-# 2. The test suite on CUDA (kernel natively, not interpreted).
-# pytest-xdist is on the device image: kernel compiles (one per variant) then run on several cores.
+# 2. Kernel and adapter tests on CUDA (pytest-xdist is on the device image: compiles run on 8 cores).
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
-timeout -k 10 200 "$PY" -m pytest tests -q -p no:cacheprovider $XDIST > "$OUT/pytest.log" 2>&1
+{ echo "$HEADER"; timeout -k 5 100 "$PY" -m pytest -q -p no:cacheprovider -p no:warnings $XDIST \
+    tests/test_fasa_kernel.py tests/test_fasa_mask.py tests/test_fasa_identities.py tests/test_numerics_floor.py \
+    tests/test_torch_backend.py tests/test_adapters_cuda.py tests/test_fasa_validation.py 2>&1; } > "$OUT/pytest.log"
 echo "== pytest rc=$? at $(elapsed) (tail of pytest.log:)" >> "$OUT/bench.log"
-tail -n 5 "$OUT/pytest.log" >> "$OUT/bench.log"
+tail -n 8 "$OUT/pytest.log" >> "$OUT/bench.log"
 
-# 3. The full benchmark (bench.csv is rewritten after every configuration, so a timeout keeps what was done).
-timeout -k 10 330 "$PY" -m bench --no-e2e --out "$OUT" >> "$OUT/bench.log" 2>&1
-echo "== bench rc=$? at $(elapsed)" >> "$OUT/bench.log"
+# 3. Tile sweep (stops starting new shapes after its budget; writes sweep.csv / sweep.txt as it goes).
+timeout -k 5 110 "$PY" -m freecure_ops.bench.tile_sweep --out "$OUT" --budget-s 75 >> "$OUT/bench.log" 2>&1
+echo "== sweep rc=$? at $(elapsed)" >> "$OUT/bench.log"
+[ -f "$OUT/sweep.txt" ] && sed -i "1i $HEADER" "$OUT/sweep.txt"
 
-# 4. One denoising step end to end (needs diffusers and freecure_ops.adapters.install_fasa).
-left=$(( 530 - ($(date +%s) - T0) ))
-if [ "$left" -gt 40 ]; then
-  timeout -k 10 "$left" "$PY" -m bench.e2e --out "$OUT" >> "$OUT/bench.log" 2>&1
-  echo "== e2e rc=$? at $(elapsed)" >> "$OUT/bench.log"
-else
-  echo "== e2e skipped: only ${left} s left" >> "$OUT/bench.log"
+# 4. The benchmark (bench.csv / table.txt rewritten after every configuration).
+t=$(left); t=$(( t > 150 ? 150 : t - 40 ))
+if [ "$t" -gt 20 ]; then
+  timeout -k 5 "$t" "$PY" -m freecure_ops.bench --no-e2e --dtypes fp16 --masks hair,band,full \
+    --coverages 25,10,50 --out "$OUT" >> "$OUT/bench.log" 2>&1
+  echo "== bench rc=$? at $(elapsed)" >> "$OUT/bench.log"
+  [ -f "$OUT/table.txt" ] && sed -i "1i $HEADER" "$OUT/table.txt"
 fi
-tail -n 60 "$OUT/bench.log"
+
+# 5. Host cost per call.
+timeout -k 5 30 "$PY" -m freecure_ops.bench.host_overhead --calls 500 --with-launch >> "$OUT/bench.log" 2>&1
+echo "== host overhead rc=$? at $(elapsed)" >> "$OUT/bench.log"
+
+# 6. One denoising step end to end, with what is left (its text goes to bench.log, its CSV to $OUT).
+t=$(left)
+if [ "$t" -gt 30 ]; then
+  timeout -k 5 "$t" "$PY" -m freecure_ops.bench.e2e --quick --out /tmp/e2e >> "$OUT/bench.log" 2>&1
+  echo "== e2e rc=$? at $(elapsed)" >> "$OUT/bench.log"
+  [ -f /tmp/e2e/e2e.csv ] && cp /tmp/e2e/e2e.csv "$OUT/"
+  [ -f /tmp/e2e/e2e.txt ] && cat /tmp/e2e/e2e.txt >> "$OUT/bench.log"
+else
+  echo "== e2e skipped: only ${t} s left" >> "$OUT/bench.log"
+fi
+rm -f "$OUT"/*.tmp
+ls "$OUT" >> "$OUT/bench.log"
+tail -n 70 "$OUT/bench.log"

@@ -17,6 +17,7 @@ TARGETS_X = {"sdpa_bias": {0.25: 1.3, 1.0: 1.0}, "flex": {0.25: 1.2}, "reference
 
 
 def versions() -> dict:
+    """The device and software every row carries: device name, GPU driver, torch, Triton, CUDA."""
     import triton
 
     if torch.cuda.is_available():
@@ -25,7 +26,22 @@ def versions() -> dict:
         import platform
 
         device_name = f"cpu {platform.machine()} ({torch.get_num_threads()} threads)"
-    return {"device": device_name, "torch": torch.__version__, "triton": triton.__version__}
+    return {"device": device_name, "driver": _driver(), "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda or ""}
+
+
+def _driver() -> str:
+    """The NVIDIA driver version ("" without a GPU or nvidia-smi)."""
+    if not torch.cuda.is_available():
+        return ""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.strip().splitlines()[0] if out.strip() else ""
 
 
 def _first_line(e: BaseException, limit: int = 160) -> str:

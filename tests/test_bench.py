@@ -240,7 +240,8 @@ def test_sdpa_backend_is_logged():
 
 # ------------------------------------------------------------------------------------------------ report
 def _fake_rows():
-    base = {"device": "NVIDIA H100 80GB HBM3", "torch": "2.11.0", "triton": "3.6.0", "model": "sdxl",
+    base = {"device": "NVIDIA H100 80GB HBM3", "driver": "580.65", "torch": "2.11.0", "triton": "3.6.0",
+            "cuda": "12.8", "model": "sdxl",
             "case": "sdxl-1024", "label": "sdxl 1024 20x64", "batch": 2, "heads": 20, "head_dim": 64, "n_txt": 0,
             "n_img": 1024, "grid": "32x32", "layers": 60, "dtype": "fp16", "mask": "hair", "coverage": 0.25,
             "coverage_actual": 0.26, "nnz": 266, "live_keys": 0.2598, "fd_tiles": 0.3125, "flops": 10 ** 10, "peak_mib": 5.0, "max_err": 1e-4,
@@ -437,3 +438,18 @@ def test_host_overhead_tool_runs_and_restores_the_launch():
     with no_launch():
         assert module._fasa_fwd_kernel is not real
     assert module._fasa_fwd_kernel is real
+
+
+def test_tile_sweep_summary_and_cpu_exit(capsys):
+    from bench.tile_sweep import CANDIDATES, distinct_cases, main, summary
+
+    names = [c.name for c in distinct_cases()]
+    assert "sd15-4096" in names and "flux-512+4096" in names and "sdxl-1024-b4" in names
+    assert len(set(CANDIDATES)) == len(CANDIDATES)
+    rows = [{"case": "sdxl-1024", "mask": "hair", "config": cfg, "table": table, "ms": ms, "status": st}
+            for cfg, table, ms, st in (("64x64x4x3", True, 0.20, "ok"), ("128x64x8x3", False, 0.10, "ok"),
+                                       ("128x128x8x3", False, None, "error"))]
+    text = summary(rows)
+    assert "64x64x4x3" in text and "128x64x8x3" in text and "2.00" in text
+    if not torch.cuda.is_available():
+        assert main([]) == 0 and "no CUDA device" in capsys.readouterr().out
