@@ -29,9 +29,10 @@ elapsed() { echo "$(( $(date +%s) - T0 )) s"; }
 left() { echo $(( 350 - ($(date +%s) - T0) )); }   # seconds left of the 350 s this script allows itself
 
 STACK=$("$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, \
-'| triton', triton.__version__, '| CUDA', torch.version.cuda, '|', torch.cuda.get_device_name())" 2>&1)
+'| triton', triton.__version__, '| CUDA', torch.version.cuda, '|', \
+torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')" 2>&1 | tail -1)
 DRIVER=$(nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>&1 | head -1)
-HEADER="# $STACK | driver: $DRIVER | $(date -u +%FT%TZ)"
+HEADER=$(echo "# $STACK | driver: $DRIVER | $(date -u +%FT%TZ)" | tr -d '\n')
 
 {
   echo "$HEADER"
