@@ -6,7 +6,8 @@ import csv
 import re
 from pathlib import Path
 
-COLUMNS = ["device", "driver", "torch", "triton", "cuda", "model", "case", "label", "batch", "heads", "head_dim", "n_txt", "n_img",
+COLUMNS = ["device", "driver", "torch", "triton", "cuda", "model", "case", "label", "batch", "heads", "head_dim",
+           "n_txt", "n_img",
            "grid", "layers", "dtype", "mask", "coverage", "coverage_actual", "nnz", "live_keys", "fd_tiles",
            "provider", "status", "ms", "tflops",
            "flops", "peak_mib", "x_fasa", "max_err", "tol", "sdpa_backend", "build_ms", "target", "note"]

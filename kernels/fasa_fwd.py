@@ -281,10 +281,11 @@ def tile_config(d_padded: int, elem_bytes: int, n_q: int, heads: int, batch: int
     Chosen from sm_90 offline compiles (``python -m freecure_ops.bench.compile_report``, checked in CI by
     tests/test_kernel_compile.py): fp16/bf16 never spill, shared memory stays under the 227 KB per-block limit,
     both key loops keep a 3-deep K/V ring. 128-row query tiles need 8 warps (4 spill in "bias" mode); 128-key
-    tiles spill at 128 rows; 64-row tiles of head dim 128 need 8 warps. Query tiles of 64 rows when 128 would leave fewer than two waves of programs on
-    the device (one image per guidance half: SD1.5's 1024-token layers are 64 programs of 128 rows for 132
-    SMs). fp32 (IEEE dots, a correctness path, not a fast one) takes small tiles to fit. Speed on a real card
-    is for the GPU sweep (bench/gpu_check.sh) to confirm.
+    tiles spill at 128 rows; 64-row tiles of head dim 128 need 8 warps. Query tiles of 64 rows when 128
+    would leave fewer than two waves of programs on the device (one image per guidance half: SD1.5's
+    1024-token layers are 64 programs of 128 rows for 132 SMs). fp32 (IEEE dots, a correctness path, not a
+    fast one) takes small tiles to fit. Speed on a real card is for the GPU sweep (bench/tile_sweep.py) to
+    confirm.
     """
     if elem_bytes == 4:
         return 64, 32, 8, 2
