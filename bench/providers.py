@@ -64,10 +64,6 @@ class Problem:
         return int((self.mask > 0).sum())
 
     @property
-    def actual_coverage(self) -> float:
-        return self.nnz / self.mask.numel()
-
-    @property
     def dtype_name(self) -> str:
         return dtype_name(self.dtype)
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 COLUMNS = ["device", "driver", "torch", "triton", "cuda", "model", "case", "label", "batch", "heads", "head_dim",
            "n_txt", "n_img",
-           "grid", "layers", "dtype", "mask", "coverage", "coverage_actual", "nnz", "live_keys", "fd_tiles",
+           "grid", "layers", "dtype", "mask", "coverage", "nnz", "live_keys", "fd_tiles",
            "provider", "status", "ms", "tflops",
            "flops", "peak_mib", "x_fasa", "max_err", "tol", "sdpa_backend", "build_ms", "target", "note"]
 
 TABLE = [  # (header, key, format)
     ("case", "label", "{}"), ("dtype", "dtype", "{}"), ("mask", "mask", "{}"), ("cov", "coverage", "{:.0%}"),
-    ("got", "coverage_actual", "{:.1%}"), ("fd tiles", "fd_tiles", "{:.0%}"), ("provider", "provider", "{}"),
+    ("live keys", "live_keys", "{:.1%}"), ("fd tiles", "fd_tiles", "{:.0%}"), ("provider", "provider", "{}"),
     ("status", "status", "{}"),
     ("ms", "ms", "{:.4g}"), ("TFLOP/s", "tflops", "{:.3g}"), ("peak MiB", "peak_mib", "{:.4g}"),
     ("x fasa", "x_fasa", "{:.2f}"), ("max err", "max_err", "{:.1e}"), ("info", "info", "{}"),

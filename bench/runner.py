@@ -91,7 +91,7 @@ def _base_row(p, provider: str, env: dict) -> dict:
     return {**env, "model": c.model, "case": c.name, "label": c.label, "batch": c.batch, "heads": c.heads,
             "head_dim": c.head_dim, "n_txt": c.n_txt, "n_img": c.n_img, "grid": f"{c.grid[0]}x{c.grid[1]}",
             "layers": c.layers, "dtype": p.dtype_name, "mask": p.mask_kind, "coverage": p.coverage,
-            "coverage_actual": round(p.actual_coverage, 4), "nnz": p.nnz, "live_keys": live_keys,
+            "nnz": p.nnz, "live_keys": live_keys,
             "fd_tiles": fd_tiles, "provider": provider,
             "status": "", "ms": None, "tflops": None, "flops": flops_for(provider, p), "peak_mib": None,
             "x_fasa": None, "max_err": None, "tol": None, "sdpa_backend": "", "build_ms": None,
