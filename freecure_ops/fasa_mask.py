@@ -16,6 +16,8 @@ import torch
 
 __all__ = ["FasaMask", "prepare_fasa_mask"]
 
+MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
 
 class FasaMask:
     """An immutable, validated FD-token mask. Build it with :func:`prepare_fasa_mask`.
@@ -67,8 +69,8 @@ class FasaMask:
 def _check_raw(mask) -> torch.Tensor:
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and mask.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise TypeError(f"mask must be bool or float16/bfloat16/float32/float64, got {mask.dtype}")
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"mask must be bool or floating point (float16/bfloat16/float32/float64), got {mask.dtype}")
     if mask.dim() not in (1, 2) or mask.shape[-1] < 1 or mask.shape[0] < 1:
         raise ValueError(f"mask must have shape [Nimg] or [B, Nimg] with Nimg >= 1, got {tuple(mask.shape)}")
     if mask.requires_grad:

@@ -6,11 +6,12 @@ whose message starts with the argument's name.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
 
-from .fasa_mask import FasaMask, check_mask_values
+from .fasa_mask import MASK_DTYPES, FasaMask, check_mask_values
 
 MODES = ("bias", "scale")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -46,20 +47,26 @@ def _check_tensor(name: str, t) -> torch.Tensor:
     return t
 
 
+F32_SAFE = float(torch.finfo(torch.float32).max) / 4  # a scalar the kernel scales by log2(e) and still holds
+
+
 def check_real(name: str, value, *, allow_none: bool = False, lo: float | None = None,
                hi: float | None = None) -> float | None:
-    """A finite real number (a Python int/float or a 0-dim tensor) within ``[lo, hi]``, as a float."""
+    """A finite real number (a Python or numpy int/float, or a 0-dim tensor) within ``[lo, hi]`` and within
+    float32 range (the kernel computes in float32), as a Python float."""
     if value is None and allow_none:
         return None
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(value.shape)}")
         value = value.item()
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     value = float(value)
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
+    if abs(value) > F32_SAFE:
+        raise ValueError(f"{name} must be within float32 range (|{name}| <= {F32_SAFE:.3g}), got {value}")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
     return value
@@ -80,8 +87,8 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, a FasaMask or None, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"mask must be bool or floating point (float16/bfloat16/float32/float64), got {mask.dtype}")
     if mask.dim() == 1:
         if mask.shape[0] != n_img:
             raise ValueError(f"mask must have shape [Nimg]={n_img} (Nf - n_txt), got {tuple(mask.shape)}")
