@@ -129,6 +129,8 @@ def test_unknown_backend_and_bad_flags():
 def test_triton_backend_on_cpu_without_interpreter_is_refused(monkeypatch):
     import sys
 
+    import freecure_ops.kernels.fasa_fwd  # noqa: F401
+
     # Triton fixes interpreter mode when it decorates the kernels (import time): pretend it was off then.
     monkeypatch.setattr(sys.modules["freecure_ops.kernels.fasa_fwd"], "_INTERPRETING", False)
     with pytest.raises(ValueError, match="backend='triton'.*TRITON_INTERPRET"):
