@@ -24,9 +24,11 @@ setup(
     ],
     entry_points={"console_scripts": ["freecure = freecure_ops.cli:main"]},
     extras_require={
-        "diffusers": ["diffusers>=0.32", "Pillow"],
+        # 0.42 is the version the tests run on (SD/SDXL need nothing FLUX-specific, see
+        # tests/test_lazy_flux_import.py, but older releases are not tested)
+        "diffusers": ["diffusers>=0.42", "Pillow"],
         "bench": ["matplotlib"],
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.32", "transformers>=4.40", "sentencepiece",
-                 "matplotlib"],
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "sentencepiece",
+                 "matplotlib", "peft", "accelerate"],
     },
 )

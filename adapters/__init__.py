@@ -11,7 +11,6 @@ attention.
 from .apg import apply_apg
 from .discovery import SelfAttentionBlock, find_self_attention_blocks
 from .freecure import EmptyMaskError, FreeCure, FreeCureOutput, FreeCureWarning, collate_branches
-from .flux_processor import FasaFluxAttnProcessor
 from .install import FasaHandle, install_fasa
 from .presets import PRESETS, FasaPreset, preset_blocks
 from .unet_processor import FasaAttnProcessor
@@ -19,3 +18,13 @@ from .unet_processor import FasaAttnProcessor
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg",
            "install_fasa", "FasaHandle", "FasaAttnProcessor", "FasaFluxAttnProcessor", "find_self_attention_blocks",
            "SelfAttentionBlock", "PRESETS", "FasaPreset", "preset_blocks"]
+
+
+def __getattr__(name):
+    # The FLUX processor needs diffusers' FLUX attention pieces (diffusers >= 0.35): imported on first use only,
+    # so that SD/SDXL users of older diffusers can import the adapters.
+    if name == "FasaFluxAttnProcessor":
+        from .flux_processor import FasaFluxAttnProcessor
+
+        return FasaFluxAttnProcessor
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,7 +9,7 @@ import math
 
 import torch
 
-from freecure_ops.fasa_mask import FasaMask, prepare_fasa_mask
+from freecure_ops.fasa_mask import FasaMask, pack_checked_mask
 from freecure_ops.masks import resize_mask_to_grid
 
 from .steps import SchedulerStepCounter
@@ -18,24 +18,58 @@ from .steps import SchedulerStepCounter
 class FasaController:
     """``layout``: "cfg" / "plain", or "auto" with ``cfg_of_call`` (a callable returning whether the pipeline
     batches classifier-free guidance in the running call). ``scheduler_of``: a callable giving the scheduler
-    whose loop is counted (read at every forward, so a scheduler swapped on the pipeline after install is
-    followed), or None when nothing tells the step (then ``step`` stays -1 and ``steps`` must be None)."""
+    whose loop is counted (read at every eager forward, so a scheduler swapped on the pipeline after install is
+    followed), or None when nothing tells the step (then ``step`` stays -1 and ``steps`` must be None).
+
+    What a forward reads (``active``, ``call_layout``, the grid) is decided in eager Python, never from device
+    data: by the model's pre-hook when the forward runs eagerly (:meth:`begin_forward`), and by the step
+    counter's callbacks (``set_timesteps``/``step`` of the scheduler, which run outside any compiled region) for
+    a forward that ``torch.compile`` traces. Compiled code therefore sees two gating states (FASA on / off)
+    and guards on nothing that changes from step to step."""
 
     def __init__(self, *, mask: torch.Tensor, omega: float, steps, style_fidelity: float, layout: str, mode: str,
-                 backend: str, cfg_of_call=None, scheduler_of=None):
+                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None):
         self.omega = omega
-        self.steps = steps                  # frozenset of step indices, or None for every step
+        self._steps = steps                 # frozenset of step indices, or None for every step
         self.style_fidelity = style_fidelity
         self.layout = layout                # "cfg", "plain" or "auto" (asked from the pipeline per forward)
         self.mode = mode
         self.backend = backend
-        self.enabled = True
+        self._enabled = True
         self._cfg_of_call = cfg_of_call
         self._scheduler_of = scheduler_of
-        self.counter = SchedulerStepCounter()
+        self.grid = grid                    # FLUX: (h, w) given at install, else None
+        self.pipeline_grid = None           # FLUX: (h, w) the pipeline passed to _prepare_latent_image_ids
+        self.counter = SchedulerStepCounter(on_change=self._on_counter)
         self.call_layout = None if layout == "auto" else layout
-        self.reset()
+        self.step = -1
+        self.active = False
+        self.latent_hw = None
+        self.n_txt = None
+        self.grid_error = None
         self.set_mask(mask)
+        sched = None if scheduler_of is None else scheduler_of()
+        if sched is not None:
+            self.counter.attach(sched)      # counted from install on: compiled forwards never attach it
+        self._decide(self._next_step(), strict=False)
+
+    @property
+    def enabled(self) -> bool:
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        self._enabled = value
+        self._decide(self._next_step(), strict=False)
+
+    @property
+    def steps(self):
+        return self._steps
+
+    @steps.setter
+    def steps(self, value) -> None:
+        self._steps = value
+        self._decide(self._next_step(), strict=False)
 
     # ---- masks -----------------------------------------------------------------------------------------
     def set_mask(self, mask: torch.Tensor) -> None:
@@ -55,15 +89,20 @@ class FasaController:
 
     def mask_for(self, h: int, w: int, device: torch.device, n_pairs: int, layer: str) -> FasaMask:
         """The mask on an ``h x w`` token grid, prepared for FASA (1 shared row or ``n_pairs`` rows) on ``device``.
-        Resized, moved and prepared once per (grid, device), then reused by every layer and step."""
+        Eager forwards resize, move and prepare it once per (grid, device) and reuse it for every layer and
+        step. No host sync: the values were checked when the mask was set. A forward that ``torch.compile``
+        traces prepares it inside the graph (a few cheap ops per layer) and leaves the cache alone, so that the
+        compiled code guards on no cache state."""
         pairs = self.mask_pairs
         if pairs is not None and pairs != n_pairs:
             raise ValueError(f"mask holds {pairs} per-pair masks but the batch at {layer} has {n_pairs} PD/FD pairs "
                              f"per guidance half (layout={self.call_layout or self.layout!r})")
+        if torch.compiler.is_compiling():
+            return pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
         key = (h, w, device)
         cached = self._cache.get(key)
         if cached is None:
-            cached = prepare_fasa_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
+            cached = pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
             self._cache[key] = cached
         return cached
 
@@ -72,24 +111,28 @@ class FasaController:
         """Forget the step counter; the next forward is step 0 of a new generation."""
         self.step = -1
         self.counter.restart()
-        self.active = False
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
+        self._decide(self._next_step(), strict=False)
 
     def detach(self) -> None:
         """Stop counting (after remove): the scheduler gets its own methods back."""
         self.counter.detach()
 
+    def _next_step(self) -> int:
+        """The step index the next forward gets as far as the counter knows (-1: no scheduler)."""
+        return self.counter.count if self.counter.scheduler is not None else -1
+
     def _current_step(self) -> int:
         if self._scheduler_of is None:
-            return self.step
+            return -1
         sched = self._scheduler_of()
         if sched is None:  # the pipeline is gone (a bare model now): no step index
             return self.step
         if sched is not self.counter.scheduler:
-            # first forward, or the pipeline got another scheduler since: its set_timesteps already ran for
-            # this generation, so this forward is its step 0
+            # the pipeline got another scheduler since install: its set_timesteps already ran for this
+            # generation, so this forward is its step 0
             self.counter.attach(sched)
         return self.counter.count
 
@@ -104,13 +147,31 @@ class FasaController:
                              "layout='cfg' or layout='plain' to install_fasa") from e
         return "cfg" if cfg else "plain"
 
+    def _decide(self, step: int, *, strict: bool) -> None:
+        """Gate FASA for a forward at ``step`` and read the pipeline's layout (eager Python only). ``strict``:
+        raise when the pipeline cannot tell its layout (a forward), else leave it unknown (a callback)."""
+        self.active = self._enabled and (self._steps is None or step in self._steps)
+        if not self.active:
+            self.call_layout = None
+            return
+        try:
+            self.call_layout = self._layout_of_call()
+        except ValueError:
+            if strict:
+                raise
+            self.call_layout = None
+
+    def _on_counter(self) -> None:
+        """The scheduler's set_timesteps/step ran (outside the model): decide for the next forward, which may be
+        compiled and then runs no eager hook."""
+        self._decide(self.counter.count, strict=False)
+
     def begin_forward(self) -> bool:
-        """Called by the model's pre-hook: take the step index of the denoising loop, decide whether FASA runs
-        in this forward, and clear the grid of the previous forward (the hook sets the new one). Python only:
-        nothing is read from the device. Returns whether FASA is active."""
+        """Called by the model's pre-hook when the forward runs eagerly: take the step index of the denoising
+        loop, decide whether FASA runs in this forward, and clear the grid of the previous forward (the hook
+        sets the new one). Python only: nothing is read from the device. Returns whether FASA is active."""
         self.step = self._current_step()
-        self.active = self.enabled and (self.steps is None or self.step in self.steps)
-        self.call_layout = self._layout_of_call() if self.active else None
+        self._decide(self.step, strict=True)
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
@@ -134,16 +195,21 @@ class FasaController:
         if self.grid_error is not None:
             raise ValueError(f"FASA at {layer}: {self.grid_error}")
         if self.latent_hw is None:
-            raise ValueError(f"FASA at {layer} needs img_ids: call the transformer itself, not the layer")
+            raise ValueError(f"FASA at {layer} needs the image grid: call the transformer itself (through a FLUX "
+                             "pipeline, or with grid=(h, w) given to install_fasa), not the layer")
         h, w = self.latent_hw
         if h * w != n_img:
-            raise ValueError(f"FASA at {layer}: {n_img} image tokens but img_ids describe a {h}x{w} grid")
+            raise ValueError(f"FASA at {layer}: {n_img} image tokens but the image grid is {h}x{w}")
         return h, w
 
     def plan(self, batch: int, layer: str) -> list[tuple[int, int, bool]]:
         """``(start, n, is_uncond)`` per guidance half: rows ``start..start+n-1`` are PD_1..PD_n and the next
         n rows their FD partners."""
         layout = self.call_layout or self.layout
+        if layout == "auto":
+            raise ValueError(f"FASA at {layer}: layout=None, and the pipeline has not told whether it batches "
+                             "classifier-free guidance in this call; call the pipeline itself, or pass layout='cfg' "
+                             "or layout='plain' to install_fasa")
         why = " (the pipeline batches CFG in this call)" if self.layout == "auto" and layout == "cfg" else \
             " (the pipeline runs without CFG in this call)" if self.layout == "auto" else ""
         if layout == "cfg":

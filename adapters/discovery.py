@@ -16,14 +16,37 @@ class SelfAttentionBlock:
     kind: str  # "unet" (attn1), "flux_double" or "flux_single" (joint attention)
 
 
-def resolve_model(model):
-    """``(denoiser, family)`` for a UNet2DConditionModel, a FluxTransformer2DModel, or a pipeline holding one."""
-    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+def unwrap_compiled(module):
+    """The model inside ``torch.compile(model)`` (an ``OptimizedModule``, which keeps it as ``_orig_mod``);
+    anything else unchanged."""
+    while isinstance(module, torch.nn.Module) and isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):
+        module = module._orig_mod
+    return module
 
+
+def compiled_wrapper(model):
+    """The ``OptimizedModule`` a model (or the pipeline's ``.unet`` / ``.transformer``) is wrapped in, or None."""
     target = model
     if not isinstance(target, torch.nn.Module):
         for attr in ("unet", "transformer"):
             candidate = getattr(model, attr, None)
+            if isinstance(candidate, torch.nn.Module):
+                target = candidate
+                break
+    if isinstance(target, torch.nn.Module) and isinstance(getattr(target, "_orig_mod", None), torch.nn.Module):
+        return target
+    return None
+
+
+def resolve_model(model):
+    """``(denoiser, family)`` for a UNet2DConditionModel, a FluxTransformer2DModel, or a pipeline holding one;
+    compiled models (``torch.compile``'s ``OptimizedModule``) are unwrapped to the model inside."""
+    from diffusers import FluxTransformer2DModel, UNet2DConditionModel
+
+    target = unwrap_compiled(model)
+    if not isinstance(target, torch.nn.Module):
+        for attr in ("unet", "transformer"):
+            candidate = unwrap_compiled(getattr(model, attr, None))
             if isinstance(candidate, torch.nn.Module):
                 target = candidate
                 break

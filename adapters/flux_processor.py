@@ -6,15 +6,19 @@ while FASA is active the PD rows of the attention result are replaced by
 :func:`.attend.overwrite_pd_rows`. The joint sequence
 is ``[text, image]``; the kernel's ``n_txt`` variant keeps FD out of everything but the image-image block.
 Single-stream blocks get the text length from the transformer pre-hook.
+
+This module needs diffusers' FLUX pieces (``attention_dispatch``, diffusers >= 0.35): nothing imports it
+until a FLUX model gets FASA, so SD/SDXL work without them.
 """
 from __future__ import annotations
 
 import torch
-from diffusers.models.attention_dispatch import dispatch_attention_fn
+from diffusers.models.attention_dispatch import dispatch_attention_fn  # diffusers >= 0.35; imported lazily
 from diffusers.models.embeddings import apply_rotary_emb
 
 from .attend import overwrite_pd_rows
 from .controller import FasaController
+from .unet_processor import INACTIVE
 
 
 def _qkv_projections(attn, hidden_states, encoder_hidden_states=None):
@@ -37,13 +41,14 @@ def _qkv_projections(attn, hidden_states, encoder_hidden_states=None):
 
 
 class FasaFluxAttnProcessor:
-    """Joint-attention processor with FASA on PD rows. State lives in the shared ``controller``."""
+    """Joint-attention processor with FASA on PD rows. State lives in the shared ``controller``; without one
+    (``FasaFluxAttnProcessor()``, as diffusers re-creates processors) it is the stock ``FluxAttnProcessor``."""
 
     _attention_backend = None
     _parallel_config = None
 
-    def __init__(self, controller: FasaController, name: str):
-        self.controller = controller
+    def __init__(self, controller: FasaController | None = None, name: str = ""):
+        self.controller = INACTIVE if controller is None else controller
         self.name = name
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,

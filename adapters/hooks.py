@@ -1,6 +1,15 @@
 """Forward pre-hooks on the UNet / FLUX transformer: they start the controller's forward (step index from the
-scheduler's loop, layout of the call) and give it the latent grid and, for FLUX, the text length. They read
-shapes and Python state only: no device-to-host sync (the timestep is never read)."""
+scheduler's loop, layout of the call) and give it the latent grid and, for FLUX, the text length.
+
+They read shapes and Python state only: no device-to-host sync (the timestep is never read; the FLUX grid is
+the one the pipeline passed to ``_prepare_latent_image_ids``, or ``grid=`` given to ``install_fasa``; only a
+bare FLUX transformer with neither falls back to reading ``img_ids``, one host sync per forward).
+
+Under ``torch.compile`` the model's hooks are traced into its graph. There they skip the bookkeeping (which
+attaches step counters and reads pipeline properties: eager work) and read the gate the controller decided
+outside the compiled region (:class:`.controller.FasaController`); a compiled model's ``OptimizedModule``
+wrapper gets :func:`eager_pre_hook`, which does the bookkeeping eagerly before the compiled call.
+"""
 from __future__ import annotations
 
 import torch
@@ -12,17 +21,31 @@ def _arg(args, kwargs, index: int, name: str):
     return args[index] if len(args) > index else None
 
 
+def _start(ctl) -> bool:
+    """Whether FASA runs in this forward: decided here when eager, read from the controller when traced."""
+    if torch.compiler.is_compiling():
+        return ctl.active
+    return ctl.begin_forward()
+
+
+def eager_pre_hook(ctl):
+    """For the ``OptimizedModule`` of a compiled model: runs eagerly before each compiled forward."""
+    def hook(module, args, kwargs):
+        ctl.begin_forward()
+    return hook
+
+
 def unet_pre_hook(ctl):
     def hook(module, args, kwargs):
         sample = _arg(args, kwargs, 0, "sample")
-        if ctl.begin_forward() and sample is not None:
+        if _start(ctl) and sample is not None:
             ctl.latent_hw = (int(sample.shape[-2]), int(sample.shape[-1]))
     return hook
 
 
 def grid_from_img_ids(img_ids) -> tuple[tuple[int, int] | None, str | None]:
     """``((h, w), None)`` when ``img_ids`` (``[N, 3]``, rows ``(0, y, x)``) form a row-major ``h x w`` grid
-    from 0, else ``(None, reason)``."""
+    from 0, else ``(None, reason)``. Reads the ids on the host (a sync): the fallback for a bare transformer."""
     if not isinstance(img_ids, torch.Tensor):
         return None, "img_ids were not passed to the transformer"
     ids = img_ids[0] if img_ids.dim() == 3 else img_ids
@@ -38,11 +61,21 @@ def grid_from_img_ids(img_ids) -> tuple[tuple[int, int] | None, str | None]:
     return (h, w), None
 
 
+COMPILED_FLUX_NEEDS_GRID = ("a compiled FLUX transformer called without its pipeline needs the image grid: pass "
+                            "grid=(h, w) (latent height and width / 2) to install_fasa")
+
+
 def flux_pre_hook(ctl):
     def hook(module, args, kwargs):
-        if not ctl.begin_forward():
+        if not _start(ctl):
             return
         text = _arg(args, kwargs, 1, "encoder_hidden_states")
         ctl.n_txt = int(text.shape[1]) if isinstance(text, torch.Tensor) else None
-        ctl.latent_hw, ctl.grid_error = grid_from_img_ids(_arg(args, kwargs, 4, "img_ids"))
+        grid = ctl.grid if ctl.grid is not None else ctl.pipeline_grid
+        if grid is not None:
+            ctl.latent_hw, ctl.grid_error = grid, None
+        elif torch.compiler.is_compiling():
+            ctl.latent_hw, ctl.grid_error = None, COMPILED_FLUX_NEEDS_GRID
+        else:
+            ctl.latent_hw, ctl.grid_error = grid_from_img_ids(_arg(args, kwargs, 4, "img_ids"))
     return hook

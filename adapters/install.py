@@ -1,32 +1,45 @@
 """``install_fasa`` and the handle that turns FASA on/off, swaps the mask and removes it again."""
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 
 import torch
 
+from . import diffusers_helpers
 from .controller import FasaController
-from .discovery import find_self_attention_blocks, resolve_model
-from .flux_processor import FasaFluxAttnProcessor
-from .hooks import flux_pre_hook, unet_pre_hook
-from .options import (BACKENDS, LAYOUTS, MODES, check_bool, check_choice, check_layers, check_mask, check_real,
-                      check_steps)
+from .discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
+from .hooks import eager_pre_hook, flux_pre_hook, unet_pre_hook
+from .options import (BACKENDS, LAYOUTS, MODES, check_bool, check_choice, check_grid, check_layers, check_mask,
+                      check_real, check_steps)
 from .presets import PRESETS, preset_blocks
 from .unet_processor import FasaAttnProcessor
 
 _MARK = "_freecure_fasa_handle"
-FASA_PROCESSORS = (FasaAttnProcessor, FasaFluxAttnProcessor)
+
+
+def fasa_processor_types() -> tuple:
+    """The FASA processor classes (the FLUX one only once its module was imported: none exists before)."""
+    flux = sys.modules.get(f"{__package__}.flux_processor")
+    return (FasaAttnProcessor,) if flux is None else (FasaAttnProcessor, flux.FasaFluxAttnProcessor)
+
+
+def _flux_attn_processor_type():
+    try:
+        from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+    except ImportError:  # older diffusers: no FLUX processor of this name
+        return None
+    return FluxAttnProcessor
 
 
 def _stock_processor_kind(proc) -> str | None:
     """"sdpa" / "fused" / "legacy" for diffusers' own plain self-attention processors (``AttnProcessor2_0`` and
     ``FluxAttnProcessor`` / ``FusedAttnProcessor2_0`` / ``AttnProcessor``), None for anything else."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
 
     kind = type(proc)
-    if kind in (AttnProcessor2_0, FluxAttnProcessor):
+    if kind is AttnProcessor2_0 or (kind is _flux_attn_processor_type() and kind is not None):
         return "sdpa"
     if kind is FusedAttnProcessor2_0:
         return "fused"
@@ -70,18 +83,57 @@ class FasaHandle:
     hook; ``enabled`` switches FASA off (stock behaviour) and on; ``set_mask`` swaps the attribute mask;
     ``reset()`` restarts the step counter. Usable as a context manager (removes on exit)."""
 
-    def __init__(self, model, family: str, controller: FasaController, installed, hook):
+    def __init__(self, model, family: str, controller: FasaController, installed, hooks, patches=()):
         self.model = model
         self.family = family
         self.controller = controller
-        self._installed = installed  # [(block, original processor, FASA processor)]
-        self._hook = hook
+        self._installed = installed  # [[block, original processor, FASA processor]]
+        self._hooks = list(hooks)
+        self._patches = list(patches)
+        self._dropped = []           # layer names whose FASA processor diffusers replaced (warned at the time)
         self.removed = False
 
     @property
     def layers(self) -> tuple[int, ...]:
         """Block indices (execution order) that carry FASA."""
         return tuple(block.index for block, _, _ in self._installed)
+
+    def add_patches(self, patches) -> None:
+        self._patches.extend(patches)
+
+    def reclaim(self, source: str) -> None:
+        """After diffusers set processors (``set_attn_processor``, ``set_default_attn_processor``,
+        ``fuse_qkv_projections``, IP-Adapter loading): put FASA back on its layers where the new processor is
+        a re-created FASA processor or one of diffusers' stock self-attention processors (FASA keeps working;
+        ``remove()`` then restores the new stock processor), and warn at once, naming the layers, where it is
+        anything else (FASA no longer runs there)."""
+        dropped, kinds = [], set()
+        for entry in self._installed:
+            block, _, ours = entry
+            current = block.attn.processor
+            if current is ours:
+                continue
+            if isinstance(current, fasa_processor_types()):
+                block.attn.set_processor(ours)
+                continue
+            kind = _stock_processor_kind(current)
+            if kind is not None:
+                if isinstance(ours, FasaAttnProcessor):
+                    ours.set_kind(kind)
+                for attr in ("_attention_backend", "_parallel_config"):
+                    if hasattr(type(ours), attr):
+                        setattr(ours, attr, getattr(current, attr, None))
+                entry[1] = current
+                block.attn.set_processor(ours)
+            else:
+                dropped.append(entry)
+                kinds.add(type(current).__name__)
+        if dropped:
+            self._installed = [e for e in self._installed if all(e is not d for d in dropped)]
+            self._dropped += [block.name for block, _, _ in dropped]
+            names = ", ".join(block.name for block, _, _ in dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+            warnings.warn(f"{source} put {'/'.join(sorted(kinds))} on {len(dropped)} FASA self-attention layer(s) "
+                          f"({names}): FASA no longer runs there", stacklevel=3)
 
     @property
     def layer_names(self) -> tuple[str, ...]:
@@ -117,16 +169,21 @@ class FasaHandle:
         self.controller.reset()
 
     def remove(self) -> None:
-        """Put back the processors that were there before install (the same objects). Idempotent."""
+        """Put back the processors that were there before install (the same objects; where diffusers set a stock
+        processor since, that one). Idempotent."""
         if self.removed:
             return
+        for patch in reversed(self._patches):
+            patch.undo()
         for block, original, ours in self._installed:
-            if block.attn.processor is ours:
+            current = block.attn.processor
+            if current is ours or isinstance(current, fasa_processor_types()):
                 block.attn.set_processor(original)
             else:
                 warnings.warn(f"{block.name}: its FASA processor was replaced after install_fasa; leaving "
-                              f"{type(block.attn.processor).__name__} in place", stacklevel=2)
-        self._hook.remove()
+                              f"{type(current).__name__} in place", stacklevel=2)
+        for hook in self._hooks:
+            hook.remove()
         self.controller.detach()
         if getattr(self.model, _MARK, None) is self:
             delattr(self.model, _MARK)
@@ -151,7 +208,7 @@ def _own_copy(mask: torch.Tensor, device) -> torch.Tensor:
 
 
 def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fidelity=1.0, layout=None,
-                 mode="bias", backend="auto", force=False, scheduler=None) -> FasaHandle:
+                 mode="bias", backend="auto", force=False, scheduler=None, grid=None) -> FasaHandle:
     """Turn a diffusers SD1.x/SD2.x/SDXL UNet or FLUX transformer (or a pipeline holding one) into a FASA model.
 
     ``mask``: attribute mask ``[h, w]`` (shared) or ``[n, h, w]`` (one per PD/FD pair), bool or float >= 0,
@@ -167,7 +224,19 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     accordingly; a bare UNet (or an object without ``do_classifier_free_guidance``) must be told.
     ``mode``/``backend``: passed to :func:`freecure_ops.fasa_attention`. ``force``: replace unknown custom
     self-attention processors too. ``scheduler``: the scheduler whose loop counts the steps; default: the
-    pipeline's (read at every forward); needed for ``steps=`` on a bare model. Presets: see :mod:`.presets`.
+    pipeline's (read at every forward); needed for ``steps=`` on a bare model. ``grid``: FLUX only, the
+    ``(h, w)`` image-token grid (latent size / 2) for a bare transformer; a FLUX pipeline tells it by itself,
+    and without either it is read from ``img_ids`` (a host sync per forward; refused under ``torch.compile``).
+    Presets: see :mod:`.presets`.
+
+    Compiled models work: ``model`` (or the pipeline's ``.unet`` / ``.transformer``) may be
+    ``torch.compile(...)``'s ``OptimizedModule``; FASA goes into the model inside, and the compiled forward
+    traces it with no graph break (see the README's "Compile and CUDA graphs").
+
+    While installed, diffusers' helpers keep FASA: ``set_attn_processor`` / ``set_default_attn_processor`` /
+    ``fuse_qkv_projections`` with stock processors and IP-Adapter loading on a UNet leave FASA on its layers
+    (``remove()`` restores what they set); any other processor set on a FASA layer is warned about at once.
+    IP-Adapter loading that would replace a FASA layer of a FLUX model is refused before anything changes.
     """
     denoiser, family = resolve_model(model)
     mask = check_mask(mask)
@@ -177,6 +246,9 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     mode = check_choice("mode", mode, MODES)
     backend = check_choice("backend", backend, BACKENDS)
     force = check_bool("force", force)
+    grid = check_grid(grid)
+    if grid is not None and family != "flux":
+        raise ValueError("grid= is for FLUX transformers; a UNet takes its grid from the latent it is called with")
     if layout is not None:
         layout = check_choice("layout", layout, LAYOUTS)
     blocks = find_self_attention_blocks(denoiser)
@@ -197,7 +269,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
         raise ValueError("steps= needs the denoising loop's step index: pass the pipeline (its scheduler counts the "
                          "steps) or scheduler= (the scheduler whose step() your loop calls)")
 
-    if getattr(denoiser, _MARK, None) is not None or any(isinstance(b.attn.processor, FASA_PROCESSORS)
+    if getattr(denoiser, _MARK, None) is not None or any(isinstance(b.attn.processor, fasa_processor_types())
                                                          for b in blocks):
         raise ValueError("model already carries FASA: call .remove() on the handle of the first install_fasa first")
     if layers is None:
@@ -218,7 +290,9 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)),
                                 omega=PRESETS[family].omega if omega is None else omega, steps=steps,
                                 style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
-                                cfg_of_call=cfg_of_call, scheduler_of=scheduler_of)
+                                cfg_of_call=cfg_of_call, scheduler_of=scheduler_of, grid=grid)
+    if family == "flux":
+        from .flux_processor import FasaFluxAttnProcessor
     installed = []
     for b in chosen:
         original = b.attn.processor
@@ -229,11 +303,15 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(original, attr, None) is not None:
                     setattr(ours, attr, getattr(original, attr))
-        installed.append((b, original, ours))
+        installed.append([b, original, ours])
     hook_fn = flux_pre_hook(controller) if family == "flux" else unet_pre_hook(controller)
-    hook = denoiser.register_forward_pre_hook(hook_fn, with_kwargs=True)
+    hooks = [denoiser.register_forward_pre_hook(hook_fn, with_kwargs=True)]
+    wrapper = compiled_wrapper(model)
+    if wrapper is not None:  # torch.compile(model): the bookkeeping runs eagerly before each compiled forward
+        hooks.append(wrapper.register_forward_pre_hook(eager_pre_hook(controller), with_kwargs=True))
     for b, _, ours in installed:
         b.attn.set_processor(ours)
-    handle = FasaHandle(denoiser, family, controller, installed, hook)
+    handle = FasaHandle(denoiser, family, controller, installed, hooks)
+    handle.add_patches(diffusers_helpers.follow(handle, None if isinstance(model, torch.nn.Module) else model))
     setattr(denoiser, _MARK, handle)
     return handle

@@ -8,8 +8,8 @@ import torch
 from freecure_ops.api import BACKENDS
 from freecure_ops.validation import MODES, check_mask_values, check_real
 
-__all__ = ["BACKENDS", "LAYOUTS", "MODES", "check_bool", "check_choice", "check_layers", "check_mask", "check_real",
-           "check_steps"]
+__all__ = ["BACKENDS", "LAYOUTS", "MODES", "check_bool", "check_choice", "check_grid", "check_layers", "check_mask",
+           "check_real", "check_steps"]
 
 LAYOUTS = ("cfg", "plain")
 
@@ -76,3 +76,13 @@ def check_layers(layers, n_blocks: int) -> frozenset | str | None:
         raise ValueError(f"layers holds block indices {bad} but the model has {n_blocks} transformer blocks "
                          f"(0..{n_blocks - 1} in execution order)")
     return chosen
+
+
+def check_grid(grid) -> tuple[int, int] | None:
+    """None, or an ``(h, w)`` pair of positive ints (a token grid)."""
+    if grid is None:
+        return None
+    if not isinstance(grid, (tuple, list)) or len(grid) != 2 or any(
+            isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in grid):
+        raise ValueError(f"grid must be None or (h, w), two positive ints, got {grid!r}")
+    return int(grid[0]), int(grid[1])

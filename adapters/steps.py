@@ -17,9 +17,11 @@ import functools
 
 class SchedulerStepCounter:
     """``count``: completed loop iterations (``step()`` calls) since the last ``set_timesteps`` (or
-    :meth:`restart`). Attach to one scheduler at a time; :meth:`detach` restores it."""
+    :meth:`restart`). Attach to one scheduler at a time; :meth:`detach` restores it. ``on_change``: called
+    (no arguments) after every ``set_timesteps``/``step`` it counts, outside the model's forward."""
 
-    def __init__(self):
+    def __init__(self, on_change=None):
+        self.on_change = on_change
         self.count = 0
         self.scheduler = None
         self._wrappers = {}   # method name -> (wrapper, whether the instance had its own attribute before)
@@ -58,6 +60,8 @@ class SchedulerStepCounter:
             out = original(*args, **kwargs)
             if self._live and self.scheduler is scheduler:
                 after()
+                if self.on_change is not None:
+                    self.on_change()
             return out
         return wrapper
 

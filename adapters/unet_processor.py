@@ -19,16 +19,33 @@ from .attend import overwrite_pd_rows
 from .controller import FasaController
 
 
+class _Inactive:
+    """The controller of a processor built without one: FASA never runs (the stock processor's behaviour)."""
+
+    active = False
+
+
+INACTIVE = _Inactive()
+
+
 class FasaAttnProcessor:
-    """Self-attention processor with FASA on PD rows. State lives in the shared ``controller``."""
+    """Self-attention processor with FASA on PD rows. State lives in the shared ``controller``.
+
+    ``FasaAttnProcessor()`` with no controller is the stock processor of its ``kind`` (diffusers re-creates
+    ``type(processor)()`` for self-attention layers when it loads IP-Adapter weights; the installation then
+    puts its own processor back, see :meth:`.install.FasaHandle.reclaim`)."""
 
     KINDS = ("sdpa", "fused", "legacy")
 
-    def __init__(self, controller: FasaController, name: str, kind: str = "sdpa"):
+    def __init__(self, controller: FasaController | None = None, name: str = "", kind: str = "sdpa"):
+        self.controller = INACTIVE if controller is None else controller
+        self.name = name
+        self.set_kind(kind)
+
+    def set_kind(self, kind: str) -> None:
+        """Follow the stock processor this one stands in for ("sdpa", "fused" or "legacy")."""
         if kind not in self.KINDS:
             raise ValueError(f"kind must be one of {self.KINDS}, got {kind!r}")
-        self.controller = controller
-        self.name = name
         self.kind = kind
         self.fused = kind == "fused"
 

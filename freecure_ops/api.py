@@ -1,13 +1,14 @@
-"""The public op: validate once, then dispatch to the Triton kernel or the PyTorch path."""
+"""The public op: validate once, then call the registered op ``torch.ops.freecure_ops.fasa`` (:mod:`.op`),
+which runs the Triton kernel or the PyTorch path and is differentiable and ``torch.compile``-able."""
 from __future__ import annotations
 
 import functools
 
 import torch
 
-from .fasa_mask import FasaMask, pack_checked_mask
-from .torch_backend import fasa_torch
-from .validation import check_fasa_inputs
+from .fasa_mask import FasaMask, raw_mask_rows, pack_live_keys
+from . import op as _op  # noqa: F401  (registers torch.ops.freecure_ops.fasa)
+from .validation import KERNEL_DTYPES, check_fasa_inputs
 
 BACKENDS = ("auto", "triton", "torch")
 
@@ -21,11 +22,14 @@ def _kernels():
     return kernels
 
 
-def _pick_backend(backend, device: torch.device) -> str:
+def _pick_backend(backend, device: torch.device, dtype: torch.dtype) -> str:
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if device.type == "cuda" else "torch"
+        return "triton" if device.type == "cuda" and dtype != torch.float64 else "torch"
+    if backend == "triton" and dtype == torch.float64:
+        raise TypeError("q has dtype float64, which backend='triton' does not take (fp16/bf16/fp32): use "
+                        "backend='torch' (or 'auto') for float64, e.g. for torch.autograd.gradcheck")
     if backend == "triton" and device.type != "cuda":
         if device.type != "cpu" or not _kernels().interpreting():
             raise ValueError(f"backend='triton' needs CUDA tensors, or CPU tensors with TRITON_INTERPRET=1 set "
@@ -38,20 +42,35 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     """Foundation-Aware Self-Attention (FASA), SPEC.md semantics.
 
     q ``[B, H, Nq, D]``; k_p, v_p ``[B, H, Np, D]``; k_f, v_f ``[B, H, Nf, D]`` (any strides; one dtype
-    among fp16/bf16/fp32; one device). ``mask``: ``[Nimg]`` or ``[B, Nimg]`` with ``Nimg = Nf - n_txt``,
-    bool or float >= 0, None for all ones; or a :class:`FasaMask` from :func:`prepare_fasa_mask` (reuse one
-    across calls: a raw mask is checked and prepared again in every call, which costs a host sync for float
-    masks). ``mode``: "bias" (``logit = s + omega*m`` where ``m > 0``,
+    among fp16/bf16/fp32, or float64 on the PyTorch backend; one device). ``mask``: ``[Nimg]`` or
+    ``[B, Nimg]`` with ``Nimg = Nf - n_txt``, bool or float >= 0, None for all ones; or a :class:`FasaMask`
+    from :func:`prepare_fasa_mask` (reuse one across calls: a raw mask is checked and prepared again in every
+    call, which costs a host sync for float masks). ``mode``: "bias" (``logit = s + omega*m`` where ``m > 0``,
     excluded where ``m == 0``) or "scale" (``logit = omega*m*s``). ``n_txt > 0`` selects the FLUX joint-sequence
-    variant. Returns ``[B, H, Nq, D]`` in q's dtype, and with ``return_lse`` also the fp32 natural-log
-    log-sum-exp ``[B, H, Nq]`` of each row's logits.
+    variant. ``backend``: "auto" (the Triton kernel on CUDA, the PyTorch path otherwise and for float64),
+    "triton" or "torch". Returns ``[B, H, Nq, D]`` in q's dtype, and with ``return_lse`` also the fp32
+    natural-log log-sum-exp ``[B, H, Nq]`` of each row's logits (float64 for float64 inputs).
+
+    Autograd: q, k_p, k_f, v_p, v_f may require grad on every backend (the backward recomputes the attention
+    with stock PyTorch ops, :mod:`.torch_backward`); the mask may not.
+
+    Under ``torch.compile`` the call is one node (``torch.ops.freecure_ops.fasa``) and never breaks the graph.
+    The value check of a *raw float* mask (finite, >= 0, representable in float32) needs the device's answer
+    on the host, so it is skipped while tracing: a compiled caller passes a :class:`FasaMask` (checked when it
+    was prepared, outside the compiled region) or accepts that its raw mask's values are not checked.
     """
-    p = check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, scale=scale, mode=mode, n_txt=n_txt)
+    p = check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, scale=scale, mode=mode, n_txt=n_txt,
+                          allowed_dtypes=KERNEL_DTYPES + (torch.float64,))
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
-    backend = _pick_backend(backend, q.device)
-    prepared = mask if mask is None or isinstance(mask, FasaMask) else pack_checked_mask(mask)
-    if backend == "torch":
-        return fasa_torch(q, k_p, k_f, v_p, v_f, None if prepared is None else prepared.rows, p, return_lse=return_lse)
-    return _kernels().fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=p.scale, omega=p.omega, mode=p.mode,
-                    n_txt=p.n_txt, return_lse=return_lse)
+    backend = _pick_backend(backend, q.device, q.dtype)
+    rows = fd_index = fd_value = fd_count = None
+    if isinstance(mask, FasaMask):
+        rows, fd_index, fd_value, fd_count = mask.rows, mask.fd_index, mask.fd_value, mask.fd_count
+    elif mask is not None:
+        rows = raw_mask_rows(mask)
+        if backend == "triton" and p.mode == "bias":  # the kernel walks the packed list of live keys
+            fd_index, fd_value, fd_count = pack_live_keys(rows)
+    out, lse = torch.ops.freecure_ops.fasa(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, p.scale, p.omega, p.mode,
+                       p.n_txt, backend, return_lse)
+    return (out, lse) if return_lse else out

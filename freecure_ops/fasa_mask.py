@@ -8,7 +8,8 @@ sync, paid once here instead of once per attention call).
 
 A ``FasaMask`` owns copies, never views of the user's tensor: editing the raw mask afterwards changes
 nothing (prepare it again). ``fasa_attention`` accepts either form; a raw mask is prepared inside every call
-(no hidden cache), so reuse a prepared one across layers and steps.
+(no hidden cache), so reuse a prepared one across layers and steps. At the op boundary a ``FasaMask``
+crosses as its four tensors (``torch.ops.freecure_ops.fasa`` takes tensors and scalars only).
 """
 from __future__ import annotations
 
@@ -80,8 +81,13 @@ def _check_raw(mask) -> torch.Tensor:
 
 def check_mask_values(mask: torch.Tensor) -> None:
     """A float mask holds finite values >= 0 that stay finite and keep their sign in float32 (one host sync;
-    bool masks need no check). A value too small for float32 would silently become "excluded"."""
-    if mask.dtype == torch.bool:
+    bool masks need no check). A value too small for float32 would silently become "excluded".
+
+    Skipped while ``torch.compile`` traces (``torch.compiler.is_compiling()``): the answer is data on the
+    device, and reading it would break the graph (and sync the host in every compiled call). Compiled callers
+    prepare their masks outside the compiled region (:func:`prepare_fasa_mask`, once), or accept unchecked
+    values: there a negative or NaN entry excludes its key like 0, and +inf gives a non-finite output."""
+    if mask.dtype == torch.bool or torch.compiler.is_compiling():
         return
     f32 = mask.to(torch.float32)
     bad = ~torch.isfinite(mask) | (mask < 0) | ~torch.isfinite(f32) | ((mask > 0) & (f32 == 0))
@@ -113,7 +119,12 @@ def prepare_fasa_mask(mask) -> FasaMask:
     return pack_checked_mask(mask)
 
 
+def raw_mask_rows(mask: torch.Tensor) -> torch.Tensor:
+    """A checked raw mask ``[Nimg]`` / ``[B, Nimg]`` as a contiguous float32 copy ``[1 | B, Nimg]``."""
+    return mask.detach().to(torch.float32, copy=True).reshape(-1, mask.shape[-1]).contiguous()
+
+
 def pack_checked_mask(mask: torch.Tensor) -> FasaMask:
-    """:func:`prepare_fasa_mask` for a raw mask already checked (``fasa_attention`` checks it at its edge)."""
-    rows = mask.detach().to(torch.float32, copy=True).reshape(-1, mask.shape[-1]).contiguous()
+    """:func:`prepare_fasa_mask` for a raw mask already checked (no host sync)."""
+    rows = raw_mask_rows(mask)
     return FasaMask(rows, *pack_live_keys(rows))

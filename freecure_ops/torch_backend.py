@@ -3,8 +3,8 @@
 For CPUs and machines without Triton. Nothing of size [B, H, Nq, Nk] is built, except by SDPA's own math
 fallback and by the chunked LSE path (``return_lse=True``), which materializes one query chunk at a time.
 
-Precision: the attention runs in float32 whatever the input dtype, and the output is cast back to q's dtype
-once. SDPA needs its additive mask in q's dtype, and in fp16/bf16 that rounds ``omega * m`` (bf16 keeps 8
+Precision: the attention runs in float32 whatever the input dtype (float64 inputs, accepted here for
+``torch.autograd.gradcheck``, run in float64), and the output is cast back to q's dtype once. SDPA needs its additive mask in q's dtype, and in fp16/bf16 that rounds ``omega * m`` (bf16 keeps 8
 bits: an error of up to 0.04 in a logit of 10) or overflows it (fp16 past 65504); folding the "scale" mode
 factor into fp16/bf16 keys rounds it the same way. The float32 copies of q and the concatenated K/V cost
 memory of the same order as the concatenation itself, and they keep this path within the accuracy rule the
@@ -24,24 +24,29 @@ _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
 _ACC = torch.float32
 
 
-def mask_rows(mask, p: FasaProblem, device) -> torch.Tensor:
-    """The FD image-token mask as float32 rows ``[1 | B, Nimg]`` (None: all ones, shared).
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype for inputs of ``dtype``: float64 stays float64, everything else runs in float32."""
+    return torch.float64 if dtype == torch.float64 else _ACC
+
+
+def mask_rows(mask, p: FasaProblem, device, dtype=_ACC) -> torch.Tensor:
+    """The FD image-token mask as rows ``[1 | B, Nimg]`` of ``dtype`` (None: all ones, shared).
 
     The one place that knows the user's mask format (``[Nimg]`` / ``[B, Nimg]``, bool or float): a caller
     that already holds float32 rows ``[1|B, Nimg]`` can pass them straight through."""
     if mask is None:
-        return torch.ones(1, p.n_img, device=device, dtype=_ACC)
-    rows = mask.to(device=device, dtype=_ACC)
+        return torch.ones(1, p.n_img, device=device, dtype=dtype)
+    rows = mask.to(device=device, dtype=dtype)
     return rows.unsqueeze(0) if rows.dim() == 1 else rows
 
 
 def _fd_keys_values_bias(k_f, v_f, rows, p: FasaProblem):
-    """FD image keys/values in float32 and their per-key logit bias ``[1|B, Nimg]`` (float32).
+    """FD image keys/values in the rows' dtype and their per-key logit bias ``[1|B, Nimg]``.
 
     "bias": ``omega * m`` where ``m > 0``, ``-inf`` where ``m == 0``; the excluded keys and values are zeroed.
     "scale": the per-key factor ``omega * m`` is folded into the (float32) keys; no bias, no exclusion."""
-    k_img = k_f[:, :, p.n_txt:].to(_ACC)
-    v_img = v_f[:, :, p.n_txt:].to(_ACC)
+    k_img = k_f[:, :, p.n_txt:].to(rows.dtype)
+    v_img = v_f[:, :, p.n_txt:].to(rows.dtype)
     if p.mode == "scale":
         # omega * m_j * (q . k_j) == q . (omega * m_j * k_j), exact up to float32 rounding
         factor = (p.omega * rows)[:, None, :, None]
@@ -55,7 +60,7 @@ def _fd_keys_values_bias(k_f, v_f, rows, p: FasaProblem):
 
 
 def _attend(q, k, v, bias, scale, return_lse):
-    """softmax(scale * q k^T + bias) v in float32 with bias [1|B, Nk]; optionally also the LSE (natural log)."""
+    """softmax(scale * q k^T + bias) v in q's dtype with bias [1|B, Nk]; optionally also the LSE (natural log)."""
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=scale)
     outs, lses = [], []
@@ -69,12 +74,13 @@ def _attend(q, k, v, bias, scale, return_lse):
 
 
 def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False):
-    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32."""
-    rows = mask_rows(mask, p, q.device)
+    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs)."""
+    acc = acc_dtype(q.dtype)
+    rows = mask_rows(mask, p, q.device, acc)
     k_img, v_img, fd_bias = _fd_keys_values_bias(k_f, v_f, rows, p)
-    q32 = q.to(_ACC)
-    k = torch.cat([k_p.to(_ACC), k_img], dim=2)
-    v = torch.cat([v_p.to(_ACC), v_img], dim=2)
+    q32 = q.to(acc)
+    k = torch.cat([k_p.to(acc), k_img], dim=2)
+    v = torch.cat([v_p.to(acc), v_img], dim=2)
     bias = torch.cat([fd_bias.new_zeros(fd_bias.shape[0], p.n_p), fd_bias], dim=1)
     if p.n_txt == 0:
         res = _attend(q32, k, v, bias, p.scale, return_lse)

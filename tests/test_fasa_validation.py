@@ -105,11 +105,16 @@ def test_bad_input_is_refused_with_named_argument(case, fn):
         assert w in msg, f"{w!r} not in message: {msg}"
 
 
-def test_float64_is_for_the_reference_only():
+def test_float64_runs_on_the_torch_backend_only():
+    # float64 exists for gradcheck: the PyTorch backend (and "auto" on CPU) takes it; the Triton kernel does not,
+    # and says which backend to use.
     a = {k: (v.double() if isinstance(v, torch.Tensor) else v) for k, v in good().items()}
-    with pytest.raises(TypeError, match="q must have dtype"):
-        fasa_attention(*a.values())
+    with pytest.raises(TypeError, match="float64.*backend='torch'"):
+        fasa_attention(*a.values(), backend="triton")
+    out = fasa_attention(*a.values(), backend="torch")
+    assert out.dtype == torch.float64
     assert fasa_reference(*a.values()).dtype == torch.float64
+    torch.testing.assert_close(out, fasa_reference(*a.values()), rtol=1e-12, atol=1e-12)
 
 
 def test_mask_length_follows_n_txt():

@@ -1,0 +1,93 @@
+"""Keep FASA working through what diffusers does to a model that carries it.
+
+* ``set_attn_processor`` (and so ``fuse_qkv_projections`` / ``unfuse_qkv_projections``, IP-Adapter loading and
+  unloading, which go through it): afterwards the installation reclaims its layers
+  (:meth:`.install.FasaHandle.reclaim`): a re-created FASA processor (diffusers builds ``type(proc)()`` for
+  self-attention layers when it loads IP-Adapter weights) or a stock self-attention processor is replaced by
+  the installed FASA processor again (``remove()`` restores the stock one); anything else is warned about at
+  once.
+* ``set_default_attn_processor``: diffusers refuses processor classes it does not know with a bare ValueError;
+  it is shown the stock processors FASA stands in for, and FASA stays on afterwards.
+* IP-Adapter weights on a FLUX model whose FASA layers the IP-Adapter processors would replace (the
+  double-stream blocks): refused with a one-line error before anything changes (at the pipeline's
+  ``load_ip_adapter`` when install_fasa was given the pipeline, else at the model's
+  ``_load_ip_adapter_weights``).
+* FLUX pipelines: the image grid FASA needs is recorded from the ``(h, w)`` the pipeline passes to its
+  ``_prepare_latent_image_ids`` (pure Python, no host sync).
+
+All of these are instance-level wrappers (:mod:`.patching`), undone by ``remove()``.
+"""
+from __future__ import annotations
+
+from .patching import InstancePatch
+
+
+def _set_attn_processor(handle):
+    def factory(original):
+        def wrapper(*args, **kwargs):
+            out = original(*args, **kwargs)
+            handle.reclaim("set_attn_processor")
+            return out
+        return wrapper
+    return factory
+
+
+def _set_default_attn_processor(handle):
+    def factory(original):
+        def wrapper(*args, **kwargs):
+            for block, stock, ours in handle._installed:  # what diffusers is shown
+                if block.attn.processor is ours:
+                    block.attn.set_processor(stock)
+            try:
+                return original(*args, **kwargs)           # calls set_attn_processor, which reclaims
+            finally:
+                handle.reclaim("set_default_attn_processor")
+        return wrapper
+    return factory
+
+
+def _flux_ip_adapter_conflicts(handle) -> list[str]:
+    """FASA layers that diffusers' FLUX IP-Adapter processors would replace (the double-stream blocks)."""
+    return [block.name for block, _, _ in handle._installed if block.kind == "flux_double"]
+
+
+def _refuse_flux_ip_adapter(handle):
+    def factory(original):
+        def wrapper(*args, **kwargs):
+            conflicts = _flux_ip_adapter_conflicts(handle)
+            if conflicts:
+                raise ValueError(f"IP-Adapter on FLUX replaces the joint attention of the double-stream blocks, where "
+                                 f"FASA is installed ({len(conflicts)} layers, e.g. {conflicts[0]}): install FASA on "
+                                 "single-stream blocks only (the default preset) or call handle.remove() first")
+            return original(*args, **kwargs)
+        return wrapper
+    return factory
+
+
+def _record_flux_grid(controller):
+    def factory(original):
+        def wrapper(*args, **kwargs):
+            # FluxPipeline & co: _prepare_latent_image_ids(batch_size, height, width, device, dtype), where height
+            # and width are the image-token grid (latent size / 2)
+            h = kwargs["height"] if "height" in kwargs else args[1]
+            w = kwargs["width"] if "width" in kwargs else args[2]
+            controller.pipeline_grid = (int(h), int(w))
+            return original(*args, **kwargs)
+        return wrapper
+    return factory
+
+
+def follow(handle, pipe=None) -> list[InstancePatch]:
+    """Install the wrappers for ``handle``'s model (and ``pipe``, the pipeline install_fasa was given, if any)."""
+    model = handle.model
+    patches = [InstancePatch(model, "set_attn_processor", _set_attn_processor(handle))]
+    if callable(getattr(model, "set_default_attn_processor", None)):
+        patches.append(InstancePatch(model, "set_default_attn_processor", _set_default_attn_processor(handle)))
+    if handle.family == "flux":
+        if callable(getattr(model, "_load_ip_adapter_weights", None)):
+            patches.append(InstancePatch(model, "_load_ip_adapter_weights", _refuse_flux_ip_adapter(handle)))
+        if pipe is not None and callable(getattr(pipe, "load_ip_adapter", None)):
+            patches.append(InstancePatch(pipe, "load_ip_adapter", _refuse_flux_ip_adapter(handle)))
+        if pipe is not None and callable(getattr(pipe, "_prepare_latent_image_ids", None)):
+            patches.append(InstancePatch(pipe, "_prepare_latent_image_ids", _record_flux_grid(handle.controller)))
+    return patches
