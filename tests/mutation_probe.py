@@ -22,7 +22,11 @@ file is restored. The unmutated selection must pass first (baseline), so a kill 
 Each mutant: (name, file, [(old, new), ...] alternatives (the first ``old`` found is replaced, every
 occurrence), tests, description, equivalent). ``equivalent``: None, or why the mutant cannot be told
 apart by any test that runs here (it is then expected to survive, and reported as EQUIVALENT).
-Exit status: 0 when every non-equivalent mutant is killed and none is stale, 1 otherwise.
+A mutant whose selected tests all skip is reported as UNTESTED: the mutants that drop an alignment hint are
+seen only by tests/test_kernel_compile.py (the interpreter computes the same answer with or without a hint; a
+*wrong* hint, a stride that is not a multiple of ALIGN, gives wrong addresses there too, since the hint is the
+arithmetic (s // ALIGN) * ALIGN), which skips on a Triton wheel without NVIDIA's ptxas.
+Exit status: 0 when every non-equivalent mutant is killed and none is stale or untested, 1 otherwise.
 """
 from __future__ import annotations
 
@@ -59,8 +63,22 @@ ADAPTER_TESTS = ("tests/test_knobs.py", "tests/test_adapters_unet.py", "tests/te
 PIPELINE_TESTS = ("tests/test_knobs.py", "tests/test_freecure_pipeline.py")
 CLI_TESTS = ("tests/test_knobs.py", "tests/test_cli.py")
 ORACLE_TESTS = ("tests/test_oracle.py",)
+MASK_TESTS = ("tests/test_fasa_mask.py",)
+PACKED_TESTS = ("tests/test_fasa_mask.py", "tests/test_fasa_kernel.py")
+COMPILE_TESTS = ("tests/test_kernel_compile.py",)  # offline sm_90 compile: ~45 s per changed kernel, no GPU
 
 K = "kernels/fasa_fwd.py"
+# The packed FD loop's gathers, both CHECK_N=True (K alone would be masked anyway by the tl.where on ``live``).
+_PACKED_BODY = (
+    "            qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,\n"
+    "                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)\n"
+    "            # logit = s + omega * m (omega arrives times log2(e)); the padding past the live keys is excluded.\n"
+    "            qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float(\"-inf\"))\n"
+    "            if HAS_TXT:  # text query rows see PD keys only\n"
+    "                qk = tl.where((offs_m >= N_TXT)[:, None], qk, float(\"-inf\"))\n"
+    "            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1,\n"
+    "                                               svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,\n"
+)
 MUTANTS = [
     # ---- the kernel and its launcher ---------------------------------------------------------------------
     Mutant("kernel-fp16-accumulation", K,
@@ -115,6 +133,76 @@ MUTANTS = [
            (("acc0 / l_i[:, None]", "acc0"),),
            KERNEL_TESTS, "output not divided by the softmax row sum"),
 
+    # ---- the packed "bias"-mode FD loop, the alignment hints, the tile table -----------------------------
+    Mutant("kernel-packed-visits-all-tiles", K,
+           (("n_tiles = tl.where(has_img_rows, tl.cdiv(n_live, BLOCK_N), 0)",
+             "n_tiles = tl.where(has_img_rows, tl.cdiv(n_img, BLOCK_N), 0)"),),
+           MASK_TESTS, "packed loop runs ceil(Nimg / BLOCK_N) tiles, not ceil(nnz / BLOCK_N) (right answer, "
+           "wasted work: the visited count shows it)"),
+    Mutant("kernel-text-blocks-visit-fd", K,
+           (("n_tiles = tl.where(has_img_rows, tl.cdiv(n_live, BLOCK_N), 0)", "n_tiles = tl.cdiv(n_live, BLOCK_N)"),),
+           MASK_TESTS, "FLUX: query blocks made only of text rows still walk the FD keys (right answer, wasted "
+           "work)"),
+    Mutant("kernel-packed-no-row-mask", K,
+           ((_PACKED_BODY, _PACKED_BODY.replace("SPLIT_D, True,", "SPLIT_D, False,")),),
+           PACKED_TESTS, "packed loop: K/V rows gathered with no row mask (CHECK_N False: the padding lanes "
+           "of the last tile load FD key 0, excluded or not, and 0 * NaN reaches the output)"),
+    Mutant("kernel-packed-prefetch-current-tile", K,
+           (("nxt = (t + 1) * BLOCK_N + offs_n", "nxt = t * BLOCK_N + offs_n"),),
+           PACKED_TESTS, "packed loop: the index prefetch reads the current tile, not the next (tile 0 twice, "
+           "the last tile never)"),
+    Mutant("kernel-mask-row-stride-ignored", K,
+           (("row_stride = 0 if mask is None or mask.rows.shape[0] == 1 else mask.rows.stride(0)",
+             "row_stride = 0"),),
+           PACKED_TESTS, "[B, Nimg] masks: every batch entry reads mask row 0 (sm_b = 0)"),
+    Mutant("kernel-fd-count-stride-ignored", K,
+           (("row_stride, 0 if row_stride == 0 else 1,", "row_stride, 0,"),),
+           PACKED_TESTS, "[B, Nimg] masks: every batch entry takes row 0's live-key count (sc_b = 0)"),
+    Mutant("kernel-fd-value-ignored", K,
+           (("qk + (omega * vals)[None, :]", "qk + omega"),),
+           PACKED_TESTS, "packed loop: the bias is omega * 1 for every live key instead of omega * m"),
+    Mutant("kernel-aligned-no-multiply", K,
+           (("return (stride // ALIGN) * ALIGN", "return stride // ALIGN"),),
+           KERNEL_TESTS, "_aligned drops the multiplication: every aligned stride divided by ALIGN"),
+    Mutant("kernel-vector-elems-strides-unchecked", K,
+           ((" or any(s % vec for s in t.stride()[:3])", ""),),
+           ("tests/test_fasa_kernel.py::test_head_dims_odd_lengths", "tests/test_kernel_compile.py"),
+           "vector_elems claims 16-byte rows without checking the batch/head/token strides (the hint is "
+           "arithmetic, (s // ALIGN) * ALIGN, so the interpreter computes wrong addresses for D=111; the compile "
+           "test's align == 1 check on the D=111 case catches it too)"),
+    Mutant("kernel-vector-elems-never-aligned", K,
+           (("    return vec\n", "    return 1\n"),),
+           COMPILE_TESTS, "vector_elems never proves alignment (right answers, scalar 2-byte loads: only the "
+           "offline compile test can see it)"),
+    Mutant("kernel-align-hint-dropped", K,
+           (("    if ALIGN > 1:\n", "    if ALIGN > 1000:\n"),),
+           COMPILE_TESTS, "the kernel ignores ALIGN: head strides of 40/72 elements not proven 16-byte aligned "
+           "(right answers, scalar loads: only the offline compile test can see it)"),
+    Mutant("kernel-tile-config-grid-rule-inverted", K,
+           (("if triton.cdiv(n_q, 128) * heads * batch < 2 * sm_count:",
+             "if triton.cdiv(n_q, 128) * heads * batch >= 2 * sm_count:"),),
+           COMPILE_TESTS, "tile table: 64-row query tiles for large grids, 128-row tiles for small ones",
+           equivalent="performance only: both configs are correct and, per the offline compile test, neither "
+           "spills nor exceeds shared memory at any compile case; the lost waves on small grids show only "
+           "in GPU timings (bench/gpu_check.sh)"),
+
+    # ---- the prepared mask ------------------------------------------------------------------------------
+    Mutant("pack-unstable-order", "freecure_ops/fasa_mask.py",
+           (("dim=1, stable=True)", "dim=1, stable=False)"),),
+           MASK_TESTS, "pack_live_keys: live keys first but not in key order (unstable sort)"),
+    Mutant("pack-wrong-count", "freecure_ops/fasa_mask.py",
+           (("live.sum(dim=1).to(torch.int32)", "(live.sum(dim=1) - 1).clamp(min=0).to(torch.int32)"),),
+           MASK_TESTS, "pack_live_keys: the live-key count is one short (the last live key is dropped)"),
+    Mutant("prepare-mask-view", "freecure_ops/fasa_mask.py",
+           (("mask.detach().to(torch.float32, copy=True)", "mask.detach().to(torch.float32)"),),
+           MASK_TESTS, "prepare_fasa_mask keeps a view of a float32 user mask instead of a copy"),
+    Mutant("validation-prepared-rows-unchecked", "freecure_ops/validation.py",
+           (("if mask.n_img != n_img or mask.n_rows not in (1, batch):", "if mask.n_img != n_img:"),),
+           MASK_TESTS + VALIDATION_TESTS, "a prepared mask whose row count is neither 1 nor B is not refused"),
+    Mutant("validation-prepared-device-unchecked", "freecure_ops/validation.py",
+           (("\n        if mask.device != device:\n", "\n        if False:\n"),),
+           MASK_TESTS + VALIDATION_TESTS, "a prepared mask on another device than q is not refused"),
+
     # ---- the torch backend ------------------------------------------------------------------------------
     Mutant("torch-omega-ignored", "freecure_ops/torch_backend.py",
            (("p.omega * mask_rows, torch.full_like", "mask_rows, torch.full_like"),
@@ -137,16 +225,22 @@ MUTANTS = [
            (("scale = head_dim ** -0.5", "scale = (head_dim + 1) ** -0.5"),),
            ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
            "the default scale is wrong (the oracle has its own: a shared bug would pass unseen)"),
-    Mutant("validation-negative-mask-allowed", "freecure_ops/validation.py",
-           (("(mask < 0)", "(mask < -1)"),), VALIDATION_TESTS, "negative mask values above -1 pass"),
+    Mutant("validation-negative-mask-allowed", "freecure_ops/fasa_mask.py",
+           (("(mask < 0)", "(mask < -1)"),), VALIDATION_TESTS + MASK_TESTS, "negative mask values above -1 pass"),
     Mutant("validation-omega-inf-allowed", "freecure_ops/validation.py",
            (("    if not math.isfinite(value):\n", "    if False:\n"),), VALIDATION_TESTS,
            "non-finite omega/scale are not refused"),
-    Mutant("validation-mask-none-not-ones", "freecure_ops/validation.py",
-           (("return torch.ones(1, n_img, device=device, dtype=dtype)",
-             "return torch.full((1, n_img), 2.0, device=device, dtype=dtype)"),),
+    # mask=None is read by the kernel (HAS_MASK=False) and by the torch backend (mask_rows); validation's
+    # mask_as_rows, which this mutant used to change, is called by nothing since the FasaMask rewrite.
+    Mutant("kernel-mask-none-not-ones", K,
+           (("w = tl.full([BLOCK_N], omega, dtype=tl.float32)", "w = tl.full([BLOCK_N], 2.0 * omega, dtype=tl.float32)"),),
            ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
-           "mask=None read as all 2 instead of all ones (the oracle reads None on its own)"),
+           "kernel: mask=None read as all 2 instead of all ones (the oracle reads None on its own)"),
+    Mutant("torch-mask-none-not-ones", "freecure_ops/torch_backend.py",
+           (("return torch.ones(1, p.n_img, device=device, dtype=_ACC)",
+             "return torch.full((1, p.n_img), 2.0, device=device, dtype=_ACC)"),),
+           ("tests/test_fasa_identities.py", "tests/test_fasa_kernel.py"),
+           "torch backend: mask=None read as all 2 instead of all ones"),
 
     # ---- the oracle itself ------------------------------------------------------------------------------
     Mutant("oracle-default-scale", "freecure_ops/reference.py",
@@ -275,7 +369,9 @@ def probe(m: Mutant, scratch: Path, timeout: float) -> dict:
         outcome, secs, tail = run_tests(scratch, m.tests, timeout)
     finally:
         (scratch / m.file).write_text(original)
-    if outcome == "pass":
+    if outcome == "pass" and " passed" not in tail:
+        status = "UNTESTED"  # every selected test skipped (e.g. the compile test on a Triton without ptxas)
+    elif outcome == "pass":
         status = "EQUIVALENT" if m.equivalent else "SURVIVED"
     else:
         status = "KILLED" + (" (timeout)" if outcome == "timeout" else "")
@@ -333,7 +429,7 @@ def main(argv=None) -> int:
             with lock:
                 free.append(s)
         line = f"{r['status']:11s} {m.name:36s} {r['seconds']:6.1f} s  {m.description}"
-        if r["status"] in ("SURVIVED", "STALE"):
+        if r["status"] in ("SURVIVED", "STALE", "UNTESTED"):
             line += f"\n{'':12s}{r['tail']}"
         print(line, flush=True)
         return r
@@ -346,7 +442,7 @@ def main(argv=None) -> int:
         key = r["status"].split()[0]
         counts[key] = counts.get(key, 0) + 1
     print("\nsummary: " + ", ".join(f"{k.lower()} {v}" for k, v in sorted(counts.items())))
-    bad = [r["mutant"].name for r in results if r["status"] in ("SURVIVED", "STALE")]
+    bad = [r["mutant"].name for r in results if r["status"] in ("SURVIVED", "STALE", "UNTESTED")]
     if bad:
         print("not killed: " + ", ".join(bad))
     if args.keep:

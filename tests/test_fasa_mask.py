@@ -75,6 +75,9 @@ def test_prepared_mask_must_fit_the_call(device):
                                                   torch.ones(1, 12), torch.ones(1, dtype=torch.int32))))
         with pytest.raises(ValueError, match="same device as q"):
             fasa_attention(*inputs, meta, 1.0)
+    else:
+        with pytest.raises(ValueError, match="same device as q"):
+            fasa_attention(*inputs, prepare_fasa_mask(torch.ones(12)), 1.0)
 
 
 @pytest.mark.parametrize("backend", ["triton", "torch"])
@@ -106,6 +109,31 @@ def test_poisoned_excluded_fd_keys_never_reach_the_output(block_n, n_txt, device
                    n_txt=n_txt, block_m=16, block_n=block_n)
     assert torch.isfinite(out).all()
     assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
+
+
+@pytest.mark.parametrize("n_txt", [0, 13])
+def test_padding_lanes_of_the_last_packed_tile_load_nothing(n_txt, device):
+    # The lanes of the last packed tile past the live count gather index 0 (FD image key 0). With key 0
+    # excluded and poisoned in every row, a gather without its row mask feeds 0 * NaN into P @ V. The live
+    # counts (21 and 14) leave a partial last tile at both tile widths.
+    b, h, n_img, d = 2, 2, 64, 32
+    n = n_txt + n_img
+    q, k_p, k_f, v_p, v_f = make_inputs(b, h, n, n, n, d, torch.float16, device, seed=20 + n_txt)
+    mask = seeded_mask((b, n_img), 0.3, 23, soft=True)
+    mask[0] = 0.0
+    mask[0, 1:22] = torch.linspace(0.5, 2.0, 21)
+    mask[:, 0] = 0.0
+    mask = mask.to(device)
+    assert (mask > 0).sum(dim=1).remainder(16).ne(0).all()
+    clean = (q, k_p, k_f.clone(), v_p, v_f.clone())
+    dead = torch.cat([torch.ones(b, n_txt, dtype=torch.bool, device=device), mask == 0], dim=1)
+    for t in (k_f, v_f):
+        t.masked_fill_(dead[:, None, :, None], float("nan"))
+    for block_n in (16, 32):
+        out = fasa_fwd(q, k_p, k_f, v_p, v_f, prepare_fasa_mask(mask), scale=d ** -0.5, omega=1.5, mode="bias",
+                       n_txt=n_txt, block_m=16, block_n=block_n)
+        assert torch.isfinite(out).all(), f"BLOCK_N={block_n}: an excluded key reached the output"
+        assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
 
 
 @pytest.mark.parametrize("block_n", [16, 32])
