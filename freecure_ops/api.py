@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .fasa_mask import FasaMask, raw_mask_rows, pack_live_keys
 from . import op as _op  # noqa: F401  (registers torch.ops.freecure_ops.fasa)
@@ -71,6 +72,17 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
         rows = raw_mask_rows(mask)
         if backend == "triton" and p.mode == "bias":  # the kernel walks the packed list of live keys
             fd_index, fd_value, fd_count = pack_live_keys(rows)
-    out, lse = torch.ops.freecure_ops.fasa(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, p.scale, p.omega, p.mode,
-                       p.n_txt, backend, return_lse)
+    args = (q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, p.scale, p.omega, p.mode, p.n_txt, backend,
+            return_lse)
+    out, lse = _op.fasa_run(*args) if _plain_eager(q, k_p, k_f, v_p, v_f) else torch.ops.freecure_ops.fasa(*args)
     return (out, lse) if return_lse else out
+
+
+def _plain_eager(*tensors) -> bool:
+    """True when the registered op's dispatch would add nothing: not traced (torch.compile), no input that
+    autograd must track, no tensor subclass or dispatch mode (fake tensors, functionalization) in play. Then
+    the implementation is called directly; otherwise through ``torch.ops.freecure_ops.fasa``."""
+    if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)

@@ -24,6 +24,7 @@ agree), and the log-sum-exp ``[B, H, Nq]`` (float32; float64 for float64 inputs)
 Autograd: :func:`freecure_ops.torch_backward.fasa_torch_backward` (recomputation with stock ops) for every
 backend; the mask is not differentiable (``fasa_attention`` refuses a mask that requires grad).
 """
+import functools
 from types import SimpleNamespace
 from typing import Optional, Tuple
 
@@ -53,26 +54,46 @@ def _empty_lse(q: Tensor, return_lse: bool) -> Tensor:
     return q.new_empty((b, h, n) if return_lse else (0,), dtype=acc_dtype(q.dtype))
 
 
-@torch.library.custom_op(OP_NAME, mutates_args=())
-def fasa_op(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
-            fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], scale: float,
-            omega: float, mode: str, n_txt: int, backend: str, return_lse: bool) -> Tuple[Tensor, Tensor]:
-    """FASA on validated inputs (see the module docstring). ``backend``: "torch" or "triton", resolved."""
-    if backend == "triton":
-        from .kernels import fasa_fwd
+@functools.lru_cache(maxsize=None)
+def _launcher():
+    from .kernels import fasa_fwd  # on first use: importing triton fixes whether kernels run interpreted
 
+    return fasa_fwd
+
+
+def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
+             fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], scale: float,
+             omega: float, mode: str, n_txt: int, backend: str, return_lse: bool):
+    """FASA on validated inputs (see the module docstring): ``(out, lse)``, ``lse`` None unless asked for.
+    ``backend``: "torch" or "triton", resolved."""
+    if backend == "triton":
         mask = None if rows is None else SimpleNamespace(rows=rows, fd_index=fd_index, fd_value=fd_value,
                                                          fd_count=fd_count)
-        res = fasa_fwd(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
-                       return_lse=return_lse)
-        return res if return_lse else (res, _empty_lse(q, False))
+        res = _launcher()(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
+                          return_lse=return_lse)
+        return res if return_lse else (res, None)
     p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
     res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse)
-    out, lse = res if return_lse else (res, _empty_lse(q, False))
+    out, lse = res if return_lse else (res, None)
     layout = _empty_out(q)
     if out.stride() != layout.stride():
         out = layout.copy_(out)
-    return out, lse.contiguous()
+    return out, None if lse is None else lse.contiguous()
+
+
+def fasa_impl(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
+              fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], scale: float,
+              omega: float, mode: str, n_txt: int, backend: str, return_lse: bool) -> Tuple[Tensor, Tensor]:
+    """The registered op's implementation: :func:`fasa_run` with an empty LSE when none is asked for (an op
+    returns tensors)."""
+    out, lse = fasa_run(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, scale, omega, mode, n_txt,
+                        backend, return_lse)
+    return out, _empty_lse(q, False) if lse is None else lse
+
+
+# The registered op. ``fasa_attention`` calls ``fasa_run`` directly in plain eager calls (nothing to trace,
+# nothing to differentiate), where the dispatcher's ~25 us per call would be pure cost.
+fasa_op = torch.library.custom_op(OP_NAME, mutates_args=())(fasa_impl)
 
 
 @fasa_op.register_fake

@@ -54,6 +54,8 @@ def check_real(name: str, value, *, allow_none: bool = False, lo: float | None =
                hi: float | None = None) -> float | None:
     """A finite real number (a Python or numpy int/float, or a 0-dim tensor) within ``[lo, hi]`` and within
     float32 range (the kernel computes in float32), as a Python float."""
+    if type(value) is float and lo is None and hi is None and abs(value) <= F32_SAFE:  # the common case, fast
+        return value  # (NaN fails the comparison and takes the checks below)
     if value is None and allow_none:
         return None
     if isinstance(value, torch.Tensor):
@@ -171,11 +173,3 @@ def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
         scale = head_dim ** -0.5
     check_mask(mask, batch=batch, n_img=n_f - n_txt, device=q.device)
     return FasaProblem(batch, heads, n_q, n_p, n_f, head_dim, n_txt, scale, omega, mode)
-
-
-def mask_as_rows(mask: torch.Tensor | None, batch: int, n_img: int, device, dtype=torch.float32) -> torch.Tensor:
-    """The mask as a ``[1 or B, Nimg]`` tensor of ``dtype`` (None becomes all ones, shared)."""
-    if mask is None:
-        return torch.ones(1, n_img, device=device, dtype=dtype)
-    mask = mask.to(dtype)
-    return mask.unsqueeze(0) if mask.dim() == 1 else mask
