@@ -26,7 +26,11 @@ setup(
     extras_require={
         "diffusers": ["diffusers>=0.32", "Pillow"],
         "bench": ["matplotlib"],
+        # freecure batch: Accelerate's process state shards jobs over processes/GPUs (accelerate launch, torchrun)
+        "batch": ["accelerate>=0.26", "diffusers>=0.32", "Pillow", "tqdm"],
+        # freecure eval: transformers' CLIP for PC, onnxruntime for ONNX face-recognition models (IF), the plot
+        "eval": ["transformers>=4.40", "onnxruntime>=1.16", "Pillow", "matplotlib"],
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.32", "transformers>=4.40", "sentencepiece",
-                 "matplotlib"],
+                 "matplotlib", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14"],
     },
 )

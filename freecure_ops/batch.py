@@ -7,9 +7,11 @@
 Processes: Accelerate's :class:`~accelerate.PartialState` gives each process its rank and device (one
 process per GPU; without CUDA, CPU processes over gloo); a plain ``freecure batch`` is one process. Every
 process reads the manifest and the output folder, finds the jobs that are not complete yet, waits for the
-others (so that all see the same list), then takes every ``world_size``-th of them from its rank on
-(a deterministic shard by position: neighbouring jobs, e.g. a prompt's baseline and FreeCure runs, go to
-different processes). Each process loads the pipeline once and runs its jobs in order.
+others (so that all see the same list), then takes its contiguous part of that list from Accelerate's
+``split_between_processes`` (a deterministic shard by position; part sizes differ by at most one job). A
+grid in identity-major order (as ``freecure manifest`` writes it) gives each process whole identities, with
+baseline and FreeCure jobs in the same proportion. Each process loads the pipeline once and runs its jobs in
+order.
 
 Per job, under ``--out/jobs/<id>/``: ``pd.png`` (the image), ``fd.png`` and ``mask.png`` (FreeCure jobs) and
 ``job.json`` (the record: status, settings that ran, timings, attributes, error). Every file is written
@@ -33,6 +35,7 @@ import sys
 import time
 import traceback
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -207,6 +210,10 @@ class _Single:
 
     def wait_for_everyone(self):
         pass
+
+    @contextmanager
+    def split_between_processes(self, items):
+        yield items
 
 
 def _launched_world() -> int:
@@ -473,7 +480,8 @@ def run(args) -> int:
     done_before = {j.id for j in jobs if job_complete(args.out, j.id, fps[j.id])}
     pending = [j for j in jobs if j.id not in done_before]
     state.wait_for_everyone()  # every process has listed the pending jobs before any of them writes
-    mine = pending[rank::world]
+    with state.split_between_processes(pending) as part:  # contiguous, sizes differing by at most one
+        mine = list(part)
 
     failed_here = 0
     if mine:
@@ -519,12 +527,15 @@ def run(args) -> int:
         rows = [_index_row(args.out, j, fps[j.id]) for j in jobs]
     bad = [r for r in rows if r["status"] != "ok"]
     if state.is_main_process:
-        ran = len(pending)
-        print(f"freecure batch: {len(jobs)} jobs, {len(jobs) - len(bad)} complete ({len(done_before)} already done, "
-              f"{ran - sum(r['id'] in {j.id for j in pending} for r in bad)} run now over {world} process"
-              f"{'es' if world > 1 else ''}), {len(bad)} failed; index: {Path(args.out) / INDEX}")
+        pending_ids = {j.id for j in pending}
+        ok_now = sum(r["status"] == "ok" and r["id"] in pending_ids for r in rows)
+        print(f"freecure batch: {len(jobs)} jobs: {len(jobs) - len(bad)} complete ({len(done_before)} already done, "
+              f"{ok_now} run now on {world} process{'es' if world > 1 else ''}), {len(bad)} failed; "
+              f"index: {Path(args.out) / INDEX}")
         for r in bad[:10]:
             print(f"freecure batch: job {r['id']} (line {r['line']}): {r['status']}: {r['error']}", file=sys.stderr)
+        if len(bad) > 10:
+            print(f"freecure batch: ... and {len(bad) - 10} more (see the index)", file=sys.stderr)
     return 1 if bad else 0
 
 
