@@ -487,4 +487,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python -m freecure_ops.cli (what accelerate launch / torchrun run): use the package's module, not this
+    # __main__ copy, so that the CLIError other modules raise is the one main() catches
+    from freecure_ops.cli import main as _main
+
+    sys.exit(_main())

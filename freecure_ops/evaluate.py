@@ -350,6 +350,12 @@ def run(args) -> int:
                                               for k, v in r.items()} for r in summary])
     atomic_write_text(out / "eval.json", json.dumps(meta, indent=2) + "\n")
     print(format_table(summary))
+    from .batch import read_index
+
+    unscored = sum(r.get("status") != "ok" for r in read_index(args.results))
+    if unscored:
+        print(f"freecure eval: warning: {unscored} jobs are not complete (failed or not run) and are not scored; "
+              "rerun freecure batch to finish them", file=sys.stderr)
     missing = sum(r["if"] is None for r in job_rows) if embed is not None else 0
     if missing:
         print(f"freecure eval: warning: {missing} of {len(job_rows)} images have no IF (see the note column of "

@@ -463,3 +463,18 @@ def test_face_alignment_recovers_a_similarity_transform():
     assert crop_face(Image.new("RGB", (40, 20)), "full").size == (40, 20)
     assert crop_face(Image.new("RGB", (40, 20)), detector=lambda a: None) is None
     assert crop_face(Image.new("RGB", (40, 20)), detector=lambda a: (10, 2, 16, 14)).size == (12, 12)
+
+
+def test_module_entry_usage_error_is_one_line_from_rank_0_only(assets, tmp_path):
+    """``python -m freecure_ops.cli`` (what the launchers run): a usage error is one line, exit 2, said by rank 0
+    alone (every process finds the same problem before anything loads)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"id": "a", "prompt": "x"}) + "\n")
+    argv = [sys.executable, "-m", "freecure_ops.cli", "batch", "--manifest", str(bad), "--model",
+            str(assets["root"] / "model"), "--out", str(tmp_path / "o")]
+    for rank, lines in (("0", 1), ("1", 0)):
+        p = subprocess.run(argv, capture_output=True, text=True, env={**_env(), "RANK": rank}, timeout=120)
+        err = [t for t in p.stderr.splitlines() if t.startswith("freecure")]
+        assert p.returncode == 2 and len(err) == lines and "Traceback" not in p.stderr, p.stderr
+        if lines:
+            assert err[0] == f"freecure: error: --manifest {bad} line 1: missing required field 'seed'"
