@@ -39,7 +39,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import SETTINGS, Job, ManifestError, read_manifest
+from .manifest import Job, ManifestError, read_manifest
 from .outputs import atomic_write, atomic_write_text, output_dir_problem
 
 __all__ = ["add_arguments", "run", "run_batch", "job_complete", "write_index", "read_index", "INDEX"]
