@@ -28,7 +28,12 @@ setup(
         # tests/test_lazy_flux_import.py, but older releases are not tested)
         "diffusers": ["diffusers>=0.42", "Pillow"],
         "bench": ["matplotlib"],
+        # freecure batch: Accelerate's process state shards jobs over processes/GPUs (accelerate launch, torchrun)
+        "batch": ["accelerate>=0.26", "diffusers>=0.42", "Pillow", "tqdm"],
+        # freecure eval: transformers' CLIP for PC, onnxruntime for ONNX face-recognition models (IF), the plot
+        "eval": ["transformers>=4.40", "onnxruntime>=1.16", "Pillow", "matplotlib"],
+        # peft: the LoRA interplay tests; onnx: the tests write a tiny face model
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "sentencepiece",
-                 "matplotlib", "peft", "accelerate"],
+                 "matplotlib", "peft", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14"],
     },
 )

@@ -3,6 +3,9 @@
     freecure generate --model PATH_OR_ID --prompt "a photo of sks man with red hair" \\
                       --fd-prompt "a photo of a man with red hair" --parser-weights 79999_iter.pth --out out/
     freecure bench [benchmark options]          # the FASA benchmark (python -m bench)
+    freecure manifest --identity alice=woman ... --out grid.jsonl      # the paper's evaluation grid
+    freecure batch --manifest grid.jsonl --model DIR --out runs/grid  # many jobs; resumable; accelerate launch
+    freecure eval --results runs/grid --clip CLIP_DIR --face-model arcface.onnx --reference alice=a.jpg
 
 ``generate`` loads a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline with ``DiffusionPipeline.from_pretrained(...,
 local_files_only=True)`` (nothing is downloaded), runs :class:`freecure_ops.adapters.freecure.FreeCure` and
@@ -114,6 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=tuple(_DTYPES), help="default: fp16 on cuda, fp32 on cpu")
     g.add_argument("--out", required=True, type=Path, help="output folder (created; checked before any work)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
+    from . import batch, evaluate, grid  # their argparse setup only; nothing heavy is imported
+
+    batch.add_arguments(sub)
+    evaluate.add_arguments(sub)
+    grid.add_arguments(sub)
     sub.add_parser("bench", help="the FASA benchmark (all further arguments go to it)", add_help=False)
     return ap
 
@@ -464,11 +472,23 @@ def main(argv=None) -> int:
         return int(bench_main(argv[1:]) or 0)
     args = build_parser().parse_args(argv)
     try:
-        return _generate(args)
+        if args.command == "batch":
+            from .batch import run
+        elif args.command == "eval":
+            from .evaluate import run
+        elif args.command == "manifest":
+            from .grid import run
+        else:
+            run = _generate
+        return run(args)
     except CLIError as e:
         print(f"freecure: error: {e}", file=sys.stderr)
         return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    # python -m freecure_ops.cli (what accelerate launch / torchrun run): use the package's module, not this
+    # __main__ copy, so that the CLIError other modules raise is the one main() catches
+    from freecure_ops.cli import main as _main
+
+    sys.exit(_main())

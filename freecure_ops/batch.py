@@ -1,0 +1,546 @@
+"""``freecure batch``: run a manifest of jobs (:mod:`freecure_ops.manifest`), sharded over processes, resumable.
+
+    freecure batch --manifest grid.jsonl --model DIR --out runs/grid [--parser-weights 79999_iter.pth ...]
+    accelerate launch --multi_gpu --num_processes 8 -m freecure_ops.cli batch --manifest ... --out ...
+    torchrun --nproc_per_node 8 -m freecure_ops.cli batch ...
+
+Processes: Accelerate's :class:`~accelerate.PartialState` gives each process its rank and device (one
+process per GPU; without CUDA, CPU processes over gloo); a plain ``freecure batch`` is one process. Every
+process reads the manifest and the output folder, finds the jobs that are not complete yet, waits for the
+others (so that all see the same list), then takes its contiguous part of that list from Accelerate's
+``split_between_processes`` (a deterministic shard by position; part sizes differ by at most one job). A
+grid in identity-major order (as ``freecure manifest`` writes it) gives each process whole identities, with
+baseline and FreeCure jobs in the same proportion. Each process loads the pipeline once and runs its jobs in
+order.
+
+Per job, under ``--out/jobs/<id>/``: ``pd.png`` (the image), ``fd.png`` and ``mask.png`` (FreeCure jobs) and
+``job.json`` (the record: status, settings that ran, timings, attributes, error). Every file is written
+atomically (temporary file + rename) and ``job.json`` last, so a job counts as complete only when its record
+says ``ok``, its fingerprint (the job, its settings, the model, the mask file's bytes) matches and every file
+it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
+changed is redone. A job that raises is recorded with its error and the others go on. At the end the main
+process writes the results index (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
+each process also appends one line per job to ``logs/<run>-rank<r>.jsonl``.
+
+Exit status: 0 when every job is complete, 1 when any failed (see the index), 2 for a usage problem (found
+before anything loads; one line naming the flag, or the manifest line).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .manifest import Job, ManifestError, read_manifest
+from .outputs import atomic_write, atomic_write_text, output_dir_problem
+
+__all__ = ["add_arguments", "run", "run_batch", "job_complete", "write_index", "read_index", "INDEX"]
+
+JOBS = "jobs"
+RECORD = "job.json"
+INDEX = "results.jsonl"
+INDEX_CSV = "results.csv"
+OUTPUT_FILES = ("pd.png", "fd.png", "mask.png")
+#: test hook: a process exits hard (os._exit) while saving its (N+1)-th job, after pd.png and with a
+#: half-written temporary file left behind: what a kill mid-write leaves.
+KILL_ENV = "_FREECURE_TEST_KILL_AFTER"
+
+#: the command's defaults for the per-job settings (None: the pipeline's or the family preset's)
+DEFAULTS = dict(steps=30, guidance_scale=None, omega=None, layers=None, style_fidelity=1.0, mode="bias", apg=False,
+                gamma=0.5, apg_template=None, height=None, width=None, negative_prompt=None, empty_mask="error")
+
+
+def add_arguments(sub) -> None:
+    """The ``batch`` subcommand (argparse only: nothing heavy is imported here)."""
+    from pathlib import Path as _P
+
+    from .cli import _fraction, _layers
+
+    b = sub.add_parser("batch", help="run a manifest of jobs (JSONL/CSV), sharded over processes, resumable",
+                       description="Run every job of a manifest; complete jobs are skipped on rerun. Scale out "
+                                   "with `accelerate launch --multi_gpu --num_processes N -m freecure_ops.cli batch "
+                                   "...` (one process per GPU) or torchrun.")
+    b.add_argument("--manifest", required=True, type=_P, help="JSONL or CSV, one job per line (freecure manifest)")
+    b.add_argument("--model", required=True, help="local pipeline folder or a Hugging Face id already in the cache")
+    b.add_argument("--out", required=True, type=_P, help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
+    b.add_argument("--parser-weights", type=_P, help="BiSeNet checkpoint for FreeCure jobs without a mask")
+    b.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="denoising steps (per job: steps)")
+    b.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
+    b.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")
+    b.add_argument("--layers", type=_layers, help="'all' or block indices (default: preset)")
+    b.add_argument("--style-fidelity", type=float, default=DEFAULTS["style_fidelity"])
+    b.add_argument("--mode", choices=("bias", "scale"), default=DEFAULTS["mode"])
+    b.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    b.add_argument("--apg", action="store_true", help="Asymmetric Prompt Guidance for FreeCure jobs")
+    b.add_argument("--gamma", type=_fraction, default=DEFAULTS["gamma"], help="APG inversion depth")
+    b.add_argument("--empty-mask", choices=("error", "warn"), default=DEFAULTS["empty_mask"])
+    b.add_argument("--negative-prompt", help="negative prompt for both branches")
+    b.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the pipeline's)")
+    b.add_argument("--width", type=int, help="pixels, a multiple of 8 (default: the pipeline's)")
+    b.add_argument("--device", help="cpu, cuda or cuda:N (default: the launcher's device for this process)")
+    b.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), help="default: fp16 on cuda, fp32 on cpu")
+    b.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checks before anything loads
+# ----------------------------------------------------------------------------------------------------------
+
+def _settings(args, job: Job) -> dict:
+    base = {k: getattr(args, k, DEFAULTS[k]) for k in DEFAULTS}
+    return {**base, **job.settings}
+
+
+def _file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(job: Job, settings: dict, model: str, dtype: str, backend: str, parser_weights) -> str:
+    """What makes a job's outputs what they are: a job whose fingerprint changed is run again."""
+    spec = {k: v for k, v in job.spec().items() if k in ("id", "prompt", "fd_prompt", "seed", "method", "mask")}
+    data = dict(job=spec, settings={k: settings[k] for k in sorted(settings)}, model=str(model), dtype=dtype,
+                backend=backend)
+    if job.method == "freecure":
+        data["mask_sha256"] = _file_digest(job.mask) if job.mask is not None else None
+        data["parser"] = None if job.mask is not None else str(parser_weights)
+    else:  # FreeCure-only settings do not change a baseline image
+        for k in ("omega", "layers", "style_fidelity", "mode", "apg", "gamma", "apg_template", "empty_mask"):
+            data["settings"].pop(k, None)
+        data.pop("backend")
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _where(args, job: Job) -> str:
+    return f"--manifest {args.manifest} line {job.line}"
+
+
+def check_batch_args(args):
+    """Every check that needs no model: returns ``(jobs, device or None, dtype name)``. Raises CLIError."""
+    from .cli import CLIError, _check_finite, _model_path_problem, _size_multiple, read_mask_png
+
+    problem = output_dir_problem(args.out)
+    if problem:
+        raise CLIError(f"--out {args.out}: {problem}")
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    _check_finite("--omega", args.omega)
+    _check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
+    _check_finite("--guidance-scale", args.guidance_scale, 0.0)
+    problem = _model_path_problem(args.model)
+    if problem:
+        raise CLIError(f"--model {args.model}: {problem}")
+    multiple = _size_multiple(args.model)
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % multiple):
+            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
+    if args.parser_weights is not None and not args.parser_weights.is_file():
+        raise CLIError(f"--parser-weights {args.parser_weights}: no such file (the BiSeNet checkpoint, e.g. "
+                       "79999_iter.pth, is not downloaded for you)")
+    try:
+        jobs = read_manifest(args.manifest)
+    except ManifestError as e:
+        raise CLIError(f"--manifest {args.manifest}{' ' if e.line else ': '}{e}") from None
+
+    masks_seen: dict[Path, bool] = {}
+    for job in jobs:
+        where = _where(args, job)
+        s = _settings(args, job)
+        for key in ("height", "width"):
+            v = job.settings.get(key)
+            if v is not None and v % multiple:
+                raise CLIError(f"{where}: {key} must be a multiple of {multiple} (pixels), got {v}")
+        if s["apg_template"] is not None and not s["apg"]:
+            raise CLIError(f"{where}: apg_template is only used with apg")
+        if job.reference is not None and not (job.reference.is_file() and os.access(job.reference, os.R_OK)):
+            raise CLIError(f"{where}: reference {job.reference}: no such file or not readable")
+        if job.method != "freecure":
+            continue
+        if job.mask is not None:
+            if job.mask not in masks_seen:
+                try:
+                    masks_seen[job.mask] = bool((read_mask_png(job.mask) > 0).any())
+                except CLIError as e:
+                    raise CLIError(f"{where}: {str(e).replace('--mask ', 'mask ', 1)}") from None
+            if not masks_seen[job.mask] and s["empty_mask"] == "error":
+                raise CLIError(f"{where}: mask {job.mask} is empty (no attribute pixel); FASA would change nothing "
+                               "(set empty_mask to warn, or --empty-mask warn, to run anyway)")
+        elif args.parser_weights is None:
+            raise CLIError(f"{where}: job {job.id!r} has no mask; give it one or pass --parser-weights PTH (the face "
+                           "parser that finds the attributes)")
+
+    device = None
+    if args.device is not None:
+        from .cli import _pick_device
+
+        device = _pick_device(args.device)
+    if args.backend == "triton":
+        import torch
+
+        from .cli import _interpreting
+
+        dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+            raise CLIError(f"--backend triton needs a CUDA device (got {dev}); use --backend torch or auto")
+    return jobs, device
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes
+# ----------------------------------------------------------------------------------------------------------
+
+class _Single:
+    """The process state without a launcher (or without accelerate): one process."""
+
+    process_index, num_processes, is_main_process = 0, 1, True
+
+    def __init__(self, device):
+        self.device = device
+
+    def wait_for_everyone(self):
+        pass
+
+    @contextmanager
+    def split_between_processes(self, items):
+        yield items
+
+
+def _launched_world() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
+
+
+def is_main_env() -> bool:
+    """Rank 0, or no launcher: the process that prints usage errors (one line, not one per process)."""
+    return os.environ.get("RANK", "0") in ("0", "")
+
+
+def process_state(device=None):
+    """Accelerate's process state (rank, world size, this process's device); CPU processes talk over gloo."""
+    import torch
+
+    cpu = (device is not None and device.type == "cpu") or not torch.cuda.is_available()
+    try:
+        from accelerate import PartialState
+    except ImportError:
+        if _launched_world() > 1:
+            from .cli import CLIError
+
+            raise CLIError(f"launched as {_launched_world()} processes, but accelerate is not installed: "
+                           "pip install 'freecure-ops[batch]'") from None
+        return _Single(device or torch.device("cpu" if cpu else "cuda"))
+    state = PartialState(cpu=cpu)
+    return state
+
+
+# ----------------------------------------------------------------------------------------------------------
+# records and the index
+# ----------------------------------------------------------------------------------------------------------
+
+def job_dir(out: Path, job_id: str) -> Path:
+    return Path(out) / JOBS / job_id
+
+
+def read_record(out: Path, job_id: str) -> dict | None:
+    try:
+        rec = json.loads((job_dir(out, job_id) / RECORD).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rec if isinstance(rec, dict) else None
+
+
+def job_complete(out: Path, job_id: str, fp: str | None = None) -> bool:
+    """The job's record says ok (for this fingerprint, when given) and every file it lists exists."""
+    rec = read_record(out, job_id)
+    if rec is None or rec.get("status") != "ok" or (fp is not None and rec.get("fingerprint") != fp):
+        return False
+    d = job_dir(out, job_id)
+    files = rec.get("files")
+    return isinstance(files, list) and bool(files) and all((d / f).is_file() and (d / f).stat().st_size > 0
+                                                           for f in files)
+
+
+_INDEX_COLUMNS = ("id", "line", "method", "identity", "status", "seconds", "prompt", "fd_prompt", "eval_prompt",
+                  "seed", "n_attributes", "attributes", "reference", "mask", "dir", "files", "settings",
+                  "timings_s", "fasa_applied", "error", "rank", "world_size", "device", "finished", "fingerprint")
+
+
+def _index_row(out: Path, job: Job, fp: str) -> dict:
+    rec = read_record(out, job.id) or {}
+    status = rec.get("status", "missing")
+    if status == "ok" and not job_complete(out, job.id, fp):
+        status = "stale" if rec.get("fingerprint") != fp else "incomplete"
+    run = rec.get("run", {})
+    return dict(id=job.id, line=job.line, method=job.method, identity=job.identity, status=status,
+                seconds=rec.get("seconds"), prompt=job.prompt, fd_prompt=job.fd_prompt, eval_prompt=job.eval_prompt,
+                seed=job.seed, n_attributes=job.n_attributes, attributes=job.attributes or rec.get("attributes"),
+                reference=None if job.reference is None else str(job.reference),
+                mask=None if job.mask is None else str(job.mask), dir=f"{JOBS}/{job.id}",
+                files=rec.get("files", []) if status == "ok" else [], settings=rec.get("settings"),
+                timings_s=rec.get("timings_s"), fasa_applied=rec.get("fasa_applied"), error=rec.get("error"),
+                rank=run.get("rank"), world_size=run.get("world_size"), device=run.get("device"),
+                finished=run.get("finished"), fingerprint=fp)
+
+
+def write_index(out: Path, jobs: list[Job], fps: dict[str, str]) -> list[dict]:
+    """``results.jsonl`` and ``results.csv`` (manifest order, one row per job), written atomically."""
+    import csv
+    import io
+
+    rows = [_index_row(out, j, fps[j.id]) for j in jobs]
+    atomic_write_text(Path(out) / INDEX, "".join(json.dumps(r) + "\n" for r in rows))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=_INDEX_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
+                    for k, v in r.items()})
+    atomic_write_text(Path(out) / INDEX_CSV, buf.getvalue())
+    return rows
+
+
+def read_index(results_dir) -> list[dict]:
+    path = Path(results_dir) / INDEX
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for n, text in enumerate(f, 1):
+            if text.strip():
+                try:
+                    rows.append(json.loads(text))
+                except ValueError:
+                    raise ValueError(f"{path} line {n}: not valid JSON") from None
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------------------
+# running jobs
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Context:
+    args: object
+    pipe: object
+    device: object
+    dtype: object
+    parser: object = None
+    run_id: str = ""
+    rank: int = 0
+    world: int = 1
+    ran: int = 0
+    kill_after: int | None = None
+    warned: set = field(default_factory=set)
+
+
+def _clean_job_dir(d: Path) -> None:
+    """Before a job runs: drop its old record first (so nothing stale counts), then old outputs and the
+    temporary files a killed write left."""
+    d.mkdir(parents=True, exist_ok=True)
+    for name in (RECORD,) + OUTPUT_FILES:
+        try:
+            (d / name).unlink()
+        except FileNotFoundError:
+            pass
+    for p in d.glob(".*.tmp"):
+        try:
+            p.unlink()
+        except OSError:
+            pass
+
+
+def _kill_point(ctx: _Context, d: Path) -> None:
+    if ctx.kill_after is not None and ctx.ran == ctx.kill_after:
+        (d / ".fd.png.killed.tmp").write_bytes(b"\x89PNG\r\n\x1a\n half-written")
+        sys.stderr.flush()
+        os._exit(137)
+
+
+def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
+    import torch
+
+    from .adapters.freecure import FreeCure, FreeCureWarning
+    from .cli import _effective_settings, _save_mask, read_mask_png
+
+    args, pipe = ctx.args, ctx.pipe
+    d = job_dir(args.out, job.id)
+    _clean_job_dir(d)
+    t0 = time.perf_counter()
+    started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    rec = dict(id=job.id, status="error", method=job.method, job=job.spec(), fingerprint=fp, model=args.model,
+               files=[], warnings=[])
+    written = []
+
+    def save(img, name):
+        atomic_write(d / name, lambda tmp: img.save(tmp, format="PNG"))
+        written.append(name)
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call = dict(num_inference_steps=s["steps"], output_type="pil")
+            for key in ("guidance_scale", "height", "width", "negative_prompt"):
+                if s[key] is not None:
+                    call[key] = s[key]
+            if job.method == "baseline":
+                fc = FreeCure(pipe, None, layers="all")  # only for its latents: drawn exactly as FreeCure draws them
+                h, w = fc._size(call)
+                gen = torch.Generator(device="cpu").manual_seed(job.seed)
+                latents = fc.initial_latents(1, h, w, gen)
+                image = pipe(prompt=job.prompt, latents=latents, **{**call, "height": h, "width": w}).images[0]
+                from .adapters.apg import default_guidance_scale
+
+                settings = dict(steps=s["steps"], guidance_scale=float(call.get("guidance_scale",
+                                                                                 default_guidance_scale(pipe))),
+                                height=h, width=w, negative_prompt=s["negative_prompt"])
+                save(image, "pd.png")
+                _kill_point(ctx, d)
+                extra = dict(fasa_applied=False, attributes=None, timings_s={"total": time.perf_counter() - t0})
+            else:
+                fc = FreeCure(pipe, ctx.parser if job.mask is None else None, omega=s["omega"], layers=s["layers"],
+                              style_fidelity=s["style_fidelity"], mode=s["mode"], backend=args.backend,
+                              empty_mask=s["empty_mask"])
+                mask = None if job.mask is None else torch.from_numpy(read_mask_png(job.mask))
+                out = fc(job.prompt, fd_prompt=job.fd_prompt or job.prompt, mask=mask, seed=job.seed, apg=s["apg"],
+                         gamma=s["gamma"], apg_template=s["apg_template"], **call)
+                from types import SimpleNamespace
+
+                ns = SimpleNamespace(layers=s["layers"], omega=s["omega"], mode=s["mode"], backend=args.backend,
+                                     style_fidelity=s["style_fidelity"], empty_mask=s["empty_mask"])
+                settings = dict(_effective_settings(fc, pipe, ns, ctx.device, ctx.dtype, call), steps=s["steps"],
+                                apg=s["apg"], gamma=s["gamma"] if s["apg"] else None,
+                                negative_prompt=s["negative_prompt"])
+                save(out.images[0], "pd.png")
+                _kill_point(ctx, d)
+                if out.fd_images is not None:
+                    save(out.fd_images[0], "fd.png")
+                if out.mask is not None:
+                    _save_mask(out.mask, d / "mask.png")
+                    written.append("mask.png")
+                extra = dict(fasa_applied=out.fasa_applied, attributes=out.attributes[0] if out.attributes else [],
+                             template_prompts=out.template_prompts,
+                             timings_s={k: round(v, 4) for k, v in out.timings.items()})
+        msgs = []
+        for w in caught:
+            text = f"{w.category.__name__}: {w.message}"
+            if text not in msgs and (issubclass(w.category, FreeCureWarning) or w.category is UserWarning):
+                msgs.append(text)
+        rec.update(status="ok", files=written, settings=settings, warnings=msgs, **extra)
+    except Exception as e:  # noqa: BLE001  (a failing job is recorded; the others go on)
+        for name in written:
+            try:
+                (d / name).unlink()
+            except OSError:
+                pass
+        rec.update(status="error", error=f"{type(e).__name__}: {' '.join(str(e).split())}",
+                   traceback=traceback.format_exc(), settings={k: v for k, v in s.items()})
+    rec["seconds"] = round(time.perf_counter() - t0, 4)
+    rec["run"] = dict(run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world, device=str(ctx.device),
+                      host=socket.gethostname(), pid=os.getpid(), started=started,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    rec["dtype"] = str(ctx.dtype).replace("torch.", "")
+    atomic_write_text(d / RECORD, json.dumps(rec, indent=2, default=str) + "\n")
+    return rec
+
+
+def run(args) -> int:
+    """``freecure batch``: check, shard, run, index. Returns the exit status."""
+    from .cli import _DTYPES, CLIError, _load_pipeline, _quiet_libraries
+
+    try:
+        jobs, device = check_batch_args(args)
+    except CLIError:
+        if not is_main_env():  # every process finds the same problem: rank 0 alone says it
+            raise SystemExit(2) from None
+        raise
+    import torch
+
+    state = process_state(device)
+    rank, world = state.process_index, state.num_processes
+    if device is None:
+        device = torch.device(state.device)
+        if device.type == "cpu":
+            device = torch.device("cpu")
+    dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    dtype_name = str(dtype).replace("torch.", "")
+
+    fps = {j.id: fingerprint(j, _settings(args, j), args.model, dtype_name, args.backend, args.parser_weights)
+           for j in jobs}
+    done_before = {j.id for j in jobs if job_complete(args.out, j.id, fps[j.id])}
+    pending = [j for j in jobs if j.id not in done_before]
+    state.wait_for_everyone()  # every process has listed the pending jobs before any of them writes
+    with state.split_between_processes(pending) as part:  # contiguous, sizes differing by at most one
+        mine = list(part)
+
+    failed_here = 0
+    if mine:
+        with _quiet_libraries(True):  # library notes would repeat per job and break the progress bars
+            parser = None
+            if args.parser_weights is not None and any(j.method == "freecure" and j.mask is None for j in mine):
+                from .face_parser import BiSeNetParser
+
+                try:
+                    parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
+                except (ValueError, OSError) as e:
+                    raise CLIError(f"--parser-weights {args.parser_weights}: {e}") from e
+            pipe = _load_pipeline(args.model, device, dtype)
+            pipe.set_progress_bar_config(disable=True)
+            ctx = _Context(args=args, pipe=pipe, device=device, dtype=dtype, parser=parser, rank=rank, world=world,
+                           run_id=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+            kill = os.environ.get(KILL_ENV)
+            ctx.kill_after = int(kill) if kill else None
+            log_dir = Path(args.out) / "logs"
+            log_dir.mkdir(parents=True, exist_ok=True)
+            log_path = log_dir / f"{ctx.run_id}-rank{rank}.jsonl"
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(mine), desc=f"freecure batch [{rank}/{world}]", unit="job", position=rank,
+                       disable=args.quiet, file=sys.stderr, dynamic_ncols=True, leave=True)
+            with bar, open(log_path, "a", encoding="utf-8") as log:
+                for job in mine:
+                    rec = _run_job(ctx, job, _settings(args, job), fps[job.id])
+                    ctx.ran += 1
+                    failed_here += rec["status"] != "ok"
+                    log.write(json.dumps(dict(id=job.id, status=rec["status"], seconds=rec["seconds"], rank=rank,
+                                              world_size=world, error=rec.get("error"))) + "\n")
+                    log.flush()
+                    bar.set_postfix(failed=failed_here, refresh=False)
+                    bar.update(1)
+
+    state.wait_for_everyone()  # every record is written
+    rows = None
+    if state.is_main_process:
+        rows = write_index(args.out, jobs, fps)
+    state.wait_for_everyone()
+    if rows is None:
+        rows = [_index_row(args.out, j, fps[j.id]) for j in jobs]
+    bad = [r for r in rows if r["status"] != "ok"]
+    if state.is_main_process:
+        pending_ids = {j.id for j in pending}
+        ok_now = sum(r["status"] == "ok" and r["id"] in pending_ids for r in rows)
+        print(f"freecure batch: {len(jobs)} jobs: {len(jobs) - len(bad)} complete ({len(done_before)} already done, "
+              f"{ok_now} run now on {world} process{'es' if world > 1 else ''}), {len(bad)} failed; "
+              f"index: {Path(args.out) / INDEX}")
+        for r in bad[:10]:
+            print(f"freecure batch: job {r['id']} (line {r['line']}): {r['status']}: {r['error']}", file=sys.stderr)
+        if len(bad) > 10:
+            print(f"freecure batch: ... and {len(bad) - 10} more (see the index)", file=sys.stderr)
+    return 1 if bad else 0
+
+
+def run_batch(argv: list[str]) -> int:
+    """Python entry: the same as ``freecure batch ARGV...``."""
+    from .cli import main
+
+    return main(["batch", *argv])
