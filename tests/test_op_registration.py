@@ -52,10 +52,18 @@ def test_one_op_for_every_backend_and_its_output_layout():
     m = masks()["prepared"]
     outs = {}
     for backend in ("torch", "triton"):
+        # A plain eager call runs the implementation directly (the dispatcher would only add host time); a call
+        # autograd must track goes through the registered op, with the same result.
         with torch.profiler.profile() as prof:
             outs[backend] = fasa_attention(q, k_p, k_f, v_p, v_f, m, 1.5, backend=backend)
+        assert not any(e.name == "freecure_ops::fasa" for e in prof.events())
+        qg = q.detach().requires_grad_()
+        with torch.profiler.profile() as prof:
+            tracked = fasa_attention(qg, k_p, k_f, v_p, v_f, m, 1.5, backend=backend)
         assert any(e.name == "freecure_ops::fasa" for e in prof.events())
-        assert outs[backend].stride() == outs[backend].transpose(1, 2).contiguous().transpose(1, 2).stride()
+        assert torch.equal(tracked.detach(), outs[backend]) and tracked.requires_grad
+        for out in (outs[backend], tracked):
+            assert out.stride() == out.transpose(1, 2).contiguous().transpose(1, 2).stride()
     torch.testing.assert_close(outs["torch"], outs["triton"], rtol=1e-5, atol=1e-5)
 
 
