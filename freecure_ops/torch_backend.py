@@ -73,15 +73,22 @@ def _attend(q, k, v, bias, scale, return_lse):
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
-def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False):
-    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs)."""
+def joint_keys(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem):
+    """``(q, k, v, bias)`` in the accumulation dtype: K/V ``[PD; FD image]`` (excluded FD keys zeroed in "bias"
+    mode, scale folded into the keys in "scale" mode) and the per-key bias ``[1|B, Np + Nimg]``. What the
+    forward attends over and the backward differentiates."""
     acc = acc_dtype(q.dtype)
     rows = mask_rows(mask, p, q.device, acc)
     k_img, v_img, fd_bias = _fd_keys_values_bias(k_f, v_f, rows, p)
-    q32 = q.to(acc)
     k = torch.cat([k_p.to(acc), k_img], dim=2)
     v = torch.cat([v_p.to(acc), v_img], dim=2)
     bias = torch.cat([fd_bias.new_zeros(fd_bias.shape[0], p.n_p), fd_bias], dim=1)
+    return q.to(acc), k, v, bias
+
+
+def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False):
+    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs)."""
+    q32, k, v, bias = joint_keys(q, k_p, k_f, v_p, v_f, mask, p)
     if p.n_txt == 0:
         res = _attend(q32, k, v, bias, p.scale, return_lse)
     else:

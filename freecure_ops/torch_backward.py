@@ -3,7 +3,7 @@
 For ``out = softmax(S) V`` with ``S = scale * q K^T + bias`` over the keys ``K = [k_p; FD image keys]``:
 ``P = softmax(S)``, ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * out))`` (plus ``P * dlse`` when the
 log-sum-exp is an output too), ``dq = scale * dS K``, ``dK = scale * dS^T q``. The FD image keys enter as the
-forward builds them (:func:`freecure_ops.torch_backend._fd_keys_values_bias`): "bias" mode zeroes excluded
+forward builds them (:func:`freecure_ops.torch_backend.joint_keys`): "bias" mode zeroes excluded
 keys (their weight is exactly 0, so their gradient is 0 as well), "scale" mode folds ``omega * m`` into the
 keys (the chain rule multiplies their gradient by the same factor). FD text keys (``n_txt``) are never
 attended: zero gradient. In the FLUX variant text query rows see the PD keys only.
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_backend import _fd_keys_values_bias, acc_dtype, mask_rows
+from .torch_backend import acc_dtype, joint_keys, mask_rows
 from .validation import FasaProblem
 
 BWD_CHUNK = 1024  # query rows per chunk
@@ -27,12 +27,8 @@ def fasa_torch_backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProble
     and (optionally, else None) the log-sum-exp gradient ``g_lse`` ``[B, H, Nq]``; each in its input's dtype.
     ``rows``: the mask rows ``[1|B, Nimg]`` the forward used (None: all ones)."""
     acc = acc_dtype(q.dtype)
-    r = mask_rows(rows, p, q.device, acc)
-    k_img, v_img, fd_bias = _fd_keys_values_bias(k_f, v_f, r, p)
-    q32 = q.to(acc)
-    k = torch.cat([k_p.to(acc), k_img], dim=2)
-    v = torch.cat([v_p.to(acc), v_img], dim=2)
-    bias = torch.cat([fd_bias.new_zeros(fd_bias.shape[0], p.n_p), fd_bias], dim=1)[:, None, None, :]
+    q32, k, v, bias = joint_keys(q, k_p, k_f, v_p, v_f, rows, p)
+    bias = bias[:, None, None, :]
     n_k = k.shape[2]
     go = g_out.to(acc)
     gl = None if g_lse is None else g_lse.to(acc)
@@ -60,7 +56,7 @@ def fasa_torch_backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProble
     dq = torch.cat(dq_parts, dim=2)
     dk_img, dv_img = dk[:, :, p.n_p:], dv[:, :, p.n_p:]
     if p.mode == "scale":  # the forward used (omega * m) * k
-        dk_img = dk_img * (p.omega * r)[:, None, :, None]
+        dk_img = dk_img * (p.omega * mask_rows(rows, p, q.device, acc))[:, None, :, None]
     if p.n_txt:
         zeros = dk_img.new_zeros(dk_img.shape[0], dk_img.shape[1], p.n_txt, dk_img.shape[3])
         dk_img = torch.cat([zeros, dk_img], dim=2)
