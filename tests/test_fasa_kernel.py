@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from fasa_cases import assert_close_to_ref, make_inputs, make_mask, rand, to64
-from freecure_ops import fasa_attention, fasa_reference
+from freecure_ops import fasa_attention, fasa_reference, prepare_fasa_mask
 from freecure_ops.kernels import fasa_fwd
 from freecure_ops.kernels.fasa_fwd import check_launch_limits
-from freecure_ops import prepare_fasa_mask
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -208,3 +207,18 @@ def test_launch_limits_are_clear_errors():
         check_launch_limits(24, 70000, ok)
     with pytest.raises(ValueError, match="k_f: .*int32 offsets"):
         check_launch_limits(24, 2, [("k_f", 2_000_000, 128, 24 * 128, 1)])
+
+
+def test_token_stride_not_a_multiple_of_8_takes_the_unaligned_path(device):
+    # Head dim 64 (so the head-dim test alone would allow 16-byte rows) but rows 67 elements apart: the
+    # alignment the kernel states must come from the real strides, else it computes wrong row addresses.
+    from freecure_ops.kernels.fasa_fwd import vector_elems
+
+    gen = torch.Generator().manual_seed(21)
+    q, k_p, k_f, v_p, v_f = (torch.randn(1, 2, n, 67, generator=gen).to(device=device, dtype=torch.float16)[..., :64]
+                             for n in (40, 33, 50, 33, 50))
+    tensors = (q, k_p, v_p, k_f, v_f)
+    out_like = torch.empty(1, 40, 2, 64, device=device, dtype=torch.float16).transpose(1, 2)
+    assert vector_elems(tensors, [t.stride() for t in tensors], 64, out_like, 2) == 1
+    mask = make_mask("soft", 1, 50, device)
+    assert_close_to_ref(run_triton((q, k_p, k_f, v_p, v_f), mask, 1.5), (q, k_p, k_f, v_p, v_f), mask, 1.5)
