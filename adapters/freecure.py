@@ -241,6 +241,7 @@ def _rows(images, start: int, stop: int):
 
 #: progress-bar labels of the stages (tqdm ``desc``)
 STAGE_LABELS = {"pass1": "FreeCure pass 1 (FD)", "pass2": "FreeCure pass 2 (PD+FD, FASA)",
+                "pass2_reuse": "FreeCure pass 2 (PD, FASA, FD reused)",
                 "apg": "FreeCure APG (invert + denoise)", "plain": "FreeCure plain (PD only)"}
 
 
@@ -581,6 +582,9 @@ class FreeCure:
                 return images
             return FreeCureOutput(images=images, attributes=attributes or [], timings=timings, fasa_applied=False)
 
+        # PD and FD must batch (checked before anything runs, also when pass 2 runs the PD rows alone)
+        batched = collate_branches(pd_kw, fd_kw, cfg=cfg)
+
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
             reuse = self.plan_fd_reuse(n, height, width, int(kwargs.get("num_inference_steps", _default_steps(pipe))),
@@ -624,11 +628,10 @@ class FreeCure:
         try:
             if record is not None:
                 handle.controller.fd_record, handle.controller.fd_role = record, "replay"
-                with _progress_label(pipe, "pass2"):
+                with _progress_label(pipe, "pass2_reuse"):
                     pd_out = pipe(**common, **pd_kw, latents=latents, output_type=pass2_type).images
                 fd_out = None
             else:
-                batched = collate_branches(pd_kw, fd_kw, cfg=cfg)
                 with _progress_label(pipe, "pass2"):
                     out = pipe(**common, **batched, latents=torch.cat([latents, latents]),
                                output_type=pass2_type).images
