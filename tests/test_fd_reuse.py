@@ -170,3 +170,26 @@ def fc_blocks(pipe):
     from freecure_ops.adapters.discovery import find_self_attention_blocks
 
     return find_self_attention_blocks(pipe)
+
+
+@pytest.mark.parametrize("backend", ("torch", "triton"))
+def test_packed_fd_keys_are_the_same_math_and_the_text_prefix_is_never_read(backend):
+    """The compacted record: live FD keys gathered by fd_index[:, :nnz], their values as the mask over the
+    packed keys; FLUX's n_txt prefix rows of k_f/v_f (zeros in the record) are never read (NaN here)."""
+    from freecure_ops import fasa_attention, prepare_fasa_mask
+
+    torch.manual_seed(0)
+    b, h, t, n, d = 2, 2, 5, 16, 16
+    q, kp, vp, kf, vf = (torch.randn(b, h, t + n, d) for _ in range(5))
+    m = torch.zeros(b, n)
+    m[0, :8], m[1, 3:6] = 1.0, 0.5
+    pm = prepare_fasa_mask(m)
+    nnz = int(pm.fd_count.max())
+    idx = pm.fd_index[:, :nnz].long()
+    nan = torch.full((b, h, t, d), float("nan"))
+    gather = (lambda x: torch.stack([x[i, :, t:].index_select(1, idx[i]) for i in range(b)]))
+    kpk, vpk = torch.cat([nan, gather(kf)], 2), torch.cat([nan, gather(vf)], 2)
+    packed = prepare_fasa_mask(pm.fd_value[:, :nnz].contiguous())
+    ref = fasa_attention(q, kp, kf, vp, vf, pm, 1.5, n_txt=t, backend=backend)
+    got = fasa_attention(q, kp, kpk, vp, vpk, packed, 1.5, n_txt=t, backend=backend)
+    assert torch.isfinite(got).all() and (ref - got).abs().max().item() <= 1e-5
