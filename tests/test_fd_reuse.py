@@ -193,3 +193,14 @@ def test_packed_fd_keys_are_the_same_math_and_the_text_prefix_is_never_read(back
     ref = fasa_attention(q, kp, kf, vp, vf, pm, 1.5, n_txt=t, backend=backend)
     got = fasa_attention(q, kp, kpk, vp, vpk, packed, 1.5, n_txt=t, backend=backend)
     assert torch.isfinite(got).all() and (ref - got).abs().max().item() <= 1e-5
+
+
+def test_reuse_with_a_subset_of_layers_and_steps(pipes, record_spy):
+    """Only FASA layers and FASA steps are recorded, and the replay still equals the recomputing path."""
+    pipe = get(pipes, "sd1")
+    call = dict(num_inference_steps=3, height=IMAGE, width=IMAGE)
+    res = {c: FreeCure(pipe, FakeParser(), layers=[1, 2], steps=[1], omega=2.0, fd_reuse=c)(
+        PD, fd_prompt=FD, seed=0, output_type="pt", **call) for c in ("off", "device")}
+    assert (res["off"].images - res["device"].images).abs().max().item() <= TOL
+    keys = record_spy[0]["keys"]
+    assert {step for _, step, _ in keys} == {1} and len({layer for layer, _, _ in keys}) == 2
