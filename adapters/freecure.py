@@ -13,6 +13,9 @@
 3. Pass 2 runs PD and FD as one batch (``[PD_1..PD_n, FD_1..FD_n]``; with CFG the pipeline makes it
    ``[neg_PD, neg_FD, PD, FD]``, layout "cfg"; FLUX-dev has no CFG batch, layout "plain") from the same initial
    latents, with FASA installed for that call only (removed again, also when the call raises).
+   With FD reuse (``fd_reuse``, on by default where the record fits: :mod:`.fd_reuse`) pass 1 records the FD
+   keys/values FASA reads, the record is cut to the masked keys once the mask is known, and pass 2 runs the
+   PD rows alone (half the batch), FASA reading the recorded FD keys/values.
 4. Optionally APG (:mod:`.apg`) on the PD latents of pass 2.
 
 PD and FD conditioning are pipeline keyword arguments: each branch's own (``prompt``, ``prompt_embeds``,
