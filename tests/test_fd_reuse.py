@@ -204,3 +204,28 @@ def test_reuse_with_a_subset_of_layers_and_steps(pipes, record_spy):
     assert (res["off"].images - res["device"].images).abs().max().item() <= TOL
     keys = record_spy[0]["keys"]
     assert {step for _, step, _ in keys} == {1} and len({layer for layer, _, _ in keys}) == 2
+
+
+@pytest.mark.parametrize("case", ("scale", "empty"))
+def test_reuse_in_scale_mode_and_with_an_empty_mask(pipes, case, record_spy):
+    """"scale" mode excludes no key: the record keeps every key; an empty mask (empty_mask="warn") keeps one
+    excluded key per grid and gives plain attention, as the recomputing path does."""
+    from freecure_ops.adapters.freecure import FreeCureWarning
+
+    pipe = get(pipes, "sd1")
+    kw = dict(mode="scale") if case == "scale" else dict(empty_mask="warn")
+    parser = FakeParser() if case == "scale" else FakeParser(hair_rows=0.0)
+    res = {}
+    for c in ("off", "device"):
+        fc = FreeCure(pipe, parser, layers="all", omega=2.0, fd_reuse=c, **kw)
+        if case == "empty":
+            with pytest.warns(FreeCureWarning, match="empty"):
+                res[c] = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+        else:
+            res[c] = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+    assert (res["off"].images - res["device"].images).abs().max().item() <= TOL
+    rec = record_spy[0]
+    if case == "scale":
+        assert rec["after"] == rec["before"]
+    else:
+        assert all(kept == 1 for kept, _ in rec["keys"].values())
