@@ -33,8 +33,9 @@ FD_REUSE_CHOICES = ("auto", "device", "host", "off")
 class FdRecord:
     """FD keys/values by ``(layer, step, uncond)``: ``[n, H, Nimg, D]`` each (image tokens only).
 
-    ``placement``: "device" (kept on ``device``) or "host" (CPU; pinned when ``device`` is CUDA, copied back
-    asynchronously at use). ``halves``: which guidance halves are recorded, a tuple of ``uncond`` flags."""
+    ``placement``: "device" (kept on ``device``) or "host" (CPU; pinned when ``device`` is CUDA: pass 2 copies
+    each entry back on a side stream one use ahead, in the order pass 1 recorded them, so the copy overlaps
+    the attention before it). ``halves``: which guidance halves are recorded, a tuple of ``uncond`` flags."""
 
     def __init__(self, placement: str, device: torch.device, halves=(False,)):
         if placement not in ("device", "host"):
@@ -46,6 +47,10 @@ class FdRecord:
         self.masks: dict = {}     # (h, w) -> FasaMask over the kept keys, on ``device``
         self.compacted = False
         self._pin = placement == "host" and self.device.type == "cuda"
+        self._order: dict = {}       # key -> the key recorded after it (pass 2 reads them in the same order)
+        self._last = None
+        self._inflight: dict = {}    # key -> (k, v, event): host-to-device copies started ahead of use
+        self._copy_stream = None
 
     # ---- pass 1 ----------------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +62,11 @@ class FdRecord:
 
     def put(self, layer: str, step: int, uncond: bool, k: torch.Tensor, v: torch.Tensor, grid) -> None:
         """Record the FD image keys/values ``[n, H, Nimg, D]`` of one guidance half."""
-        self.entries[(layer, step, uncond)] = [self._store(k), self._store(v), tuple(grid)]
+        key = (layer, step, uncond)
+        if key not in self.entries and self._last is not None:
+            self._order[self._last] = key
+        self._last = key
+        self.entries[key] = [self._store(k), self._store(v), tuple(grid)]
 
     # ---- after pass 1 -----------------------------------------------------------------------------------
     def compact(self, mask: torch.Tensor, mode: str = "bias") -> None:
@@ -97,18 +106,47 @@ class FdRecord:
     def get(self, layer: str, step: int, uncond: bool, n_txt: int, device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                         FasaMask]:
         """``(k_f, v_f, mask)`` for ``fasa_attention`` at one layer, step and guidance half, on ``device``."""
+        key = (layer, step, uncond)
         try:
-            k, v, grid = self.entries[(layer, step, uncond)]
+            k, v, grid = self.entries[key]
         except KeyError:
             raise RuntimeError(f"FD reuse: nothing recorded for layer {layer}, step {step} "
                                f"({'unconditional' if uncond else 'conditional'} half): pass 2 does not replay "
                                "pass 1 (different steps, scheduler or batch?)") from None
-        if k.device != torch.device(device):
+        device = torch.device(device)
+        if self._pin and device.type == "cuda":
+            k, v = self._fetch(key, device)
+        elif k.device != device:
             k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
         if n_txt:
             pad = k.new_zeros(k.shape[0], k.shape[1], n_txt, k.shape[3])
             k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
         return k, v, self.masks[grid]
+
+    def _start_copy(self, key, device) -> None:
+        """Copy one pinned entry to ``device`` on a side stream (overlapping the attention in flight)."""
+        if key is None or key in self._inflight or key not in self.entries:
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        k, v, _ = self.entries[key]
+        with torch.cuda.stream(self._copy_stream):
+            kd, vd = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._inflight[key] = (kd, vd, event)
+
+    def _fetch(self, key, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host placement on CUDA: this entry's device copy (started one use ahead, or now), and the next
+        entry's copy started on the side stream."""
+        self._start_copy(key, device)
+        kd, vd, event = self._inflight.pop(key)
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(event)
+        kd.record_stream(stream)  # allocated on the side stream, used (and freed) on this one
+        vd.record_stream(stream)
+        self._start_copy(self._order.get(key), device)
+        return kd, vd
 
     # ---- bookkeeping ------------------------------------------------------------------------------------
     def nbytes(self) -> int:
@@ -117,6 +155,9 @@ class FdRecord:
     def clear(self) -> None:
         self.entries = {}
         self.masks = {}
+        self._inflight = {}
+        self._order = {}
+        self._last = None
 
     def __len__(self) -> int:
         return len(self.entries)
