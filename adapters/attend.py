@@ -36,3 +36,47 @@ def overwrite_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: 
             res = (1.0 - sf) * res + sf * out[pd]
         out[pd] = res
     return out
+
+
+def half_plan(ctl: FasaController, batch: int) -> list[tuple[int, int, bool]]:
+    """``(start, n, is_uncond)`` per guidance half of a batch that holds one branch only (pass 1's FD rows or
+    pass 2's PD rows with FD reuse): ``[uncond_1..n, cond_1..n]`` under CFG, else the whole batch."""
+    if (ctl.call_layout or ctl.layout) == "cfg":
+        n = batch // 2
+        return [(0, n, True), (n, n, False)]
+    return [(0, batch, False)]
+
+
+def record_fd_rows(ctl: FasaController, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], n_txt: int,
+                   layer: str) -> None:
+    """Pass 1 (FD rows only): keep the image keys/values ``[n, H, Nimg, D]`` of the guidance halves whose PD
+    rows will get FASA in pass 2."""
+    rec = ctl.fd_record
+    for start, n, uncond in half_plan(ctl, k.shape[0]):
+        if uncond not in rec.halves:
+            continue
+        rows = slice(start, start + n)
+        rec.put(layer, ctl.step, uncond, k[rows, :, n_txt:], v[rows, :, n_txt:], grid)
+
+
+def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stock, n_txt: int,
+                   layer: str, scale: float | None = None) -> torch.Tensor:
+    """Pass 2 with FD reuse: the batch holds the PD rows only. Each guidance half gets FASA against the FD
+    keys/values recorded in pass 1; ``stock(rows)`` (the stock attention of those rows, ``[n, H, N, D]``) is
+    computed only where the result keeps it: unconditional rows with ``style_fidelity > 0``. Returns
+    ``[B, H, N, D]``."""
+    rec = ctl.fd_record
+    parts = []
+    for start, n, uncond in half_plan(ctl, q.shape[0]):
+        rows = slice(start, start + n)
+        sf = ctl.style_fidelity if uncond else 0.0
+        if sf == 1.0:
+            parts.append(stock(rows))
+            continue
+        k_f, v_f, mask = rec.get(layer, ctl.step, uncond, n_txt, q.device)
+        res = fasa_attention(q[rows], k[rows], k_f, v[rows], v_f, mask, ctl.omega, scale=scale, mode=ctl.mode,
+                             n_txt=n_txt, backend=ctl.backend)
+        if sf > 0.0:
+            res = (1.0 - sf) * res + sf * stock(rows)
+        parts.append(res)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)

@@ -47,6 +47,8 @@ class FasaController:
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
+        self.fd_record = None               # FD reuse (:mod:`.fd_reuse`): the record of this FreeCure call
+        self.fd_role = None                 # None, "record" (pass 1, FD rows only) or "replay" (pass 2, PD rows)
         self.set_mask(mask)
         sched = None if scheduler_of is None else scheduler_of()
         if sched is not None:

@@ -16,7 +16,7 @@ import torch
 from diffusers.models.attention_dispatch import dispatch_attention_fn  # diffusers >= 0.35; imported lazily
 from diffusers.models.embeddings import apply_rotary_emb
 
-from .attend import overwrite_pd_rows
+from .attend import overwrite_pd_rows, record_fd_rows, replay_pd_rows
 from .controller import FasaController
 from .unet_processor import INACTIVE
 
@@ -87,14 +87,7 @@ class FasaFluxAttnProcessor:
             query = apply_rotary_emb(query, image_rotary_emb, sequence_dim=1)
             key = apply_rotary_emb(key, image_rotary_emb, sequence_dim=1)
 
-        hidden_states = dispatch_attention_fn(
-            query,
-            key,
-            value,
-            attn_mask=attention_mask,
-            backend=self._attention_backend,
-            parallel_config=self._parallel_config,
-        )
+        role = ctl.fd_role if use_fasa else None
         if use_fasa:
             if encoder_hidden_states is not None:
                 n_txt = encoder_hidden_states.shape[1]
@@ -103,6 +96,27 @@ class FasaFluxAttnProcessor:
             else:
                 raise ValueError(f"FASA at {self.name} needs the text length: call the transformer itself")
             grid = ctl.flux_grid(query.shape[1] - n_txt, self.name)
+        if role == "replay":
+            # PD rows only (FD reuse): stock attention only where the result keeps it
+            def stock(rows):
+                return dispatch_attention_fn(query[rows], key[rows], value[rows], attn_mask=None,
+                                             backend=self._attention_backend,
+                                             parallel_config=self._parallel_config).transpose(1, 2)
+
+            hidden_states = replay_pd_rows(ctl, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                           stock, n_txt, self.name).transpose(1, 2)
+        else:
+            hidden_states = dispatch_attention_fn(
+                query,
+                key,
+                value,
+                attn_mask=attention_mask,
+                backend=self._attention_backend,
+                parallel_config=self._parallel_config,
+            )
+        if role == "record":
+            record_fd_rows(ctl, key.transpose(1, 2), value.transpose(1, 2), grid, n_txt, self.name)
+        elif use_fasa and role is None:
             hidden_states = overwrite_pd_rows(ctl, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
                                               hidden_states.transpose(1, 2), grid, n_txt, self.name).transpose(1, 2)
         hidden_states = hidden_states.flatten(2, 3)

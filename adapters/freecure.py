@@ -13,6 +13,9 @@
 3. Pass 2 runs PD and FD as one batch (``[PD_1..PD_n, FD_1..FD_n]``; with CFG the pipeline makes it
    ``[neg_PD, neg_FD, PD, FD]``, layout "cfg"; FLUX-dev has no CFG batch, layout "plain") from the same initial
    latents, with FASA installed for that call only (removed again, also when the call raises).
+   With FD reuse (``fd_reuse``, on by default where the record fits: :mod:`.fd_reuse`) pass 1 records the FD
+   keys/values FASA reads, the record is cut to the masked keys once the mask is known, and pass 2 runs the
+   PD rows alone (half the batch), FASA reading the recorded FD keys/values.
 4. Optionally APG (:mod:`.apg`) on the PD latents of pass 2.
 
 PD and FD conditioning are pipeline keyword arguments: each branch's own (``prompt``, ``prompt_embeds``,
@@ -37,7 +40,8 @@ from freecure_ops.attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, f
                                      template_prompt)
 
 from .apg import TEXT_KEYS, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
-from .discovery import find_self_attention_blocks
+from .discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
+from .fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from .install import install_fasa
 from .options import BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask, check_real, check_steps
 from .presets import preset_blocks
@@ -68,7 +72,9 @@ class FreeCureOutput:
     attribute mask FASA used (``[H, W]``, or ``[n, H, W]`` for n prompts). ``label_maps``: the parser's output.
     ``attributes``: per prompt, the attributes found. ``template_prompts``: APG's template prompts, when built
     from text. ``timings``: seconds per stage (``pass1``, ``mask``, ``pass2``, ``apg``, ``total``).
-    ``fasa_applied``: False when FASA was skipped (no attribute words)."""
+    ``fasa_applied``: False when FASA was skipped (no attribute words). ``fd_reuse``: the FD key/value reuse
+    of this call (``requested``, ``choice`` "device"/"host"/"off", ``estimate_bytes`` before pass 1,
+    ``bytes`` held after compaction to the masked keys, ``reason`` when it is off); None when no FASA ran."""
 
     images: Any
     fd_images: Any = None
@@ -78,6 +84,7 @@ class FreeCureOutput:
     template_prompts: list | None = None
     timings: dict = field(default_factory=dict)
     fasa_applied: bool = True
+    fd_reuse: dict | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -237,6 +244,7 @@ def _rows(images, start: int, stop: int):
 
 #: progress-bar labels of the stages (tqdm ``desc``)
 STAGE_LABELS = {"pass1": "FreeCure pass 1 (FD)", "pass2": "FreeCure pass 2 (PD+FD, FASA)",
+                "pass2_reuse": "FreeCure pass 2 (PD, FASA, FD reused)",
                 "apg": "FreeCure APG (invert + denoise)", "plain": "FreeCure plain (PD only)"}
 
 
@@ -272,11 +280,18 @@ class FreeCure:
     ``empty_mask``: "error" (raise :class:`EmptyMaskError` when parsing finds no attribute pixel) or "warn"
     (go on; FASA then equals plain self-attention). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
     ``mode``, ``backend``, ``force``: as :func:`freecure_ops.adapters.install_fasa` (None = family preset).
+    ``fd_reuse``: "auto" (default), "device", "host" or "off". Pass 1 records the FD keys/values FASA reads
+    (FASA layers and steps, the guidance halves whose PD rows get FASA, the model's dtype), the record is
+    compacted to the masked keys, and pass 2 runs the PD rows alone (half the batch). "auto" keeps the record
+    on the device when its estimated size fits ``fd_reuse_budget`` (bytes; default half the free GPU memory,
+    or a quarter of the host memory for a CPU model), else in pinned host memory (GPU models, up to half the
+    host memory), else recomputes the FD rows in pass 2 ("off": both branches in one batch, as without
+    reuse). Reuse needs pass 1: with ``mask=`` (pass 1 skipped) it is off; a compiled model takes "off" too.
     """
 
     def __init__(self, pipe, parser: Callable | None = None, *, omega=None, layers=None, steps=None,
                  style_fidelity=1.0, mode="bias", backend="auto", force=False, label_table=None, vocabulary=None,
-                 mask_dilate=0, mask_feather=0.0, empty_mask="error"):
+                 mask_dilate=0, mask_feather=0.0, empty_mask="error", fd_reuse="auto", fd_reuse_budget=None):
         self.family = pipeline_family(pipe)
         self.pipe = pipe
         if parser is not None and not callable(parser):
@@ -304,6 +319,14 @@ class FreeCure:
         self.mask_dilate = mask_dilate
         self.mask_feather = check_real("mask_feather", mask_feather, lo=0.0)
         self.empty_mask = check_choice("empty_mask", empty_mask, ("error", "warn"))
+        self.fd_reuse = check_choice("fd_reuse", fd_reuse, FD_REUSE_CHOICES)
+        if fd_reuse_budget is not None and (isinstance(fd_reuse_budget, bool) or not isinstance(fd_reuse_budget, int)
+                                            or fd_reuse_budget < 0):
+            raise ValueError(f"fd_reuse_budget must be None or an int >= 0 (bytes), got {fd_reuse_budget!r}")
+        self.fd_reuse_budget = fd_reuse_budget
+        if fd_reuse in ("device", "host") and compiled_wrapper(pipe) is not None:
+            raise ValueError(f"fd_reuse={fd_reuse!r} does not work with a compiled model (the record is kept in "
+                             "eager Python); use fd_reuse='off' or 'auto'")
 
     def __repr__(self):
         return f"FreeCure({type(self.pipe).__name__}, family={self.family!r}, omega={self.omega}, layers={self.layers})"
@@ -415,6 +438,44 @@ class FreeCure:
                     out_prompts = tp
         return full, template, out_prompts
 
+    def plan_fd_reuse(self, n: int, height: int, width: int, num_inference_steps: int, cfg: bool) -> dict:
+        """The FD-reuse decision of one call, before pass 1: ``{"requested", "choice", "estimate_bytes",
+        "halves"}`` (``halves``: the ``uncond`` flags of the recorded guidance halves)."""
+        pipe = self.pipe
+        denoiser, _ = resolve_model(pipe)
+        blocks = find_self_attention_blocks(pipe)
+        chosen = check_layers(self.layers, len(blocks))
+        idx = range(len(blocks)) if chosen == "all" else preset_blocks(self.family, blocks) if chosen is None \
+            else chosen
+        fasa_blocks = [blocks[i] for i in sorted(idx)]
+        order = int(getattr(pipe.scheduler, "order", 1) or 1)
+        total_steps = num_inference_steps * order
+        n_steps = total_steps if self.steps is None else len([s for s in self.steps if s < total_steps])
+        halves = (True, False) if cfg and self.style_fidelity < 1.0 else (False,)
+        vsf = int(pipe.vae_scale_factor)
+        if self.family == "flux":
+            latent_hw, n_stages = (height // (vsf * 2), width // (vsf * 2)), 1
+        else:
+            latent_hw, n_stages = (height // vsf, width // vsf), len(denoiser.config.block_out_channels)
+        itemsize = torch.empty((), dtype=denoiser.dtype).element_size()
+        estimate = estimate_record_bytes(fasa_blocks, self.family, latent_hw, n_stages, n_steps, n, len(halves),
+                                         itemsize)
+        info = {"requested": self.fd_reuse, "estimate_bytes": int(estimate), "halves": halves}
+        if self.fd_reuse == "auto" and compiled_wrapper(pipe) is not None:
+            info.update(choice="off", reason="compiled model")
+        else:
+            choice = choose_placement(self.fd_reuse, estimate, torch.device(pipe._execution_device),
+                                      self.fd_reuse_budget)
+            info["choice"] = choice
+            if choice == "off":
+                info["reason"] = "asked" if self.fd_reuse == "off" else "does not fit the budgets"
+        return info
+
+    def _install(self, mask, layout: str):
+        return install_fasa(self.pipe, mask, self.omega, layers=self.layers, steps=self.steps,
+                            style_fidelity=self.style_fidelity, layout=layout, mode=self.mode, backend=self.backend,
+                            force=self.force)
+
     # -- the call --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt=None, *, fd_prompt=None, pd: Mapping | None = None,
@@ -524,34 +585,65 @@ class FreeCure:
                 return images
             return FreeCureOutput(images=images, attributes=attributes or [], timings=timings, fasa_applied=False)
 
-        # ---- pass 1: FD only -> parser -> mask
+        # PD and FD must batch (checked before anything runs, also when pass 2 runs the PD rows alone)
+        batched = collate_branches(pd_kw, fd_kw, cfg=cfg)
+
+        # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
+        if mask is None:
+            reuse = self.plan_fd_reuse(n, height, width, int(kwargs.get("num_inference_steps", _default_steps(pipe))),
+                                       cfg)
+        else:
+            reuse = {"requested": self.fd_reuse, "choice": "off", "estimate_bytes": 0, "halves": (),
+                     "reason": "mask given: no pass 1 to record"}
+        layout = "cfg" if cfg else "plain"
+        record = None
+        if reuse["choice"] != "off":
+            record = FdRecord(reuse["choice"], torch.device(pipe._execution_device), reuse["halves"])
+
+        # ---- pass 1: FD only -> parser -> mask (recording the FD keys/values FASA will read)
         fd_images = label_maps = None
         if mask is None:
             t0 = time.perf_counter()
-            with _progress_label(pipe, "pass1"):
-                fd_pt = pipe(**common, **fd_kw, latents=latents, output_type="pt").images
+            rec_handle = None
+            if record is not None:
+                rec_handle = self._install(torch.ones(1, 1), layout)
+                rec_handle.controller.fd_record, rec_handle.controller.fd_role = record, "record"
+            try:
+                with _progress_label(pipe, "pass1"):
+                    fd_pt = pipe(**common, **fd_kw, latents=latents, output_type="pt").images
+            finally:
+                if rec_handle is not None:
+                    rec_handle.remove()
             timings["pass1"] = time.perf_counter() - t0
             t0 = time.perf_counter()
             mask, label_maps = self.mask_from_fd(fd_pt, attributes)
             self._check_mask_not_empty(mask, attributes if n > 1 else attributes[0])
+            if record is not None:
+                record.compact(check_mask(mask).to(record.device), self.mode)
+                reuse["bytes"] = record.nbytes()
             timings["mask"] = time.perf_counter() - t0
             fd_images = _to_output_type(pipe, fd_pt, output_type)
 
-        # ---- pass 2: PD + FD in one batch, FASA for this call only
-        batched = collate_branches(pd_kw, fd_kw, cfg=cfg)
-        layout = "cfg" if cfg else "plain"
+        # ---- pass 2: PD + FD in one batch (or PD alone, reading the recorded FD keys/values), FASA for this call
         pass2_type = "latent" if apg else output_type
         t0 = time.perf_counter()
-        handle = install_fasa(pipe, mask, self.omega, layers=self.layers, steps=self.steps,
-                              style_fidelity=self.style_fidelity, layout=layout, mode=self.mode, backend=self.backend,
-                              force=self.force)
+        handle = self._install(mask, layout)
         try:
-            with _progress_label(pipe, "pass2"):
-                out = pipe(**common, **batched, latents=torch.cat([latents, latents]), output_type=pass2_type).images
+            if record is not None:
+                handle.controller.fd_record, handle.controller.fd_role = record, "replay"
+                with _progress_label(pipe, "pass2_reuse"):
+                    pd_out = pipe(**common, **pd_kw, latents=latents, output_type=pass2_type).images
+                fd_out = None
+            else:
+                with _progress_label(pipe, "pass2"):
+                    out = pipe(**common, **batched, latents=torch.cat([latents, latents]),
+                               output_type=pass2_type).images
+                pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
         finally:
             handle.remove()
+            if record is not None:
+                record.clear()
         timings["pass2"] = time.perf_counter() - t0
-        pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
 
         # ---- APG on the PD latents
         template_prompts = None
@@ -576,7 +668,8 @@ class FreeCure:
         if not return_dict:
             return pd_out
         return FreeCureOutput(images=pd_out, fd_images=fd_images, mask=mask, label_maps=label_maps,
-                              attributes=attributes or [], template_prompts=template_prompts, timings=timings)
+                              attributes=attributes or [], template_prompts=template_prompts, timings=timings,
+                              fd_reuse={k: v for k, v in reuse.items() if k != "halves"})
 
 
 def _known(vocabulary) -> str:

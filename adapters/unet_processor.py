@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.utils import deprecate
 
-from .attend import overwrite_pd_rows
+from .attend import overwrite_pd_rows, record_fd_rows, replay_pd_rows
 from .controller import FasaController
 
 
@@ -23,6 +23,7 @@ class _Inactive:
     """The controller of a processor built without one: FASA never runs (the stock processor's behaviour)."""
 
     active = False
+    fd_role = None
 
 
 INACTIVE = _Inactive()
@@ -119,13 +120,22 @@ class FasaAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        # the output of sdp = (batch, num_heads, seq_len, head_dim)
-        hidden_states = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
-        )
-        if use_fasa:
+        role = ctl.fd_role if use_fasa else None
+        if role == "replay":
+            # PD rows only (FD reuse): stock attention only where the result keeps it
+            hidden_states = replay_pd_rows(ctl, query, key, value, lambda rows: F.scaled_dot_product_attention(
+                query[rows], key[rows], value[rows], dropout_p=0.0, is_causal=False), 0, self.name)
+        else:
+            # the output of sdp = (batch, num_heads, seq_len, head_dim)
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        if use_fasa and role != "replay":
             grid = (height, width) if input_ndim == 4 else ctl.unet_grid(query.shape[2], self.name)
-            hidden_states = overwrite_pd_rows(ctl, query, key, value, hidden_states, grid, 0, self.name)
+            if role == "record":
+                record_fd_rows(ctl, key, value, grid, 0, self.name)
+            else:
+                hidden_states = overwrite_pd_rows(ctl, query, key, value, hidden_states, grid, 0, self.name)
 
         hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
         hidden_states = hidden_states.to(query.dtype)
@@ -190,8 +200,16 @@ class FasaAttnProcessor:
             heads = attn.heads
             as4 = (lambda t: t.view(batch_size, heads, t.shape[1], t.shape[2]))
             grid = (height, width) if input_ndim == 4 else ctl.unet_grid(query.shape[1], self.name)
-            out4 = overwrite_pd_rows(ctl, as4(query), as4(key), as4(value), as4(hidden_states), grid, 0, self.name,
-                                     scale=attn.scale)
+            if ctl.fd_role == "record":
+                record_fd_rows(ctl, as4(key), as4(value), grid, 0, self.name)
+                out4 = as4(hidden_states)
+            elif ctl.fd_role == "replay":
+                stock4 = as4(hidden_states)
+                out4 = replay_pd_rows(ctl, as4(query), as4(key), as4(value), lambda rows: stock4[rows], 0,
+                                      self.name, scale=attn.scale)
+            else:
+                out4 = overwrite_pd_rows(ctl, as4(query), as4(key), as4(value), as4(hidden_states), grid, 0,
+                                         self.name, scale=attn.scale)
             hidden_states = out4.reshape(batch_size * heads, out4.shape[2], out4.shape[3])
         hidden_states = attn.batch_to_head_dim(hidden_states)
 

@@ -173,6 +173,86 @@ def _variants(model, inputs, mask, layout, install_fasa, device, timing, log, mo
     return rows
 
 
+# ------------------------------------------------------------------------------ whole FreeCure generation
+class _RowCounter:
+    """Rows the denoiser processes over a generation (batch size summed over its forwards)."""
+
+    def __init__(self, pipe):
+        from freecure_ops.adapters.discovery import resolve_model
+
+        self.rows = 0
+        model, _ = resolve_model(pipe)
+        self._h = model.register_forward_pre_hook(self._hook, with_kwargs=True)
+
+    def _hook(self, module, args, kwargs):
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+        self.rows += int(x.shape[0])
+
+    def remove(self):
+        self._h.remove()
+
+
+def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, device="cuda", fc_kwargs=None,
+                     variants=("authors", "recompute", "reuse")) -> list:
+    """One whole FreeCure generation (``call``: pipeline kwargs such as ``num_inference_steps``, ``height``,
+    ``seed``...) three ways, timed once each after one warm-up run:
+
+    - ``authors``: the reference code's structure: pass 1 runs PD and FD as one batch (the PD image is thrown
+      away), the parser, pass 2 runs PD and FD as one batch with FASA computed eagerly (``fasa_reference``);
+    - ``recompute``: ``FreeCure(fd_reuse="off")``: pass 1 FD only, pass 2 PD and FD with the fused op;
+    - ``reuse``: ``FreeCure(fd_reuse="auto")``: pass 1 FD only (recording), pass 2 the PD rows alone.
+
+    Rows: ``variant``, ``s`` (wall seconds), ``branch_passes`` (denoiser rows over the generation divided by
+    one branch's rows: 4 / 3 / 2), ``peak_mib`` (CUDA only), ``fd_reuse`` (the choice)."""
+    import time
+
+    from freecure_ops.adapters.freecure import FreeCure
+
+    device = torch.device(device)
+    call = dict(call)
+    seed = call.pop("seed", 0)
+    fc_kwargs = dict(fc_kwargs or {})
+
+    def authors():
+        fc = FreeCure(pipe, parser, fd_reuse="off", **fc_kwargs)
+        n_lat = fc.initial_latents(1, *fc._size(call), torch.Generator().manual_seed(seed))
+        fd_pt = pipe([prompt, fd_prompt], latents=torch.cat([n_lat, n_lat]), output_type="pt", **call).images[1:]
+        mask, _ = fc.mask_from_fd(fd_pt, [fc._attributes({"prompt": prompt}, None, 1)[0]])
+        with eager_attention():
+            return fc(prompt, fd_prompt=fd_prompt, mask=mask, seed=seed, output_type="pt", **call)
+
+    def ours(choice):
+        return lambda: FreeCure(pipe, parser, fd_reuse=choice, **fc_kwargs)(prompt, fd_prompt=fd_prompt, seed=seed,
+                                                                            output_type="pt", **call)
+
+    runs = {"authors": authors, "recompute": ours("off"), "reuse": ours("auto")}
+    plain = _RowCounter(pipe)
+    try:
+        pipe(fd_prompt, latents=None, generator=torch.Generator().manual_seed(seed), output_type="pt", **call)
+    finally:
+        plain.remove()
+    rows = []
+    for variant in variants:
+        fn = runs[variant]
+        fn()  # warm-up (compilation of kernels, caches)
+        counter = _RowCounter(pipe)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        try:
+            out = fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        finally:
+            counter.remove()
+        rows.append({"variant": variant, "s": time.perf_counter() - t0,
+                     "branch_passes": counter.rows / plain.rows,
+                     "peak_mib": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None,
+                     "fd_reuse": (out.fd_reuse or {}).get("choice")})
+    return rows
+
+
 def why_not(device) -> str | None:
     """None when the end-to-end step can run, else the reason."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():

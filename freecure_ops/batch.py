@@ -429,7 +429,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                     _save_mask(out.mask, d / "mask.png")
                     written.append("mask.png")
                 extra = dict(fasa_applied=out.fasa_applied, attributes=out.attributes[0] if out.attributes else [],
-                             template_prompts=out.template_prompts,
+                             template_prompts=out.template_prompts, fd_reuse=out.fd_reuse,
                              timings_s={k: round(v, 4) for k, v in out.timings.items()})
         msgs = []
         for w in caught:

@@ -53,7 +53,7 @@ class _Parser(argparse.ArgumentParser):
 _FLAGS = {"omega": "--omega", "layers": "--layers", "style_fidelity": "--style-fidelity", "mode": "--mode",
           "backend": "--backend", "empty_mask": "--empty-mask", "gamma": "--gamma", "height": "--height",
           "width": "--width", "guidance_scale": "--guidance-scale", "num_inference_steps": "--steps",
-          "apg_template": "--apg-template", "seed": "--seed", "mask": "--mask"}
+          "apg_template": "--apg-template", "seed": "--seed", "mask": "--mask", "fd_reuse": "--fd-reuse"}
 
 
 def flag_message(text: str) -> str:
@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="blend of the unconditional PD row: (1 - sf) * FASA + sf * plain, in [0, 1]")
     g.add_argument("--mode", choices=("bias", "scale"), default="bias")
     g.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
+    g.add_argument("--fd-reuse", choices=("auto", "device", "host", "off"), default="auto",
+                   help="keep pass 1's FD keys/values for pass 2, which then runs the PD rows alone: on the device, "
+                        "in pinned host memory, or off (recompute); auto: the device when it fits, else host, else off")
     g.add_argument("--apg", action="store_true", help="apply Asymmetric Prompt Guidance")
     g.add_argument("--gamma", type=_fraction, default=0.5, help="APG inversion depth (fraction of the steps)")
     g.add_argument("--apg-template", help="APG template prompt (default: --prompt without its attribute words)")
@@ -412,7 +415,7 @@ def _run_generate(args, device, dtype, mask) -> int:
         pipe.set_progress_bar_config(disable=True)
     try:
         fc = FreeCure(pipe, parser, omega=args.omega, layers=args.layers, style_fidelity=args.style_fidelity,
-                      mode=args.mode, backend=args.backend, empty_mask=args.empty_mask)
+                      mode=args.mode, backend=args.backend, empty_mask=args.empty_mask, fd_reuse=args.fd_reuse)
     except (TypeError, ValueError) as e:
         raise CLIError(f"--model {args.model}: {flag_message(str(e))}") from e
 
@@ -458,7 +461,7 @@ def _run_generate(args, device, dtype, mask) -> int:
                 gamma=args.gamma if args.apg else None, steps=args.steps, seed=args.seed,
                 mask_source=str(args.mask) if args.mask is not None else "parser", device=str(device),
                 dtype=str(dtype).replace("torch.", ""), versions=_versions(),
-                timings_s={k: round(v, 4) for k, v in out.timings.items()}, files=written)
+                timings_s={k: round(v, 4) for k, v in out.timings.items()}, fd_reuse=out.fd_reuse, files=written)
     atomic_write_text(args.out / "freecure.json", json.dumps(meta, indent=2) + "\n")
     print(f"freecure: wrote {', '.join(written)} and freecure.json to {args.out}")
     return 0

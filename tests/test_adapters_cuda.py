@@ -105,3 +105,17 @@ def test_model_cpu_offload_keeps_fasa():
     pipe.enable_model_cpu_offload()
     out = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)("a photo of sks man with red hair", **common)
     torch.testing.assert_close(out.images.cpu(), ref.images.cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_freecure_fd_reuse_host_equals_device_on_cuda():
+    """Pinned host placement (side-stream prefetch) gives the same images as device placement, on CUDA."""
+    from freecure_ops.adapters.freecure import FreeCure
+    from tiny_pipes import IMAGE, FakeParser, tiny_sd_pipe
+
+    pipe = tiny_sd_pipe().to("cuda")
+    out = {c: FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse=c)(
+        "a photo of sks man with red hair", fd_prompt="a photo of man with red hair", seed=0, output_type="pt",
+        num_inference_steps=3, height=IMAGE, width=IMAGE) for c in ("off", "device", "host")}
+    assert out["host"].fd_reuse["choice"] == "host"
+    assert torch.equal(out["host"].images, out["device"].images)
+    assert (out["off"].images - out["device"].images).abs().max().item() <= 1e-4

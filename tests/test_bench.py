@@ -453,3 +453,18 @@ def test_tile_sweep_summary_and_cpu_exit(capsys):
     assert "64x64x4x3" in text and "128x64x8x3" in text and "2.00" in text
     if not torch.cuda.is_available():
         assert main([]) == 0 and "no CUDA device" in capsys.readouterr().out
+
+
+def test_whole_generation_three_ways_on_a_tiny_pipeline():
+    """The authors' structure runs 4 branch-passes, ours recomputing 3, ours with FD reuse 2 (CPU, tiny SD1.5)."""
+    from bench import e2e
+    from tiny_pipes import IMAGE, FakeParser, tiny_sd_pipe
+
+    rows = e2e.whole_generation(tiny_sd_pipe(), FakeParser(), "a photo of sks man with red hair",
+                                "a photo of man with red hair",
+                                dict(num_inference_steps=2, height=IMAGE, width=IMAGE, seed=0), device="cpu",
+                                fc_kwargs=dict(layers="all", omega=2.0))
+    got = {r["variant"]: r for r in rows}
+    assert [got[v]["branch_passes"] for v in ("authors", "recompute", "reuse")] == [4.0, 3.0, 2.0]
+    assert got["reuse"]["fd_reuse"] == "device" and got["recompute"]["fd_reuse"] == "off"
+    assert all(r["s"] > 0 for r in rows)

@@ -46,6 +46,9 @@ def test_generate_writes_images_mask_and_metadata(model_dir, mask_png, tmp_path,
     meta = json.loads((out / "freecure.json").read_text())
     assert meta["family"] == "sd1" and meta["attributes"] == [["hair"]] and meta["fasa_applied"]
     assert set(meta["timings_s"]) >= {"pass2", "total"}
+    # a given mask skips pass 1, so there is nothing to record: FD reuse is off and says why
+    assert meta["fd_reuse"]["requested"] == "auto" and meta["fd_reuse"]["choice"] == "off"
+    assert "mask given" in meta["fd_reuse"]["reason"]
     assert "wrote pd.png, fd.png, mask.png" in capsys.readouterr().out
 
 

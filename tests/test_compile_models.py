@@ -75,7 +75,8 @@ def test_compiled_bare_flux_without_grid_says_what_to_pass():
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
 def test_freecure_on_a_compiled_pipeline_matches_eager_and_never_recompiles(family):
     pipe = BUILDERS[family]()
-    eager = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)(PD, fd_prompt=FD, seed=0, output_type="pt",
+    # a compiled model takes fd_reuse="off" under "auto": compare with the eager recomputing path
+    eager = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse="off")(PD, fd_prompt=FD, seed=0, output_type="pt",
                                                                    **COMMON)
     wrapper = compile_denoiser(pipe)
     fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)   # accepted: the denoiser is an OptimizedModule

@@ -1,0 +1,229 @@
+"""FD key/value reuse: pass 1 records the FD keys/values FASA will read, pass 2 runs the PD rows alone.
+
+Pass 2's FD branch replays pass 1 (same latents, FD conditioning and scheduler; FASA never changes FD rows),
+so :class:`FdRecord` keeps, per FASA layer and FASA step, the FD image keys/values of the guidance halves
+whose PD rows get FASA (with ``style_fidelity=1`` the unconditional PD rows keep plain attention: only the
+conditional half is kept), in the model's dtype. Once the mask is known (after pass 1) :meth:`FdRecord.compact`
+keeps only the live keys of each token grid (the prepared mask's packed list ``fd_index[:, :nnz]``); the
+mask FASA then reads is the packed values ``fd_value[:, :nnz]`` over those packed keys (every entry > 0
+except padding of per-pair rows with fewer live keys, which is 0 = excluded): the same math in "bias" mode.
+"scale" mode excludes no key, so there the record keeps every key and the full mask.
+
+FLUX (``n_txt > 0``): FD text keys are never attended, so they are never recorded; the op wants ``k_f`` to
+hold the text prefix, so :meth:`FdRecord.get` puts ``n_txt`` zero rows in front (never read by the kernel,
+excluded by the torch backend).
+
+The record is an explicit object owned by :class:`.freecure.FreeCure` and handed to the FASA controller of
+one pass (``controller.fd_record`` / ``controller.fd_role``); nothing global.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from freecure_ops.fasa_mask import FasaMask, pack_checked_mask, prepare_fasa_mask
+from freecure_ops.masks import resize_mask_to_grid
+
+__all__ = ["FdRecord", "FD_REUSE_CHOICES", "estimate_record_bytes", "choose_placement"]
+
+FD_REUSE_CHOICES = ("auto", "device", "host", "off")
+
+
+class FdRecord:
+    """FD keys/values by ``(layer, step, uncond)``: ``[n, H, Nimg, D]`` each (image tokens only).
+
+    ``placement``: "device" (kept on ``device``) or "host" (CPU; pinned when ``device`` is CUDA: pass 2 copies
+    each entry back on a side stream one use ahead, in the order pass 1 recorded them, so the copy overlaps
+    the attention before it). ``halves``: which guidance halves are recorded, a tuple of ``uncond`` flags."""
+
+    def __init__(self, placement: str, device: torch.device, halves=(False,)):
+        if placement not in ("device", "host"):
+            raise ValueError(f"placement must be 'device' or 'host', got {placement!r}")
+        self.placement = placement
+        self.device = torch.device(device)
+        self.halves = tuple(halves)
+        self.entries: dict = {}   # (layer, step, uncond) -> [k, v, (h, w)]
+        self.masks: dict = {}     # (h, w) -> FasaMask over the kept keys, on ``device``
+        self.compacted = False
+        self._pin = placement == "host" and self.device.type == "cuda"
+        self._order: dict = {}       # key -> the key recorded after it (pass 2 reads them in the same order)
+        self._last = None
+        self._inflight: dict = {}    # key -> (k, v, event): host-to-device copies started ahead of use
+        self._copy_stream = None
+
+    # ---- pass 1 ----------------------------------------------------------------------------------------
+    def _store(self, t: torch.Tensor) -> torch.Tensor:
+        if self.placement == "device":
+            return t.contiguous().clone() if t.is_contiguous() else t.contiguous()
+        out = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=self._pin)
+        out.copy_(t, non_blocking=self._pin)
+        return out
+
+    def put(self, layer: str, step: int, uncond: bool, k: torch.Tensor, v: torch.Tensor, grid) -> None:
+        """Record the FD image keys/values ``[n, H, Nimg, D]`` of one guidance half."""
+        key = (layer, step, uncond)
+        if key not in self.entries and self._last is not None:
+            self._order[self._last] = key
+        self._last = key
+        self.entries[key] = [self._store(k), self._store(v), tuple(grid)]
+
+    # ---- after pass 1 -----------------------------------------------------------------------------------
+    def compact(self, mask: torch.Tensor, mode: str = "bias") -> None:
+        """Keep only the live keys of ``mask`` (``[h, w]`` or ``[n, h, w]``, float32, checked) per token grid.
+        One host sync per grid (the live-key count)."""
+        if self._pin:
+            torch.cuda.current_stream(self.device).synchronize()  # pass 1's asynchronous copies have landed
+        store_dev = self.device if self.placement == "device" else torch.device("cpu")
+        plans = {}
+        for grid in {e[2] for e in self.entries.values()}:
+            m = pack_checked_mask(resize_mask_to_grid(mask, *grid).to(device=store_dev, dtype=torch.float32))
+            if mode != "bias":
+                plans[grid] = None
+                self.masks[grid] = pack_checked_mask(m.rows.to(self.device))
+                continue
+            nnz = max(int(m.fd_count.max()), 1)  # an empty mask keeps one excluded key (value 0)
+            idx = m.fd_index[:, :nnz].long()
+            plans[grid] = idx
+            self.masks[grid] = prepare_fasa_mask(m.fd_value[:, :nnz].contiguous().to(self.device))
+        for key, (k, v, grid) in list(self.entries.items()):
+            idx = plans[grid]
+            if idx is None:
+                continue
+            self.entries[key] = [self._gather(k, idx), self._gather(v, idx), grid]
+        self.compacted = True
+
+    def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        if idx.shape[0] == 1:
+            out = t.index_select(2, idx[0])
+        else:
+            if idx.shape[0] != t.shape[0]:
+                raise ValueError(f"the mask holds {idx.shape[0]} per-pair masks for {t.shape[0]} recorded rows")
+            out = torch.stack([t[i].index_select(1, idx[i]) for i in range(t.shape[0])])
+        return out.pin_memory() if self._pin else out
+
+    # ---- pass 2 -----------------------------------------------------------------------------------------
+    def get(self, layer: str, step: int, uncond: bool, n_txt: int, device) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                        FasaMask]:
+        """``(k_f, v_f, mask)`` for ``fasa_attention`` at one layer, step and guidance half, on ``device``."""
+        key = (layer, step, uncond)
+        try:
+            k, v, grid = self.entries[key]
+        except KeyError:
+            raise RuntimeError(f"FD reuse: nothing recorded for layer {layer}, step {step} "
+                               f"({'unconditional' if uncond else 'conditional'} half): pass 2 does not replay "
+                               "pass 1 (different steps, scheduler or batch?)") from None
+        device = torch.device(device)
+        if self._pin and device.type == "cuda":
+            k, v = self._fetch(key, device)
+        elif k.device != device:
+            k, v = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+        if n_txt:
+            pad = k.new_zeros(k.shape[0], k.shape[1], n_txt, k.shape[3])
+            k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
+        return k, v, self.masks[grid]
+
+    def _start_copy(self, key, device) -> None:
+        """Copy one pinned entry to ``device`` on a side stream (overlapping the attention in flight)."""
+        if key is None or key in self._inflight or key not in self.entries:
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        k, v, _ = self.entries[key]
+        with torch.cuda.stream(self._copy_stream):
+            kd, vd = k.to(device, non_blocking=True), v.to(device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._copy_stream)
+        self._inflight[key] = (kd, vd, event)
+
+    def _fetch(self, key, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Host placement on CUDA: this entry's device copy (started one use ahead, or now), and the next
+        entry's copy started on the side stream."""
+        self._start_copy(key, device)
+        kd, vd, event = self._inflight.pop(key)
+        stream = torch.cuda.current_stream(device)
+        stream.wait_event(event)
+        kd.record_stream(stream)  # allocated on the side stream, used (and freed) on this one
+        vd.record_stream(stream)
+        self._start_copy(self._order.get(key), device)
+        return kd, vd
+
+    # ---- bookkeeping ------------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for k, v, _ in self.entries.values() for t in (k, v))
+
+    def clear(self) -> None:
+        self.entries = {}
+        self.masks = {}
+        self._inflight = {}
+        self._order = {}
+        self._last = None
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# size estimate and placement
+# ----------------------------------------------------------------------------------------------------------
+
+def _unet_tokens(name: str, latent_hw, n_stages: int) -> int:
+    """Token count of a UNet attn1 from its module name: down_blocks.i at latent / 2^i, mid at the lowest
+    resolution, up_blocks.i at latent / 2^(stages - 1 - i) (stride-2 resampling, rounding up)."""
+    parts = name.split(".")
+    if parts[0] == "down_blocks":
+        level = int(parts[1])
+    elif parts[0] == "up_blocks":
+        level = n_stages - 1 - int(parts[1])
+    else:
+        level = n_stages - 1
+    h, w = latent_hw
+    for _ in range(level):
+        h, w = -(-h // 2), -(-w // 2)
+    return h * w
+
+
+def estimate_record_bytes(blocks, family: str, latent_hw, n_stages: int, n_steps: int, n_images: int,
+                          n_halves: int, itemsize: int) -> int:
+    """layers x steps x tokens x channels x 2 (K and V) x bytes, for ``n_images`` x ``n_halves`` rows: the
+    recording's size before compaction (its peak, during pass 1). FLUX: image tokens only."""
+    total = 0
+    for b in blocks:
+        channels = int(b.attn.inner_dim)
+        tokens = latent_hw[0] * latent_hw[1] if family == "flux" else _unet_tokens(b.name, latent_hw, n_stages)
+        total += tokens * channels
+    return total * 2 * itemsize * n_steps * n_images * n_halves
+
+
+def _host_memory() -> int:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover
+        return 0
+
+
+def default_budgets(device: torch.device) -> tuple[int, int]:
+    """(device budget, host budget) in bytes: half the free GPU memory (CUDA) or a quarter of the host memory
+    (CPU models), and half the host memory for pinned host placement."""
+    host = _host_memory()
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2, host // 2
+    return host // 4, host // 2
+
+
+def choose_placement(requested: str, estimate: int, device: torch.device, device_budget: int | None = None,
+                     host_budget: int | None = None) -> str:
+    """"device" / "host" / "off" for ``requested`` in :data:`FD_REUSE_CHOICES`. "auto": the device when the
+    estimate fits its budget, else pinned host memory when the model is on a GPU and it fits there, else off
+    (recompute the FD rows in pass 2). An explicit "device"/"host" is taken as asked."""
+    if requested != "auto":
+        return requested
+    dev_default, host_default = default_budgets(device)
+    device_budget = dev_default if device_budget is None else device_budget
+    host_budget = host_default if host_budget is None else host_budget
+    if estimate <= device_budget:
+        return "device"
+    if device.type == "cuda" and estimate <= host_budget:
+        return "host"
+    return "off"
