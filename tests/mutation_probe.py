@@ -271,7 +271,8 @@ MUTANTS = [
 
     # ---- the FreeCure pipeline --------------------------------------------------------------------------
     Mutant("freecure-omega-1", "adapters/freecure.py",
-           (("install_fasa(pipe, mask, self.omega,", "install_fasa(pipe, mask, 1.0,"),), PIPELINE_TESTS,
+           (("install_fasa(pipe, mask, self.omega,", "install_fasa(pipe, mask, 1.0,"),
+            ("install_fasa(self.pipe, mask, self.omega,", "install_fasa(self.pipe, mask, 1.0,")), PIPELINE_TESTS,
            "FreeCure passes omega=1.0 instead of its own"),
     Mutant("freecure-mode-ignored", "adapters/freecure.py",
            (("mode=self.mode, backend=self.backend", 'mode="bias", backend=self.backend'),), PIPELINE_TESTS,
