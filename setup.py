@@ -9,7 +9,8 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["freecure_ops", "freecure_ops.kernels", "freecure_ops.adapters", "freecure_ops.bench"],
+    packages=["freecure_ops", "freecure_ops.kernels", "freecure_ops.adapters", "freecure_ops.pipeline",
+              "freecure_ops.bench"],
     package_dir={
         "freecure_ops": "freecure_ops",
         "freecure_ops.kernels": "kernels",

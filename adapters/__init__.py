@@ -8,16 +8,18 @@ Only self-attention is touched (``attn1`` of UNet transformer blocks, the joint 
 processors hold no math: PD rows go through :func:`freecure_ops.fasa_attention`, FD rows through the stock
 attention.
 """
-from .apg import apply_apg
 from .discovery import SelfAttentionBlock, find_self_attention_blocks
-from .freecure import EmptyMaskError, FreeCure, FreeCureOutput, FreeCureWarning, collate_branches
 from .install import FasaHandle, install_fasa
 from .presets import PRESETS, FasaPreset, preset_blocks
 from .unet_processor import FasaAttnProcessor
 
-__all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg",
-           "install_fasa", "FasaHandle", "FasaAttnProcessor", "FasaFluxAttnProcessor", "find_self_attention_blocks",
+__all__ = ["install_fasa", "FasaHandle", "FasaAttnProcessor", "FasaFluxAttnProcessor", "find_self_attention_blocks",
            "SelfAttentionBlock", "PRESETS", "FasaPreset", "preset_blocks"]
+
+
+# The whole method (two passes, APG) lives one layer up, in freecure_ops.pipeline; these names stay importable
+# from here (``from freecure_ops.adapters import FreeCure``) without this package importing upwards.
+_METHOD_NAMES = ("FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg")
 
 
 def __getattr__(name):
@@ -27,4 +29,8 @@ def __getattr__(name):
         from .flux_processor import FasaFluxAttnProcessor
 
         return FasaFluxAttnProcessor
+    if name in _METHOD_NAMES:
+        from freecure_ops import pipeline
+
+        return getattr(pipeline, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

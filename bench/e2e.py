@@ -206,7 +206,7 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
     one branch's rows: 4 / 3 / 2), ``peak_mib`` (CUDA only), ``fd_reuse`` (the choice)."""
     import time
 
-    from freecure_ops.adapters.freecure import FreeCure
+    from freecure_ops.pipeline.freecure import FreeCure
 
     device = torch.device(device)
     call = dict(call)

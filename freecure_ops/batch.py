@@ -370,7 +370,7 @@ def _kill_point(ctx: _Context, d: Path) -> None:
 def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
     import torch
 
-    from .adapters.freecure import FreeCure, FreeCureWarning
+    from .pipeline.freecure import FreeCure, FreeCureWarning
     from .cli import _effective_settings, _save_mask, read_mask_png
 
     args, pipe = ctx.args, ctx.pipe
@@ -399,7 +399,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 gen = torch.Generator(device="cpu").manual_seed(job.seed)
                 latents = fc.initial_latents(1, h, w, gen)
                 image = pipe(prompt=job.prompt, latents=latents, **{**call, "height": h, "width": w}).images[0]
-                from .adapters.apg import default_guidance_scale
+                from .pipeline.apg import default_guidance_scale
 
                 settings = dict(steps=s["steps"], guidance_scale=float(call.get("guidance_scale",
                                                                                  default_guidance_scale(pipe))),
@@ -488,7 +488,7 @@ def run(args) -> int:
         with _quiet_libraries(True):  # library notes would repeat per job and break the progress bars
             parser = None
             if args.parser_weights is not None and any(j.method == "freecure" and j.mask is None for j in mine):
-                from .face_parser import BiSeNetParser
+                from .pipeline.face_parser import BiSeNetParser
 
                 try:
                     parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)

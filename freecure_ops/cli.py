@@ -8,7 +8,7 @@
     freecure eval --results runs/grid --clip CLIP_DIR --face-model arcface.onnx --reference alice=a.jpg
 
 ``generate`` loads a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline with ``DiffusionPipeline.from_pretrained(...,
-local_files_only=True)`` (nothing is downloaded), runs :class:`freecure_ops.adapters.freecure.FreeCure` and
+local_files_only=True)`` (nothing is downloaded), runs :class:`freecure_ops.pipeline.freecure.FreeCure` and
 writes ``pd.png`` (the FreeCure image), ``fd.png`` (the foundation image), ``mask.png`` (the attribute mask)
 and ``freecure.json`` (prompts, attributes, settings, timings) to ``--out``. The PD prompt carries the
 identity (e.g. a DreamBooth / textual-inversion token), the FD prompt is the same without it. The mask comes
@@ -341,7 +341,7 @@ def _versions() -> dict:
 
 def _effective_settings(fc, pipe, args, device, dtype, call) -> dict:
     """What actually ran: preset values filled in, the resolved backend, the pipeline's defaults."""
-    from freecure_ops.adapters.apg import default_guidance_scale
+    from freecure_ops.pipeline.apg import default_guidance_scale
     from freecure_ops.adapters.discovery import find_self_attention_blocks
     from freecure_ops.adapters.presets import PRESETS, preset_blocks
 
@@ -399,11 +399,11 @@ def _generate(args) -> int:
 def _run_generate(args, device, dtype, mask) -> int:
     import torch
 
-    from freecure_ops.adapters.freecure import EmptyMaskError, FreeCure, FreeCureWarning
+    from freecure_ops.pipeline.freecure import EmptyMaskError, FreeCure, FreeCureWarning
 
     parser = None
     if args.parser_weights is not None:
-        from freecure_ops.face_parser import BiSeNetParser
+        from freecure_ops.pipeline.face_parser import BiSeNetParser
 
         try:
             parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)

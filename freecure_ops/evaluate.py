@@ -90,7 +90,7 @@ def _n_attributes(row: dict) -> int:
         return int(row["n_attributes"])
     if row.get("attributes"):
         return len(row["attributes"])
-    from .attributes import find_attributes
+    from .pipeline.attributes import find_attributes
 
     return len(find_attributes(row.get("prompt") or ""))
 

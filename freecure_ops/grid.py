@@ -5,7 +5,7 @@
 
 Identities x prompts x methods. The prompt set is drawn once (deterministically from ``--seed``) and used for
 every identity: prompt ``i`` asks for ``counts[i % len(counts)]`` attributes (1, 2, 3 by default), distinct
-attributes from the attribute vocabulary (:mod:`freecure_ops.attributes`; ``--attributes``), each as one
+attributes from the attribute vocabulary (:mod:`freecure_ops.pipeline.attributes`; ``--attributes``), each as one
 phrase of :data:`PHRASES` ("red hair", "blue eyes", "glasses", ...), put into a template
 (:data:`TEMPLATES`, or ``--templates FILE``: one per line with ``{subject}`` and ``{attributes}``). The PD
 prompt names the subject with the identity (``--pd-subject``, default ``"sks {class}"``; ``{id}`` and
@@ -56,7 +56,7 @@ def paper_grid(identities: dict[str, str], *, prompts: int = 20, counts=(1, 2, 3
     """Manifest rows (dicts) for identities (id -> class word, e.g. ``{"alice": "woman"}``); see the module
     docstring. ValueError for an impossible request (more attributes than kinds, a template without its
     fields, a prompt whose attributes are not the ones drawn)."""
-    from .attributes import find_attributes
+    from .pipeline.attributes import find_attributes
 
     attributes = list(attributes or PHRASES)
     unknown = [a for a in attributes if a not in PHRASES]

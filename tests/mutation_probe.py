@@ -270,17 +270,17 @@ MUTANTS = [
            "mask tokens flattened column-major instead of row-major (y * W + x)"),
 
     # ---- the FreeCure pipeline --------------------------------------------------------------------------
-    Mutant("freecure-omega-1", "adapters/freecure.py",
+    Mutant("freecure-omega-1", "freecure_ops/pipeline/freecure.py",
            (("install_fasa(pipe, mask, self.omega,", "install_fasa(pipe, mask, 1.0,"),
             ("install_fasa(self.pipe, mask, self.omega,", "install_fasa(self.pipe, mask, 1.0,")), PIPELINE_TESTS,
            "FreeCure passes omega=1.0 instead of its own"),
-    Mutant("freecure-mode-ignored", "adapters/freecure.py",
+    Mutant("freecure-mode-ignored", "freecure_ops/pipeline/freecure.py",
            (("mode=self.mode, backend=self.backend", 'mode="bias", backend=self.backend'),), PIPELINE_TESTS,
            "FreeCure ignores mode"),
-    Mutant("freecure-style-fidelity-ignored", "adapters/freecure.py",
+    Mutant("freecure-style-fidelity-ignored", "freecure_ops/pipeline/freecure.py",
            (("style_fidelity=self.style_fidelity, layout=layout", "style_fidelity=1.0, layout=layout"),),
            PIPELINE_TESTS, "FreeCure ignores style_fidelity"),
-    Mutant("freecure-fd-latents-differ", "adapters/freecure.py",
+    Mutant("freecure-fd-latents-differ", "freecure_ops/pipeline/freecure.py",
            (("latents=torch.cat([latents, latents])", "latents=torch.cat([latents, -latents])"),),
            PIPELINE_TESTS, "pass 2's FD rows start from other noise than pass 1"),
 

@@ -95,7 +95,7 @@ def test_compiled_unet_with_cuda_graphs_matches_eager():
 
 def test_model_cpu_offload_keeps_fasa():
     from tiny_pipes import FakeParser, tiny_sd_pipe
-    from freecure_ops.adapters import FreeCure
+    from freecure_ops.pipeline import FreeCure
 
     pipe = tiny_sd_pipe().to("cuda")
     common = dict(fd_prompt="a photo of man with red hair", seed=0, output_type="pt", num_inference_steps=2,
@@ -109,7 +109,7 @@ def test_model_cpu_offload_keeps_fasa():
 
 def test_freecure_fd_reuse_host_equals_device_on_cuda():
     """Pinned host placement (side-stream prefetch) gives the same images as device placement, on CUDA."""
-    from freecure_ops.adapters.freecure import FreeCure
+    from freecure_ops.pipeline.freecure import FreeCure
     from tiny_pipes import IMAGE, FakeParser, tiny_sd_pipe
 
     pipe = tiny_sd_pipe().to("cuda")

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freecure_ops.adapters.apg import (apg_steps, apply_apg, ddim_invert_then_denoise, flow_invert_then_denoise,
+from freecure_ops.pipeline.apg import (apg_steps, apply_apg, ddim_invert_then_denoise, flow_invert_then_denoise,
                                        flow_sigmas)
-from freecure_ops.adapters.freecure import FreeCure
+from freecure_ops.pipeline.freecure import FreeCure
 from tiny_pipes import BUILDERS, IMAGE, FakeParser  # noqa: F401
 
 PD = "a photo of sks man with red hair and glasses"

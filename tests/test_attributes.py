@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from freecure_ops.attributes import (
+from freecure_ops.pipeline.attributes import (
     BISENET_ATTRIBUTE_LABELS,
     DEFAULT_VOCABULARY,
     AttributeVocabulary,
@@ -23,7 +23,7 @@ from freecure_ops.attributes import (
     template_prompt,
     union_masks,
 )
-from freecure_ops.face_parser import BISENET_CELEBAMASK_LABELS
+from freecure_ops.pipeline.face_parser import BISENET_CELEBAMASK_LABELS
 
 # ---------------------------------------------------------------------------------------------------------
 # prompt -> attributes

@@ -135,7 +135,7 @@ def two_process_run(assets):
 def test_manifest_is_the_paper_grid(assets):
     rows = assets["rows"]
     assert len(rows) == 8 and len({r["id"] for r in rows}) == 8
-    from freecure_ops.attributes import find_attributes
+    from freecure_ops.pipeline.attributes import find_attributes
 
     for r in rows:
         assert len(find_attributes(r["prompt"])) == r["n_attributes"] == len(r["attributes"])

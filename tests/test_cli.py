@@ -63,7 +63,7 @@ def test_generate_with_apg(model_dir, mask_png, tmp_path):
 @pytest.fixture
 def stub_parser(monkeypatch, tmp_path):
     """--parser-weights PATH loads this parser (hair on the top half, nothing else); returns (weights, parser)."""
-    import freecure_ops.face_parser as fp
+    import freecure_ops.pipeline.face_parser as fp
 
     class Stub:
         labels = dict(fp.BISENET_CELEBAMASK_LABELS)

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from freecure_ops.adapters import FreeCure, install_fasa
+from freecure_ops.adapters import install_fasa
+from freecure_ops.pipeline import FreeCure
 from test_adapters_helpers import flux_inputs, random_mask, run, tiny_flux, tiny_sd15, tiny_sdxl, unet_inputs
 from tiny_pipes import BUILDERS, IMAGE, FakeParser
 

@@ -13,7 +13,8 @@ import torch
 from diffusers.models.attention_processor import (AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0,
                                                   IPAdapterAttnProcessor2_0)
 
-from freecure_ops.adapters import FasaAttnProcessor, FreeCure, find_self_attention_blocks, install_fasa
+from freecure_ops.adapters import FasaAttnProcessor, find_self_attention_blocks, install_fasa
+from freecure_ops.pipeline import FreeCure
 from test_adapters_helpers import flux_inputs, random_mask, run, tiny_flux, tiny_sd15, unet_inputs
 from tiny_pipes import BUILDERS, IMAGE, FakeParser
 

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from freecure_ops import face_parser
-from freecure_ops.face_parser import BISENET_CELEBAMASK_LABELS, BiSeNet, BiSeNetParser, load_state_dict_file
+from freecure_ops.pipeline import face_parser
+from freecure_ops.pipeline.face_parser import BISENET_CELEBAMASK_LABELS, BiSeNet, BiSeNetParser, load_state_dict_file
 
 SIZE = 64  # network input for tests (the checkpoint's own is 512)
 

@@ -8,7 +8,7 @@ import torch
 
 from freecure_ops.adapters import fd_reuse as fdr
 from freecure_ops.adapters.discovery import resolve_model
-from freecure_ops.adapters.freecure import FreeCure
+from freecure_ops.pipeline.freecure import FreeCure
 from tiny_pipes import BUILDERS, IMAGE, FakeParser
 
 PD = "a photo of sks man with red hair"
@@ -210,7 +210,7 @@ def test_reuse_with_a_subset_of_layers_and_steps(pipes, record_spy):
 def test_reuse_in_scale_mode_and_with_an_empty_mask(pipes, case, record_spy):
     """"scale" mode excludes no key: the record keeps every key; an empty mask (empty_mask="warn") keeps one
     excluded key per grid and gives plain attention, as the recomputing path does."""
-    from freecure_ops.adapters.freecure import FreeCureWarning
+    from freecure_ops.pipeline.freecure import FreeCureWarning
 
     pipe = get(pipes, "sd1")
     kw = dict(mode="scale") if case == "scale" else dict(empty_mask="warn")

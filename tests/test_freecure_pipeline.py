@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from freecure_ops.adapters.freecure import (EmptyMaskError, FreeCure, FreeCureWarning, collate_branches)
+from freecure_ops.pipeline.freecure import (EmptyMaskError, FreeCure, FreeCureWarning, collate_branches)
 from freecure_ops.adapters.discovery import resolve_model
 from tiny_pipes import BUILDERS, IMAGE, FakeParser  # noqa: F401
 

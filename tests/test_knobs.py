@@ -55,7 +55,7 @@ def _hair_mask():
 
 @pytest.mark.parametrize("omega,mode", [(2.5, "scale"), (0.7, "bias"), (None, "bias")])
 def test_freecure_hands_its_omega_and_mode_to_the_op(sd_pipe, op_calls, omega, mode):
-    from freecure_ops.adapters.freecure import FreeCure
+    from freecure_ops.pipeline.freecure import FreeCure
 
     fc = FreeCure(sd_pipe, layers="all", omega=omega, mode=mode, backend="torch")
     fc(PD, fd_prompt=FD, mask=_hair_mask(), seed=0, num_inference_steps=2, height=IMAGE, width=IMAGE,
@@ -71,7 +71,7 @@ def test_freecure_hands_its_omega_and_mode_to_the_op(sd_pipe, op_calls, omega, m
 def test_freecure_equals_install_fasa_by_hand(sd_pipe, omega, mode, sf):
     """By value end to end: FreeCure(omega, mode, style_fidelity) is the pipeline run by hand on the
     [PD, FD] batch with install_fasa(omega, mode, style_fidelity), from the same initial noise."""
-    from freecure_ops.adapters.freecure import FreeCure
+    from freecure_ops.pipeline.freecure import FreeCure
 
     mask = _hair_mask()
     common = dict(num_inference_steps=2, height=IMAGE, width=IMAGE, output_type="pt")
@@ -127,7 +127,7 @@ def test_cli_hands_omega_mode_backend_to_the_op(model_dir, mask_png, tmp_path, o
 
 
 def test_cli_hands_style_fidelity_and_layers_to_install_fasa(model_dir, mask_png, tmp_path, monkeypatch):
-    import freecure_ops.adapters.freecure as fc_mod
+    import freecure_ops.pipeline.freecure as fc_mod
 
     seen = []
     real = fc_mod.install_fasa

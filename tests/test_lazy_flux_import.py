@@ -17,7 +17,8 @@ ADAPTERS = TESTS.parent / "adapters"
 SCRIPT = textwrap.dedent("""
     import sys, torch
     import freecure_ops.adapters as adapters
-    from freecure_ops.adapters import FreeCure, install_fasa
+    from freecure_ops.adapters import install_fasa
+    from freecure_ops.pipeline import FreeCure
     from test_adapters_helpers import random_mask, run, tiny_sd15, unet_inputs
     unet = tiny_sd15()
     with install_fasa(unet, random_mask((8, 6)), layers="all", layout="cfg"):

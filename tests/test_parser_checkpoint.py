@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from freecure_ops.face_parser import MAX_CLASSES, BiSeNet, BiSeNetParser
+from freecure_ops.pipeline.face_parser import MAX_CLASSES, BiSeNet, BiSeNetParser
 
 
 def _huge(shape):

@@ -8,7 +8,7 @@
 
 1. Pass 1 runs the FD branch alone from initial latents drawn once from the seed.
 2. The parser turns the FD image into a label map; the attributes named in the prompt
-   (:func:`freecure_ops.attributes.find_attributes`) select its classes: the attribute mask. Or the caller
+   (:func:`freecure_ops.pipeline.attributes.find_attributes`) select its classes: the attribute mask. Or the caller
    passes ``mask=``, and pass 1 is skipped.
 3. Pass 2 runs PD and FD as one batch (``[PD_1..PD_n, FD_1..FD_n]``; with CFG the pipeline makes it
    ``[neg_PD, neg_FD, PD, FD]``, layout "cfg"; FLUX-dev has no CFG batch, layout "plain") from the same initial
@@ -36,15 +36,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from freecure_ops.attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attributes, label_table_for,
+from .attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attributes, label_table_for,
                                      template_prompt)
 
 from .apg import TEXT_KEYS, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
-from .discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
-from .fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
-from .install import install_fasa
-from .options import BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask, check_real, check_steps
-from .presets import preset_blocks
+from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
+from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
+from freecure_ops.adapters.install import install_fasa
+from freecure_ops.adapters.options import (BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask,
+                                           check_real, check_steps)
+from freecure_ops.adapters.presets import preset_blocks
 
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
            "BRANCH_KEYS"]
@@ -272,10 +273,10 @@ class FreeCure:
     one, whose ``__call__`` takes the stock keyword arguments).
 
     ``parser``: a face parser, any callable ``image -> label map [H, W]`` of int class ids (e.g.
-    :class:`freecure_ops.face_parser.BiSeNetParser`); it gets each FD image as a float tensor ``[3, H, W]`` in
+    :class:`freecure_ops.pipeline.face_parser.BiSeNetParser`); it gets each FD image as a float tensor ``[3, H, W]`` in
     [0, 1]. Not needed when every call passes ``mask=``. ``label_table``: attribute -> class ids of that parser
     (default: from the parser's ``labels`` mapping when it has one, else the BiSeNet CelebAMask-HQ table).
-    ``vocabulary``: attribute words (:class:`freecure_ops.attributes.AttributeVocabulary` or a mapping).
+    ``vocabulary``: attribute words (:class:`freecure_ops.pipeline.attributes.AttributeVocabulary` or a mapping).
     ``mask_dilate`` / ``mask_feather``: pixels of dilation / Gaussian feathering of the parsed mask.
     ``empty_mask``: "error" (raise :class:`EmptyMaskError` when parsing finds no attribute pixel) or "warn"
     (go on; FASA then equals plain self-attention). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
@@ -673,7 +674,7 @@ class FreeCure:
 
 
 def _known(vocabulary) -> str:
-    from freecure_ops.attributes import DEFAULT_VOCABULARY, AttributeVocabulary
+    from .attributes import DEFAULT_VOCABULARY, AttributeVocabulary
 
     v = vocabulary if isinstance(vocabulary, AttributeVocabulary) else \
         AttributeVocabulary(vocabulary) if isinstance(vocabulary, Mapping) else DEFAULT_VOCABULARY

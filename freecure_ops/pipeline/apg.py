@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .discovery import resolve_model
+from freecure_ops.adapters.discovery import resolve_model
 
 __all__ = ["TEXT_KEYS", "Conditioning", "pipeline_family", "default_guidance_scale", "uses_cfg",
            "encode_conditioning", "apg_steps", "ddim_schedulers", "ddim_invert_then_denoise", "flow_sigmas",

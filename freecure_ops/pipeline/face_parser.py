@@ -12,7 +12,7 @@ and weights come only from a file the caller names, loaded with ``torch.load(wei
 pickled code runs) or from safetensors.
 
 Labels of the checkpoint (SPEC.md, "Face-parsing labels") are in :data:`BISENET_CELEBAMASK_LABELS`; other
-parsers bring their own name -> id table (see :func:`freecure_ops.attributes.label_table_for`).
+parsers bring their own name -> id table (see :func:`freecure_ops.pipeline.attributes.label_table_for`).
 """
 from __future__ import annotations
 

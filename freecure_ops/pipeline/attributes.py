@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 
 from .face_parser import BISENET_CELEBAMASK_LABELS
-from .masks import resize_mask_to_grid
+from freecure_ops.masks import resize_mask_to_grid
 
 __all__ = [
     "DEFAULT_ATTRIBUTE_TRIGGERS",

@@ -1,0 +1,8 @@
+"""The FreeCure method on top of the adapters: the two-pass pipeline (:class:`FreeCure`), APG, the attribute
+vocabulary and masks, the BiSeNet face parser. Layers, each importing only from below: ``kernels`` -> the op
+(``freecure_ops`` api, validation, backends, reference, masks) -> ``adapters`` -> this package -> the grid
+tools (``manifest``, ``grid``, ``batch``, ``evaluate``) and the CLI."""
+from .apg import apply_apg
+from .freecure import EmptyMaskError, FreeCure, FreeCureOutput, FreeCureWarning, collate_branches
+
+__all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg"]
