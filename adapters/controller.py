@@ -100,13 +100,15 @@ class FasaController:
             raise ValueError(f"mask holds {pairs} per-pair masks but the batch at {layer} has {n_pairs} PD/FD pairs "
                              f"per guidance half (layout={self.call_layout or self.layout!r})")
         if torch.compiler.is_compiling():
-            return pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
+            return self._prepare(h, w, device)
         key = (h, w, device)
         cached = self._cache.get(key)
         if cached is None:
-            cached = pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
-            self._cache[key] = cached
+            cached = self._cache[key] = self._prepare(h, w, device)
         return cached
+
+    def _prepare(self, h: int, w: int, device: torch.device) -> FasaMask:
+        return pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
 
     # ---- steps and the current forward ------------------------------------------------------------------
     def reset(self) -> None:
