@@ -179,19 +179,26 @@ def run(cases, dtypes, coverages, providers, device, *, timing: dict, log=print,
     env = versions()
     rows, backend_cache = [], {}
     device = torch.device(device)
-    # dtype outermost: a run stopped by a time limit has every model in the first dtype.
-    for dtype in dtypes:
-        for ci, case in enumerate(cases):
-            for kind, cov in mask_configs(masks, coverages):
+    configs = mask_configs(masks, coverages)
+    # The order a run stopped by a time limit wants: dtype outermost (every model in the first dtype), then
+    # rounds over all cases: the first mask and coverage, then the full mask (the two the README quotes),
+    # then the rest. Rows are reported in (dtype, case, mask) order whatever the run order.
+    headline = [configs[0]] + [c for c in configs[1:] if c[0] == "full"]
+    rounds = headline + [c for c in configs if c not in headline]
+    keyed = []  # (position in the reported order, row)
+    for di, dtype in enumerate(dtypes):
+        for kind, cov in rounds:
+            for ci, case in enumerate(cases):
                 p = make_problem(case, dtype, cov, device, seed=seed + ci, mask_kind=kind)
-                for name in providers:
+                for pi, name in enumerate(providers):
                     row = run_provider(p, name, env, timing, backend_cache, allow_cpu_flex)
-                    rows.append(row)
+                    keyed.append(((di, ci, configs.index((kind, cov)), pi), row))
                     if row["status"] in ("error", "FAIL"):
                         log(f"# {case.name} {p.dtype_name} {kind} {cov:g}: {name} {row['status']}: {row['note']}"
                             + (f" (err {row['max_err']:.3g} > tol {row['tol']:.3g})" if row["status"] == "FAIL"
                                else ""))
                 del p
+                rows = [row for _, row in sorted(keyed, key=lambda kr: kr[0])]
                 if on_progress is not None:
                     annotate(rows)
                     on_progress(rows)

@@ -7,14 +7,24 @@ against the table's (a config that cannot compile on this GPU, e.g. too much sha
 not fatal). The output says, per case, the table's time, the best time and config, and their ratio: a ratio
 well above 1 is a change to make in ``kernels/fasa_fwd.py::tile_config``.
 
-    python -m freecure_ops.bench.tile_sweep [--out DIR] [--budget-s S]
+    python -m freecure_ops.bench.tile_sweep [--out DIR] [--budget-s S] [--compile-workers N]
+
+Compiling dominates a sweep (1-3 s of host CPU per config, one at a time in a process; the timings take
+~0.1 s each): every distinct kernel is first compiled by a pool of worker processes that launch it once,
+filling Triton's on-disk cache, so the timing loop then only loads cubins. Cases run heaviest first (the
+model's layers of that shape times their attention work), so a run cut short by its budget has the shapes
+that dominate a generation.
 
 Needs CUDA (the interpreter says nothing about speed); without it, it says so and exits 0.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures as futures
 import csv
+import functools
+import multiprocessing
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,16 +42,81 @@ FIELDS = ["device", "torch", "triton", "cuda", "case", "head_dim", "batch", "mas
 
 
 def distinct_cases():
+    """Every distinct shape, heaviest first: layers x (query x key pairs x heads x head dim) per generation;
+    the batch cases (no layer count of their own) last."""
     seen, out = set(), []
     for c in cases_for(["sd15", "sdxl", "flux"]):
         key = (c.heads, c.head_dim, c.n_txt, c.grid, c.batch)
         if key not in seen:
             seen.add(key)
             out.append(c)
-    return out
+    return sorted(out, key=lambda c: -c.layers * c.n_q * (c.n_p + c.n_f) * c.heads * c.head_dim)
 
 
-def run(out_dir: Path, budget_s: float, log=print) -> list[dict]:
+def compile_jobs(cases, configs_for) -> list:
+    """(case, config) pairs, one per distinct compiled kernel: cases of one head dim and text/no-text layout
+    specialize alike (every other size they pass is a multiple of 16), so the first such case stands for all."""
+    seen, jobs = set(), []
+    for case in cases:
+        for cfg in configs_for(case):
+            key = (case.head_dim, case.n_txt > 0, cfg)
+            if key not in seen:
+                seen.add(key)
+                jobs.append((case, cfg))
+    return jobs
+
+
+@functools.lru_cache(maxsize=2)  # per worker process: consecutive jobs mostly share a case
+def _problem(case, device: str):
+    from freecure_ops import prepare_fasa_mask
+
+    from .providers import make_problem
+
+    p = make_problem(case, torch.float16, 0.25, device, mask_kind="hair")
+    return p, prepare_fasa_mask(p.mask)
+
+
+def compile_one(job, device: str = "cuda") -> str:
+    """Compile the kernel of one (case, config) by launching it once; "" or the error's first line."""
+    from freecure_ops.kernels.fasa_fwd import fasa_fwd
+
+    case, (bm, bn, warps, stages) = job
+    try:
+        p, mask = _problem(case, device)
+        fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, scale=p.scale, omega=p.omega, mode="bias",
+                 n_txt=case.n_txt, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return ""
+    except Exception as e:  # e.g. OutOfResources; the timing loop reports it per case
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+
+
+def precompile(jobs, workers: int, deadline: float, device: str = "cuda", log=print) -> dict:
+    """Run ``compile_one`` over ``jobs`` in ``workers`` fresh processes (spawned: CUDA cannot be forked),
+    until ``deadline`` (``time.perf_counter()``); what is not done by then compiles later, on first launch.
+    Returns {job: error line} for the jobs that failed."""
+    if not jobs or workers < 1:
+        return {}
+    t0 = time.perf_counter()
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    failed, done = {}, 0
+    try:
+        pending = {pool.submit(compile_one, job, device): job for job in jobs}
+        finished, _ = futures.wait(pending, timeout=max(0.0, deadline - time.perf_counter()))
+        for fut in finished:
+            done += 1
+            err = fut.exception() or fut.result()
+            if err:
+                failed[pending[fut]] = str(err)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    log(f"# precompiled {done}/{len(jobs)} kernels in {workers} processes, {time.perf_counter() - t0:.1f} s"
+        + (f"; {len(failed)} failed (timed per case below)" if failed else ""))
+    return failed
+
+
+def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dict]:
     import triton
     from triton.testing import do_bench
 
@@ -54,10 +129,19 @@ def run(out_dir: Path, budget_s: float, log=print) -> list[dict]:
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "cuda": torch.version.cuda}
     t_end = time.perf_counter() + budget_s
-    rows = []
-    for case in distinct_cases():
+    sms = _sm_count(torch.cuda.current_device())
+
+    def table_config(case):
         d0, d1 = head_dim_split(case.head_dim)
-        table = tile_config(d0 + d1, 2, case.n_q, case.heads, case.batch, _sm_count(torch.cuda.current_device()))
+        return tile_config(d0 + d1, 2, case.n_q, case.heads, case.batch, sms)
+
+    cases = distinct_cases()
+    # Compiling may take at most 60% of the budget: the rest is for the timings (and the cache misses).
+    precompile(compile_jobs(cases, lambda c: dict.fromkeys((table_config(c),) + CANDIDATES)), workers,
+               time.perf_counter() + 0.6 * budget_s, log=log)
+    rows = []
+    for case in cases:
+        table = table_config(case)
         for kind, cov in (("hair", 0.25), ("full", 1.0)):
             if time.perf_counter() > t_end:
                 log(f"# sweep budget spent: {case.name} {kind} and later cases not swept")
@@ -126,11 +210,15 @@ def main(argv=None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("."), help="folder for sweep.csv and sweep.txt")
     ap.add_argument("--budget-s", type=float, default=120.0, help="stop starting new cases after this long")
+    ap.add_argument("--compile-workers", type=int, default=min(12, max(1, (os.cpu_count() or 2) - 2)),
+                    help="processes that compile the kernels before the timings (0: compile on first launch)")
     args = ap.parse_args(argv)
+    if args.compile_workers < 0:
+        ap.error("--compile-workers: must be >= 0")
     if not torch.cuda.is_available():
         print("tile_sweep: no CUDA device; tile timings need a GPU (offline compile facts: bench/COMPILE.md)")
         return 0
-    rows = run(args.out, args.budget_s)
+    rows = run(args.out, args.budget_s, args.compile_workers)
     write(rows, args.out)
     sys.stdout.write(summary(rows))
     return 0

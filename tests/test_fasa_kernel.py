@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from fasa_cases import assert_close_to_ref, make_inputs, make_mask, rand, to64
-from freecure_ops import fasa_attention, fasa_reference, prepare_fasa_mask
+from freecure_ops import FasaMask, fasa_attention, fasa_reference, prepare_fasa_mask
 from freecure_ops.kernels import fasa_fwd
 from freecure_ops.kernels.fasa_fwd import check_launch_limits
 
@@ -222,3 +222,46 @@ def test_token_stride_not_a_multiple_of_8_takes_the_unaligned_path(device):
     assert vector_elems(tensors, [t.stride() for t in tensors], 64, out_like, 2) == 1
     mask = make_mask("soft", 1, 50, device)
     assert_close_to_ref(run_triton((q, k_p, k_f, v_p, v_f), mask, 1.5), (q, k_p, k_f, v_p, v_f), mask, 1.5)
+
+
+# ---- every read and write stays inside its tensor --------------------------------------------------------
+def _in_sea(t: torch.Tensor, guard) -> torch.Tensor:
+    """A copy of ``t`` with the same strides, placed in the middle of a buffer filled with ``guard`` (a band
+    as long as the tensor's whole extent on each side; the gaps of a strided layout hold ``guard`` too)."""
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    buf = torch.full((3 * extent,), guard, dtype=t.dtype, device=t.device)
+    view = buf.as_strided(t.shape, t.stride(), storage_offset=extent)
+    view.copy_(t)
+    return view
+
+
+@pytest.mark.parametrize("mode,mask_kind,shared,n_txt,d,layout", [
+    ("bias", "soft", False, 0, 40, "bnhd"),
+    ("bias", "binary", True, 13, 72, "bnhd"),
+    ("bias", "soft", False, 7, 80, "strided_d"),
+    ("bias", None, False, 0, 160, "bhnd"),
+    ("scale", "soft", True, 0, 40, "bnhd"),
+    ("scale", "binary", False, 13, 64, "strided_d"),
+])
+@pytest.mark.parametrize("block_n", [16, 32])
+def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, block_n, device):
+    # Every input and every array of the prepared mask sits in a sea of values that poison the output when
+    # read: NaN for q/k/v and the mask values, index -1 (a gather one row before k_f/v_f, into the NaN sea
+    # or a poisoned FLUX text row), count -5 (no FD tiles: a wrong result). Sizes are multiples of no tile.
+    b, h, n_img = 2, 3, 51
+    n = n_txt + n_img
+    inputs = make_inputs(b, h, 45, 39, n, d, torch.float16, device, layout=layout, seed=d + block_n)
+    mask = None if mask_kind is None else make_mask(mask_kind, b, n_img, device, shared=shared)
+    q, k_p, k_f, v_p, v_f = (_in_sea(t, float("nan")) for t in inputs)
+    if n_txt:  # FD text keys are never attended
+        for t in (k_f, v_f):
+            t[:, :, :n_txt] = float("nan")
+    prepared = None
+    if mask is not None:
+        pm = prepare_fasa_mask(mask)
+        prepared = FasaMask(_in_sea(pm.rows, float("nan")), _in_sea(pm.fd_index, -1),
+                            _in_sea(pm.fd_value, float("nan")), _in_sea(pm.fd_count, -5))
+    out = fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=d ** -0.5, omega=1.5, mode=mode, n_txt=n_txt,
+                   block_m=16, block_n=block_n)
+    assert torch.isfinite(out).all(), "a read left its tensor"
+    assert_close_to_ref(out, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
