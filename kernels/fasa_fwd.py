@@ -242,6 +242,10 @@ def _fasa_fwd_kernel(
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported: fixed from then on.
 _INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+if _INTERPRETING:
+    from . import interpreter_compat
+
+    interpreter_compat.apply()  # Triton < 3.7's interpreter with numpy >= 2.4
 
 
 def interpreting() -> bool:

@@ -265,3 +265,44 @@ def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, bl
                    block_m=16, block_n=block_n)
     assert torch.isfinite(out).all(), "a read left its tensor"
     assert_close_to_ref(out, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
+
+
+def test_interpreter_converts_one_element_scalars_under_any_numpy():
+    # Triton 3.6's interpreter calls int() on one-element arrays (loop bounds), which numpy >= 2.4 refuses.
+    import types
+
+    import numpy as np
+
+    from freecure_ops.kernels import interpreter_compat
+
+    class Scope:
+        def __init__(self):
+            self.attrs = {}
+
+        def set_attr(self, obj, name, value):
+            self.attrs[name] = value
+
+    class Handle:
+        def __init__(self, data):
+            self.data = data
+
+    class Scalar:
+        def __init__(self, data):
+            self.handle = Handle(data)
+
+    def old_patch(tensor, scope):  # what Triton 3.6 installs
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data))
+        scope.set_attr(tensor, "__bool__", lambda self: True)
+
+    interp = types.SimpleNamespace(_patch_lang_tensor=old_patch)
+    installed = interpreter_compat.apply(interp)
+    assert interpreter_compat.apply(interp) == installed  # once only
+    needs = interpreter_compat._int_of_one_element_arrays_fails()
+    assert installed == needs
+    scope = Scope()
+    interp._patch_lang_tensor(object, scope)
+    assert set(scope.attrs) == {"__index__", "__bool__"}
+    assert scope.attrs["__index__"](Scalar(np.array([7], dtype=np.int32))) == 7
+    if needs:  # arrays of more than one element still refuse, as before
+        with pytest.raises(TypeError):
+            scope.attrs["__index__"](Scalar(np.array([1, 2])))
