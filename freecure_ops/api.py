@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from .fasa_mask import FasaMask, raw_mask_rows, pack_live_keys
@@ -43,8 +45,8 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     """Foundation-Aware Self-Attention (FASA), SPEC.md semantics.
 
     q ``[B, H, Nq, D]``; k_p, v_p ``[B, H, Np, D]``; k_f, v_f ``[B, H, Nf, D]`` (any strides; one dtype
-    among fp16/bf16/fp32, or float64 on the PyTorch backend; one device). ``mask``: ``[Nimg]`` or
-    ``[B, Nimg]`` with ``Nimg = Nf - n_txt``, bool or float >= 0, None for all ones; or a :class:`FasaMask`
+    among fp16/bf16/fp32, or float64 on the PyTorch backend; one device). ``mask``: ``[Nimg]`` (or
+    ``[1, Nimg]``) shared by the batch, or ``[B, Nimg]``, with ``Nimg = Nf - n_txt``, bool or float >= 0, None for all ones; or a :class:`FasaMask`
     from :func:`prepare_fasa_mask` (reuse one across calls: a raw mask is checked and prepared again in every
     call, which costs a host sync for float masks). ``mode``: "bias" (``logit = s + omega*m`` where ``m > 0``,
     excluded where ``m == 0``) or "scale" (``logit = omega*m*s``). ``n_txt > 0`` selects the FLUX joint-sequence
@@ -65,17 +67,38 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool, got {type(return_lse).__name__}")
     backend = _pick_backend(backend, q.device, q.dtype)
+    if not torch.compiler.is_compiling():
+        _check_transforms((q, k_p, k_f, v_p, v_f), backend)
     rows = fd_index = fd_value = fd_count = None
     if isinstance(mask, FasaMask):
         rows, fd_index, fd_value, fd_count = mask.rows, mask.fd_index, mask.fd_value, mask.fd_count
     elif mask is not None:
-        rows = raw_mask_rows(mask)
+        rows = raw_mask_rows(mask, torch.float64 if q.dtype == torch.float64 else torch.float32)
         if backend == "triton" and p.mode == "bias":  # the kernel walks the packed list of live keys
             fd_index, fd_value, fd_count = pack_live_keys(rows)
     args = (q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, p.scale, p.omega, p.mode, p.n_txt, backend,
             return_lse)
     out, lse = _op.fasa_run(*args) if _plain_eager(q, k_p, k_f, v_p, v_f) else torch.ops.freecure_ops.fasa(*args)
     return (out, lse) if return_lse else out
+
+
+def _check_transforms(tensors, backend: str) -> None:
+    """Refuse, clearly, what the op cannot differentiate or batch: torch.func's grad/jvp/jacrev/... (the
+    op's backward is registered for torch.autograd), vmap on the Triton backend (the kernel needs real
+    storage), and forward-mode AD (no forward formula; the tangent would be dropped). vmap on the PyTorch
+    backend runs on stock ops and works."""
+    if peek_interpreter_stack() is not None:
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+        kinds = {i.key() for i in retrieve_all_functorch_interpreters()} - {TransformType.Functionalize}
+        if kinds - ({TransformType.Vmap} if backend == "torch" else set()):
+            names = ", ".join(sorted(k.name.lower() for k in kinds))
+            raise TypeError(f"fasa_attention under torch.func ({names}) with backend='{backend}': the one "
+                            "transform it supports is vmap, with backend='torch'; for gradients use "
+                            "torch.autograd (loss.backward(), torch.autograd.grad)")
+    if _forward_ad._current_level >= 0 and any(_forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        raise TypeError("fasa_attention does not support forward-mode AD (dual tensors): its derivative is "
+                        "registered for reverse mode only (torch.autograd)")
 
 
 def _plain_eager(*tensors) -> bool:

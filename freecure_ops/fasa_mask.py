@@ -31,9 +31,19 @@ class FasaMask:
 
     __slots__ = ("rows", "fd_index", "fd_value", "fd_count")
 
-    def __init__(self, rows: torch.Tensor, fd_index: torch.Tensor, fd_value: torch.Tensor, fd_count: torch.Tensor):
+    def __init__(self, *args, **kwargs):
+        # The kernel gathers K/V rows at fd_index: parts that do not agree would read out of bounds.
+        raise TypeError("FasaMask is built by prepare_fasa_mask(mask), which checks the mask and derives the "
+                        "packed key list from it; it cannot be assembled from parts")
+
+    @classmethod
+    def _from_parts(cls, rows: torch.Tensor, fd_index: torch.Tensor, fd_value: torch.Tensor,
+                    fd_count: torch.Tensor) -> "FasaMask":
+        """The parts as :func:`pack_checked_mask` derives them (internal: nothing is checked here)."""
+        self = object.__new__(cls)
         for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count)):
             object.__setattr__(self, name, value)
+        return self
 
     def __setattr__(self, name, value):
         raise AttributeError("FasaMask is immutable: prepare a new one with prepare_fasa_mask")
@@ -83,17 +93,25 @@ def check_mask_values(mask: torch.Tensor) -> None:
     """A float mask holds finite values >= 0 that stay finite and keep their sign in float32 (one host sync;
     bool masks need no check). A value too small for float32 would silently become "excluded".
 
-    Skipped while ``torch.compile`` traces (``torch.compiler.is_compiling()``): the answer is data on the
-    device, and reading it would break the graph (and sync the host in every compiled call). Compiled callers
-    prepare their masks outside the compiled region (:func:`prepare_fasa_mask`, once), or accept unchecked
-    values: there a negative or NaN entry excludes its key like 0, and +inf gives a non-finite output."""
-    if mask.dtype == torch.bool or torch.compiler.is_compiling():
-        return
+    Skipped for meta and fake tensors (they hold no values) and while ``torch.compile`` traces
+    (``torch.compiler.is_compiling()``): the answer is data on the device, and reading it would break the
+    graph (and sync the host in every compiled call). Compiled callers prepare their masks outside the
+    compiled region (:func:`prepare_fasa_mask`, once), or accept unchecked values: there a negative or NaN
+    entry excludes its key like 0, and +inf gives a non-finite output."""
+    if mask.dtype == torch.bool or torch.compiler.is_compiling() or mask.device.type == "meta" or _is_fake(mask):
+        return  # no values to read (meta and fake tensors have none)
     f32 = mask.to(torch.float32)
     bad = ~torch.isfinite(mask) | (mask < 0) | ~torch.isfinite(f32) | ((mask > 0) & (f32 == 0))
     if bool(bad.any()):
         raise ValueError("mask must hold finite values >= 0 that are representable in float32 "
                          "(found a negative, NaN, inf, overflowing or underflowing entry)")
+
+
+def _is_fake(t: torch.Tensor) -> bool:
+    """A FakeTensor (shapes and dtypes only, e.g. under FakeTensorMode or torch.export's tracing)."""
+    from torch._subclasses.fake_tensor import is_fake
+
+    return is_fake(t)
 
 
 def pack_live_keys(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -119,12 +137,13 @@ def prepare_fasa_mask(mask) -> FasaMask:
     return pack_checked_mask(mask)
 
 
-def raw_mask_rows(mask: torch.Tensor) -> torch.Tensor:
-    """A checked raw mask ``[Nimg]`` / ``[B, Nimg]`` as a contiguous float32 copy ``[1 | B, Nimg]``."""
-    return mask.detach().to(torch.float32, copy=True).reshape(-1, mask.shape[-1]).contiguous()
+def raw_mask_rows(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A checked raw mask ``[Nimg]`` / ``[B, Nimg]`` as a contiguous copy ``[1 | B, Nimg]`` of ``dtype``: float32
+    (what the kernel reads), or float64 for float64 attention (gradcheck), which float32 rows would round."""
+    return mask.detach().to(dtype, copy=True).reshape(-1, mask.shape[-1]).contiguous()
 
 
 def pack_checked_mask(mask: torch.Tensor) -> FasaMask:
     """:func:`prepare_fasa_mask` for a raw mask already checked (no host sync)."""
     rows = raw_mask_rows(mask)
-    return FasaMask(rows, *pack_live_keys(rows))
+    return FasaMask._from_parts(rows, *pack_live_keys(rows))

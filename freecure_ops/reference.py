@@ -71,9 +71,9 @@ def _check(q, k_p, k_f, v_p, v_f, mask, omega, scale, mode, n_txt):
             raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
         if mask.dim() not in (1, 2):
             raise ValueError(f"mask must be [Nimg] or [B, Nimg], got {mask.dim()} dims")
-        if mask.shape[-1] != n_img or (mask.dim() == 2 and mask.shape[0] != q.shape[0]):
-            raise ValueError(f"mask must have shape [Nimg]=[{n_img}] or [B, Nimg]=[{q.shape[0]}, {n_img}], "
-                             f"got {tuple(mask.shape)}")
+        if mask.shape[-1] != n_img or (mask.dim() == 2 and mask.shape[0] not in (1, q.shape[0])):
+            raise ValueError(f"mask must have shape [Nimg]=[{n_img}], [1, Nimg] or [B, Nimg]=[{q.shape[0]}, "
+                             f"{n_img}], got {tuple(mask.shape)}")
         if mask.device != q.device:
             raise ValueError(f"mask must be on q's device {q.device}, got {mask.device}")
         if mask.dtype != torch.bool and bool((~torch.isfinite(mask) | (mask < 0)).any()):

@@ -15,6 +15,8 @@ zeros, so NaN/inf there never reach the output (``0 * NaN`` would).
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -22,6 +24,13 @@ from .validation import FasaProblem
 
 _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
 _ACC = torch.float32
+
+
+def no_autocast(device: torch.device):
+    """A context with autocast off on ``device`` (where autocast exists: CPU and CUDA; meta has none)."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -64,7 +73,7 @@ def _attend(q, k, v, bias, scale, return_lse):
     if not return_lse:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=scale)
     outs, lses = [], []
-    for start in range(0, q.shape[2], _LSE_CHUNK):
+    for start in range(0, max(q.shape[2], 1), _LSE_CHUNK):  # one (empty) chunk for zero rows (n_txt == Nq)
         s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:start + _LSE_CHUNK], k) * scale
         s = s + bias[:, None, None, :]
         lse = torch.logsumexp(s, dim=-1)
@@ -87,7 +96,13 @@ def joint_keys(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem):
 
 
 def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False):
-    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs)."""
+    """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs).
+    Autocast is off inside: it would run SDPA in fp16/bf16 and round ``omega * m`` (module docstring)."""
+    with no_autocast(q.device):
+        return _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
+
+
+def _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool):
     q32, k, v, bias = joint_keys(q, k_p, k_f, v_p, v_f, mask, p)
     if p.n_txt == 0:
         res = _attend(q32, k, v, bias, p.scale, return_lse)

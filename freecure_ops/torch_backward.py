@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .torch_backend import acc_dtype, joint_keys, mask_rows
+from .torch_backend import acc_dtype, joint_keys, mask_rows, no_autocast
 from .validation import FasaProblem
 
 BWD_CHUNK = 1024  # query rows per chunk
@@ -25,7 +25,13 @@ BWD_CHUNK = 1024  # query rows per chunk
 def fasa_torch_backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProblem):
     """Gradients ``(dq, dk_p, dk_f, dv_p, dv_f)`` of FASA for the output gradient ``g_out`` ``[B, H, Nq, D]``
     and (optionally, else None) the log-sum-exp gradient ``g_lse`` ``[B, H, Nq]``; each in its input's dtype.
-    ``rows``: the mask rows ``[1|B, Nimg]`` the forward used (None: all ones)."""
+    ``rows``: the mask rows ``[1|B, Nimg]`` the forward used (None: all ones). Autocast is off inside: the
+    recomputation runs in the accumulation dtype, as the forward does."""
+    with no_autocast(q.device):
+        return _backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p)
+
+
+def _backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProblem):
     acc = acc_dtype(q.dtype)
     q32, k, v, bias = joint_keys(q, k_p, k_f, v_p, v_f, rows, p)
     bias = bias[:, None, None, :]

@@ -61,10 +61,20 @@ def check_real(name: str, value, *, allow_none: bool = False, lo: float | None =
     if isinstance(value, torch.Tensor):
         if value.dim() != 0:
             raise ValueError(f"{name} must be a Python number or a 0-dim tensor, got shape {tuple(value.shape)}")
+        if torch.compiler.is_compiling():  # .item() of a traced tensor is data the graph cannot guard on
+            raise TypeError(f"{name}: under torch.compile pass a Python float, not a tensor (its value would "
+                            "have to be read from the device inside the graph)")
+        if value.requires_grad:  # .item() would drop the graph without a word
+            raise TypeError(f"{name} is a tensor that requires grad, and FASA does not differentiate with respect "
+                            f"to {name}: pass a float or a detached tensor")
         value = value.item()
     if isinstance(value, bool) or type(value).__name__ == "bool_" or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
+    try:
+        value = float(value)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{name} must be within float32 range (|{name}| <= {F32_SAFE:.3g}), got an integer "
+                         "beyond float64 range") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if abs(value) > F32_SAFE:
@@ -95,9 +105,9 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
         if mask.shape[0] != n_img:
             raise ValueError(f"mask must have shape [Nimg]={n_img} (Nf - n_txt), got {tuple(mask.shape)}")
     elif mask.dim() == 2:
-        if tuple(mask.shape) != (batch, n_img):
-            raise ValueError(
-                f"mask must have shape [Nimg]=[{n_img}] or [B, Nimg]=[{batch}, {n_img}], got {tuple(mask.shape)}")
+        if tuple(mask.shape) not in ((batch, n_img), (1, n_img)):  # [1, Nimg]: shared, as a prepared one is
+            raise ValueError(f"mask must have shape [Nimg]=[{n_img}], [1, Nimg] or [B, Nimg]=[{batch}, {n_img}], "
+                             f"got {tuple(mask.shape)}")
     else:
         raise ValueError(f"mask must have shape [Nimg] or [B, Nimg], got {mask.dim()} dims {tuple(mask.shape)}")
     if mask.device != device:
@@ -160,8 +170,10 @@ def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
         if n < 1:
             raise ValueError(f"{name} must hold at least one token, got shape {tuple(t.shape)}")
 
-    if isinstance(n_txt, bool) or not isinstance(n_txt, int):
-        raise TypeError(f"n_txt must be an int, got {type(n_txt).__name__}")
+    if type(n_txt) is not int:  # numpy and other integers are welcome; bools and floats are not
+        if isinstance(n_txt, bool) or type(n_txt).__name__ == "bool_" or not isinstance(n_txt, numbers.Integral):
+            raise TypeError(f"n_txt must be an int, got {type(n_txt).__name__}")
+        n_txt = int(n_txt)
     if not 0 <= n_txt < n_f or n_txt > n_q or n_txt > n_p:
         raise ValueError(f"n_txt must satisfy 0 <= n_txt < Nf={n_f} and n_txt <= Nq={n_q}, Np={n_p} "
                          f"(text tokens lead every joint sequence), got {n_txt}")

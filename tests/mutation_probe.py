@@ -186,6 +186,24 @@ MUTANTS = [
            equivalent="performance only: both configs are correct and, per the offline compile test, neither "
            "spills nor exceeds shared memory at any compile case; the lost waves on small grids show only "
            "in GPU timings (bench/gpu_check.sh)"),
+    Mutant("kernel-pd-tail-v-unmasked", K,
+           (("                                           svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,",
+             "                                           svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,"),),
+           ("tests/test_fasa_kernel.py::test_no_read_outside_any_input",),
+           "the last PD tile loads V rows past the last PD key (weights 0, values outside the tensor)"),
+    Mutant("interpreter-int-of-one-element-array", "kernels/interpreter_compat.py",
+           (("int(self.handle.data.reshape(-1)[0])", "int(self.handle.data)"),),
+           ("tests/test_fasa_kernel.py::test_interpreter_converts_one_element_scalars_under_any_numpy",),
+           "the interpreter shim converts like Triton 3.6 (fails under numpy >= 2.4)"),
+    # ---- the GPU run's tools --------------------------------------------------------------------------------
+    Mutant("bench-rounds-case-major", "bench/runner.py",
+           (("    rounds = headline + [c for c in configs if c not in headline]\n", "    rounds = configs\n"),),
+           ("tests/test_bench.py",),
+           "the benchmark runs case by case: a run cut short lacks later models at the headline masks"),
+    Mutant("sweep-compiles-per-case", "bench/tile_sweep.py",
+           (("            key = (case.head_dim, case.n_txt > 0, cfg)", "            key = (case.name, cfg)"),),
+           ("tests/test_bench.py",),
+           "the sweep's precompile repeats kernels that cases of one head dim share"),
 
     # ---- the prepared mask ------------------------------------------------------------------------------
     Mutant("pack-unstable-order", "freecure_ops/fasa_mask.py",

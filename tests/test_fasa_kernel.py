@@ -259,7 +259,7 @@ def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, bl
     prepared = None
     if mask is not None:
         pm = prepare_fasa_mask(mask)
-        prepared = FasaMask(_in_sea(pm.rows, float("nan")), _in_sea(pm.fd_index, -1),
+        prepared = FasaMask._from_parts(_in_sea(pm.rows, float("nan")), _in_sea(pm.fd_index, -1),
                             _in_sea(pm.fd_value, float("nan")), _in_sea(pm.fd_count, -5))
     out = fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=d ** -0.5, omega=1.5, mode=mode, n_txt=n_txt,
                    block_m=16, block_n=block_n)

@@ -71,7 +71,7 @@ def test_prepared_mask_must_fit_the_call(device):
     with pytest.raises(ValueError, match="prepared mask of 3 row"):
         fasa_attention(*inputs, prepare_fasa_mask(torch.ones(3, 12, device=device)), 1.0)
     if device == "cpu":
-        meta = FasaMask(*(t.to("meta") for t in (torch.ones(1, 12), torch.zeros(1, 12, dtype=torch.int32),
+        meta = FasaMask._from_parts(*(t.to("meta") for t in (torch.ones(1, 12), torch.zeros(1, 12, dtype=torch.int32),
                                                   torch.ones(1, 12), torch.ones(1, dtype=torch.int32))))
         with pytest.raises(ValueError, match="same device as q"):
             fasa_attention(*inputs, meta, 1.0)

@@ -85,12 +85,20 @@ BAD = [
     (dict(v_f=torch.empty(B, H, NF, D, device="meta")), ValueError, ["v_f", "device"]),
     (dict(n_txt=2.0), TypeError, ["n_txt", "int"]),
     (dict(n_txt=True), TypeError, ["n_txt", "int"]),
+    (dict(n_txt=np.bool_(True)), TypeError, ["n_txt", "int"]),
+    (dict(omega=torch.tensor(1.5, requires_grad=True)), TypeError, ["omega", "requires grad"]),
+    (dict(scale=torch.tensor(0.25, requires_grad=True)), TypeError, ["scale", "requires grad"]),
+    (dict(omega=10 ** 400), ValueError, ["omega", "float32 range"]),
+    (dict(mask=torch.ones(B + 1, NF)), ValueError, ["mask", "[1, Nimg]"]),  # neither 1 nor B rows
 ]
 
 
 # Limits of the kernel, not of the semantics (the float64 oracle takes any head dim and any float64 value):
 # head dim > 256, and scalars or mask values the float32 kernel cannot hold.
 KERNEL_ONLY = {i for i, (_, _, words) in enumerate(BAD) if "256" in words or any("float32" in w for w in words)}
+# A 0-dim tensor omega/scale that requires grad: the op does not differentiate with respect to them (and says
+# so); the oracle is plain autograd-able eager code, where that is fine.
+KERNEL_ONLY |= {i for i, (_, _, words) in enumerate(BAD) if "requires grad" in words}
 
 
 @pytest.mark.parametrize("case,fn", [(i, fn) for fn in (fasa_attention, fasa_reference) for i in range(len(BAD))
@@ -194,3 +202,27 @@ def test_numpy_scalars_are_real_numbers(omega):
     assert torch.equal(out, ref)
     with pytest.raises(TypeError, match="omega"):
         call(omega=np.bool_(True))
+
+
+def test_numpy_integer_n_txt_is_an_int():
+    q = randn(B, H, NQ, D)
+    assert torch.equal(call(q=q, mask=torch.ones(NF - 2), n_txt=np.int64(2)),
+                       call(q=q, mask=torch.ones(NF - 2), n_txt=2))
+
+
+def test_a_one_row_mask_is_shared_like_a_flat_one():
+    flat = torch.rand(NF, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(call(mask=flat[None]), call(mask=flat))
+
+
+def test_float_mask_on_meta_or_fake_tensors_needs_no_values():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from freecure_ops import prepare_fasa_mask
+
+    meta = [torch.empty(B, H, n, D, device="meta") for n in (NQ, NP, NF, NP, NF)]
+    assert fasa_attention(*meta, torch.ones(NF, device="meta"), 1.5).shape == (B, H, NQ, D)
+    assert prepare_fasa_mask(torch.ones(NF, device="meta")).n_img == NF
+    with FakeTensorMode():
+        fake = [torch.empty(B, H, n, D) for n in (NQ, NP, NF, NP, NF)]
+        assert fasa_attention(*fake, torch.ones(NF), 1.5).shape == (B, H, NQ, D)

@@ -218,3 +218,81 @@ def test_excluded_and_text_fd_keys_get_zero_gradient_even_when_poisoned():
     assert torch.isfinite(out).all()
     assert torch.isfinite(k_f.grad).all() and torch.isfinite(v_f.grad).all()
     assert (k_f.grad[:, :, :2] == 0).all() and (k_f.grad[:, :, 5] == 0).all() and (v_f.grad[:, :, 5] == 0).all()
+
+
+# ---- real use around the op: autocast, transforms, edge rows ---------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_autocast_does_not_lower_the_precision(backend):
+    # CPU autocast to bf16 would run the torch backend's SDPA in bf16 and round omega * m (0.04 at 10).
+    from fasa_cases import assert_close_to_ref
+
+    x = inputs(torch.float32, seed=21)
+    m = masks()["float"] * 3
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fasa_attention(*x, m, 1.5, backend=backend)
+    assert out.dtype == torch.float32
+    assert_close_to_ref(out, x, m, 1.5)
+    # and the backward (recomputation) under autocast matches the one without
+    xs = [t.clone().requires_grad_() for t in x]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fasa_attention(*xs, m, 1.5, backend=backend).square().sum().backward()
+    ys = [t.clone().requires_grad_() for t in x]
+    fasa_attention(*ys, m, 1.5, backend=backend).square().sum().backward()
+    for a, b in zip(xs, ys):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_all_text_queries_with_lse(backend):
+    # n_txt == Nq: every query row is a text row (no image query rows at all)
+    x = inputs(torch.float32, seed=22, n=(4, NP, NF))
+    out, lse = fasa_attention(*x, None, 1.5, n_txt=4, return_lse=True, backend=backend)
+    ref, ref_lse = fasa_reference(*[t.double() for t in x], None, 1.5, n_txt=4, return_lse=True)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=1e-5, atol=1e-6)
+
+
+def test_float64_attention_keeps_a_float64_mask():
+    x = inputs(torch.float64, seed=23)
+    m = torch.tensor([0.1, 0.2, 1 / 3] * (NF // 3), dtype=torch.float64)
+    for mode in ("bias", "scale"):
+        err = (fasa_attention(*x, m, 1.5, mode=mode) - fasa_reference(*x, m, 1.5, mode=mode)).abs().max()
+        assert err < 1e-13, f"{mode}: {err:.2e} (a float32 copy of the mask costs ~1e-8)"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_torch_func_transforms(backend):
+    x = inputs(torch.float64 if backend == "torch" else torch.float32, seed=24)
+    m = masks()["float"].to(x[0].dtype)
+    with pytest.raises(TypeError, match="torch.func.*grad.*torch.autograd"):
+        torch.func.grad(lambda q: fasa_attention(q, *x[1:], m, 1.5, backend=backend).sum())(x[0])
+    qs = torch.stack([x[0], 2 * x[0]])
+    if backend == "torch":  # vmap runs on stock ops: right answers
+        out = torch.func.vmap(lambda q: fasa_attention(q, *x[1:], m, 1.5, backend=backend))(qs)
+        for i in range(2):
+            torch.testing.assert_close(out[i], fasa_reference(qs[i], *x[1:], m, 1.5), rtol=1e-12, atol=1e-12)
+    else:
+        with pytest.raises(TypeError, match="vmap.*backend='torch'"):
+            torch.func.vmap(lambda q: fasa_attention(q, *x[1:], m, 1.5, backend=backend))(qs)
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x[0], torch.ones_like(x[0]))
+        with pytest.raises(TypeError, match="forward-mode AD"):
+            fasa_attention(dual, *x[1:], m, 1.5, backend=backend)
+        fasa_attention(*x, m, 1.5, backend=backend)  # no dual input: fine inside a dual level
+
+
+def test_prepared_masks_come_only_from_prepare():
+    from freecure_ops import FasaMask
+
+    with pytest.raises(TypeError, match="prepare_fasa_mask"):
+        FasaMask(torch.ones(1, 4), torch.zeros(1, 4, dtype=torch.int32), torch.ones(1, 4),
+                 torch.full((1,), 4, dtype=torch.int32))
+
+
+def test_tensor_omega_under_compile_is_a_clear_error():
+    x = inputs(torch.float32, seed=25)
+    fn = torch.compile(lambda w: fasa_attention(*x, None, w, backend="torch"), fullgraph=True, backend="eager")
+    with pytest.raises(Exception, match="pass a Python float"):
+        fn(torch.tensor(1.5))
