@@ -31,7 +31,10 @@ FD_REUSE_CHOICES = ("auto", "device", "host", "off")
 
 
 class FdRecord:
-    """FD keys/values by ``(layer, step, uncond)``: ``[n, H, Nimg, D]`` each (image tokens only).
+    """FD keys/values by ``(layer, step, uncond, call)``: ``[n, H, Nimg, D]`` each (image tokens only). ``call``
+    counts the model calls of one step that reach the layer (FLUX's true CFG runs the transformer twice a
+    step, positive then negative prompt): pass 2 makes its calls in the order pass 1 did, so the i-th call
+    of a step reads what the i-th call recorded.
 
     ``placement``: "device" (kept on ``device``) or "host" (CPU; pinned when ``device`` is CUDA: pass 2 copies
     each entry back on a side stream one use ahead, in the order pass 1 recorded them, so the copy overlaps
@@ -43,7 +46,8 @@ class FdRecord:
         self.placement = placement
         self.device = torch.device(device)
         self.halves = tuple(halves)
-        self.entries: dict = {}   # (layer, step, uncond) -> [k, v, (h, w)]
+        self.entries: dict = {}   # (layer, step, uncond, call) -> [k, v, (h, w)]
+        self._calls: dict = {}    # (layer, step, uncond) -> calls seen in the current pass
         self.masks: dict = {}     # (h, w) -> FasaMask over the kept keys, on ``device``
         self.compacted = False
         self._pin = placement == "host" and self.device.type == "cuda"
@@ -60,9 +64,15 @@ class FdRecord:
         out.copy_(t, non_blocking=self._pin)
         return out
 
+    def _key(self, layer: str, step: int, uncond: bool) -> tuple:
+        base = (layer, step, uncond)
+        call = self._calls.get(base, 0)
+        self._calls[base] = call + 1
+        return base + (call,)
+
     def put(self, layer: str, step: int, uncond: bool, k: torch.Tensor, v: torch.Tensor, grid) -> None:
         """Record the FD image keys/values ``[n, H, Nimg, D]`` of one guidance half."""
-        key = (layer, step, uncond)
+        key = self._key(layer, step, uncond)
         if key not in self.entries and self._last is not None:
             self._order[self._last] = key
         self._last = key
@@ -92,6 +102,7 @@ class FdRecord:
                 continue
             self.entries[key] = [self._gather(k, idx), self._gather(v, idx), grid]
         self.compacted = True
+        self._calls = {}  # pass 1 is over: pass 2 counts its calls afresh
 
     def _gather(self, t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         if idx.shape[0] == 1:
@@ -106,11 +117,11 @@ class FdRecord:
     def get(self, layer: str, step: int, uncond: bool, n_txt: int, device) -> tuple[torch.Tensor, torch.Tensor,
                                                                                         FasaMask]:
         """``(k_f, v_f, mask)`` for ``fasa_attention`` at one layer, step and guidance half, on ``device``."""
-        key = (layer, step, uncond)
+        key = self._key(layer, step, uncond)
         try:
             k, v, grid = self.entries[key]
         except KeyError:
-            raise RuntimeError(f"FD reuse: nothing recorded for layer {layer}, step {step} "
+            raise RuntimeError(f"FD reuse: nothing recorded for layer {layer}, step {step}, call {key[3]} "
                                f"({'unconditional' if uncond else 'conditional'} half): pass 2 does not replay "
                                "pass 1 (different steps, scheduler or batch?)") from None
         device = torch.device(device)
@@ -154,6 +165,7 @@ class FdRecord:
 
     def clear(self) -> None:
         self.entries = {}
+        self._calls = {}
         self.masks = {}
         self._inflight = {}
         self._order = {}

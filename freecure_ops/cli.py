@@ -181,41 +181,21 @@ def _save_mask(mask, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 
 def read_mask_png(path: Path):
-    """``--mask`` file -> float32 numpy ``[H, W]`` in [0, 1] (white = attribute).
-
-    Grey or colour images: their luminance. Images with transparency: the alpha channel where the colour
-    channels are uniform (a mask painted only in alpha), else luminance times alpha (strokes on a transparent
-    background). 16-bit and float images are scaled by their maximum. Raises CLIError naming ``--mask`` for a
-    missing, empty, truncated or undecodable file."""
-    import numpy as np
+    """``--mask`` file -> float32 numpy ``[H, W]`` in [0, 1] (white = attribute; the rule of
+    :func:`freecure_ops.masks.image_mask`, which the Python API applies to PIL masks too). Raises CLIError
+    naming ``--mask`` for a missing, empty, truncated or undecodable file."""
     from PIL import Image
+
+    from .masks import image_mask
 
     if not path.is_file():
         raise CLIError(f"--mask {path}: no such file")
     try:
         with Image.open(path) as im:
-            im.load()
-            mode, info = im.mode, dict(im.info)
-            if mode in ("I", "I;16", "I;16B", "I;16L", "F"):
-                arr = np.asarray(im, dtype=np.float64)
-                top = float(arr.max()) if arr.size else 0.0
-                return (arr / top if top > 0 else np.zeros_like(arr)).clip(0, 1).astype(np.float32)
-            has_alpha = "A" in im.getbands() or (mode == "P" and "transparency" in info)
-            if not has_alpha:
-                return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
-            rgba = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
-            lum = np.asarray(im.convert("RGBA").convert("L"), dtype=np.float32) / 255.0
-    except CLIError:
-        raise
+            return image_mask(im)
     except Exception as e:  # noqa: BLE001  (PIL raises UnidentifiedImageError, OSError, SyntaxError, ...)
         detail = " ".join(str(e).split()) or type(e).__name__
         raise CLIError(f"--mask {path}: not a readable image (empty, truncated or not PNG/JPEG/...): {detail}") from e
-    alpha = rgba[..., 3]
-    if float(alpha.min()) >= 1.0:
-        return lum
-    if float(np.ptp(rgba[..., :3])) == 0.0:
-        return alpha.copy()
-    return lum * alpha
 
 
 def _check_finite(flag: str, value, lo=None, hi=None) -> None:

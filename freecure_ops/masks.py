@@ -27,3 +27,29 @@ def resize_mask_to_grid(mask: torch.Tensor, h: int, w: int) -> torch.Tensor:
     cols = torch.arange(w, device=mask.device) * src_w // w
     out = mask.index_select(-2, rows).index_select(-1, cols)
     return out.reshape(*mask.shape[:-2], h * w)
+
+
+def image_mask(im):
+    """A mask image (PIL) -> float32 numpy ``[H, W]`` in [0, 1] (white = attribute), one rule for the Python API
+    and the CLI's ``--mask``: grey or colour images give their luminance; images with transparency give the
+    alpha channel where the colour channels are uniform (a mask painted only in alpha), else luminance times
+    alpha (strokes on a transparent background); 16-bit and float images are scaled by their maximum."""
+    import numpy as np
+
+    im.load()
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        arr = np.asarray(im, dtype=np.float64)
+        top = float(arr.max()) if arr.size else 0.0
+        return (arr / top if top > 0 else np.zeros_like(arr)).clip(0, 1).astype(np.float32)
+    has_alpha = "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+    if not has_alpha:
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    rgba_image = im.convert("RGBA")
+    rgba = np.asarray(rgba_image, dtype=np.float32) / 255.0
+    lum = np.asarray(rgba_image.convert("L"), dtype=np.float32) / 255.0
+    alpha = rgba[..., 3]
+    if float(alpha.min()) >= 1.0:
+        return lum
+    if float(np.ptp(rgba[..., :3])) == 0.0:
+        return alpha.copy()
+    return lum * alpha

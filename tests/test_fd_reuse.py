@@ -94,7 +94,7 @@ def test_reuse_halves_the_batch_and_matches_recomputing(pipes, family, record_sp
     for rec, out in zip(record_spy, (dev, host)):
         assert rec["before"] == out.fd_reuse["estimate_bytes"] > 0
         assert rec["after"] == out.fd_reuse["bytes"] == rec["before"] // 2  # hair covers the top half
-        for (layer, step, uncond), (kept, grid) in rec["keys"].items():
+        for (layer, step, uncond, call), (kept, grid) in rec["keys"].items():
             assert not uncond  # style_fidelity=1: only the conditional half is recorded
             assert kept == grid[0] * grid[1] // 2
     # FASA still acts
@@ -203,7 +203,7 @@ def test_reuse_with_a_subset_of_layers_and_steps(pipes, record_spy):
         PD, fd_prompt=FD, seed=0, output_type="pt", **call) for c in ("off", "device")}
     assert (res["off"].images - res["device"].images).abs().max().item() <= TOL
     keys = record_spy[0]["keys"]
-    assert {step for _, step, _ in keys} == {1} and len({layer for layer, _, _ in keys}) == 2
+    assert {key[1] for key in keys} == {1} and len({key[0] for key in keys}) == 2 and {key[3] for key in keys} == {0}
 
 
 @pytest.mark.parametrize("case", ("scale", "empty"))
@@ -229,3 +229,37 @@ def test_reuse_in_scale_mode_and_with_an_empty_mask(pipes, case, record_spy):
         assert rec["after"] == rec["before"]
     else:
         assert all(kept == 1 for kept, _ in rec["keys"].values())
+
+
+def test_flux_true_cfg_replays_each_call_of_a_step(pipes, record_spy):
+    """FLUX's true CFG calls the transformer twice a step (positive, then negative prompt): each pass-2 call
+    reads what the same call of pass 1 recorded, so reuse equals recomputing."""
+    pipe = get(pipes, "flux")
+    call = dict(COMMON, negative_prompt="glasses", true_cfg_scale=4.0)
+    res = {c: FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse=c)(
+        PD, fd_prompt=FD, seed=0, output_type="pt", **call) for c in ("off", "device")}
+    assert (res["off"].images - res["device"].images).abs().max().item() <= TOL
+    keys = record_spy[0]["keys"]
+    assert {key[3] for key in keys} == {0, 1}  # two calls per (layer, step)
+    assert record_spy[0]["before"] == res["device"].fd_reuse["estimate_bytes"]  # the estimate counts both
+
+
+@pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "LCMScheduler"])
+def test_stochastic_samplers_are_seeded_and_replayed(pipes, scheduler):
+    """The per-step noise comes from the seed, one generator per image, alike in both passes: the same seed
+    gives the same images whatever torch's global RNG holds, and reuse equals recomputing."""
+    import diffusers
+
+    pipe = BUILDERS["sd1"]()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config)
+    outs = {}
+    for c, global_seed in (("off", 1), ("off", 2), ("device", 3)):
+        torch.manual_seed(global_seed)
+        outs[c, global_seed] = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse=c)(
+            PD, fd_prompt=FD, seed=0, output_type="pt", num_inference_steps=3, height=IMAGE, width=IMAGE)
+    a, b, r = outs["off", 1], outs["off", 2], outs["device", 3]
+    assert torch.equal(a.images, b.images) and torch.equal(a.fd_images, b.fd_images)
+    assert (a.images - r.images).abs().max().item() <= TOL
+    other = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)(
+        PD, fd_prompt=FD, seed=5, output_type="pt", num_inference_steps=3, height=IMAGE, width=IMAGE)
+    assert not torch.equal(other.fd_images, a.fd_images)

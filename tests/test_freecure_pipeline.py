@@ -69,8 +69,12 @@ def test_two_passes_fd_rows_and_fasa_effect(pipes, family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_empty_mask_is_the_plain_dual_batch_run(pipes, family):
-    fc = FreeCure(get(pipes, family), layers="all", omega=2.0)
-    out = fc(PD, fd_prompt=FD, seed=1, mask=torch.zeros(IMAGE, IMAGE), output_type="pt", **COMMON)
+    with pytest.raises(EmptyMaskError, match=r"empty as given \(mask=\)"):  # before anything runs
+        FreeCure(get(pipes, family), layers="all")(PD, fd_prompt=FD, seed=1, mask=torch.zeros(IMAGE, IMAGE),
+                                                   **COMMON)
+    fc = FreeCure(get(pipes, family), layers="all", omega=2.0, empty_mask="warn")
+    with pytest.warns(FreeCureWarning, match="as given"):
+        out = fc(PD, fd_prompt=FD, seed=1, mask=torch.zeros(IMAGE, IMAGE), output_type="pt", **COMMON)
     plain = plain_dual_batch(fc, fc.initial_latents(1, IMAGE, IMAGE, torch.Generator().manual_seed(1)))
     assert close(out.images, plain[:1]) and close(out.fd_images, plain[1:])
 
@@ -230,3 +234,82 @@ def test_collate_branches():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert collate_branches({}, {}) == {}
+
+
+# ---- checked before anything runs ---------------------------------------------------------------------------
+class _NoRun:
+    """Fails the test if the denoiser runs."""
+
+    def __init__(self, pipe):
+        model, _ = resolve_model(pipe)
+        self._h = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, *_):
+        raise AssertionError("the model ran before the bad input was refused")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._h.remove()
+
+
+@pytest.mark.parametrize("kw,err,words", [
+    (dict(apg=True, pd={"prompt_embeds": torch.zeros(1, 77, 32)}, prompt=None, attribute_prompt="red hair"),
+     ValueError, "apg_template"),
+    (dict(apg=True, apg_template=5), TypeError, "apg_template"),
+    (dict(apg=True, apg_template=["a", "b"]), ValueError, "apg_template holds 2"),
+    (dict(apg=True, gamma=0.3), ValueError, "0 APG steps"),
+    (dict(apg=True, ip_adapter_image_embeds=[torch.zeros(2, 1, 8)]), ValueError, "IP-Adapter"),
+    (dict(height=0), ValueError, "height"),
+    (dict(num_inference_steps=0), ValueError, "num_inference_steps"),
+    (dict(guidance_scale="7"), TypeError, "guidance_scale"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
+    (dict(mask=torch.ones(3, IMAGE, IMAGE)), ValueError, "3 masks"),
+])
+def test_bad_call_arguments_are_refused_before_pass_1(pipes, kw, err, words):
+    pipe = get(pipes, "sd1")
+    call = dict(prompt=PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+    call.update(kw)
+    if call.get("prompt") is None:
+        call.pop("prompt")
+        call.pop("fd_prompt")
+        call["fd"] = {"prompt_embeds": torch.zeros(1, 77, 32)}
+    with _NoRun(pipe), pytest.raises(err, match=words):
+        FreeCure(pipe, FakeParser(), layers="all")(**call)
+
+
+def test_apg_follows_a_custom_schedule(pipes, monkeypatch):
+    import freecure_ops.pipeline.freecure as fcm
+
+    seen = {}
+
+    def fake_apg(pipe, latents, **kw):
+        seen.update(kw)
+        return latents
+
+    monkeypatch.setattr(fcm, "apply_apg", fake_apg)
+    FreeCure(get(pipes, "sdxl"), FakeParser(), layers="all")(
+        PD, fd_prompt=FD, seed=0, output_type="pt", apg=True, timesteps=[999, 700, 300], height=IMAGE, width=IMAGE)
+    assert seen["num_inference_steps"] == 3
+
+
+def test_a_mask_painted_in_alpha_reads_as_on_the_command_line():
+    import numpy as np
+    from PIL import Image
+
+    from freecure_ops.cli import read_mask_png
+    from freecure_ops.pipeline.freecure import _mask_to_tensor
+
+    alpha = np.zeros((8, 8), dtype=np.uint8)
+    alpha[:2] = 255
+    rgba = np.dstack([np.full((8, 8, 3), 255, np.uint8), alpha])
+    im = Image.fromarray(rgba, "RGBA")
+    got = _mask_to_tensor(im)
+    assert torch.equal(got, torch.from_numpy(alpha.astype(np.float32) / 255))
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        im.save(Path(d) / "m.png")
+        assert torch.equal(got, torch.from_numpy(read_mask_png(Path(d) / "m.png")))

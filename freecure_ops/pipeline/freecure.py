@@ -39,13 +39,14 @@ import torch
 from .attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attributes, label_table_for,
                                      template_prompt)
 
-from .apg import TEXT_KEYS, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
+from .apg import TEXT_KEYS, apg_steps, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
 from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from freecure_ops.adapters.install import install_fasa
 from freecure_ops.adapters.options import (BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask,
                                            check_real, check_steps)
 from freecure_ops.adapters.presets import preset_blocks
+from freecure_ops.masks import image_mask
 
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
            "BRANCH_KEYS"]
@@ -69,7 +70,8 @@ class EmptyMaskError(ValueError):
 @dataclass
 class FreeCureOutput:
     """``images``: the PD images (FASA, and APG when asked) in ``output_type``. ``fd_images``: the FD images
-    (pass 1 when it ran, else the FD rows of pass 2; ``"pt"`` when ``output_type="latent"``). ``mask``: the
+    (pass 1 when it ran, else the FD rows of pass 2; with ``output_type="latent"``, pass 1's decoded images in
+    ``"pt"`` form, or pass 2's FD latents when ``mask=`` skipped pass 1). ``mask``: the
     attribute mask FASA used (``[H, W]``, or ``[n, H, W]`` for n prompts). ``label_maps``: the parser's output.
     ``attributes``: per prompt, the attributes found. ``template_prompts``: APG's template prompts, when built
     from text. ``timings``: seconds per stage (``pass1``, ``mask``, ``pass2``, ``apg``, ``total``).
@@ -185,7 +187,7 @@ def _mask_to_tensor(mask) -> torch.Tensor:
     except ImportError:  # pragma: no cover
         Image = None
     if Image is not None and isinstance(mask, Image.Image):
-        mask = np.array(mask.convert("L"))
+        mask = image_mask(mask)  # the CLI's --mask rule: luminance, or alpha for masks painted in alpha
     if isinstance(mask, np.ndarray):
         if mask.dtype == np.uint8:
             mask = torch.from_numpy(mask.astype(np.float32) / 255.0)
@@ -339,7 +341,7 @@ class FreeCure:
         if default is None:
             default = pipe.unet.config.sample_size
         d = int(default) * int(pipe.vae_scale_factor)
-        h, w = kwargs.get("height") or d, kwargs.get("width") or d
+        h, w = (d if kwargs.get(k) is None else kwargs[k] for k in ("height", "width"))
         for name, v in (("height", h), ("width", w)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
@@ -398,18 +400,21 @@ class FreeCure:
             return masks[0], maps[0]
         return torch.stack([m.float() for m in masks]), torch.stack(maps)
 
-    def _check_mask_not_empty(self, mask: torch.Tensor, attributes) -> None:
+    def _check_mask_not_empty(self, mask: torch.Tensor, attributes, *, given: bool = False) -> None:
+        """``empty_mask`` policy for a mask with no pixel > 0 (``given``: the caller's ``mask=``, not parsed)."""
         per = mask.reshape(mask.shape[0], -1) if mask.dim() == 3 else mask.reshape(1, -1)
         empty = [i for i in range(per.shape[0]) if not bool((per[i] > 0).any())]
         if not empty:
             return
         which = "the attribute mask is empty" if len(empty) == per.shape[0] else \
             f"the attribute masks of images {empty} are empty"
-        msg = (f"{which} after parsing: the parser found no pixel of {attributes} in the FD image, so FASA has "
-               "nothing to do there")
+        cause = "as given (mask=)" if given else \
+            f"after parsing: the parser found no pixel of {attributes} in the FD image"
+        msg = f"{which} {cause}, so FASA has nothing to do there"
         if self.empty_mask == "error" and len(empty) == per.shape[0]:
-            raise EmptyMaskError(msg + ". Check the parser and its label table, pass mask= yourself, or use "
-                                 "empty_mask='warn' to go on")
+            fix = "pass a mask with attribute pixels" if given else \
+                "check the parser and its label table, pass mask= yourself"
+            raise EmptyMaskError(f"{msg}. {fix[0].upper()}{fix[1:]}, or use empty_mask='warn' to go on")
         warnings.warn(msg, FreeCureWarning, stacklevel=3)
 
     def _apg_conditioning(self, pd_kw: Mapping, common: Mapping, attributes, apg_template):
@@ -439,9 +444,11 @@ class FreeCure:
                     out_prompts = tp
         return full, template, out_prompts
 
-    def plan_fd_reuse(self, n: int, height: int, width: int, num_inference_steps: int, cfg: bool) -> dict:
+    def plan_fd_reuse(self, n: int, height: int, width: int, num_inference_steps: int, cfg: bool,
+                      calls_per_step: int = 1) -> dict:
         """The FD-reuse decision of one call, before pass 1: ``{"requested", "choice", "estimate_bytes",
-        "halves"}`` (``halves``: the ``uncond`` flags of the recorded guidance halves)."""
+        "halves"}`` (``halves``: the ``uncond`` flags of the recorded guidance halves). ``calls_per_step``: model
+        calls per denoising step (2 for FLUX's true CFG)."""
         pipe = self.pipe
         denoiser, _ = resolve_model(pipe)
         blocks = find_self_attention_blocks(pipe)
@@ -459,8 +466,8 @@ class FreeCure:
         else:
             latent_hw, n_stages = (height // vsf, width // vsf), len(denoiser.config.block_out_channels)
         itemsize = torch.empty((), dtype=denoiser.dtype).element_size()
-        estimate = estimate_record_bytes(fasa_blocks, self.family, latent_hw, n_stages, n_steps, n, len(halves),
-                                         itemsize)
+        estimate = estimate_record_bytes(fasa_blocks, self.family, latent_hw, n_stages, n_steps, n,
+                                         len(halves) * calls_per_step, itemsize)
         info = {"requested": self.fd_reuse, "estimate_bytes": int(estimate), "halves": halves}
         if self.fd_reuse == "auto" and compiled_wrapper(pipe) is not None:
             info.update(choice="off", reason="compiled model")
@@ -490,7 +497,8 @@ class FreeCure:
         ``mask``: skip pass 1 and the parser and use this mask (tensor / numpy ``[H, W]`` or ``[n, H, W]``, or a
         PIL image). ``attribute_prompt``: the text the attributes are read from (default: the PD ``prompt``).
         ``seed`` / ``generator`` / ``latents``: the initial noise, drawn once and used by both passes and both
-        rows. ``apg``, ``gamma``, ``apg_template``: Asymmetric Prompt Guidance (template conditioning; default:
+        rows; ``seed`` / ``generator`` also seed the per-step noise of stochastic samplers (one generator per
+        image, alike for PD and FD and in both passes; without either, torch's global RNG draws them). ``apg``, ``gamma``, ``apg_template``: Asymmetric Prompt Guidance (template conditioning; default:
         the PD prompt without its attribute phrases). Returns a :class:`FreeCureOutput` (or just the images
         when ``return_dict=False``)."""
         t_start = time.perf_counter()
@@ -553,24 +561,44 @@ class FreeCure:
             raise ValueError(f"PD conditioning holds {n} prompts but FD holds {_branch_size(fd_kw)}")
         height, width = self._size(kwargs)
         common = {**kwargs, "height": height, "width": width}
-        gs = kwargs.get("guidance_scale", default_guidance_scale(pipe))
-        cfg = uses_cfg(pipe, family, float(gs))
-
-        if latents is None:
-            if generator is None and seed is not None:
-                generator = torch.Generator(device="cpu").manual_seed(seed)
-            latents = self.initial_latents(n, height, width, generator)
-        elif not isinstance(latents, torch.Tensor) or latents.shape[0] != n:
+        n_steps = _step_count(pipe, kwargs)
+        gs = check_real("guidance_scale", kwargs.get("guidance_scale", default_guidance_scale(pipe)))
+        cfg = uses_cfg(pipe, family, gs)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != n):
             raise ValueError(f"latents must be a tensor with one row per PD prompt ({n}), got "
                              f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
 
         timings = {}
         if mask is not None:
             mask = _mask_to_tensor(mask)
+            if mask.dim() == 3 and mask.shape[0] != n:
+                raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
         attributes = self._attributes(pd_kw, attribute_prompt, n)
         if mask is None and attributes is None:
             raise ValueError("cannot tell which attributes to mask: the PD conditioning has no text prompt; pass "
                              "attribute_prompt= (the prompt as text) or mask=")
+        apg_inputs = None
+        if apg:  # everything APG needs is checked before pass 1, not after pass 2
+            if apg_steps(n_steps, gamma) == 0:
+                raise ValueError(f"apg=True with gamma={gamma} and {n_steps} steps runs int(gamma * steps) = 0 APG "
+                                 "steps: raise gamma or the number of steps")
+            if _ip_adapter_in_use(pipe, {**common, **pd_kw}):
+                raise ValueError("apg=True with IP-Adapter image conditioning: APG's template passes would drop the "
+                                 "image embeddings (and the identity they carry); use apg=False")
+            apg_inputs = self._apg_conditioning(pd_kw, common, attributes or [[]] * n, apg_template)
+            if apg_inputs[2] is not None and len(apg_inputs[2]) != n:
+                raise ValueError(f"apg_template holds {len(apg_inputs[2])} prompts for {n} images")
+        if mask is not None:
+            self._check_mask_not_empty(mask, attributes, given=True)
+
+        # The noise: the initial latents (unless given) and, for stochastic samplers, one generator per image
+        # for the per-step noise, seeded alike in both passes and for PD and FD (pass 2's FD rows replay pass
+        # 1, and reusing them is exact). All from seed= / generator= (else torch's global RNG).
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        if latents is None:
+            latents = self.initial_latents(n, height, width, generator)
+        step_seeds = _draw_seeds(generator, n)
 
         # ---- nothing to do: the plain pipeline
         if mask is None and not any(attributes):
@@ -579,7 +607,8 @@ class FreeCure:
                           stacklevel=2)
             t0 = time.perf_counter()
             with _progress_label(pipe, "plain"):
-                images = pipe(**common, **pd_kw, latents=latents, output_type=output_type).images
+                images = pipe(**common, **pd_kw, latents=latents, generator=_generators(step_seeds),
+                              output_type=output_type).images
             timings["plain"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_start
             if not return_dict:
@@ -591,8 +620,7 @@ class FreeCure:
 
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
-            reuse = self.plan_fd_reuse(n, height, width, int(kwargs.get("num_inference_steps", _default_steps(pipe))),
-                                       cfg)
+            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, _model_calls_per_step(family, {**common, **pd_kw}))
         else:
             reuse = {"requested": self.fd_reuse, "choice": "off", "estimate_bytes": 0, "halves": (),
                      "reason": "mask given: no pass 1 to record"}
@@ -611,7 +639,8 @@ class FreeCure:
                 rec_handle.controller.fd_record, rec_handle.controller.fd_role = record, "record"
             try:
                 with _progress_label(pipe, "pass1"):
-                    fd_pt = pipe(**common, **fd_kw, latents=latents, output_type="pt").images
+                    fd_pt = pipe(**common, **fd_kw, latents=latents, generator=_generators(step_seeds),
+                                 output_type="pt").images
             finally:
                 if rec_handle is not None:
                     rec_handle.remove()
@@ -633,12 +662,13 @@ class FreeCure:
             if record is not None:
                 handle.controller.fd_record, handle.controller.fd_role = record, "replay"
                 with _progress_label(pipe, "pass2_reuse"):
-                    pd_out = pipe(**common, **pd_kw, latents=latents, output_type=pass2_type).images
+                    pd_out = pipe(**common, **pd_kw, latents=latents, generator=_generators(step_seeds),
+                                  output_type=pass2_type).images
                 fd_out = None
             else:
                 with _progress_label(pipe, "pass2"):
                     out = pipe(**common, **batched, latents=torch.cat([latents, latents]),
-                               output_type=pass2_type).images
+                               generator=_generators(step_seeds + step_seeds), output_type=pass2_type).images
                 pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
         finally:
             handle.remove()
@@ -650,12 +680,10 @@ class FreeCure:
         template_prompts = None
         if apg:
             t0 = time.perf_counter()
-            full, template, template_prompts = self._apg_conditioning(pd_kw, common, attributes or [[]] * n,
-                                                                      apg_template)
+            full, template, template_prompts = apg_inputs
             with _progress_label(pipe, "apg"):
-                pd_lat = apply_apg(pipe, pd_out, full=full, template=template,
-                                   num_inference_steps=int(kwargs.get("num_inference_steps", _default_steps(pipe))),
-                                   gamma=gamma, guidance_scale=float(gs), height=height, width=width,
+                pd_lat = apply_apg(pipe, pd_out, full=full, template=template, num_inference_steps=n_steps,
+                                   gamma=gamma, guidance_scale=gs, height=height, width=width,
                                    sigmas=kwargs.get("sigmas"),
                                    cross_attention_kwargs=kwargs.get("cross_attention_kwargs"),
                                    joint_attention_kwargs=kwargs.get("joint_attention_kwargs"))
@@ -679,6 +707,54 @@ def _known(vocabulary) -> str:
     v = vocabulary if isinstance(vocabulary, AttributeVocabulary) else \
         AttributeVocabulary(vocabulary) if isinstance(vocabulary, Mapping) else DEFAULT_VOCABULARY
     return ", ".join(v.attributes)
+
+
+def _step_count(pipe, kwargs: Mapping) -> int:
+    """The denoising steps of this call: a custom ``timesteps`` or ``sigmas`` schedule sets them (as diffusers'
+    ``retrieve_timesteps`` does), else ``num_inference_steps`` (default: the pipeline's)."""
+    for key in ("timesteps", "sigmas"):
+        if kwargs.get(key) is not None:
+            return len(kwargs[key])
+    steps = kwargs.get("num_inference_steps", _default_steps(pipe))
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"num_inference_steps must be an int >= 1, got {steps!r}")
+    return steps
+
+
+def _model_calls_per_step(family: str, kwargs: Mapping) -> int:
+    """2 when FLUX runs true CFG (a negative prompt and ``true_cfg_scale > 1``: a second transformer call per
+    step), else 1."""
+    if family != "flux" or float(kwargs.get("true_cfg_scale", 1.0) or 1.0) <= 1.0:
+        return 1
+    has_negative = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
+    return 2 if has_negative else 1
+
+
+def _ip_adapter_in_use(pipe, kwargs: Mapping) -> bool:
+    """IP-Adapter image conditioning in this call (image inputs, or an IP-Adapter projection on the model)."""
+    if any(kwargs.get(k) is not None for k in ("ip_adapter_image", "ip_adapter_image_embeds")):
+        return True
+    denoiser, _ = resolve_model(pipe)
+    return "IPAdapter" in type(getattr(denoiser, "encoder_hid_proj", None)).__name__  # diffusers' projection
+
+
+def _draw_seeds(generator, n: int) -> list[int]:
+    """Seeds of the ``n`` per-image generators of the per-step noise: drawn from ``generator`` (one, or one per
+    image) after the initial noise, else from torch's global RNG."""
+    high = 2 ** 62
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != n:
+            raise ValueError(f"generator: a list needs one generator per PD prompt ({n}), got {len(generator)}")
+        return [int(torch.randint(high, (1,), generator=g, device=g.device)) for g in generator]
+    if generator is not None:
+        return [int(x) for x in torch.randint(high, (n,), generator=generator, device=generator.device)]
+    return [int(x) for x in torch.randint(high, (n,))]
+
+
+def _generators(seeds: list[int]) -> list:
+    """One CPU generator per image row of a pipeline call (diffusers draws the per-step noise of row i from
+    generator i; CPU generators give the same noise on every device)."""
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
 
 def _default_steps(pipe) -> int:
