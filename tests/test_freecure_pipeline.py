@@ -313,3 +313,14 @@ def test_a_mask_painted_in_alpha_reads_as_on_the_command_line():
     with tempfile.TemporaryDirectory() as d:
         im.save(Path(d) / "m.png")
         assert torch.equal(got, torch.from_numpy(read_mask_png(Path(d) / "m.png")))
+
+
+def test_pag_pipelines_are_refused_up_front(pipes):
+    from diffusers import StableDiffusionXLPAGPipeline
+
+    pag = StableDiffusionXLPAGPipeline.from_pipe(BUILDERS["sdxl"](), pag_applied_layers=["mid"])  # own copy
+    model, _ = resolve_model(pag)
+    before = dict(model.attn_processors)
+    with pytest.raises(ValueError, match="perturbed-attention guidance"):
+        FreeCure(pag, FakeParser(), layers="all")
+    assert all(model.attn_processors[k] is v for k, v in before.items())

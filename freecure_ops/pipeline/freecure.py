@@ -296,6 +296,10 @@ class FreeCure:
                  style_fidelity=1.0, mode="bias", backend="auto", force=False, label_table=None, vocabulary=None,
                  mask_dilate=0, mask_feather=0.0, empty_mask="error", fd_reuse="auto", fd_reuse_budget=None):
         self.family = pipeline_family(pipe)
+        if getattr(pipe, "pag_applied_layers", None):  # diffusers' PAG pipelines
+            raise ValueError(f"{type(pipe).__name__}: perturbed-attention guidance adds a third guidance batch that "
+                             "FreeCure's batch layouts do not know; run FreeCure on the base pipeline (e.g. "
+                             "StableDiffusionXLPipeline.from_pipe(pag_pipe))")
         self.pipe = pipe
         if parser is not None and not callable(parser):
             raise TypeError(f"parser must be a callable image -> label map, got {type(parser).__name__}")
