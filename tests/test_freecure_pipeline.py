@@ -324,3 +324,21 @@ def test_pag_pipelines_are_refused_up_front(pipes):
     with pytest.raises(ValueError, match="perturbed-attention guidance"):
         FreeCure(pag, FakeParser(), layers="all")
     assert all(model.attn_processors[k] is v for k, v in before.items())
+
+
+def test_a_plain_baseline_can_share_freecures_noise():
+    """``FreeCure.noise`` + ``step_generators``: a plain pipeline run gets the noise FreeCure's PD branch gets
+    (here FreeCure's own plain path: a prompt naming no attribute), with a stochastic sampler."""
+    import diffusers
+
+    from freecure_ops.pipeline.freecure import step_generators
+
+    pipe = BUILDERS["sd1"]()
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    fc = FreeCure(pipe, FakeParser(), layers="all")
+    with pytest.warns(FreeCureWarning, match="nothing to do"):
+        out = fc("a photo of sks man", fd_prompt="a photo of man", seed=4, output_type="pt", **COMMON)
+    latents, seeds = fc.noise(1, IMAGE, IMAGE, seed=4)
+    plain = pipe("a photo of sks man", latents=latents, generator=step_generators(seeds), output_type="pt",
+                 **COMMON).images
+    assert torch.equal(out.images, plain)

@@ -49,7 +49,7 @@ from freecure_ops.adapters.presets import preset_blocks
 from freecure_ops.masks import image_mask
 
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
-           "BRANCH_KEYS"]
+           "step_generators", "BRANCH_KEYS"]
 
 #: keyword arguments that belong to one branch; given as common kwargs, each branch gets a copy.
 BRANCH_KEYS = ("negative_prompt", "negative_prompt_2", "negative_prompt_embeds", "negative_pooled_prompt_embeds",
@@ -366,6 +366,21 @@ class FreeCure:
         shape = (n, pipe.unet.config.in_channels, height // vsf, width // vsf)
         return randn_tensor(shape, generator=generator, device=device, dtype=pipe.unet.dtype)
 
+    def noise(self, n: int, height: int, width: int, *, seed: int | None = None, generator=None,
+              latents: torch.Tensor | None = None) -> tuple[torch.Tensor, list[int]]:
+        """The noise of a call: ``(initial latents, seeds of the per-image generators of the per-step noise)``.
+
+        The latents (unless given) and then the seeds come from ``seed`` / ``generator`` (else torch's global
+        RNG). Every pipeline call of FreeCure gets ``step_generators(seeds)`` for its rows, alike for PD and FD
+        and in both passes, so that pass 2's FD rows replay pass 1 (and reusing them is exact) with stochastic
+        samplers too. A plain-pipeline baseline run with ``latents=`` and ``generator=step_generators(seeds)``
+        gets exactly the noise FreeCure's PD branch gets."""
+        if generator is None and seed is not None:
+            generator = torch.Generator(device="cpu").manual_seed(seed)
+        if latents is None:
+            latents = self.initial_latents(n, height, width, generator)
+        return latents, _draw_seeds(generator, n)
+
     def _attributes(self, pd_kw: Mapping, attribute_prompt, n: int) -> list[list[str]] | None:
         text = attribute_prompt if attribute_prompt is not None else pd_kw.get("prompt")
         if text is None:
@@ -595,14 +610,7 @@ class FreeCure:
         if mask is not None:
             self._check_mask_not_empty(mask, attributes, given=True)
 
-        # The noise: the initial latents (unless given) and, for stochastic samplers, one generator per image
-        # for the per-step noise, seeded alike in both passes and for PD and FD (pass 2's FD rows replay pass
-        # 1, and reusing them is exact). All from seed= / generator= (else torch's global RNG).
-        if generator is None and seed is not None:
-            generator = torch.Generator(device="cpu").manual_seed(seed)
-        if latents is None:
-            latents = self.initial_latents(n, height, width, generator)
-        step_seeds = _draw_seeds(generator, n)
+        latents, step_seeds = self.noise(n, height, width, seed=seed, generator=generator, latents=latents)
 
         # ---- nothing to do: the plain pipeline
         if mask is None and not any(attributes):
@@ -611,7 +619,7 @@ class FreeCure:
                           stacklevel=2)
             t0 = time.perf_counter()
             with _progress_label(pipe, "plain"):
-                images = pipe(**common, **pd_kw, latents=latents, generator=_generators(step_seeds),
+                images = pipe(**common, **pd_kw, latents=latents, generator=step_generators(step_seeds),
                               output_type=output_type).images
             timings["plain"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - t_start
@@ -643,7 +651,7 @@ class FreeCure:
                 rec_handle.controller.fd_record, rec_handle.controller.fd_role = record, "record"
             try:
                 with _progress_label(pipe, "pass1"):
-                    fd_pt = pipe(**common, **fd_kw, latents=latents, generator=_generators(step_seeds),
+                    fd_pt = pipe(**common, **fd_kw, latents=latents, generator=step_generators(step_seeds),
                                  output_type="pt").images
             finally:
                 if rec_handle is not None:
@@ -666,13 +674,13 @@ class FreeCure:
             if record is not None:
                 handle.controller.fd_record, handle.controller.fd_role = record, "replay"
                 with _progress_label(pipe, "pass2_reuse"):
-                    pd_out = pipe(**common, **pd_kw, latents=latents, generator=_generators(step_seeds),
+                    pd_out = pipe(**common, **pd_kw, latents=latents, generator=step_generators(step_seeds),
                                   output_type=pass2_type).images
                 fd_out = None
             else:
                 with _progress_label(pipe, "pass2"):
                     out = pipe(**common, **batched, latents=torch.cat([latents, latents]),
-                               generator=_generators(step_seeds + step_seeds), output_type=pass2_type).images
+                               generator=step_generators(step_seeds + step_seeds), output_type=pass2_type).images
                 pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
         finally:
             handle.remove()
@@ -755,7 +763,7 @@ def _draw_seeds(generator, n: int) -> list[int]:
     return [int(x) for x in torch.randint(high, (n,))]
 
 
-def _generators(seeds: list[int]) -> list:
+def step_generators(seeds: list[int]) -> list:
     """One CPU generator per image row of a pipeline call (diffusers draws the per-step noise of row i from
     generator i; CPU generators give the same noise on every device)."""
     return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
