@@ -71,8 +71,8 @@ class EmptyMaskError(ValueError):
 class FreeCureOutput:
     """``images``: the PD images (FASA, and APG when asked) in ``output_type``. ``fd_images``: the FD images
     (pass 1 when it ran, else the FD rows of pass 2; with ``output_type="latent"``, pass 1's decoded images in
-    ``"pt"`` form, or pass 2's FD latents when ``mask=`` skipped pass 1). ``mask``: the
-    attribute mask FASA used (``[H, W]``, or ``[n, H, W]`` for n prompts). ``label_maps``: the parser's output.
+    ``"pt"`` form, or pass 2's FD latents when ``mask=`` skipped pass 1). ``mask``: the attribute mask FASA
+    used (``[H, W]``, or ``[n, H, W]`` for n prompts). ``label_maps``: the parser's output.
     ``attributes``: per prompt, the attributes found. ``template_prompts``: APG's template prompts, when built
     from text. ``timings``: seconds per stage (``pass1``, ``mask``, ``pass2``, ``apg``, ``total``).
     ``fasa_applied``: False when FASA was skipped (no attribute words). ``fd_reuse``: the FD key/value reuse
@@ -517,8 +517,9 @@ class FreeCure:
         PIL image). ``attribute_prompt``: the text the attributes are read from (default: the PD ``prompt``).
         ``seed`` / ``generator`` / ``latents``: the initial noise, drawn once and used by both passes and both
         rows; ``seed`` / ``generator`` also seed the per-step noise of stochastic samplers (one generator per
-        image, alike for PD and FD and in both passes; without either, torch's global RNG draws them). ``apg``, ``gamma``, ``apg_template``: Asymmetric Prompt Guidance (template conditioning; default:
-        the PD prompt without its attribute phrases). Returns a :class:`FreeCureOutput` (or just the images
+        image, alike for PD and FD and in both passes; without either, torch's global RNG draws them).
+        ``apg``, ``gamma``, ``apg_template``: Asymmetric Prompt Guidance (template conditioning; default: the PD
+        prompt without its attribute phrases). Returns a :class:`FreeCureOutput` (or just the images
         when ``return_dict=False``)."""
         t_start = time.perf_counter()
         pipe, family = self.pipe, self.family
@@ -632,7 +633,8 @@ class FreeCure:
 
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
-            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, _model_calls_per_step(family, {**common, **pd_kw}))
+            calls = _model_calls_per_step(family, {**common, **pd_kw})
+            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls)
         else:
             reuse = {"requested": self.fd_reuse, "choice": "off", "estimate_bytes": 0, "halves": (),
                      "reason": "mask given: no pass 1 to record"}
