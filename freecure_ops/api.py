@@ -51,8 +51,9 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     checked and prepared again in every call, which costs a host sync for float masks). ``mode``: "bias"
     (``logit = s + omega*m`` where ``m > 0``, excluded where ``m == 0``) or "scale" (``logit = omega*m*s``).
     ``n_txt > 0`` selects the FLUX joint-sequence variant. ``backend``: "auto" (the Triton kernel on CUDA, the
-    PyTorch path otherwise and for float64), "triton" or "torch". Returns ``[B, H, Nq, D]`` in q's dtype, and with ``return_lse`` also the fp32
-    natural-log log-sum-exp ``[B, H, Nq]`` of each row's logits (float64 for float64 inputs).
+    PyTorch path otherwise and for float64), "triton" or "torch". Returns ``[B, H, Nq, D]`` in q's dtype, and
+    with ``return_lse`` also the fp32 natural-log log-sum-exp ``[B, H, Nq]`` of each row's logits (float64 for
+    float64 inputs).
 
     Autograd: q, k_p, k_f, v_p, v_f may require grad on every backend (the backward recomputes the attention
     with stock PyTorch ops, :mod:`.torch_backward`); the mask may not.
