@@ -595,7 +595,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         from freecure_ops.bench.__main__ import main as bench_main  # lazy: the benchmark pulls in its own deps
 
-        return int(bench_main(argv[1:]) or 0)
+        return int(bench_main(argv[1:], prog="freecure bench") or 0)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "batch":
