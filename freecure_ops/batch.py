@@ -16,7 +16,8 @@ order.
 Per job, under ``--out/jobs/<id>/``: ``pd.png`` (the image), ``fd.png`` and ``mask.png`` (FreeCure jobs) and
 ``job.json`` (the record: status, settings that ran, timings, attributes, error). Every file is written
 atomically (temporary file + rename) and ``job.json`` last, so a job counts as complete only when its record
-says ``ok``, its fingerprint (the job, its settings, the model, the mask file's bytes) matches and every file
+says ``ok``, its fingerprint (the job, its settings, the model and the size and mtime of each of its files,
+the parser checkpoint's size and mtime, the mask file's bytes) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
 changed is redone. A job that raises is recorded with its error and the others go on. At the end the main
 process writes the results index (``results.jsonl`` and ``results.csv``, manifest order, one row per job);

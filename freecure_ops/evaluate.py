@@ -15,7 +15,8 @@
 
 Tables: per method (``baseline`` = the personalization model alone, ``freecure``) and per number of
 attributes the prompt asks for (1, 2, 3, ..., and ``all``): ``eval_summary.csv`` and ``eval_summary.png``;
-per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count.
+per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count; an
+ok job whose ``pd.png`` is gone or unreadable is a ``missing`` row with a note (not scored, not in the tables).
 """
 from __future__ import annotations
 

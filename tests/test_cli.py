@@ -210,6 +210,7 @@ def test_parser_checkpoint_load_failure_is_one_line(model_dir, tmp_path, capsys)
     assert main(_args(model_dir, tmp_path / "out", "--parser-weights", str(weights))) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"freecure: error: --parser-weights {weights}: ") and err.count("\n") == 1, err
+    assert "pickled code" in err and "Weights only load failed" not in err, err  # torch's paragraph is cut
 
 
 def test_bench_usage_error_is_one_line(capsys):
