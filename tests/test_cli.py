@@ -203,10 +203,10 @@ def test_parser_weights_that_are_not_a_checkpoint_are_one_line(content, expect, 
 
 def test_parser_checkpoint_load_failure_is_one_line(model_dir, tmp_path, capsys):
     """A real zip checkpoint holding an object weights_only refuses: torch's multi-line detail is cut."""
-    import collections
+    import argparse
 
     weights = tmp_path / "objects.pth"
-    torch.save({"x": collections.Counter(a=1)}, weights)
+    torch.save({"x": argparse.Namespace(a=1)}, weights)
     assert main(_args(model_dir, tmp_path / "out", "--parser-weights", str(weights))) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"freecure: error: --parser-weights {weights}: ") and err.count("\n") == 1, err
