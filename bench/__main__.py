@@ -67,9 +67,17 @@ def _out_dir(text: str) -> Path:
     return Path(text)
 
 
-def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog=_prog(), description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+class _Parser(argparse.ArgumentParser):
+    """One-line usage errors, as the rest of the CLI: ``freecure: error: --models: ...``, exit status 2."""
+
+    def error(self, message):
+        who = "freecure" if self.prog.startswith("freecure") else self.prog
+        text = " ".join(str(message).split()).replace("argument ", "", 1)
+        self.exit(2, f"{who}: error: {text} (see {self.prog} --help)\n")
+
+
+def parse_args(argv=None, prog=None):
+    ap = _Parser(prog=prog or _prog(), description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", type=lambda s: _csv_list(s, MODELS, "model"), default=list(MODELS),
                     help=f"comma list from {','.join(MODELS)} (default: all)")
     ap.add_argument("--dtypes", type=lambda s: _csv_list(s, DTYPES, "dtype"), default=None,
@@ -92,8 +100,8 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def main(argv=None, prog=None) -> int:
+    args = parse_args(argv, prog)
     from . import report
     from .runner import run, versions
 

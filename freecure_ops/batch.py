@@ -16,7 +16,8 @@ order.
 Per job, under ``--out/jobs/<id>/``: ``pd.png`` (the image), ``fd.png`` and ``mask.png`` (FreeCure jobs) and
 ``job.json`` (the record: status, settings that ran, timings, attributes, error). Every file is written
 atomically (temporary file + rename) and ``job.json`` last, so a job counts as complete only when its record
-says ``ok``, its fingerprint (the job, its settings, the model, the mask file's bytes) matches and every file
+says ``ok``, its fingerprint (the job, its settings, the model and the size and mtime of each of its files,
+the parser checkpoint's size and mtime, the mask file's bytes) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
 changed is redone. A job that raises is recorded with its error and the others go on. At the end the main
 process writes the results index (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
@@ -107,19 +108,56 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(job: Job, settings: dict, model: str, dtype: str, backend: str, parser_weights) -> str:
-    """What makes a job's outputs what they are: a job whose fingerprint changed is run again."""
+def content_identity(path) -> object:
+    """A cheap identity of a file or folder's content, so that a changed weights file reruns the jobs built on
+    it: a file's (size, mtime_ns); a folder's sorted (relative path, size, mtime_ns) of every file. None for
+    None; the plain string for a path that is not on disk (a Hub id: the loader resolves it)."""
+    if path is None:
+        return None
+    p = Path(path).expanduser()
+    try:
+        if p.is_file():
+            st = p.stat()
+            return [st.st_size, st.st_mtime_ns]
+        if p.is_dir():
+            return sorted([f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
+                          for f in p.rglob("*") if f.is_file())
+    except OSError as e:  # a file vanishing mid-walk: still a change
+        return f"unreadable: {e}"
+    return str(path)
+
+
+def fingerprint(job: Job, settings: dict, model: str, dtype: str, backend: str, parser_weights,
+                identities: dict | None = None) -> str:
+    """What makes a job's outputs what they are: a job whose fingerprint changed is run again. ``identities``:
+    :func:`content_identity` of ``model`` and ``parser_weights`` (computed once per run by the caller)."""
+    ids = identities if identities is not None else {}
     spec = {k: v for k, v in job.spec().items() if k in ("id", "prompt", "fd_prompt", "seed", "method", "mask")}
     data = dict(job=spec, settings={k: settings[k] for k in sorted(settings)}, model=str(model), dtype=dtype,
-                backend=backend)
+                backend=backend, model_files=ids.get("model"))
     if job.method == "freecure":
         data["mask_sha256"] = _file_digest(job.mask) if job.mask is not None else None
-        data["parser"] = None if job.mask is not None else str(parser_weights)
+        data["parser"] = None if job.mask is not None else [str(parser_weights), ids.get("parser")]
     else:  # FreeCure-only settings do not change a baseline image
         for k in ("omega", "layers", "style_fidelity", "mode", "apg", "gamma", "apg_template", "empty_mask"):
             data["settings"].pop(k, None)
         data.pop("backend")
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _image_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable image (None: it is): missing, unreadable, or not an image PIL knows
+    (the header is verified; ``freecure eval`` decodes it later)."""
+    if not path.is_file() or not os.access(path, os.R_OK):
+        return "no such file or not readable"
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # noqa: BLE001  (PIL raises UnidentifiedImageError, OSError, SyntaxError, ...)
+        return f"not a readable image: {' '.join(str(e).split()) or type(e).__name__}"
+    return None
 
 
 def _where(args, job: Job) -> str:
@@ -128,7 +166,8 @@ def _where(args, job: Job) -> str:
 
 def check_batch_args(args):
     """Every check that needs no model: returns ``(jobs, device or None, dtype name)``. Raises CLIError."""
-    from .cli import CLIError, _check_finite, _model_path_problem, _size_multiple, read_mask_png
+    from .cli import (CLIError, _check_finite, _model_path_problem, _size_multiple, layers_problem, model_blocks,
+                      read_mask_png, real_problem)
 
     problem = output_dir_problem(args.out)
     if problem:
@@ -145,15 +184,23 @@ def check_batch_args(args):
     for flag, v in (("--height", args.height), ("--width", args.width)):
         if v is not None and (v <= 0 or v % multiple):
             raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
-    if args.parser_weights is not None and not args.parser_weights.is_file():
-        raise CLIError(f"--parser-weights {args.parser_weights}: no such file (the BiSeNet checkpoint, e.g. "
-                       "79999_iter.pth, is not downloaded for you)")
+    blocks = model_blocks(args.model)  # from the config files: None when they cannot be read cheaply
+    problem = layers_problem(args.layers, blocks) if args.layers is not None else None
+    if problem:
+        raise CLIError(f"--layers {problem}")
+    if args.parser_weights is not None:
+        from .cli import parser_weights_problem
+
+        problem = parser_weights_problem(args.parser_weights)
+        if problem:
+            raise CLIError(f"--parser-weights {args.parser_weights}: {problem}")
     try:
         jobs = read_manifest(args.manifest)
     except ManifestError as e:
         raise CLIError(f"--manifest {args.manifest}{' ' if e.line else ': '}{e}") from None
 
     masks_seen: dict[Path, bool] = {}
+    refs_seen: dict[Path, str | None] = {}
     for job in jobs:
         where = _where(args, job)
         s = _settings(args, job)
@@ -163,10 +210,20 @@ def check_batch_args(args):
                 raise CLIError(f"{where}: {key} must be a multiple of {multiple} (pixels), got {v}")
         if s["apg_template"] is not None and not s["apg"]:
             raise CLIError(f"{where}: apg_template is only used with apg")
-        if job.reference is not None and not (job.reference.is_file() and os.access(job.reference, os.R_OK)):
-            raise CLIError(f"{where}: reference {job.reference}: no such file or not readable")
+        if job.reference is not None:
+            if job.reference not in refs_seen:
+                refs_seen[job.reference] = _image_problem(job.reference)
+            if refs_seen[job.reference]:
+                raise CLIError(f"{where}: reference {job.reference}: {refs_seen[job.reference]}")
+        for key in ("omega", "guidance_scale"):  # the flags were checked above; a job's own value here
+            problem = real_problem(key, job.settings[key]) if job.settings.get(key) is not None else None
+            if problem:
+                raise CLIError(f"{where}: {problem}")
         if job.method != "freecure":
             continue
+        problem = layers_problem(s["layers"], blocks)
+        if problem:
+            raise CLIError(f"{where}: layers {problem}")
         if job.mask is not None:
             if job.mask not in masks_seen:
                 try:
@@ -475,8 +532,9 @@ def run(args) -> int:
     dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
     dtype_name = str(dtype).replace("torch.", "")
 
-    fps = {j.id: fingerprint(j, _settings(args, j), args.model, dtype_name, args.backend, args.parser_weights)
-           for j in jobs}
+    identities = dict(model=content_identity(args.model), parser=content_identity(args.parser_weights))
+    fps = {j.id: fingerprint(j, _settings(args, j), args.model, dtype_name, args.backend, args.parser_weights,
+                             identities) for j in jobs}
     done_before = {j.id for j in jobs if job_complete(args.out, j.id, fps[j.id])}
     pending = [j for j in jobs if j.id not in done_before]
     state.wait_for_everyone()  # every process has listed the pending jobs before any of them writes
@@ -493,7 +551,9 @@ def run(args) -> int:
                 try:
                     parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
                 except (ValueError, OSError) as e:
-                    raise CLIError(f"--parser-weights {args.parser_weights}: {e}") from e
+                    from .cli import parser_weights_error
+
+                    raise parser_weights_error(args.parser_weights, e) from e
             pipe = _load_pipeline(args.model, device, dtype)
             pipe.set_progress_bar_config(disable=True)
             ctx = _Context(args=args, pipe=pipe, device=device, dtype=dtype, parser=parser, rank=rank, world=world,

@@ -36,6 +36,8 @@ from .outputs import atomic_write, atomic_write_text, output_dir_problem
 __all__ = ["main", "build_parser"]
 
 _DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: the images ``generate`` writes; one a run did not produce is removed from ``--out`` (nothing else is)
+GENERATE_OUTPUTS = ("pd.png", "fd.png", "mask.png")
 
 
 class CLIError(Exception):
@@ -204,6 +206,21 @@ def _check_finite(flag: str, value, lo=None, hi=None) -> None:
     if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
         raise CLIError(f"{flag} must be a finite number{rng}, got {value}")
+    problem = real_problem(flag, value)
+    if problem:
+        raise CLIError(problem)
+
+
+def real_problem(name: str, value) -> str | None:
+    """The op's rule for a scalar (finite, within float32 range: the kernel computes in float32), checked
+    here so that 1e308 is refused before any model loads rather than at the first FASA call."""
+    from freecure_ops.validation import check_real
+
+    try:
+        check_real(name, value)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def _model_index(model: str) -> dict:
@@ -226,6 +243,102 @@ def _size_multiple(model: str) -> int:
         return 2 * 2 ** (len(vae.get("block_out_channels", [0] * 4)) - 1)
     except (OSError, ValueError):
         return 16
+
+
+_UNET_ATTN_DOWN = ("CrossAttnDownBlock2D",)
+_UNET_PLAIN_DOWN = ("DownBlock2D",)
+_UNET_ATTN_UP = ("CrossAttnUpBlock2D",)
+_UNET_PLAIN_UP = ("UpBlock2D",)
+
+
+def _per_block(value, n):
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
+def model_blocks(model: str):
+    """``(family, number of self-attention blocks)`` of the pipeline folder ``model``, read from its UNet or
+    transformer config.json without loading anything (the count :func:`find_self_attention_blocks` gives),
+    or None when the folder or its block types are not ones counted here (the loader reports later)."""
+    root = Path(model).expanduser()
+    try:
+        cfg = json.loads((root / "transformer" / "config.json").read_text())
+        if "Flux" in str(cfg.get("_class_name", "")):
+            return "flux", int(cfg["num_layers"]) + int(cfg["num_single_layers"])
+        return None
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        cfg = json.loads((root / "unet" / "config.json").read_text())
+        down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+        if cfg.get("only_cross_attention") or not set(down) <= set(_UNET_ATTN_DOWN + _UNET_PLAIN_DOWN) \
+                or not set(up) <= set(_UNET_ATTN_UP + _UNET_PLAIN_UP):
+            return None
+        n = len(down)
+        layers = _per_block(cfg.get("layers_per_block", 2), n)
+        depth = _per_block(cfg.get("transformer_layers_per_block", 1), n)
+        rdepth = cfg.get("reverse_transformer_layers_per_block") or list(reversed(depth))
+        rlayers = list(reversed(layers))
+        total = sum(layers[i] * depth[i] for i in range(n) if down[i] in _UNET_ATTN_DOWN)
+        mid = cfg.get("mid_block_type", "UNetMidBlock2DCrossAttn")
+        if mid == "UNetMidBlock2DCrossAttn":
+            total += depth[-1]
+        elif mid is not None:
+            return None
+        for i in range(n):  # a decoder stage has one more attention than its encoder twin
+            if up[i] in _UNET_ATTN_UP:
+                total += sum(rdepth[i]) if isinstance(rdepth[i], (list, tuple)) else (rlayers[i] + 1) * rdepth[i]
+        family = "sdxl" if cfg.get("addition_embed_type") == "text_time" else "sd1"
+        return family, int(total)
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+
+
+def layers_problem(layers, model_info) -> str | None:
+    """What is wrong with ``layers`` (None: the preset, "all", or indices) for a model of ``model_info``
+    (:func:`model_blocks`; None: unknown, nothing to check). Phrased after ``layers``."""
+    if model_info is None or layers == "all":
+        return None
+    family, total = model_info
+    if layers is None:
+        from freecure_ops.adapters.presets import preset_blocks
+
+        if family == "flux":
+            return None  # the FLUX preset is relative to the block counts: never too small
+        try:
+            preset_blocks(family, [None] * total)
+        except ValueError as e:
+            return f"not given: {e}"
+        return None
+    bad = [i for i in layers if not 0 <= i < total]
+    if bad:
+        return f"{','.join(map(str, bad))}: the model has {total} self-attention blocks (0..{total - 1})"
+    return None
+
+
+def parser_weights_problem(path: Path) -> str | None:
+    """What is wrong with ``--parser-weights`` as a file, from its first bytes (None: it may be a checkpoint;
+    loading it decides). A text file would otherwise reach torch.load and be blamed on pickled objects."""
+    if not path.is_file():
+        return "no such file (the BiSeNet checkpoint, e.g. 79999_iter.pth, is not downloaded for you)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"not readable ({e.strerror or e})"
+    if path.suffix.lower() == ".safetensors":
+        return None
+    if not head:
+        return "not a PyTorch checkpoint (the file is empty)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive; a legacy pickle
+        return None
+    return f"not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle; it starts with {head!r})"
+
+
+def parser_weights_error(path: Path, e: Exception) -> CLIError:
+    """A parser checkpoint that failed to load, as one line (torch's own detail spans many lines)."""
+    text = " ".join(str(e).split()).removeprefix("path: ")
+    text = text.split(" Detail: ")[0]
+    return CLIError(f"--parser-weights {path}: {text}")
 
 
 def _interpreting() -> bool:
@@ -289,9 +402,9 @@ def check_generate_args(args):
             print(f"freecure: warning: {what}; FASA changes nothing", file=sys.stderr)
     elif args.parser_weights is None:
         raise CLIError("give --mask PNG or --parser-weights PTH (the face parser that finds the attributes)")
-    if args.parser_weights is not None and not args.parser_weights.is_file():
-        raise CLIError(f"--parser-weights {args.parser_weights}: no such file (the BiSeNet checkpoint, e.g. "
-                       "79999_iter.pth, is not downloaded for you)")
+    problem = None if args.parser_weights is None else parser_weights_problem(args.parser_weights)
+    if problem:
+        raise CLIError(f"--parser-weights {args.parser_weights}: {problem}")
 
     import torch
 
@@ -348,9 +461,13 @@ def _quiet_libraries(quiet: bool):
     if not quiet:
         yield
         return
-    from diffusers.utils import logging as d_log
+    libs = []
+    try:
+        from diffusers.utils import logging as d_log
 
-    libs = [d_log]
+        libs.append(d_log)
+    except ImportError:  # freecure eval needs transformers only
+        pass
     try:
         from transformers.utils import logging as t_log
 
@@ -388,7 +505,7 @@ def _run_generate(args, device, dtype, mask) -> int:
         try:
             parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
         except (ValueError, OSError) as e:
-            raise CLIError(f"--parser-weights {args.parser_weights}: {e}") from e
+            raise parser_weights_error(args.parser_weights, e) from e
 
     pipe = _load_pipeline(args.model, device, dtype)
     if args.quiet:
@@ -443,6 +560,12 @@ def _run_generate(args, device, dtype, mask) -> int:
                 dtype=str(dtype).replace("torch.", ""), versions=_versions(),
                 timings_s={k: round(v, 4) for k, v in out.timings.items()}, fd_reuse=out.fd_reuse, files=written)
     atomic_write_text(args.out / "freecure.json", json.dumps(meta, indent=2) + "\n")
+    for name in GENERATE_OUTPUTS:  # a previous run's image beside this run's would read as this run's
+        if name not in written:
+            try:
+                (args.out / name).unlink()
+            except FileNotFoundError:
+                pass
     print(f"freecure: wrote {', '.join(written)} and freecure.json to {args.out}")
     return 0
 
@@ -452,7 +575,7 @@ def main(argv=None) -> int:
     if argv and argv[0] == "bench":
         from freecure_ops.bench.__main__ import main as bench_main  # lazy: the benchmark pulls in its own deps
 
-        return int(bench_main(argv[1:]) or 0)
+        return int(bench_main(argv[1:], prog="freecure bench") or 0)
     args = build_parser().parse_args(argv)
     try:
         if args.command == "batch":

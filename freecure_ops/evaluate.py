@@ -15,7 +15,8 @@
 
 Tables: per method (``baseline`` = the personalization model alone, ``freecure``) and per number of
 attributes the prompt asks for (1, 2, 3, ..., and ``all``): ``eval_summary.csv`` and ``eval_summary.png``;
-per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count.
+per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count; an
+ok job whose ``pd.png`` is gone or unreadable is a ``missing`` row with a note (not scored, not in the tables).
 """
 from __future__ import annotations
 
@@ -105,8 +106,10 @@ def _mean(values):
 
 
 def summarize(job_rows: list[dict]) -> list[dict]:
-    """Per method and attribute count (and ``all``): jobs, mean PC, mean IF, hMean of the two means."""
+    """Per method and attribute count (and ``all``): jobs, mean PC, mean IF, hMean of the two means. Jobs
+    whose image is missing (``status`` "missing") are not counted."""
     out = []
+    job_rows = [r for r in job_rows if r.get("status", "ok") == "ok"]
     methods = sorted({r["method"] for r in job_rows}, key=lambda m: (m != "baseline", m))
     counts = sorted({r["n_attributes"] for r in job_rows})
     for method in methods:
@@ -119,6 +122,12 @@ def summarize(job_rows: list[dict]) -> list[dict]:
                             if_jobs=sum(r["if"] is not None and math.isfinite(r["if"]) for r in rows),
                             pc=pc, **{"if": idf}, hmean=harmonic_mean(pc, idf)))
     return out
+
+
+def _row(r: dict, pc, score, ref, status: str, note: str) -> dict:
+    return dict(id=r["id"], method=r["method"], identity=r.get("identity"), n_attributes=_n_attributes(r),
+                status=status, pc=pc, **{"if": score}, hmean=harmonic_mean(pc, score) if score is not None else None,
+                pc_text=_pc_text(r), reference=None if ref is None else str(ref), note=note)
 
 
 def evaluate(results_dir, clip, *, face_model=None, references=None, crop="center:1.0", detector=None,
@@ -150,13 +159,27 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(rows), desc="freecure eval", unit="image", file=sys.stderr)
+    def reference_embedding(ref: Path):
+        key = str(ref)
+        if key not in ref_cache:  # (embedding, note): an unreadable reference is a note per job, not a crash
+            try:
+                with Image.open(ref) as im:
+                    ref_cache[key] = (face_embedding(im.convert("RGB")), "no face in the reference")
+            except OSError as e:  # PIL's UnidentifiedImageError is an OSError
+                ref_cache[key] = (None, f"reference not readable: {' '.join(str(e).split())}")
+        return ref_cache[key]
+
     for start in range(0, len(rows), max(1, batch_size)):
-        chunk = rows[start:start + batch_size]
-        images = []
-        for r in chunk:
-            with Image.open(results_dir / r["dir"] / "pd.png") as im:
-                images.append(im.convert("RGB"))
-        pcs = scorer(images, [_pc_text(r) for r in chunk])
+        chunk, images = [], []
+        for r in rows[start:start + batch_size]:
+            try:  # deleted or damaged since the batch ran: recorded as missing, the others go on
+                with Image.open(results_dir / r["dir"] / "pd.png") as im:
+                    images.append(im.convert("RGB"))
+                chunk.append(r)
+            except OSError as e:
+                job_rows.append(_row(r, None, None, None, "missing",
+                                     f"pd.png missing or unreadable: {' '.join(str(e).split())}"))
+        pcs = scorer(images, [_pc_text(r) for r in chunk]) if chunk else []
         for r, img, pc in zip(chunk, images, pcs):
             ident = r.get("identity")
             ref = references.get(ident) if ident is not None else None
@@ -166,22 +189,19 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
                 if ref is None:
                     note = "no reference image"
                 else:
-                    key = str(ref)
-                    if key not in ref_cache:
-                        with Image.open(ref) as im:
-                            ref_cache[key] = face_embedding(im.convert("RGB"))
-                    gen = face_embedding(img)
-                    if ref_cache[key] is None:
-                        note = "no face in the reference"
+                    ref_emb, ref_note = reference_embedding(ref)
+                    gen = None if ref_emb is None else face_embedding(img)
+                    if ref_emb is None:
+                        note = ref_note
                     elif gen is None:
                         note = "no face found"
                     else:
-                        score = 100.0 * cosine_similarity(gen, ref_cache[key])
-            job_rows.append(dict(id=r["id"], method=r["method"], identity=ident, n_attributes=_n_attributes(r),
-                                 pc=pc, **{"if": score}, hmean=harmonic_mean(pc, score) if score is not None else None,
-                                 pc_text=_pc_text(r), reference=None if ref is None else str(ref), note=note))
+                        score = 100.0 * cosine_similarity(gen, ref_emb)
+                        if not math.isfinite(score):  # a zero embedding has no direction
+                            score, note = None, "IF undefined: a face embedding is zero (NaN cosine)"
+            job_rows.append(_row(r, pc, score, ref, "ok", note))
         if bar is not None:
-            bar.update(len(chunk))
+            bar.update(len(rows[start:start + batch_size]))
     if bar is not None:
         bar.close()
     return job_rows, summarize(job_rows)
@@ -201,7 +221,7 @@ def _csv(rows: list[dict], columns) -> str:
     return buf.getvalue()
 
 
-JOB_COLUMNS = ("id", "method", "identity", "n_attributes", "pc", "if", "hmean", "pc_text", "reference", "note")
+JOB_COLUMNS = ("id", "method", "identity", "n_attributes", "status", "pc", "if", "hmean", "pc_text", "reference", "note")
 SUMMARY_COLUMNS = ("method", "n_attributes", "jobs", "if_jobs", "pc", "if", "hmean")
 
 
@@ -329,8 +349,11 @@ def run(args) -> int:
             embed = load_face_embedder(args.face_model)
         except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types for a bad model)
             raise CLIError(f"--face-model {args.face_model}: {' '.join(str(e).split())}") from None
+    from .cli import _quiet_libraries
+
     try:
-        scorer = ClipScorer(args.clip, device)
+        with _quiet_libraries(args.quiet):  # transformers' "Loading weights" bar too
+            scorer = ClipScorer(args.clip, device)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CLIError(f"--clip {args.clip}: could not load CLIP from the folder: {first}") from None
@@ -356,9 +379,14 @@ def run(args) -> int:
     if unscored:
         print(f"freecure eval: warning: {unscored} jobs are not complete (failed or not run) and are not scored; "
               "rerun freecure batch to finish them", file=sys.stderr)
-    missing = sum(r["if"] is None for r in job_rows) if embed is not None else 0
+    gone = sum(r["status"] == "missing" for r in job_rows)
+    if gone:
+        print(f"freecure eval: warning: {gone} of {len(job_rows)} ok jobs have no readable pd.png and are not "
+              "scored (status missing in eval_jobs.csv); rerun freecure batch to redo them", file=sys.stderr)
+    missing = sum(r["status"] == "ok" and (r["if"] is None or not math.isfinite(r["if"]))
+                  for r in job_rows) if embed is not None else 0
     if missing:
-        print(f"freecure eval: warning: {missing} of {len(job_rows)} images have no IF (see the note column of "
-              "eval_jobs.csv)", file=sys.stderr)
+        print(f"freecure eval: warning: {missing} of {len(job_rows) - gone} images have no IF (see the note column "
+              "of eval_jobs.csv)", file=sys.stderr)
     print(f"freecure eval: wrote eval_jobs.csv, eval_summary.csv, eval_summary.png and eval.json to {out}")
     return 0

@@ -222,20 +222,30 @@ def test_killed_run_resumes_without_redoing_finished_jobs(assets, tmp_path):
     assert not list(out.rglob("*.tmp"))
 
 
-def test_failing_job_is_recorded_and_the_others_go_on(assets, tmp_path, capsys):
-    """A job that raises (here: a block index the model lacks) is recorded with its error; exit status 1; a
-    rerun skips the complete jobs and retries the failed one; a changed manifest line is run again."""
+def test_failing_job_is_recorded_and_the_others_go_on(assets, tmp_path, capsys, monkeypatch):
+    """A job that raises (here: FreeCure's call, patched to fail while the job's style_fidelity is 0.25) is
+    recorded with its error; exit status 1; a rerun skips the complete jobs and retries the failed one; a
+    changed manifest line is run again."""
+    from freecure_ops.pipeline.freecure import FreeCure
+
+    real_call = FreeCure.__call__
+
+    def flaky(self, *a, **kw):
+        if self.style_fidelity == 0.25:
+            raise ValueError("block 99 is out of range (patched failure)")
+        return real_call(self, *a, **kw)
+
+    monkeypatch.setattr(FreeCure, "__call__", flaky)
     root = assets["root"]
     rows = [dict(r) for r in assets["rows"][:3]]
     for r in rows:
         r.pop("mask", None)
         r["method"] = "baseline"
-    rows[1] = {**rows[1], "method": "freecure", "mask": str(root / "hair.png"), "layers": [99]}
+    rows[1] = {**rows[1], "method": "freecure", "mask": str(root / "hair.png"), "style_fidelity": 0.25}
     man = tmp_path / "m.jsonl"
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "out"
     args = ["batch", "--manifest", str(man), "--model", str(root / "model"), "--out", str(out), *COMMON]
-    args[args.index("--layers"):args.index("--layers") + 2] = []
     assert main(args) == 1
     captured = capsys.readouterr()
     assert "2 complete" in captured.out and "1 failed" in captured.out
@@ -247,7 +257,7 @@ def test_failing_job_is_recorded_and_the_others_go_on(assets, tmp_path, capsys):
     assert not (out / "jobs" / rows[1]["id"] / "pd.png").exists()
 
     before = (out / "jobs" / rows[0]["id"] / "job.json").read_bytes()
-    rows[1]["layers"] = "all"
+    rows[1]["style_fidelity"] = 0.5
     rows[2]["seed"] += 1                                   # changed: must run again
     man.write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert main(args) == 0
@@ -282,6 +292,13 @@ def _bad_manifests(root: Path, tmp: Path) -> dict:
                                    f"a,y,2,{root / 'hair.png'}\n", "line 4: duplicate id 'a' (first on line 2"),
         "csv_extra_cell": ("m.csv", "id,prompt,seed\na,x,0,5\n", "line 2: 4 cells for 3 columns"),
         "no_file": (None, None, "no such file"),
+        "unreadable_reference": ("m.jsonl", j({**good, "reference": "notimage.png"}),
+                                 "line 1: reference " + str(tmp / "notimage.png") + ": not a readable image"),
+        "layer_out_of_range": ("m.jsonl", j(good, {**good, "id": "b", "layers": [2, 99]}),
+                               "line 2: layers 99: the model has 4 self-attention blocks (0..3)"),
+        "omega_beyond_float32": ("m.jsonl", j({**good, "omega": 1e308}), "line 1: omega must be within float32 range"),
+        "guidance_beyond_float32": ("m.jsonl", j({**good, "settings": {"guidance_scale": 1e300}}),
+                                    "line 1: guidance_scale must be within float32 range"),
     }
 
 
@@ -289,6 +306,7 @@ def _bad_manifests(root: Path, tmp: Path) -> dict:
 def test_bad_manifest_is_one_line_naming_the_line(case, assets, tmp_path, capsys):
     name, content, expect = _bad_manifests(assets["root"], tmp_path)[case]
     (tmp_path / "trunc.png").write_bytes((assets["root"] / "hair.png").read_bytes()[:30])
+    (tmp_path / "notimage.png").write_text("not an image\n")
     path = tmp_path / (name or "absent.jsonl")
     if content is not None:
         path.write_text(content)
@@ -478,3 +496,162 @@ def test_module_entry_usage_error_is_one_line_from_rank_0_only(assets, tmp_path)
         assert p.returncode == 2 and len(err) == lines and "Traceback" not in p.stderr, p.stderr
         if lines:
             assert err[0] == f"freecure: error: --manifest {bad} line 1: missing required field 'seed'"
+
+
+def test_model_too_small_for_the_preset_and_bad_layer_flags_are_found_up_front(assets, tmp_path, capsys):
+    """The block count comes from the model folder's unet/config.json: a FreeCure job without layers on a
+    model smaller than the family's preset, and --layers beyond the model, fail before anything loads."""
+    root = assets["root"]
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"id": "a", "prompt": "a photo of sks man with red hair", "seed": 0,
+                               "mask": str(root / "hair.png")}) + "\n")
+    base = ["batch", "--manifest", str(man), "--model", str(root / "model"), "--out", str(tmp_path / "o"),
+            *COMMON]
+    no_layers = base[:base.index("--layers")] + base[base.index("--layers") + 2:]
+    assert main(no_layers) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"freecure: error: --manifest {man} line 1: layers not given: ") and "sd1 preset" in err
+    assert "only 4 transformer blocks" in err and err.count("\n") == 1, err
+    assert main([*no_layers, "--layers", "0,4"]) == 2
+    err = capsys.readouterr().err
+    assert err == "freecure: error: --layers 4: the model has 4 self-attention blocks (0..3)\n", err
+    assert main([*no_layers, "--omega", "1e300"]) == 2
+    assert "--omega must be within float32 range" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "jobs").exists()
+
+
+def test_model_blocks_from_config_match_the_loaded_models(tmp_path):
+    """The config-only block count equals discovery's count on SD1.5 and SDXL layouts (built on the meta
+    device: no weights) and on the tiny SD pipeline."""
+    from diffusers import UNet2DConditionModel
+
+    from freecure_ops.adapters.discovery import _unet_blocks
+    from freecure_ops.cli import model_blocks
+
+    sd15 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
+                down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, layers_per_block=2)
+    sdxl = dict(block_out_channels=[320, 640, 1280], cross_attention_dim=2048, attention_head_dim=[5, 10, 20],
+                down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+                up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+                transformer_layers_per_block=[1, 2, 10], layers_per_block=2, addition_embed_type="text_time",
+                addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, use_linear_projection=True)
+    for name, cfg, want in (("sd15", sd15, ("sd1", 16)), ("sdxl", sdxl, ("sdxl", 70))):
+        with torch.device("meta"):
+            unet = UNet2DConditionModel(**cfg)
+        (tmp_path / name / "unet").mkdir(parents=True)
+        (tmp_path / name / "unet" / "config.json").write_text(json.dumps(dict(unet.config)))
+        assert model_blocks(tmp_path / name) == want == (want[0], len(_unet_blocks(unet)))
+    tiny = tiny_sd_pipe()
+    tiny.save_pretrained(tmp_path / "tiny")
+    assert model_blocks(tmp_path / "tiny") == ("sd1", len(_unet_blocks(tiny.unet)))
+    assert model_blocks(tmp_path / "nowhere") is None
+
+
+def test_resume_reruns_jobs_when_the_model_files_or_parser_weights_change(assets, tmp_path, capsys, monkeypatch):
+    """The fingerprint holds the model folder's and the parser checkpoint's (size, mtime_ns): the same paths
+    with changed files are not 'already done'."""
+    import shutil
+
+    import freecure_ops.pipeline.face_parser as fp
+
+    class Parser:  # hair on the top half: what the real BiSeNet would find
+        labels = dict(fp.BISENET_CELEBAMASK_LABELS)
+
+        def __call__(self, image):
+            lm = torch.zeros(image.shape[-2:], dtype=torch.int64)
+            lm[: IMAGE // 2] = 17
+            return lm
+
+    monkeypatch.setattr(fp.BiSeNetParser, "from_checkpoint", classmethod(lambda cls, path, **kw: Parser()))
+    root = assets["root"]
+    model = tmp_path / "model"
+    shutil.copytree(root / "model", model)
+    weights = tmp_path / "79999_iter.pth"
+    torch.save({"w": torch.zeros(2)}, weights)
+    rows = [{"id": "b", "prompt": "a photo of sks man with red hair", "seed": 0, "method": "baseline"},
+            {"id": "f", "prompt": "a photo of sks man with red hair", "seed": 0}]  # no mask: the parser
+    man = tmp_path / "m.jsonl"
+    man.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["batch", "--manifest", str(man), "--model", str(model), "--out", str(tmp_path / "o"),
+            "--parser-weights", str(weights), *COMMON]
+
+    def run():
+        assert main(args) == 0
+        return capsys.readouterr().out
+
+    assert "2 complete (0 already done, 2 run now" in run()
+    assert "2 complete (2 already done, 0 run now" in run()
+    torch.save({"w": torch.ones(2)}, weights)               # new weights, same path: the FreeCure job reruns
+    os.utime(weights, ns=(1, 1))
+    assert "2 complete (1 already done, 1 run now" in run()
+    cfg = model / "unet" / "config.json"                    # a model file touched: every job reruns
+    st = cfg.stat()
+    os.utime(cfg, ns=(st.st_atime_ns, st.st_mtime_ns + 10 ** 9))
+    assert "2 complete (0 already done, 2 run now" in run()
+    assert "2 complete (2 already done, 0 run now" in run()
+
+
+def test_eval_records_missing_images_and_zero_face_embeddings(assets, two_process_run, tmp_path, capfd,
+                                                             monkeypatch):
+    """A job image deleted after an ok run is a 'missing' row with a note (the others are scored); a zero
+    face embedding (NaN cosine) is a missing IF with a note; --quiet shows no loading bar of transformers."""
+    import shutil
+    import types
+
+    from transformers.utils import logging as t_log
+
+    out, _ = two_process_run
+    results = tmp_path / "results"
+    shutil.copytree(out, results)
+    gone = assets["rows"][2]["id"]
+    (results / "jobs" / gone / "pd.png").unlink()
+    mod = types.ModuleType("fc_zero_faces")
+    mod.embed = lambda face: np.zeros(8)
+    monkeypatch.setitem(sys.modules, "fc_zero_faces", mod)
+    bars = t_log.is_progress_bar_enabled()
+    capfd.readouterr()
+    root = assets["root"]
+    assert main(["eval", "--results", str(results), "--clip", str(root / "clip"), "--face-model", "fc_zero_faces:embed",
+                 "--reference", f"alice={root / 'alice.png'}", "--reference", f"bob={root / 'bob.png'}",
+                 "--out", str(tmp_path / "ev"), "--device", "cpu", "--quiet"]) == 0
+    err = capfd.readouterr().err
+    assert t_log.is_progress_bar_enabled() == bars         # restored after --quiet
+    assert "Loading weights" not in err and "%|" not in err, err
+    assert "1 of 8 ok jobs have no readable pd.png" in err and "7 of 7 images have no IF" in err, err
+    with open(tmp_path / "ev" / "eval_jobs.csv", newline="") as f:
+        jobs = {r["id"]: r for r in csv.DictReader(f)}
+    assert len(jobs) == 8 and jobs[gone]["status"] == "missing" and jobs[gone]["pc"] == ""
+    assert "pd.png missing" in jobs[gone]["note"]
+    scored = [r for k, r in jobs.items() if k != gone]
+    assert all(r["status"] == "ok" and r["pc"] != "" and r["if"] == "" and "zero" in r["note"] for r in scored)
+    with open(tmp_path / "ev" / "eval_summary.csv", newline="") as f:
+        summary = {(r["method"], r["n_attributes"]): r for r in csv.DictReader(f)}
+    method = assets["rows"][2]["method"]
+    assert sum(int(summary[(m, "all")]["jobs"]) for m in ("baseline", "freecure")) == 7
+    assert all(r["if_jobs"] == "0" for r in summary.values()) and summary[(method, "all")]["jobs"] == "3"
+
+
+@pytest.mark.parametrize("extra,expect", [
+    (["--identity", "Alice=man"], "--identity Alice=man: 'Alice' and 'alice' differ only in case"),
+    (["--methods", "freecure,freecure"], "--methods freecure,freecure: freecure given twice"),
+    (["--methods", ""], "--methods '': empty"),
+    (["--methods", " , "], "--methods ' , ': empty"),
+    (["--attributes", "hair,hair"], "--attributes hair,hair: hair given twice"),
+    (["--identity", "bob=man with glasses"], "--identity bob=man with glasses: the identity or class word names"),
+    (["--pd-subject", "sks {class} with a hat"], "--pd-subject sks {class} with a hat: the subject names"),
+    (["--templates", "{dir}/foo.txt"], "--templates {dir}/foo.txt line 2: unknown placeholder {foo}"),
+    (["--templates", "{dir}/pos.txt"], "--templates {dir}/pos.txt line 1: unknown placeholder {0}"),
+    (["--templates", "{dir}/brace.txt"], "--templates {dir}/brace.txt line 1: not a valid template (Single '}'"),
+    (["--templates", "{dir}/hat.txt"], "--templates {dir}/hat.txt line 1: the template itself names"),
+])
+def test_manifest_refuses_what_batch_would_refuse(extra, expect, tmp_path, capsys):
+    (tmp_path / "foo.txt").write_text("a {subject} with {attributes}\na {subject} with {attributes} {foo}\n")
+    (tmp_path / "pos.txt").write_text("a {subject} with {attributes} {0}\n")
+    (tmp_path / "brace.txt").write_text("a {subject} with {attributes} }\n")
+    (tmp_path / "hat.txt").write_text("a {subject} in a hat with {attributes}\n")
+    extra = [e.replace("{dir}", str(tmp_path)) for e in extra]
+    rc = main(["manifest", "--identity", "alice=woman", *extra, "--out", str(tmp_path / "m.jsonl")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("freecure: error: " + expect.replace("{dir}", str(tmp_path))), err
+    assert err.count("\n") == 1 and not (tmp_path / "m.jsonl").exists()

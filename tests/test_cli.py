@@ -80,7 +80,7 @@ def stub_parser(monkeypatch, tmp_path):
     parser = Stub()
     monkeypatch.setattr(fp.BiSeNetParser, "from_checkpoint", classmethod(lambda cls, path, **kw: parser))
     weights = tmp_path / "79999_iter.pth"
-    weights.write_bytes(b"stub")
+    torch.save({"stub": torch.zeros(1)}, weights)  # a real checkpoint file: the CLI checks its header first
     return weights, parser
 
 
@@ -160,12 +160,63 @@ def test_bench_is_delegated(monkeypatch):
     import freecure_ops.bench.__main__ as bench_main
 
     seen = []
-    monkeypatch.setattr(bench_main, "main", lambda argv=None: seen.append(argv) or 0)
+    monkeypatch.setattr(bench_main, "main", lambda argv=None, prog=None: seen.append((argv, prog)) or 0)
     assert main(["bench", "--quick", "--models", "sd15"]) == 0
-    assert seen == [["--quick", "--models", "sd15"]]
+    assert seen == [(["--quick", "--models", "sd15"], "freecure bench")]
 
 
 def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as e:
         main(["generate", "--prompt", "x"])
     assert e.value.code == 2
+
+
+def test_second_run_into_the_same_out_removes_outputs_it_did_not_produce(model_dir, tmp_path, stub_parser):
+    """A run without FASA (no attribute words) into a folder a FreeCure run filled: the old fd.png and
+    mask.png go (they would read as this run's); files generate does not write are left alone."""
+    weights, _ = stub_parser
+    out = tmp_path / "same"
+    assert main(_args(model_dir, out, "--parser-weights", str(weights))) == 0
+    assert {"fd.png", "mask.png"} <= {p.name for p in out.iterdir()}
+    (out / "notes.txt").write_text("mine")
+    args = _args(model_dir, out, "--parser-weights", str(weights))
+    args[args.index("--prompt") + 1] = "a photo of sks man"
+    args[args.index("--fd-prompt") + 1] = "a photo of man"
+    assert main(args) == 0
+    meta = json.loads((out / "freecure.json").read_text())
+    assert meta["files"] == ["pd.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["freecure.json", "notes.txt", "pd.png"]
+
+
+@pytest.mark.parametrize("content,expect", [
+    (b"garbage\n", "--parser-weights {w}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle"),
+    (b"", "--parser-weights {w}: not a PyTorch checkpoint (the file is empty)"),
+])
+def test_parser_weights_that_are_not_a_checkpoint_are_one_line(content, expect, model_dir, tmp_path, capsys):
+    weights = tmp_path / "garbage.pth"
+    weights.write_bytes(content)
+    assert main(_args(model_dir, tmp_path / "out", "--parser-weights", str(weights))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("freecure: error: " + expect.format(w=weights)) and err.count("\n") == 1, err
+    assert "pickled code" not in err and not (tmp_path / "out").exists()
+
+
+def test_parser_checkpoint_load_failure_is_one_line(model_dir, tmp_path, capsys):
+    """A real zip checkpoint holding an object weights_only refuses: torch's multi-line detail is cut."""
+    import argparse
+
+    weights = tmp_path / "objects.pth"
+    torch.save({"x": argparse.Namespace(a=1)}, weights)
+    assert main(_args(model_dir, tmp_path / "out", "--parser-weights", str(weights))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"freecure: error: --parser-weights {weights}: ") and err.count("\n") == 1, err
+    assert "pickled code" in err and "Weights only load failed" not in err, err  # torch's paragraph is cut
+
+
+def test_bench_usage_error_is_one_line(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--models", "foo"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("freecure: error: --models: unknown model ['foo']") and err.count("\n") == 1, err
+    assert "freecure bench --help" in err
