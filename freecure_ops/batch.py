@@ -427,7 +427,7 @@ def _kill_point(ctx: _Context, d: Path) -> None:
 def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
     import torch
 
-    from .pipeline.freecure import FreeCure, FreeCureWarning
+    from .pipeline.freecure import FreeCure, FreeCureWarning, step_generators
     from .cli import _effective_settings, _save_mask, read_mask_png
 
     args, pipe = ctx.args, ctx.pipe
@@ -451,11 +451,13 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 if s[key] is not None:
                     call[key] = s[key]
             if job.method == "baseline":
-                fc = FreeCure(pipe, None, layers="all")  # only for its latents: drawn exactly as FreeCure draws them
+                # FreeCure's noise for this seed (initial latents and per-step noise): the baseline and the
+                # freecure job of a prompt differ by FreeCure alone, with stochastic samplers too
+                fc = FreeCure(pipe, None, layers="all")
                 h, w = fc._size(call)
-                gen = torch.Generator(device="cpu").manual_seed(job.seed)
-                latents = fc.initial_latents(1, h, w, gen)
-                image = pipe(prompt=job.prompt, latents=latents, **{**call, "height": h, "width": w}).images[0]
+                latents, seeds = fc.noise(1, h, w, seed=job.seed)
+                image = pipe(prompt=job.prompt, latents=latents, generator=step_generators(seeds),
+                             **{**call, "height": h, "width": w}).images[0]
                 from .pipeline.apg import default_guidance_scale
 
                 settings = dict(steps=s["steps"], guidance_scale=float(call.get("guidance_scale",
