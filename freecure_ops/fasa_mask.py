@@ -26,10 +26,11 @@ class FasaMask:
     ``rows``: float32 ``[R, Nimg]`` (R = 1 shared by the batch, or R = B). ``fd_index``: int32 ``[R, Nimg]``,
     per row the indices of the live keys (``rows > 0``) in ascending order, then padding. ``fd_value``:
     float32 ``[R, Nimg]``, the mask value of each listed key (0 in the padding). ``fd_count``: int32 ``[R]``,
-    the number of live keys per row.
+    the number of live keys per row. ``max_value``: the largest mask value (a float read when the mask was
+    checked; None when it was not read, e.g. prepared while tracing), which bounds ``omega * m``.
     """
 
-    __slots__ = ("rows", "fd_index", "fd_value", "fd_count")
+    __slots__ = ("rows", "fd_index", "fd_value", "fd_count", "max_value")
 
     def __init__(self, *args, **kwargs):
         # The kernel gathers K/V rows at fd_index: parts that do not agree would read out of bounds.
@@ -38,10 +39,11 @@ class FasaMask:
 
     @classmethod
     def _from_parts(cls, rows: torch.Tensor, fd_index: torch.Tensor, fd_value: torch.Tensor,
-                    fd_count: torch.Tensor) -> "FasaMask":
+                    fd_count: torch.Tensor, max_value: float | None = None) -> "FasaMask":
         """The parts as :func:`pack_checked_mask` derives them (internal: nothing is checked here)."""
         self = object.__new__(cls)
-        for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count)):
+        for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count),
+                            ("max_value", max_value)):
             object.__setattr__(self, name, value)
         return self
 
@@ -89,22 +91,27 @@ def _check_raw(mask) -> torch.Tensor:
     return mask
 
 
-def check_mask_values(mask: torch.Tensor) -> None:
+def check_mask_values(mask: torch.Tensor) -> float | None:
     """A float mask holds finite values >= 0 that stay finite and keep their sign in float32 (one host sync;
-    bool masks need no check). A value too small for float32 would silently become "excluded".
+    bool masks need no check). A value too small for float32 would silently become "excluded". Returns the
+    largest value (1.0 for bool masks; None where the values were not read), which bounds ``omega * m``.
 
     Skipped for meta and fake tensors (they hold no values) and while ``torch.compile`` traces
     (``torch.compiler.is_compiling()``): the answer is data on the device, and reading it would break the
     graph (and sync the host in every compiled call). Compiled callers prepare their masks outside the
     compiled region (:func:`prepare_fasa_mask`, once), or accept unchecked values: there a negative or NaN
     entry excludes its key like 0, and +inf gives a non-finite output."""
-    if mask.dtype == torch.bool or torch.compiler.is_compiling() or mask.device.type == "meta" or _is_fake(mask):
-        return  # no values to read (meta and fake tensors have none)
+    if mask.dtype == torch.bool:
+        return 1.0
+    if torch.compiler.is_compiling() or mask.device.type == "meta" or _is_fake(mask):
+        return None  # no values to read (meta and fake tensors have none)
     f32 = mask.to(torch.float32)
     bad = ~torch.isfinite(mask) | (mask < 0) | ~torch.isfinite(f32) | ((mask > 0) & (f32 == 0))
-    if bool(bad.any()):
+    any_bad, top = torch.stack([bad.any().to(torch.float64), mask.max().to(torch.float64)]).tolist()  # one sync
+    if any_bad:
         raise ValueError("mask must hold finite values >= 0 that are representable in float32 "
                          "(found a negative, NaN, inf, overflowing or underflowing entry)")
+    return top
 
 
 def _is_fake(t: torch.Tensor) -> bool:
@@ -133,8 +140,7 @@ def prepare_fasa_mask(mask) -> FasaMask:
     if isinstance(mask, FasaMask):
         return mask
     mask = _check_raw(mask)
-    check_mask_values(mask)
-    return pack_checked_mask(mask)
+    return pack_checked_mask(mask, check_mask_values(mask))
 
 
 def raw_mask_rows(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -143,7 +149,8 @@ def raw_mask_rows(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return mask.detach().to(dtype, copy=True).reshape(-1, mask.shape[-1]).contiguous()
 
 
-def pack_checked_mask(mask: torch.Tensor) -> FasaMask:
-    """:func:`prepare_fasa_mask` for a raw mask already checked (no host sync)."""
+def pack_checked_mask(mask: torch.Tensor, max_value: float | None = None) -> FasaMask:
+    """:func:`prepare_fasa_mask` for a raw mask already checked (no host sync); ``max_value``: what the check
+    returned."""
     rows = raw_mask_rows(mask)
-    return FasaMask._from_parts(rows, *pack_live_keys(rows))
+    return FasaMask._from_parts(rows, *pack_live_keys(rows), max_value)

@@ -84,7 +84,14 @@ def check_real(name: str, value, *, allow_none: bool = False, lo: float | None =
     return value
 
 
-def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
+def _check_product(omega: float, max_value: float | None) -> None:
+    """``omega * m`` enters every FD logit: beyond float32 range it would turn the output into NaN."""
+    if max_value is not None and abs(omega) * max_value > F32_SAFE:
+        raise ValueError(f"omega * max(mask) = {omega:.3g} * {max_value:.3g} is beyond float32 range "
+                         f"(|omega * m| <= {F32_SAFE:.3g}): the FD logits would overflow")
+
+
+def check_mask(mask, *, batch: int, n_img: int, device: torch.device, omega: float = 0.0) -> None:
     """Check an FD-token mask: None, a raw ``[n_img]`` / ``[batch, n_img]`` bool or float tensor (its values
     too: one host sync for a float mask), or a :class:`FasaMask` (checked when it was prepared) with 1 or
     ``batch`` rows."""
@@ -96,6 +103,8 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
                              f"[Nimg]={n_img} (Nf - n_txt) shared or [B, Nimg]=[{batch}, {n_img}]")
         if mask.device != device:
             raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
+        if not torch.compiler.is_compiling():  # a compiled graph must not guard on this per-mask float
+            _check_product(omega, mask.max_value)
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, a FasaMask or None, got {type(mask).__name__}")
@@ -114,7 +123,7 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device) -> None:
         raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
     if mask.requires_grad:
         raise ValueError("mask must not require grad: FASA does not differentiate through the mask")
-    check_mask_values(mask)
+    _check_product(omega, check_mask_values(mask))
 
 
 _NAMES = ("q", "k_p", "k_f", "v_p", "v_f")
@@ -183,5 +192,5 @@ def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
     scale = check_real("scale", scale, allow_none=True)
     if scale is None:
         scale = head_dim ** -0.5
-    check_mask(mask, batch=batch, n_img=n_f - n_txt, device=q.device)
+    check_mask(mask, batch=batch, n_img=n_f - n_txt, device=q.device, omega=omega)
     return FasaProblem(batch, heads, n_q, n_p, n_f, head_dim, n_txt, scale, omega, mode)

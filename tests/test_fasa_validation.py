@@ -89,6 +89,7 @@ BAD = [
     (dict(omega=torch.tensor(1.5, requires_grad=True)), TypeError, ["omega", "requires grad"]),
     (dict(scale=torch.tensor(0.25, requires_grad=True)), TypeError, ["scale", "requires grad"]),
     (dict(omega=10 ** 400), ValueError, ["omega", "float32 range"]),
+    (dict(omega=1e37, mask=torch.full((NF,), 10.0)), ValueError, ["omega * max(mask)", "float32 range"]),
     (dict(mask=torch.ones(B + 1, NF)), ValueError, ["mask", "[1, Nimg]"]),  # neither 1 nor B rows
 ]
 
@@ -226,3 +227,13 @@ def test_float_mask_on_meta_or_fake_tensors_needs_no_values():
     with FakeTensorMode():
         fake = [torch.empty(B, H, n, D) for n in (NQ, NP, NF, NP, NF)]
         assert fasa_attention(*fake, torch.ones(NF), 1.5).shape == (B, H, NQ, D)
+
+
+def test_a_prepared_mask_bounds_omega_times_m_too():
+    from freecure_ops import prepare_fasa_mask
+
+    m = prepare_fasa_mask(torch.full((NF,), 10.0))
+    assert m.max_value == 10.0 and prepare_fasa_mask(torch.ones(NF, dtype=torch.bool)).max_value == 1.0
+    with pytest.raises(ValueError, match=r"omega \* max\(mask\)"):
+        call(mask=m, omega=1e37)
+    assert torch.isfinite(call(mask=m, omega=1e36)).all()
