@@ -293,6 +293,7 @@ def run_e2e(out_dir, log=print, quick: bool = False, device="cuda") -> list:
             r.update(env, model=model_name, blocks=blocks, dtype=str(dtype).replace("torch.", ""),
                      x_stock=(r["ms"] / stock) if (stock and r["ms"]) else None)
             rows.append(r)
+        _write(rows, Path(out_dir), lambda _: None)  # after every model: a time limit keeps what was measured
 
     # SDXL at 1024 px: latent 128 x 128, CFG batch of 4, fp16.
     try:

@@ -4,7 +4,8 @@
 #   2. the kernel and adapter tests on CUDA (fp16, bf16: the compiled paths; interpreter-only tests skip),
 #   3. the tile sweep: every candidate config per real shape, the table's choice against the fastest,
 #   4. the benchmark at the real shapes, fp16: B=1 per guidance half and the B=4 cases, hair and band masks
-#      at 10/25/50% and the full mask, providers fasa, sdpa_bias, flex, reference, sdpa_dense, sdpa_pd,
+#      at 10/25/50% and the full mask, every provider (fasa, authors, reference, sdpa_bias, sdpa_gather,
+#      flex, sdpa_dense, sdpa_pd), each case at 25% hair and full first, heaviest shape (FLUX) first,
 #   5. the host cost per call (our Python work; and whole calls with Triton's launch),
 #   6. the end-to-end denoising step with what time is left.
 # Each step has its own time limit; the benchmark and the sweep rewrite their CSVs as they go, so a limit
@@ -73,7 +74,7 @@ echo "== sweep rc=$? at $(elapsed)" >> "$OUT/bench.log"
 [ -f "$OUT/sweep.txt" ] && sed -i "1i $HEADER" "$OUT/sweep.txt"
 
 # 4. The benchmark (bench.csv / table.txt rewritten after every configuration).
-t=$(left); t=$(( t > 150 ? 150 : t - 40 ))
+t=$(( $(left) - 40 )); t=$(( t > 150 ? 150 : t ))   # 40 s stay for the host cost and the e2e step
 if [ "$t" -gt 20 ]; then
   timeout -k 5 "$t" "$PY" -m freecure_ops.bench --no-e2e --dtypes fp16 --masks hair,band,full \
     --coverages 25,10,50 --out "$OUT" >> "$OUT/bench.log" 2>&1

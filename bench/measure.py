@@ -1,7 +1,9 @@
 """Timing, FLOP counting and peak memory.
 
 Times are medians: ``triton.testing.do_bench`` on CUDA (it warms up, flushes L2 between calls and syncs),
-a plain ``perf_counter`` loop on CPU. FLOPs count only the (query, key) pairs a provider actually attends.
+a plain ``perf_counter`` loop on CPU. On CUDA the time is device time between events: a provider's host work
+per call (Python, dispatch, launch; ~20 us for fasa, see host_overhead) overlaps the L2 flush and is not in
+it, for every provider alike. FLOPs count only the (query, key) pairs a provider actually attends.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ def attended_pairs(n_q: int, n_p: int, nnz: int, n_txt: int = 0) -> int:
 
 def attention_flops(batch: int, heads: int, head_dim: int, pairs: int) -> int:
     """``4 * B * H * pairs * D``: two matmuls (QK^T and PV) of 2 FLOPs per multiply-add. With
-    ``pairs = Nq * (Np + nnz)`` this is the issue's ``4*B*H*Nq*(Np+nnz)*D``."""
+    ``pairs = Nq * (Np + nnz)`` (no text rows) this is the issue's ``4*B*H*Nq*(Np+nnz)*D``; FLUX's text rows see
+    no FD key, so ``attended_pairs`` counts fewer pairs there (5% fewer at the full mask): conservative."""
     return 4 * batch * heads * pairs * head_dim
 
 

@@ -8,13 +8,22 @@ run pays on every call (concatenating K/V, the attention itself) is inside the c
 name           computes  how
 =============  ========  ======================================================================================
 fasa           FASA      ``freecure_ops.fasa_attention(backend="triton")``: the fused kernel through the public API
-reference      FASA      ``freecure_ops.fasa_reference`` in the input dtype: the authors' way (materialized scores)
-sdpa_bias      FASA      concatenate K/V, SDPA with a broadcast ``[1, 1, 1, Nk]`` additive bias (FLUX: text rows in
-                         a second SDPA call over PD keys)
-flex           FASA      concatenate K/V, compiled ``flex_attention`` with a score_mod (bias) and a block mask
+authors        FASA      the authors' released FASA (``attn_batch``): einsum scores in the input dtype, the FD part
+                         biased (-inf outside the mask), one softmax over ``[PD, FD]`` in the input dtype, einsum
+reference      FASA      ``freecure_ops.fasa_reference`` in the input dtype: the float64-capable oracle, eager
+                         (float32 softmax, checks), slower than ``authors``: timed for the record, no target
+sdpa_bias      FASA      SDPA over ``[PD; FD]`` keys with a broadcast ``[1, 1, 1, Nk]`` additive bias (FLUX: text
+                         rows in a second SDPA call over PD keys)
+sdpa_gather    FASA      the same compaction as the kernel with stock ops: gather the live FD keys (the prepared
+                         mask's list), SDPA with the bias over ``Np + nnz`` keys
+flex           FASA      compiled ``flex_attention`` over ``[PD; FD]`` keys with a score_mod (bias) and a block mask
 sdpa_dense     dense     SDPA over pre-concatenated ``[PD; FD image]`` K/V with no mask: the same work unmasked
 sdpa_pd        pd        SDPA over the PD keys alone: the cost floor
 =============  ========  ======================================================================================
+
+``[PD; FD]`` keys for sdpa_bias and flex: with one image per call (B=1, what the adapters pass) the PD and FD
+rows of the batch are adjacent in memory, so the joint keys are a free view (FD text keys included, excluded by
+the bias/mask); with several images they are concatenated in the call, as any stock-op FASA must.
 """
 from __future__ import annotations
 
@@ -27,9 +36,9 @@ from .masks import case_mask
 from .measure import timed_once_ms
 from .shapes import Case
 
-PROVIDERS = ("fasa", "reference", "sdpa_bias", "flex", "sdpa_dense", "sdpa_pd")
-TARGETS = {"fasa": "fasa", "reference": "fasa", "sdpa_bias": "fasa", "flex": "fasa",
-           "sdpa_dense": "dense", "sdpa_pd": "pd"}
+PROVIDERS = ("fasa", "authors", "reference", "sdpa_bias", "sdpa_gather", "flex", "sdpa_dense", "sdpa_pd")
+TARGETS = {"fasa": "fasa", "authors": "fasa", "reference": "fasa", "sdpa_bias": "fasa", "sdpa_gather": "fasa",
+           "flex": "fasa", "sdpa_dense": "dense", "sdpa_pd": "pd"}
 # The reference materializes [B, H, Nq, Np + Nf] fp32 scores (and a few copies): above this many bytes of
 # fp32 scores it runs in query chunks (same math, bounded memory) and the row says so.
 REFERENCE_MAX_SCORE_BYTES = 4 * 2**30
@@ -58,6 +67,8 @@ class Problem:
     scale: float
     mask_kind: str = "hair"
     cache: dict = field(default_factory=dict)
+    k_all: torch.Tensor | None = None  # the whole [PD rows; FD rows] batch that k_p / k_f are halves of
+    v_all: torch.Tensor | None = None
 
     @property
     def nnz(self) -> int:
@@ -82,7 +93,7 @@ def make_problem(case: Case, dtype: torch.dtype, coverage: float, device, seed: 
     mask, _ = case_mask(case.grid, coverage, seed, mask_kind)
     return Problem(case, dtype, device, 1.0 if mask_kind == "full" else coverage, q_all[:b], k_all[:b], k_all[b:],
                    v_all[:b], v_all[b:], mask.to(device=device, dtype=torch.float32), case.omega, d ** -0.5,
-                   mask_kind)
+                   mask_kind, k_all=k_all, v_all=v_all)
 
 
 # ---------------------------------------------------------------------------------------------- oracles
@@ -159,11 +170,29 @@ def _fd_img(p: Problem):
     return p.k_f[:, :, n_txt:], p.v_f[:, :, n_txt:]
 
 
-def _bias_row(p: Problem) -> torch.Tensor:
-    """The per-key additive bias ``[1, 1, 1, Np + Nimg]`` in the input dtype: 0 on PD keys,
-    ``omega * m`` on FD keys inside the mask, -inf outside."""
+def _joint_kv(p: Problem):
+    """``(kv, fd_start, note)``: ``kv()`` gives K and V over ``[PD keys; FD keys]``, whose FD image keys start at
+    ``fd_start``. B=1: a free view of the batch (the PD and FD rows are adjacent in memory; the FD text keys
+    between, if any, are for the bias to exclude); B>1: a concatenation of PD and FD image keys in the call."""
+    c = p.case
+    if c.batch == 1 and p.k_all is not None:
+        def view(t):  # [2, H, N, D] over [2, N, H, D] memory -> [1, H, 2N, D], no copy
+            return t.transpose(1, 2).reshape(1, 2 * c.n_q, c.heads, c.head_dim).transpose(1, 2)
+        k, v = view(p.k_all), view(p.v_all)
+        return (lambda: (k, v)), c.n_p + c.n_txt, "K/V a free view (B=1)"
+    k_img, v_img = _fd_img(p)
+    return (lambda: (torch.cat([p.k_p, k_img], dim=2), torch.cat([p.v_p, v_img], dim=2))), c.n_p, \
+        "concat K/V in the call"
+
+
+def _bias_row(p: Problem, fd_start: int | None = None) -> torch.Tensor:
+    """The per-key additive bias ``[1, 1, 1, fd_start + Nimg]`` in the input dtype: 0 on PD keys, -inf on the
+    FD text keys of a joint view (``fd_start > Np``), ``omega * m`` on FD keys inside the mask, -inf outside."""
+    n_p = p.case.n_p
+    fd_start = n_p if fd_start is None else fd_start
     fd = torch.where(p.mask > 0, p.omega * p.mask, torch.full_like(p.mask, float("-inf")))
-    bias = torch.cat([torch.zeros(p.case.n_p, device=p.device), fd])
+    text = torch.full((fd_start - n_p,), float("-inf"), device=p.device)
+    bias = torch.cat([torch.zeros(n_p, device=p.device), text, fd])
     return bias.to(p.dtype)[None, None, None, :]
 
 
@@ -199,26 +228,73 @@ def prepare_reference(p: Problem) -> Prepared:
                     f"eager, query-chunked by {chunk} rows (full scores {score_bytes / 2**30:.1f} GiB > cap)")
 
 
-def prepare_sdpa_bias(p: Problem) -> Prepared:
-    bias = _bias_row(p)
-    k_img, v_img = _fd_img(p)
+def _sdpa_fasa(p: Problem, kv, bias, note: str) -> Prepared:
+    """FASA with SDPA over the keys ``kv()`` gives and the per-key ``bias``; FLUX: text rows in a second SDPA
+    call over the PD keys (they see no FD key)."""
     n_txt, q = p.case.n_txt, p.q
-
     if n_txt == 0:
         def fn():
-            k = torch.cat([p.k_p, k_img], dim=2)
-            v = torch.cat([p.v_p, v_img], dim=2)
+            k, v = kv()
             return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=p.scale)
     else:
         q_txt, q_img = q[:, :, :n_txt], q[:, :, n_txt:]
 
         def fn():
-            k = torch.cat([p.k_p, k_img], dim=2)
-            v = torch.cat([p.v_p, v_img], dim=2)
+            k, v = kv()
             txt = F.scaled_dot_product_attention(q_txt, p.k_p, p.v_p, scale=p.scale)
             img = F.scaled_dot_product_attention(q_img, k, v, attn_mask=bias, scale=p.scale)
             return torch.cat([txt, img], dim=2)
-    return Prepared(fn, "concat K/V in the call" + (", 2 SDPA calls (text, image)" if n_txt else ""))
+    return Prepared(fn, note + (", 2 SDPA calls (text, image)" if n_txt else ""))
+
+
+def prepare_sdpa_bias(p: Problem) -> Prepared:
+    kv, fd_start, note = _joint_kv(p)
+    return _sdpa_fasa(p, kv, _bias_row(p, fd_start), note)
+
+
+def prepare_sdpa_gather(p: Problem) -> Prepared:
+    """The kernel's compaction with stock ops: the live FD image keys (the prepared mask's packed list, built
+    once like the kernel's) gathered next to the PD keys in the call, SDPA with the bias over ``Np + nnz``."""
+    from freecure_ops import prepare_fasa_mask
+
+    holder = {}
+
+    def build():
+        m = prepare_fasa_mask(p.mask)
+        nnz = int(m.fd_count[0])
+        idx = m.fd_index[0, :nnz].long() + p.case.n_txt
+        bias = torch.cat([torch.zeros(p.case.n_p, device=p.device), p.omega * m.fd_value[0, :nnz]])
+        return idx, bias.to(p.dtype)[None, None, None, :]
+
+    build()  # warm
+    build_ms = timed_once_ms(lambda: holder.setdefault("b", build()), p.device)
+    idx, bias = holder["b"]
+
+    def kv():
+        return (torch.cat([p.k_p, p.k_f.index_select(2, idx)], dim=2),
+                torch.cat([p.v_p, p.v_f.index_select(2, idx)], dim=2))
+    prepared = _sdpa_fasa(p, kv, bias, f"gather {idx.numel()} live FD keys in the call")
+    prepared.build_ms = build_ms
+    return prepared
+
+
+def prepare_authors(p: Problem) -> Prepared:
+    """The authors' released FASA, eager (``attn_batch`` of their code): PD and FD scores by einsum in the input
+    dtype, the FD scores biased by ``omega * m`` and -inf outside the mask (and, FLUX, for text query rows),
+    one softmax over ``[PD, FD]`` in the input dtype, einsum with ``[V_p; V_f]``."""
+    n_txt = p.case.n_txt
+    k_img, v_img = _fd_img(p)
+    fd_bias = torch.where(p.mask > 0, p.omega * p.mask, torch.full_like(p.mask, float("-inf"))).to(p.dtype)
+    if n_txt:  # text query rows see no FD key
+        rows = (torch.arange(p.case.n_q, device=p.device) < n_txt)[:, None]
+        fd_bias = fd_bias[None, :].masked_fill(rows, float("-inf"))
+
+    def fn():
+        s_p = torch.einsum("bhqd,bhkd->bhqk", p.q, p.k_p) * p.scale
+        s_f = torch.einsum("bhqd,bhkd->bhqk", p.q, k_img) * p.scale + fd_bias
+        probs = torch.cat([s_p, s_f], dim=-1).softmax(dim=-1)
+        return torch.einsum("bhqk,bhkd->bhqd", probs, torch.cat([p.v_p, v_img], dim=2))
+    return Prepared(fn, f"eager einsum + softmax in {p.dtype_name}")
 
 
 def prepare_sdpa_dense(p: Problem) -> Prepared:
@@ -262,10 +338,12 @@ def prepare_flex(p: Problem, *, allow_cpu: bool = False) -> Prepared:
     except ImportError as e:  # torch < 2.5
         raise Skip(f"torch.nn.attention.flex_attention unavailable: {e}") from None
     flex = _compiled_flex()
-    n_p, n_txt, nk = p.case.n_p, p.case.n_txt, p.case.n_p + p.case.n_img
-    keep = torch.cat([torch.ones(n_p, dtype=torch.bool, device=p.device), p.mask > 0])
-    bias = torch.cat([torch.zeros(n_p, device=p.device), p.omega * p.mask])
-    k_img, v_img = _fd_img(p)
+    kv, fd_start, kv_note = _joint_kv(p)
+    n_p, n_txt, nk = p.case.n_p, p.case.n_txt, fd_start + p.case.n_img
+    gap = fd_start - n_p  # FD text keys inside a joint view: never attended
+    keep = torch.cat([torch.ones(n_p, dtype=torch.bool, device=p.device),
+                      torch.zeros(gap, dtype=torch.bool, device=p.device), p.mask > 0])
+    bias = torch.cat([torch.zeros(fd_start, device=p.device), p.omega * p.mask])
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score + bias[kv_idx]
@@ -286,15 +364,15 @@ def prepare_flex(p: Problem, *, allow_cpu: bool = False) -> Prepared:
     block_mask = holder["bm"]
 
     def fn():
-        k = torch.cat([p.k_p, k_img], dim=2)
-        v = torch.cat([p.v_p, v_img], dim=2)
+        k, v = kv()
         return flex(p.q, k, v, score_mod=score_mod, block_mask=block_mask, scale=p.scale)
     compile_ms = timed_once_ms(fn, p.device)  # first call compiles (or hits the compiled cache)
-    return Prepared(fn, f"concat K/V in the call; first call {compile_ms / 1e3:.1f} s", build_ms)
+    return Prepared(fn, f"{kv_note}; first call {compile_ms / 1e3:.1f} s", build_ms)
 
 
-PREPARE = {"fasa": prepare_fasa, "reference": prepare_reference, "sdpa_bias": prepare_sdpa_bias,
-           "flex": prepare_flex, "sdpa_dense": prepare_sdpa_dense, "sdpa_pd": prepare_sdpa_pd}
+PREPARE = {"fasa": prepare_fasa, "authors": prepare_authors, "reference": prepare_reference,
+           "sdpa_bias": prepare_sdpa_bias, "sdpa_gather": prepare_sdpa_gather, "flex": prepare_flex,
+           "sdpa_dense": prepare_sdpa_dense, "sdpa_pd": prepare_sdpa_pd}
 
 
 # ------------------------------------------------------------------------------------- SDPA backend log

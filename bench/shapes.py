@@ -69,6 +69,12 @@ BATCHED = {
 CASES = {m: cases + BATCHED[m] for m, cases in (("sd15", SD15), ("sdxl", SDXL), ("flux", FLUX))}
 
 
+def attention_weight(case: Case) -> int:
+    """A shape's attention work in one generation: layers x query-key pairs x heads x head dim (the batch
+    cases have no layers of their own: 0). Runs cut short by a time limit take the heaviest shapes first."""
+    return case.layers * case.n_q * (case.n_p + case.n_f) * case.heads * case.head_dim
+
+
 def cases_for(models) -> list[Case]:
     """The full-size cases of the named models, in table order."""
     out = []

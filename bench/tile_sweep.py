@@ -20,7 +20,6 @@ Needs CUDA (the interpreter says nothing about speed); without it, it says so an
 from __future__ import annotations
 
 import argparse
-import concurrent.futures as futures
 import csv
 import functools
 import multiprocessing
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .shapes import cases_for
+from .shapes import attention_weight, cases_for
 
 CANDIDATES = (  # (BLOCK_M, BLOCK_N, num_warps, num_stages); shared memory and spills read offline (COMPILE.md)
     (64, 32, 4, 3), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 128, 4, 3), (64, 128, 8, 3),
@@ -50,7 +49,7 @@ def distinct_cases():
         if key not in seen:
             seen.add(key)
             out.append(c)
-    return sorted(out, key=lambda c: -c.layers * c.n_q * (c.n_p + c.n_f) * c.heads * c.head_dim)
+    return sorted(out, key=lambda c: -attention_weight(c))
 
 
 def compile_jobs(cases, configs_for) -> list:
@@ -93,24 +92,32 @@ def compile_one(job, device: str = "cuda") -> str:
 
 
 def precompile(jobs, workers: int, deadline: float, device: str = "cuda", log=print) -> dict:
-    """Run ``compile_one`` over ``jobs`` in ``workers`` fresh processes (spawned: CUDA cannot be forked),
-    until ``deadline`` (``time.perf_counter()``); what is not done by then compiles later, on first launch.
-    Returns {job: error line} for the jobs that failed."""
+    """Run ``compile_one`` over ``jobs`` in ``workers`` fresh processes (spawned: CUDA cannot be forked)
+    until ``deadline`` (``time.perf_counter()``), then stop them all, so that no compile shares the CPU or the
+    GPU with the timings; what is not done by then compiles later, on first launch. Returns {job: error line}
+    for the jobs that failed."""
     if not jobs or workers < 1:
         return {}
     t0 = time.perf_counter()
-    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    pool = multiprocessing.get_context("spawn").Pool(workers)
     failed, done = {}, 0
     try:
-        pending = {pool.submit(compile_one, job, device): job for job in jobs}
-        finished, _ = futures.wait(pending, timeout=max(0.0, deadline - time.perf_counter()))
-        for fut in finished:
+        results = {job: pool.apply_async(compile_one, (job, device)) for job in jobs}
+        while time.perf_counter() < deadline and not all(r.ready() for r in results.values()):
+            time.sleep(0.05)
+        for job, r in results.items():
+            if not r.ready():
+                continue
             done += 1
-            err = fut.exception() or fut.result()
+            try:
+                err = r.get()
+            except Exception as e:  # a worker that died
+                err = f"{type(e).__name__}: {e}"
             if err:
-                failed[pending[fut]] = str(err)
+                failed[job] = err
     finally:
-        pool.shutdown(wait=False, cancel_futures=True)
+        pool.terminate()
+        pool.join()
     log(f"# precompiled {done}/{len(jobs)} kernels in {workers} processes, {time.perf_counter() - t0:.1f} s"
         + (f"; {len(failed)} failed (timed per case below)" if failed else ""))
     return failed

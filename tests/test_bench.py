@@ -262,11 +262,26 @@ def _fake_rows():
             "nnz": 266, "live_keys": 0.2598, "fd_tiles": 0.3125, "flops": 10 ** 10, "peak_mib": 5.0, "max_err": 1e-4,
             "tol": 1e-3, "sdpa_backend": "", "build_ms": None, "target": "", "note": "", "x_fasa": None}
     rows = []
-    for prov, ms in (("fasa", 0.1), ("sdpa_bias", 0.2), ("reference", 2.0), ("flex", None)):
+    for prov, ms in (("fasa", 0.1), ("sdpa_bias", 0.2), ("authors", 2.0), ("flex", None)):
         rows.append({**base, "provider": prov, "ms": ms, "tflops": measure.tflops(10 ** 10, ms),
                      "status": "ok" if ms else "skip"})
     rows[1]["sdpa_backend"] = "mem_efficient"
     return rows
+
+
+def test_targets_void_on_sdpa_math_and_tflops_on_flux_shapes():
+    rows = _fake_rows()
+    rows[1]["sdpa_backend"] = "math"
+    annotate(rows)
+    assert rows[1]["target"] == ">=1.3x: void (SDPA fell back to its math backend)"
+    assert "TFLOP/s" not in rows[0]["target"]  # head dim 64, hair mask: no throughput target
+    flux = [{**r, "head_dim": 128, "mask": "full", "coverage": 1.0} for r in _fake_rows()]
+    flux[0]["tflops"] = 620.0
+    annotate(flux)
+    assert flux[0]["target"] == "mem O(N) ok; >=500 TFLOP/s ok"
+    flux[0]["tflops"] = 300.0
+    annotate(flux)
+    assert flux[0]["target"].endswith(">=500 TFLOP/s MISS")
 
 
 def test_csv_and_table_writers(tmp_path):
@@ -277,7 +292,7 @@ def test_csv_and_table_writers(tmp_path):
     assert rows[0]["target"].startswith("mem O(N) ok")
     path = report.write_csv(rows, tmp_path / "sub" / "bench.csv")
     back = report.read_csv(path)
-    assert [r["provider"] for r in back] == ["fasa", "sdpa_bias", "reference", "flex"]
+    assert [r["provider"] for r in back] == ["fasa", "sdpa_bias", "authors", "flex"]
     assert all(r["device"] == "NVIDIA H100 80GB HBM3" and r["torch"] and r["triton"] for r in back)
     assert list(back[0]) == report.COLUMNS
     table = report.format_table(rows)
@@ -504,3 +519,7 @@ def test_tile_sweep_compiles_each_distinct_kernel_once_in_worker_processes():
     assert list(failed) == [(tiny, (16, 24, 1, 1))], failed  # BLOCK_N 24: not a power of two
     assert "precompiled 2/2 kernels in 2 processes" in logs[0] and "1 failed" in logs[0]
     assert precompile([(tiny, (16, 16, 1, 1))], 0, time.perf_counter() + 1, device="cpu") == {}
+    # past the deadline the workers are stopped, not left compiling beside the timings
+    logs.clear()
+    assert precompile([(tiny, (16, 16, 1, 1))], 1, time.perf_counter(), device="cpu", log=logs.append) == {}
+    assert "precompiled 0/1 kernels" in logs[0]
