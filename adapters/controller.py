@@ -6,6 +6,7 @@ generation stays alive through it.
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 
@@ -28,7 +29,8 @@ class FasaController:
     and guards on nothing that changes from step to step."""
 
     def __init__(self, *, mask: torch.Tensor, omega: float, steps, style_fidelity: float, layout: str, mode: str,
-                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None):
+                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None):
+        self._owner = owner                 # weakref to the pipeline FASA was installed on (None: a bare model)
         self.omega = omega
         self._steps = steps                 # frozenset of step indices, or None for every step
         self.style_fidelity = style_fidelity
@@ -174,12 +176,28 @@ class FasaController:
         """Called by the model's pre-hook when the forward runs eagerly: take the step index of the denoising
         loop, decide whether FASA runs in this forward, and clear the grid of the previous forward (the hook
         sets the new one). Python only: nothing is read from the device. Returns whether FASA is active."""
+        if self._owner is not None:
+            self._check_caller()
         self.step = self._current_step()
         self._decide(self.step, strict=True)
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
         return self.active
+
+    def _check_caller(self) -> None:
+        """FASA installed on a pipeline reads that pipeline's state (CFG pairing, scheduler steps, FLUX grid):
+        a forward made by another pipeline sharing the model, or by a direct call of the model, would be paired
+        and gated from stale state, so it is refused."""
+        owner = self._owner()
+        caller = calling_pipeline()
+        if owner is None or caller is owner:
+            return
+        who = f"another pipeline sharing its model ({type(caller).__name__})" if caller is not None else \
+            "a direct call of the model"
+        raise ValueError(f"FASA was installed on a {type(owner).__name__}, and its model now runs from {who}: the "
+                         "batch pairing, the steps and the FLUX grid are read from the pipeline FASA was installed "
+                         "on. Install FASA on the pipeline that runs, or on the bare model (with layout=)")
 
     # ---- per-layer queries ------------------------------------------------------------------------------
     def unet_grid(self, n_tokens: int, layer: str) -> tuple[int, int]:
@@ -229,3 +247,18 @@ class FasaController:
                              f"got batch {batch} at {layer}: pass the prompts as [PD_1..PD_n, FD_1..FD_n] "
                              "(e.g. [pd_prompt, fd_prompt])")
         return [(0, batch // 2, False)]
+
+
+def calling_pipeline():
+    """The diffusers pipeline whose ``__call__`` is running on this thread (the innermost), or None. Walks the
+    Python frames (a few dozen, once per model forward) and looks only at ``__call__`` frames."""
+    from diffusers import DiffusionPipeline
+
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "__call__":
+            obj = frame.f_locals.get("self")
+            if isinstance(obj, DiffusionPipeline):
+                return obj
+        frame = frame.f_back
+    return None

@@ -72,6 +72,14 @@ def _scheduler_reader(model, scheduler):
     return lambda: getattr(ref(), "scheduler", None)
 
 
+def _pipeline_ref(model):
+    """A weak reference to ``model`` when it is a diffusers pipeline (whose own calls FASA then follows), else
+    None (a bare model, or a pipeline-like object holding one)."""
+    from diffusers import DiffusionPipeline
+
+    return weakref.ref(model) if isinstance(model, DiffusionPipeline) else None
+
+
 def _model_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -290,7 +298,8 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)),
                                 omega=PRESETS[family].omega if omega is None else omega, steps=steps,
                                 style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
-                                cfg_of_call=cfg_of_call, scheduler_of=scheduler_of, grid=grid)
+                                cfg_of_call=cfg_of_call, scheduler_of=scheduler_of, grid=grid,
+                                owner=_pipeline_ref(model))
     if family == "flux":
         from .flux_processor import FasaFluxAttnProcessor
     installed = []

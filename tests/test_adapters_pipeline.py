@@ -65,3 +65,20 @@ def test_step_gating_over_a_real_pipeline(pipe, monkeypatch):
     assert torch.equal(first, second) and not torch.equal(first, stock)
     assert torch.equal(first[1], stock[1])             # the FD image is unchanged by FASA
     assert not any(isinstance(p, FasaAttnProcessor) for p in pipe.unet.attn_processors.values())
+
+
+def test_a_pipeline_sharing_the_model_or_a_direct_call_is_refused(pipe):
+    """FASA installed on a pipeline reads that pipeline's CFG pairing and steps: another pipeline built on the
+    same UNet (or a direct UNet call) would be paired and gated from stale state, so it is refused."""
+    from diffusers import StableDiffusionPipeline
+
+    sibling = StableDiffusionPipeline(**pipe.components)
+    sibling.set_progress_bar_config(disable=True)
+    with install_fasa(pipe, random_mask((16, 24)), layers="all"):
+        _generate(pipe)  # the pipeline FASA was installed on runs
+        with pytest.raises(ValueError, match="another pipeline sharing its model"):
+            _generate(sibling)
+        latent = torch.zeros(4, 4, 8, 12)
+        with pytest.raises(ValueError, match="a direct call of the model"):
+            pipe.unet(latent, 1, encoder_hidden_states=torch.zeros(4, 16, 32))
+    assert torch.equal(_generate(sibling), _generate(pipe))  # after remove(): both are the stock pipeline
