@@ -190,7 +190,13 @@ class FasaController:
         a forward made by another pipeline sharing the model, or by a direct call of the model, would be paired
         and gated from stale state, so it is refused."""
         owner = self._owner()
-        caller = calling_pipeline()
+        caller, local = calling_pipeline()
+        if owner is not None and caller is owner:
+            per_prompt = local.get("num_images_per_prompt")
+            if isinstance(per_prompt, int) and per_prompt > 1:  # [p1, p1, p2, p2]: not [PD..., FD...] rows
+                raise ValueError(f"num_images_per_prompt={per_prompt}: the pipeline repeats each prompt, so its rows "
+                                 "are not [PD_1..PD_n, FD_1..FD_n]; pass the prompts as a list (one PD and one FD "
+                                 "prompt per image) with num_images_per_prompt=1")
         if owner is None or caller is owner:
             return
         who = f"another pipeline sharing its model ({type(caller).__name__})" if caller is not None else \
@@ -250,15 +256,16 @@ class FasaController:
 
 
 def calling_pipeline():
-    """The diffusers pipeline whose ``__call__`` is running on this thread (the innermost), or None. Walks the
-    Python frames (a few dozen, once per model forward) and looks only at ``__call__`` frames."""
+    """``(pipeline, its __call__'s local variables)`` of the diffusers pipeline whose ``__call__`` is running on
+    this thread (the innermost), or ``(None, {})``. Walks the Python frames (a few dozen, once per model
+    forward) and looks only at ``__call__`` frames."""
     from diffusers import DiffusionPipeline
 
     frame = sys._getframe(1)
     while frame is not None:
         if frame.f_code.co_name == "__call__":
-            obj = frame.f_locals.get("self")
-            if isinstance(obj, DiffusionPipeline):
-                return obj
+            local = frame.f_locals
+            if isinstance(local.get("self"), DiffusionPipeline):
+                return local["self"], local
         frame = frame.f_back
-    return None
+    return None, {}

@@ -82,3 +82,11 @@ def test_a_pipeline_sharing_the_model_or_a_direct_call_is_refused(pipe):
         with pytest.raises(ValueError, match="a direct call of the model"):
             pipe.unet(latent, 1, encoder_hidden_states=torch.zeros(4, 16, 32))
     assert torch.equal(_generate(sibling), _generate(pipe))  # after remove(): both are the stock pipeline
+
+
+def test_num_images_per_prompt_is_refused_not_mispaired(pipe):
+    # two copies of one prompt would be paired as PD_1 / FD_1
+    with install_fasa(pipe, random_mask((16, 24)), layers="all"):
+        with pytest.raises(ValueError, match="num_images_per_prompt=2"):
+            pipe(["a photo of person", "a photo of man"], num_images_per_prompt=2, num_inference_steps=2,
+                 height=16, width=24, output_type="pt", generator=torch.Generator().manual_seed(0))
