@@ -99,6 +99,8 @@ class FasaHandle:
         self._hooks = list(hooks)
         self._patches = list(patches)
         self._dropped = []           # layer names whose FASA processor diffusers replaced (warned at the time)
+        # every FASA processor of ours -> the stock processor it stands in for (restored by remove())
+        self._stands_for = {ours: original for _, original, ours in installed}
         self.removed = False
 
     @property
@@ -122,16 +124,22 @@ class FasaHandle:
             if current is ours:
                 continue
             if isinstance(current, fasa_processor_types()):
-                block.attn.set_processor(ours)
+                if current in self._stands_for:  # one of ours set back, e.g. unfuse_qkv_projections restoring
+                    entry[1], entry[2] = self._stands_for[current], current  # the processors from before fusing
+                else:  # a FASA processor diffusers re-created
+                    block.attn.set_processor(ours)
                 continue
             kind = _stock_processor_kind(current)
             if kind is not None:
-                if isinstance(ours, FasaAttnProcessor):
-                    ours.set_kind(kind)
+                if isinstance(ours, FasaAttnProcessor) and ours.kind != kind:
+                    # a new object for the new kind (fused / not): the old one may be set back later and must
+                    # keep its kind
+                    ours = entry[2] = FasaAttnProcessor(self.controller, block.name, kind=kind)
                 for attr in ("_attention_backend", "_parallel_config"):
                     if hasattr(type(ours), attr):
                         setattr(ours, attr, getattr(current, attr, None))
                 entry[1] = current
+                self._stands_for[ours] = current
                 block.attn.set_processor(ours)
             else:
                 dropped.append(entry)

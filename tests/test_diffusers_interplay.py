@@ -98,7 +98,9 @@ def test_set_default_attn_processor_keeps_fasa():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         unet.set_default_attn_processor()                            # was: a bare ValueError
-    assert _attn1(unet) == ours and all(p.kind == "legacy" for p in ours)
+    # FASA stays, as processors of the new kind; the previous ones keep theirs (diffusers may set them back)
+    assert all(isinstance(p, FasaAttnProcessor) and p.kind == "legacy" for p in _attn1(unet))
+    assert all(p.kind == "sdpa" for p in ours)
     assert all(type(p) is AttnProcessor for n, p in unet.attn_processors.items() if not n.endswith("attn1.processor"))
     on, off = _fasa_effect(unet, handle, kw)
     assert not torch.allclose(on[[2]], off[[2]])
@@ -141,6 +143,28 @@ def test_fuse_qkv_projections_after_install_keeps_fasa():
     torch.testing.assert_close(off, before_off, rtol=1e-5, atol=1e-5)
     handle.remove()
     assert all(type(p) is FusedAttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_unfuse_after_fuse_under_fasa_reads_the_unfused_weights_again():
+    """fuse then unfuse with FASA installed: attn1 must read to_q/to_k/to_v again (an edit of to_q after
+    unfusing, as a LoRA load does, is seen), and remove() restores the stock unfused processor."""
+    unet, ref = tiny_sd15(seed=4), tiny_sd15(seed=4)
+    kw = _kw(unet)
+    handle = install_fasa(unet, random_mask((8, 6)), 1.5, layers="all", layout="cfg")
+    unet.fuse_qkv_projections()
+    unet.unfuse_qkv_projections()
+    assert all(isinstance(p, FasaAttnProcessor) and not p.fused for p in _attn1(unet))
+    with torch.no_grad():
+        for m in (unet, ref):
+            for blk in find_self_attention_blocks(m):
+                blk.attn.to_q.weight.mul_(2)
+    handle.enabled = False
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**kw).sample, ref(**kw).sample, rtol=1e-5, atol=1e-5)
+    handle.remove()
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**kw).sample, ref(**kw).sample, rtol=1e-5, atol=1e-5)
 
 
 def test_lora_load_and_fuse_keep_fasa():
