@@ -6,6 +6,9 @@
   self-attention layers when it loads IP-Adapter weights) or a stock self-attention processor is replaced by
   the installed FASA processor again (``remove()`` restores the stock one); anything else is warned about at
   once.
+* ``set_attention_slice`` (the pipelines' ``enable_attention_slicing`` / ``disable_attention_slicing``): the
+  attention modules set their processors directly; the same reclaim follows (sliced processors on FASA
+  layers are warned about at once, the stock one that ``disable_attention_slicing`` sets is taken back).
 * ``set_default_attn_processor``: diffusers refuses processor classes it does not know with a bare ValueError;
   it is shown the stock processors FASA stands in for, and FASA stays on afterwards.
 * IP-Adapter weights on a FLUX model whose FASA layers the IP-Adapter processors would replace (the
@@ -22,11 +25,11 @@ from __future__ import annotations
 from .patching import InstancePatch
 
 
-def _set_attn_processor(handle):
+def _reclaim_after(handle, source: str):
     def factory(original):
         def wrapper(*args, **kwargs):
             out = original(*args, **kwargs)
-            handle.reclaim("set_attn_processor")
+            handle.reclaim(source)
             return out
         return wrapper
     return factory
@@ -80,7 +83,10 @@ def _record_flux_grid(controller):
 def follow(handle, pipe=None) -> list[InstancePatch]:
     """Install the wrappers for ``handle``'s model (and ``pipe``, the pipeline install_fasa was given, if any)."""
     model = handle.model
-    patches = [InstancePatch(model, "set_attn_processor", _set_attn_processor(handle))]
+    patches = [InstancePatch(model, "set_attn_processor", _reclaim_after(handle, "set_attn_processor"))]
+    if callable(getattr(model, "set_attention_slice", None)):  # (enable|disable)_attention_slicing: the
+        # Attention modules set their processors themselves, past set_attn_processor
+        patches.append(InstancePatch(model, "set_attention_slice", _reclaim_after(handle, "set_attention_slice")))
     if callable(getattr(model, "set_default_attn_processor", None)):
         patches.append(InstancePatch(model, "set_default_attn_processor", _set_default_attn_processor(handle)))
     if handle.family == "flux":

@@ -233,3 +233,16 @@ def test_bare_flux_set_attn_processor_with_its_stock_processor_keeps_fasa():
         model.set_attn_processor(FluxAttnProcessor())
         assert handle.layers == (0, 1, 2, 3)
         torch.testing.assert_close(run(model, kw), before, rtol=0, atol=0)
+
+
+def test_attention_slicing_is_followed():
+    """enable_attention_slicing puts sliced processors on the FASA layers: said at once, and handle.layers
+    follows; disable_attention_slicing (often called as a reset) leaves FASA on."""
+    pipe = BUILDERS["sd1"]()
+    with install_fasa(pipe, random_mask((IMAGE, IMAGE)), layers="all") as handle:
+        n = len(handle.layers)
+        pipe.disable_attention_slicing()
+        assert len(handle.layers) == n and all(isinstance(p, FasaAttnProcessor) for p in _attn1(pipe.unet))
+        with pytest.warns(UserWarning, match="FASA no longer runs there"):
+            pipe.enable_attention_slicing(1)
+        assert handle.layers == ()
