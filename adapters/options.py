@@ -1,6 +1,7 @@
 """Checks of install_fasa's arguments, done before the model is touched. Errors name the argument."""
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 
 import torch
@@ -47,14 +48,14 @@ def _int_collection(name: str, value) -> frozenset:
     if isinstance(value, (str, bytes, torch.Tensor)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be None or a collection/range of ints, got {type(value).__name__}")
     items = list(value)
-    for item in items:
-        if isinstance(item, bool) or not isinstance(item, int):
+    for item in items:  # numpy integers (np.arange(50, 70)) are ints too; bools are not
+        if isinstance(item, bool) or type(item).__name__ == "bool_" or not isinstance(item, numbers.Integral):
             raise TypeError(f"{name} must hold ints, got an item of type {type(item).__name__}")
         if item < 0:
             raise ValueError(f"{name} must hold indices >= 0, got {item}")
     if not items:
         raise ValueError(f"{name} must not be empty (pass None for the default)")
-    return frozenset(items)
+    return frozenset(int(item) for item in items)
 
 
 def check_steps(steps) -> frozenset | None:

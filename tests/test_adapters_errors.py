@@ -98,3 +98,12 @@ def test_attention_mask_on_an_active_fasa_layer_is_refused(unet):
         assert handle.controller.active
         with pytest.raises(ValueError, match="attention_mask"):
             attn(x, attention_mask=torch.ones(4, 16))
+
+
+def test_numpy_integers_are_layer_and_step_indices(unet):
+    import numpy as np
+
+    with install_fasa(unet, random_mask((8, 8)), layers=np.arange(0, 2), layout="cfg") as h:
+        assert h.layers == (0, 1)
+    with pytest.raises(TypeError, match="layers must hold ints"):
+        install_fasa(unet, random_mask((8, 8)), layers=[np.bool_(True)], layout="cfg")
