@@ -81,8 +81,12 @@ def _pipeline_ref(model):
 
 
 def _model_device(module: torch.nn.Module) -> torch.device:
+    """Where the mask copy is kept: the model's device, or the CPU for a model whose weights are offloaded
+    (accelerate's sequential offload leaves them on "meta" between forwards; each grid's mask is moved to the
+    forward's device when it is prepared)."""
     for p in module.parameters():
-        return p.device
+        if p.device.type != "meta":
+            return p.device
     return torch.device("cpu")
 
 

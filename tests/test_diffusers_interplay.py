@@ -246,3 +246,17 @@ def test_attention_slicing_is_followed():
         with pytest.warns(UserWarning, match="FASA no longer runs there"):
             pipe.enable_attention_slicing(1)
         assert handle.layers == ()
+
+
+def test_sequential_cpu_offload_keeps_the_mask_off_meta():
+    """accelerate's sequential offload leaves the weights on "meta" between forwards: the mask copy must not
+    follow them there (it is moved to the forward's device per grid)."""
+    from accelerate import cpu_offload
+
+    unet, ref = tiny_sd15(seed=3), tiny_sd15(seed=3)
+    kw = unet_inputs(unet, 4, 8, 8)
+    with install_fasa(ref, random_mask((8, 8)), 1.5, layers="all", layout="cfg"):
+        want = run(ref, kw)
+    cpu_offload(unet, execution_device=torch.device("cpu"))
+    with install_fasa(unet, random_mask((8, 8)), 1.5, layers="all", layout="cfg"):
+        torch.testing.assert_close(run(unet, kw), want, rtol=0, atol=0)
