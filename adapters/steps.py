@@ -12,6 +12,7 @@ device-to-host sync happens per forward, and the count is right where the timest
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 
@@ -55,15 +56,7 @@ class SchedulerStepCounter:
         self.count = 0
 
     def _wrap(self, scheduler, original, after):
-        @functools.wraps(original)
-        def wrapper(*args, **kwargs):
-            out = original(*args, **kwargs)
-            if self._live and self.scheduler is scheduler:
-                after()
-                if self.on_change is not None:
-                    self.on_change()
-            return out
-        return wrapper
+        return _CountingMethod(self, scheduler, original, after)
 
     def detach(self) -> None:
         """Put the scheduler's methods back (when someone wrapped them after us, ours turns into a pass-through)."""
@@ -78,3 +71,25 @@ class SchedulerStepCounter:
                         delattr(sched, name)
         self._wrappers = {}
         self.scheduler = None
+
+
+class _CountingMethod:
+    """``scheduler.set_timesteps`` / ``scheduler.step`` while counted: the original, then the counter. A deep
+    copy of the scheduler (as users and pipelines make) gets the original method of the copy, not this
+    wrapper, which would drive the original scheduler and this counter."""
+
+    def __init__(self, counter, scheduler, original, after):
+        self._counter, self._scheduler, self._original, self._after = counter, scheduler, original, after
+        functools.update_wrapper(self, original)  # __wrapped__: inspect.signature sees the original's
+
+    def __call__(self, *args, **kwargs):
+        out = self._original(*args, **kwargs)
+        counter = self._counter
+        if counter._live and counter.scheduler is self._scheduler:
+            self._after()
+            if counter.on_change is not None:
+                counter.on_change()
+        return out
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self._original, memo)  # a bound method: re-bound to the copy of its scheduler

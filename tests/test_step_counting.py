@@ -183,3 +183,25 @@ def test_bare_model_with_its_scheduler(pipes):
             x = sched.step(eps, t, x).prev_sample
     assert seen == [(i, i == 3) for i in range(5)]
     assert "step" not in vars(sched)
+
+
+def test_a_deep_copy_of_a_counted_scheduler_is_its_own():
+    """copy.deepcopy of the scheduler while FASA counts its steps: the copy's methods act on the copy (not on
+    the original, not on the counter), and its signature is the original's."""
+    import copy
+    import inspect
+
+    from freecure_ops.adapters import install_fasa
+    from test_adapters_helpers import random_mask
+    from tiny_pipes import tiny_sd_pipe
+
+    pipe = tiny_sd_pipe()
+    with install_fasa(pipe, random_mask((16, 16)), layers="all") as handle:
+        twin = copy.deepcopy(pipe.scheduler)
+        pipe.scheduler.set_timesteps(3)
+        twin.set_timesteps(10)
+        assert (pipe.scheduler.num_inference_steps, twin.num_inference_steps) == (3, 10)
+        before = handle.controller.counter.count
+        twin.step(torch.zeros(1, 4, 2, 2), twin.timesteps[0], torch.zeros(1, 4, 2, 2))
+        assert handle.controller.counter.count == before
+        assert "eta" in inspect.signature(pipe.scheduler.step).parameters
