@@ -210,6 +210,12 @@ class FasaHandle:
         self.controller.drop_masks()
         self.removed = True
 
+    def __deepcopy__(self, memo):
+        # the model's hooks and processors hold this installation's controller: a copy would drive the
+        # original's state
+        raise TypeError("a model carrying FASA cannot be deep-copied: copy it before install_fasa or after "
+                        "handle.remove()")
+
     def __enter__(self):
         return self
 

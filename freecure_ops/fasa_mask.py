@@ -50,6 +50,9 @@ class FasaMask:
     def __setattr__(self, name, value):
         raise AttributeError("FasaMask is immutable: prepare a new one with prepare_fasa_mask")
 
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its parts
+        return FasaMask._from_parts, (self.rows, self.fd_index, self.fd_value, self.fd_count, self.max_value)
+
     @property
     def n_rows(self) -> int:
         return self.rows.shape[0]

@@ -260,3 +260,11 @@ def test_sequential_cpu_offload_keeps_the_mask_off_meta():
     cpu_offload(unet, execution_device=torch.device("cpu"))
     with install_fasa(unet, random_mask((8, 8)), 1.5, layers="all", layout="cfg"):
         torch.testing.assert_close(run(unet, kw), want, rtol=0, atol=0)
+
+
+def test_deep_copy_of_a_model_carrying_fasa_is_a_clear_error():
+    unet = tiny_sd15(seed=5)
+    with install_fasa(unet, random_mask((8, 6)), 1.5, layers="all", layout="cfg"):
+        with pytest.raises(TypeError, match="cannot be deep-copied"):
+            copy.deepcopy(unet)
+    copy.deepcopy(unet)  # after remove(): a plain model

@@ -209,3 +209,13 @@ def test_prepared_mask_reused_for_1000_calls_holds_no_growing_memory(device):
             out = fasa_attention(*inputs, m, 1.5, backend=backend)
         del out
         assert _live_tensors() <= before
+
+
+def test_prepared_masks_copy_and_pickle():
+    import copy
+    import pickle
+
+    m = prepare_fasa_mask(torch.tensor([0.0, 2.0, 0.5]))
+    for twin in (copy.copy(m), copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        assert isinstance(twin, FasaMask) and twin.max_value == 2.0
+        assert all(torch.equal(getattr(twin, k), getattr(m, k)) for k in ("rows", "fd_index", "fd_value", "fd_count"))
