@@ -208,6 +208,15 @@ MUTANTS = [
            (("        _check_transforms((q, k_p, k_f, v_p, v_f), backend)", "        pass"),),
            ("tests/test_op_registration.py",),
            "torch.func transforms and dual tensors reach the op (dropped tangents, internal errors)"),
+    Mutant("validation-omega-times-mask-unchecked", "freecure_ops/validation.py",
+           (("    if max_value is not None and abs(omega) * max_value > F32_SAFE:",
+             "    if False:"),),
+           VALIDATION_TESTS, "omega * max(mask) beyond float32 reaches the kernel (NaN output)"),
+    Mutant("adapters-caller-unchecked", "adapters/controller.py",
+           (("        if self._owner is not None:\n            self._check_caller()", "        pass"),),
+           ("tests/test_adapters_pipeline.py",),
+           "a pipeline sharing the model (or num_images_per_prompt > 1) is paired from the installed "
+           "pipeline's stale state"),
     # ---- the GPU run's tools --------------------------------------------------------------------------------
     Mutant("bench-rounds-case-major", "bench/runner.py",
            (("    rounds = headline + [c for c in configs if c not in headline]\n", "    rounds = configs\n"),),
