@@ -39,8 +39,8 @@ def overwrite_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: 
 
 
 def half_plan(ctl: FasaController, batch: int) -> list[tuple[int, int, bool]]:
-    """``(start, n, is_uncond)`` per guidance half of a batch that holds one branch only (pass 1's FD rows or
-    pass 2's PD rows with FD reuse): ``[uncond_1..n, cond_1..n]`` under CFG, else the whole batch."""
+    """``(start, n, is_uncond)`` per guidance half of pass 1's batch of FD rows: ``[uncond_1..n, cond_1..n]``
+    under CFG, else the whole batch."""
     if (ctl.call_layout or ctl.layout) == "cfg":
         n = batch // 2
         return [(0, n, True), (n, n, False)]
@@ -59,21 +59,23 @@ def record_fd_rows(ctl: FasaController, k: torch.Tensor, v: torch.Tensor, grid: 
         rec.put(layer, ctl.step, uncond, k[rows, :, n_txt:], v[rows, :, n_txt:], grid)
 
 
-def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stock, n_txt: int,
-                   layer: str, scale: float | None = None) -> torch.Tensor:
-    """Pass 2 with FD reuse: the batch holds the PD rows only. Each guidance half gets FASA against the FD
+def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stock,
+                   grid: tuple[int, int], n_txt: int, layer: str, scale: float | None = None) -> torch.Tensor:
+    """Pass 2 with FD reuse: the batch holds the PD rows only, of this pipeline or of another one running the
+    same architecture, so its guidance halves are read from its size against the record's images (n rows: no
+    CFG batch; 2n: ``[uncond, cond]``), not asked from the pipeline. Each half gets FASA against the FD
     keys/values recorded in pass 1; ``stock(rows)`` (the stock attention of those rows, ``[n, H, N, D]``) is
     computed only where the result keeps it: unconditional rows with ``style_fidelity > 0``. Returns
     ``[B, H, N, D]``."""
     rec = ctl.fd_record
     parts = []
-    for start, n, uncond in half_plan(ctl, q.shape[0]):
+    for start, n, uncond in rec.replay_plan(q.shape[0], layer):
         rows = slice(start, start + n)
         sf = ctl.style_fidelity if uncond else 0.0
         if sf == 1.0:
             parts.append(stock(rows))
             continue
-        k_f, v_f, mask = rec.get(layer, ctl.step, uncond, n_txt, q.device)
+        k_f, v_f, mask = rec.get(layer, ctl.step, uncond, n_txt, q.device, grid)
         res = fasa_attention(q[rows], k[rows], k_f, v[rows], v_f, mask, ctl.omega, scale=scale, mode=ctl.mode,
                              n_txt=n_txt, backend=ctl.backend)
         if sf > 0.0:

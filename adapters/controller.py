@@ -169,7 +169,10 @@ class FasaController:
 
     def _on_counter(self) -> None:
         """The scheduler's set_timesteps/step ran (outside the model): decide for the next forward, which may be
-        compiled and then runs no eager hook."""
+        compiled and then runs no eager hook. A count of 0 is a ``set_timesteps``: a denoising loop starts, which
+        the FD record of a FreeCure pass keeps (pass 1) or checks against what it kept (pass 2)."""
+        if self.counter.count == 0 and self.fd_record is not None and self.fd_role is not None:
+            self.fd_record.begin_generation(self.counter.scheduler, replay=self.fd_role == "replay")
         self._decide(self.counter.count, strict=False)
 
     def begin_forward(self) -> bool:

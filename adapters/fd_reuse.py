@@ -47,6 +47,10 @@ class FdRecord:
         self.device = torch.device(device)
         self.halves = tuple(halves)
         self.entries: dict = {}   # (layer, step, uncond, call) -> [k, v, (h, w)]
+        self.rows = None          # images per guidance half (the n of [PD_1..PD_n])
+        self.heads: dict = {}     # layer -> (heads, head_dim) recorded there
+        self.dtype = None
+        self.timesteps = None     # pass 1's schedule (CPU float64), which pass 2 must run again
         self._calls: dict = {}    # (layer, step, uncond) -> calls seen in the current pass
         self.masks: dict = {}     # (h, w) -> FasaMask over the kept keys, on ``device``
         self.compacted = False
@@ -70,8 +74,32 @@ class FdRecord:
         self._calls[base] = call + 1
         return base + (call,)
 
+    def begin_generation(self, scheduler, replay: bool) -> None:
+        """The denoising loop of a pass starts (its scheduler's ``set_timesteps`` just ran). Pass 1 keeps the
+        schedule; pass 2 must run the same one (a step of pass 2 reads what the same step of pass 1 recorded)
+        and counts its model calls afresh, so one record serves any number of pass-2 runs."""
+        timesteps = torch.as_tensor(scheduler.timesteps).detach().to("cpu", torch.float64)
+        if not replay:
+            self.timesteps = timesteps
+            return
+        self._calls = {}
+        if self.timesteps is None:
+            return
+        if timesteps.shape != self.timesteps.shape:
+            raise ValueError(f"FD reuse: pass 2 runs {timesteps.numel()} denoising-loop iterations but the foundation "
+                             f"pass ran {self.timesteps.numel()}: give both the same num_inference_steps (or "
+                             "timesteps/sigmas) and a scheduler of the same kind")
+        if not torch.equal(timesteps, self.timesteps):
+            i = int((timesteps != self.timesteps).nonzero()[0])
+            raise ValueError(f"FD reuse: pass 2's timesteps differ from the foundation pass's (iteration {i}: "
+                             f"{timesteps[i].item():g} vs {self.timesteps[i].item():g}): give both pipelines the same "
+                             "scheduler configuration and steps")
+
     def put(self, layer: str, step: int, uncond: bool, k: torch.Tensor, v: torch.Tensor, grid) -> None:
         """Record the FD image keys/values ``[n, H, Nimg, D]`` of one guidance half."""
+        self.rows = k.shape[0]
+        self.heads[layer] = (k.shape[1], k.shape[3])
+        self.dtype = k.dtype
         key = self._key(layer, step, uncond)
         if key not in self.entries and self._last is not None:
             self._order[self._last] = key
@@ -114,16 +142,40 @@ class FdRecord:
         return out.pin_memory() if self._pin else out
 
     # ---- pass 2 -----------------------------------------------------------------------------------------
-    def get(self, layer: str, step: int, uncond: bool, n_txt: int, device) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                        FasaMask]:
-        """``(k_f, v_f, mask)`` for ``fasa_attention`` at one layer, step and guidance half, on ``device``."""
+    def replay_plan(self, batch: int, layer: str) -> list[tuple[int, int, bool]]:
+        """``(start, n, is_uncond)`` per guidance half of a pass-2 batch of PD rows, from its size: the record's
+        n images (no CFG batch) or twice that (``[uncond_1..n, cond_1..n]``)."""
+        n = self.rows
+        if batch == n:
+            return [(0, n, False)]
+        if batch == 2 * n:
+            return [(0, n, True), (n, n, False)]
+        raise ValueError(f"FD reuse at {layer}: pass 2's batch holds {batch} rows but the foundation pass recorded {n} "
+                         f"image(s) per guidance half: run pass 2 with {n} prompt(s) and num_images_per_prompt=1 "
+                         f"({n} rows, or {2 * n} with classifier-free guidance)")
+
+    def get(self, layer: str, step: int, uncond: bool, n_txt: int, device, grid=None) -> tuple[torch.Tensor,
+                                                                                                torch.Tensor, FasaMask]:
+        """``(k_f, v_f, mask)`` for ``fasa_attention`` at one layer, step and guidance half, on ``device``.
+        ``grid``: the layer's token grid in pass 2, which must be the recorded one."""
         key = self._key(layer, step, uncond)
         try:
-            k, v, grid = self.entries[key]
+            k, v, recorded = self.entries[key]
         except KeyError:
-            raise RuntimeError(f"FD reuse: nothing recorded for layer {layer}, step {step}, call {key[3]} "
-                               f"({'unconditional' if uncond else 'conditional'} half): pass 2 does not replay "
-                               "pass 1 (different steps, scheduler or batch?)") from None
+            half = "unconditional" if uncond else "conditional"
+            if not any(e[0] == layer and e[1] == step and e[2] == uncond for e in self.entries):
+                why = ("the foundation pass did not record this guidance half (it ran without classifier-free "
+                       "guidance, or with style_fidelity=1): give pass 2 the same guidance" if uncond not in
+                       self.halves else "pass 2 runs FASA at a layer or step the foundation pass did not record")
+            else:
+                why = (f"pass 2 calls the model {key[3] + 1} times in this step, the foundation pass fewer (FLUX "
+                       "true CFG: give both passes the same negative prompt and true_cfg_scale)")
+            raise ValueError(f"FD reuse: nothing recorded for {layer}, step {step}, call {key[3]} ({half} half): "
+                             f"{why}") from None
+        if grid is not None and tuple(grid) != recorded:
+            raise ValueError(f"FD reuse at {layer}: pass 2 runs a {grid[0]}x{grid[1]} token grid but the foundation "
+                             f"pass recorded {recorded[0]}x{recorded[1]}: give both the same height and width")
+        grid = recorded
         device = torch.device(device)
         if self._pin and device.type == "cuda":
             k, v = self._fetch(key, device)

@@ -104,7 +104,7 @@ class FasaFluxAttnProcessor:
                                              parallel_config=self._parallel_config).transpose(1, 2)
 
             hidden_states = replay_pd_rows(ctl, query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                           stock, n_txt, self.name).transpose(1, 2)
+                                           stock, grid, n_txt, self.name).transpose(1, 2)
         else:
             hidden_states = dispatch_attention_fn(
                 query,

@@ -121,17 +121,18 @@ class FasaAttnProcessor:
             key = attn.norm_k(key)
 
         role = ctl.fd_role if use_fasa else None
+        if use_fasa:
+            grid = (height, width) if input_ndim == 4 else ctl.unet_grid(query.shape[2], self.name)
         if role == "replay":
             # PD rows only (FD reuse): stock attention only where the result keeps it
             hidden_states = replay_pd_rows(ctl, query, key, value, lambda rows: F.scaled_dot_product_attention(
-                query[rows], key[rows], value[rows], dropout_p=0.0, is_causal=False), 0, self.name)
+                query[rows], key[rows], value[rows], dropout_p=0.0, is_causal=False), grid, 0, self.name)
         else:
             # the output of sdp = (batch, num_heads, seq_len, head_dim)
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
             )
         if use_fasa and role != "replay":
-            grid = (height, width) if input_ndim == 4 else ctl.unet_grid(query.shape[2], self.name)
             if role == "record":
                 record_fd_rows(ctl, key, value, grid, 0, self.name)
             else:
@@ -205,7 +206,7 @@ class FasaAttnProcessor:
                 out4 = as4(hidden_states)
             elif ctl.fd_role == "replay":
                 stock4 = as4(hidden_states)
-                out4 = replay_pd_rows(ctl, as4(query), as4(key), as4(value), lambda rows: stock4[rows], 0,
+                out4 = replay_pd_rows(ctl, as4(query), as4(key), as4(value), lambda rows: stock4[rows], grid, 0,
                                       self.name, scale=attn.scale)
             else:
                 out4 = overwrite_pd_rows(ctl, as4(query), as4(key), as4(value), as4(hidden_states), grid, 0,

@@ -220,11 +220,14 @@ def test_collate_branches():
                            {"prompt": "y", "prompt_embeds": b, "ip": [b, a], "guidance_rescale": 0.0, "p2": None})
     assert out["prompt"] == ["x", "y"] and torch.equal(out["prompt_embeds"], torch.cat([a, b]))
     assert torch.equal(out["ip"][0], torch.cat([a, b])) and out["guidance_rescale"] == 0.0 and out["p2"] is None
-    # IP-Adapter embeddings are [negative; positive] under CFG: batched half by half
-    pn, pp, fn, fp = (torch.full((1, 2), float(i)) for i in range(4))
+    # IP-Adapter inputs apply to every prompt of a diffusers call: passed once when equal, refused when not
+    pn, pp, fn = (torch.full((1, 2), float(i)) for i in range(3))
     ip = collate_branches({"ip_adapter_image_embeds": [torch.cat([pn, pp])]},
-                          {"ip_adapter_image_embeds": [torch.cat([fn, fp])]}, cfg=True)["ip_adapter_image_embeds"][0]
-    assert ip[:, 0].tolist() == [0.0, 2.0, 1.0, 3.0]
+                          {"ip_adapter_image_embeds": [torch.cat([pn, pp])]})["ip_adapter_image_embeds"][0]
+    assert ip[:, 0].tolist() == [0.0, 1.0]
+    with pytest.raises(ValueError, match="one IP-Adapter input to every prompt"):
+        collate_branches({"ip_adapter_image_embeds": [torch.cat([pn, pp])]},
+                         {"ip_adapter_image_embeds": [torch.cat([fn, pp])]})
     with pytest.raises(ValueError, match="differ beyond the batch"):
         collate_branches({"prompt_embeds": a}, {"prompt_embeds": torch.randn(1, 5, 4, generator=g)})
     with pytest.raises(ValueError, match="guidance_rescale"):

@@ -3,6 +3,7 @@ vocabulary and masks, the BiSeNet face parser. Layers, each importing only from 
 (``freecure_ops`` api, validation, backends, reference, masks) -> ``adapters`` -> this package -> the grid
 tools (``manifest``, ``grid``, ``batch``, ``evaluate``) and the CLI."""
 from .apg import apply_apg
+from .foundation import Foundation
 from .freecure import EmptyMaskError, FreeCure, FreeCureOutput, FreeCureWarning, collate_branches
 
-__all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg"]
+__all__ = ["FreeCure", "Foundation", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg"]

@@ -40,6 +40,7 @@ from .attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attribut
                                      template_prompt)
 
 from .apg import TEXT_KEYS, apg_steps, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
+from .foundation import Foundation
 from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from freecure_ops.adapters.install import install_fasa
@@ -114,43 +115,63 @@ def _as_str_list(v) -> list:
     return [v] if isinstance(v, str) else list(v)
 
 
-def _cat(key: str, a: torch.Tensor, b: torch.Tensor, cfg_chunks: bool) -> torch.Tensor:
+def _cat(key: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if a.shape[1:] != b.shape[1:]:
         raise ValueError(f"{key}: PD {tuple(a.shape)} and FD {tuple(b.shape)} differ beyond the batch dimension "
                          "and cannot be batched (pad the FD conditioning to the PD shape)")
-    b = b.to(device=a.device, dtype=a.dtype)
-    if cfg_chunks:
-        if a.shape[0] % 2 or b.shape[0] % 2:
-            raise ValueError(f"{key}: with classifier-free guidance each tensor must be [negative; positive] "
-                             f"(an even batch), got PD {tuple(a.shape)} and FD {tuple(b.shape)}")
-        (an, ap), (bn, bp) = a.chunk(2), b.chunk(2)
-        return torch.cat([an, bn, ap, bp])
-    return torch.cat([a, b])
+    return torch.cat([a, b.to(device=a.device, dtype=a.dtype)])
 
 
-def collate_branches(pd: Mapping, fd: Mapping, *, cfg: bool = False) -> dict:
-    """PD and FD pipeline kwargs -> the kwargs of one batched call whose prompt batch is
-    ``[PD_1..PD_n, FD_1..FD_n]``. Tensors: concatenated along dim 0; lists/tuples of tensors: element by
-    element; prompt strings (or lists of them): one list; other values must be equal and pass through once.
-    ``ip_adapter_image_embeds`` tensors are ``[negative; positive]`` under CFG (diffusers' convention) and are
-    batched half by half. Both branches must hold the same keys (ValueError naming the key)."""
+#: inputs a diffusers pipeline applies to every prompt of a call (IP-Adapter images and embeddings are repeated
+#: over the batch): one value for both branches, never one per row
+SHARED_PER_CALL = ("ip_adapter_image", "ip_adapter_image_embeds", "negative_ip_adapter_image",
+                   "negative_ip_adapter_image_embeds")
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and bool(torch.equal(a, b.to(a.device)))
+    return _equal(a, b)
+
+
+def check_same_keys(pd: Mapping, fd: Mapping) -> None:
+    """PD and FD conditioning name the same pipeline arguments (the FD branch is the PD one minus the
+    identity), whether they share a batch or not."""
     if not isinstance(pd, Mapping) or not isinstance(fd, Mapping):
         raise TypeError("pd and fd must be mappings of pipeline keyword arguments")
     if set(pd) != set(fd):
         only_pd, only_fd = sorted(set(pd) - set(fd)), sorted(set(fd) - set(pd))
         raise ValueError(f"PD and FD conditioning must use the same keyword arguments (PD only: {only_pd}, FD only: "
                          f"{only_fd}); e.g. give FD zeroed identity embeddings instead of leaving them out")
+
+
+def collate_branches(pd: Mapping, fd: Mapping) -> dict:
+    """PD and FD pipeline kwargs -> the kwargs of one batched call whose prompt batch is
+    ``[PD_1..PD_n, FD_1..FD_n]``. Tensors: concatenated along dim 0; lists/tuples of tensors: element by
+    element; prompt strings (or lists of them): one list; other values must be equal and pass through once.
+    IP-Adapter inputs (:data:`SHARED_PER_CALL`) apply to every prompt of a call in diffusers, so they must be
+    equal in both branches: identity embeddings in PD and zeros in FD cannot share one batch (FreeCure's FD
+    reuse runs each branch in a call of its own). Both branches must hold the same keys (ValueError naming the
+    key)."""
+    check_same_keys(pd, fd)
     out = {}
     for key, a in pd.items():
         b = fd[key]
-        chunks = cfg and key in ("ip_adapter_image_embeds", "negative_ip_adapter_image_embeds")
-        if a is None and b is None:
+        if key in SHARED_PER_CALL:
+            if not _same(a, b):
+                raise ValueError(f"{key}: PD and FD differ, but a diffusers pipeline applies one IP-Adapter input "
+                                 "to every prompt of a call, so the branches cannot run in one batch; use FD reuse "
+                                 "(fd_reuse='auto', 'device' or 'host'), which runs them in separate calls")
+            out[key] = a
+        elif a is None and b is None:
             out[key] = None
         elif isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
-            out[key] = _cat(key, a, b, chunks)
+            out[key] = _cat(key, a, b)
         elif (isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)) and len(a) == len(b) and len(a) > 0
               and all(isinstance(x, torch.Tensor) for x in (*a, *b))):
-            out[key] = [_cat(f"{key}[{i}]", x, y, chunks) for i, (x, y) in enumerate(zip(a, b))]
+            out[key] = [_cat(f"{key}[{i}]", x, y) for i, (x, y) in enumerate(zip(a, b))]
         elif _is_str_batch(a) and _is_str_batch(b):
             a_l, b_l = _as_str_list(a), _as_str_list(b)
             if len(a_l) != len(b_l):
@@ -498,10 +519,124 @@ class FreeCure:
                 info["reason"] = "asked" if self.fd_reuse == "off" else "does not fit the budgets"
         return info
 
+    def _pass1(self, common: Mapping, fd_kw: Mapping, latents, step_seeds, attributes, mask, record, timings):
+        """Pass 1: the FD rows alone from ``latents`` (recording into ``record`` when given), then the mask from
+        the FD images unless ``mask`` is given. Returns ``(FD images as "pt", mask, label maps)``."""
+        pipe = self.pipe
+        layout = "cfg" if uses_cfg(pipe, self.family, check_real(
+            "guidance_scale", common.get("guidance_scale", default_guidance_scale(pipe)))) else "plain"
+        t0 = time.perf_counter()
+        rec_handle = None
+        if record is not None:
+            rec_handle = self._install(torch.ones(1, 1), layout)
+            rec_handle.controller.fd_record, rec_handle.controller.fd_role = record, "record"
+        try:
+            with _progress_label(pipe, "pass1"):
+                fd_pt = pipe(**common, **fd_kw, latents=latents, generator=step_generators(step_seeds),
+                             output_type="pt").images
+        finally:
+            if rec_handle is not None:
+                rec_handle.remove()
+        timings["pass1"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        label_maps = None
+        if mask is None:
+            mask, label_maps = self.mask_from_fd(fd_pt, attributes)
+            self._check_mask_not_empty(mask, attributes if len(attributes) > 1 else attributes[0])
+        if record is not None:
+            record.compact(check_mask(mask).to(record.device), self.mode)
+        timings["mask"] = time.perf_counter() - t0
+        return fd_pt, mask, label_maps
+
+    def _foundation(self, record, latents, step_seeds, mask, height, width, n_steps, **extra) -> Foundation:
+        settings = dict(omega=self.omega, steps=self.steps, style_fidelity=self.style_fidelity, mode=self.mode,
+                        backend=self.backend, force=self.force)
+        return Foundation(family=self.family, record=record, latents=latents, step_seeds=list(step_seeds),
+                          mask=mask, height=height, width=width, num_inference_steps=n_steps, settings=settings,
+                          **extra)
+
     def _install(self, mask, layout: str):
         return install_fasa(self.pipe, mask, self.omega, layers=self.layers, steps=self.steps,
                             style_fidelity=self.style_fidelity, layout=layout, mode=self.mode, backend=self.backend,
                             force=self.force)
+
+    # -- the foundation pass alone ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def foundation(self, prompt=None, *, fd: Mapping | None = None, mask=None, attribute_prompt=None,
+                   seed: int | None = None, generator=None, latents: torch.Tensor | None = None,
+                   output_type: str = "pil", **kwargs) -> Foundation:
+        """Pass 1 alone: run this pipeline's FD branch (``prompt`` and/or ``fd``: pipeline kwargs without the
+        identity; ``kwargs``: the rest of the call, e.g. ``num_inference_steps``, ``guidance_scale``, a
+        ControlNet ``image``), record the FD keys/values FASA reads, make the attribute mask (the parser on the
+        FD images, attributes read from ``attribute_prompt`` or the FD prompt; or ``mask=``), and return a
+        :class:`~.foundation.Foundation` that applies FASA to any later run of a pipeline with the same
+        architecture (``found.run(identity_pipe, ...)`` / ``found.apply(identity_pipe)``): the one record
+        serves any number of such runs. The record is kept as ``fd_reuse`` chooses ("off" is refused: there
+        would be nothing to apply); it holds the masked keys only."""
+        pipe, family = self.pipe, self.family
+        output_type = check_choice("output_type", output_type, _OUTPUT_TYPES)
+        for key in ("fd_prompt", "pd", "apg", "apg_template", "gamma"):
+            if key in kwargs:
+                raise TypeError(f"foundation() runs the FD branch only and takes no {key}=: give the FD conditioning "
+                                "as prompt= / fd=, and the PD inputs to the pipeline of pass 2")
+        if kwargs.get("num_images_per_prompt", 1) not in (1, None):
+            raise ValueError("num_images_per_prompt must be 1: pass a list of prompts or call again with another seed")
+        kwargs.pop("num_images_per_prompt", None)
+        if seed is not None and generator is not None:
+            raise ValueError("pass seed= or generator=, not both")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        if fd is not None and not isinstance(fd, Mapping):
+            raise TypeError(f"fd must be a mapping of pipeline keyword arguments, got {type(fd).__name__}")
+        fd_kw = dict(fd or {})
+        if prompt is not None:
+            if "prompt" in fd_kw:
+                raise ValueError("prompt given twice: as prompt= and in fd")
+            fd_kw["prompt"] = prompt
+        for key in BRANCH_KEYS:
+            if key in kwargs:
+                fd_kw.setdefault(key, kwargs.pop(key))
+        if not any(k in fd_kw for k in ("prompt", "prompt_embeds")):
+            raise ValueError("no FD conditioning: pass prompt= or fd={...} (the inputs without the identity)")
+        for key in fd_kw:
+            if key in kwargs:
+                raise ValueError(f"{key!r} is given both as a common argument and in fd")
+        n = _branch_size(fd_kw)
+        height, width = self._size(kwargs)
+        common = {**kwargs, "height": height, "width": width}
+        n_steps = _step_count(pipe, kwargs)
+        gs = check_real("guidance_scale", kwargs.get("guidance_scale", default_guidance_scale(pipe)))
+        cfg = uses_cfg(pipe, family, gs)
+        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != n):
+            raise ValueError(f"latents must be a tensor with one row per FD prompt ({n}), got "
+                             f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
+        if mask is not None:
+            mask = _mask_to_tensor(mask)
+            if mask.dim() == 3 and mask.shape[0] != n:
+                raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
+        attributes = self._attributes(fd_kw, attribute_prompt, n)
+        if mask is None and attributes is None:
+            raise ValueError("cannot tell which attributes to mask: the FD conditioning has no text prompt; pass "
+                             "attribute_prompt= (the prompt as text) or mask=")
+        if mask is None and not any(attributes):
+            raise ValueError(f"the prompt names none of the attributes FreeCure knows ({_known(self.vocabulary)}): "
+                             "FASA would have nothing to do; pass mask= or a prompt with attribute words")
+        if mask is not None:
+            self._check_mask_not_empty(mask, attributes, given=True)
+        reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, _model_calls_per_step(family, common | fd_kw))
+        if reuse["choice"] == "off":
+            raise ValueError(f"foundation() keeps the FD keys/values for pass 2, but FD reuse is off "
+                             f"({reuse.get('reason')}; estimated {reuse['estimate_bytes'] / 2 ** 30:.2f} GiB): use "
+                             "FreeCure(..., fd_reuse='device' or 'host') or a larger fd_reuse_budget")
+        latents, step_seeds = self.noise(n, height, width, seed=seed, generator=generator, latents=latents)
+        record = FdRecord(reuse["choice"], torch.device(pipe._execution_device), reuse["halves"])
+        timings = {}
+        fd_pt, mask, label_maps = self._pass1(common, fd_kw, latents, step_seeds, attributes, mask, record, timings)
+        reuse["bytes"] = record.nbytes()
+        return self._foundation(record, latents, step_seeds, mask, height, width, n_steps,
+                                images=_to_output_type(pipe, fd_pt, output_type), label_maps=label_maps,
+                                attributes=attributes or [], timings=timings,
+                                fd_reuse={k: v for k, v in reuse.items() if k != "halves"})
 
     # -- the call --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -628,9 +763,6 @@ class FreeCure:
                 return images
             return FreeCureOutput(images=images, attributes=attributes or [], timings=timings, fasa_applied=False)
 
-        # PD and FD must batch (checked before anything runs, also when pass 2 runs the PD rows alone)
-        batched = collate_branches(pd_kw, fd_kw, cfg=cfg)
-
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
             calls = _model_calls_per_step(family, {**common, **pd_kw})
@@ -639,55 +771,39 @@ class FreeCure:
             reuse = {"requested": self.fd_reuse, "choice": "off", "estimate_bytes": 0, "halves": (),
                      "reason": "mask given: no pass 1 to record"}
         layout = "cfg" if cfg else "plain"
-        record = None
+        record = batched = None
         if reuse["choice"] != "off":
             record = FdRecord(reuse["choice"], torch.device(pipe._execution_device), reuse["halves"])
+        else:  # PD and FD share pass 2's batch: checked before anything runs
+            batched = collate_branches(pd_kw, fd_kw)
+        check_same_keys(pd_kw, fd_kw)
 
         # ---- pass 1: FD only -> parser -> mask (recording the FD keys/values FASA will read)
         fd_images = label_maps = None
         if mask is None:
-            t0 = time.perf_counter()
-            rec_handle = None
-            if record is not None:
-                rec_handle = self._install(torch.ones(1, 1), layout)
-                rec_handle.controller.fd_record, rec_handle.controller.fd_role = record, "record"
-            try:
-                with _progress_label(pipe, "pass1"):
-                    fd_pt = pipe(**common, **fd_kw, latents=latents, generator=step_generators(step_seeds),
-                                 output_type="pt").images
-            finally:
-                if rec_handle is not None:
-                    rec_handle.remove()
-            timings["pass1"] = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            mask, label_maps = self.mask_from_fd(fd_pt, attributes)
-            self._check_mask_not_empty(mask, attributes if n > 1 else attributes[0])
-            if record is not None:
-                record.compact(check_mask(mask).to(record.device), self.mode)
-                reuse["bytes"] = record.nbytes()
-            timings["mask"] = time.perf_counter() - t0
+            fd_pt, mask, label_maps = self._pass1(common, fd_kw, latents, step_seeds, attributes, None, record,
+                                                  timings)
             fd_images = _to_output_type(pipe, fd_pt, output_type)
+            if record is not None:
+                reuse["bytes"] = record.nbytes()
 
         # ---- pass 2: PD + FD in one batch (or PD alone, reading the recorded FD keys/values), FASA for this call
         pass2_type = "latent" if apg else output_type
         t0 = time.perf_counter()
-        handle = self._install(mask, layout)
-        try:
-            if record is not None:
-                handle.controller.fd_record, handle.controller.fd_role = record, "replay"
+        if record is not None:
+            found = self._foundation(record, latents, step_seeds, mask, height, width, n_steps)
+            try:
                 with _progress_label(pipe, "pass2_reuse"):
-                    pd_out = pipe(**common, **pd_kw, latents=latents, generator=step_generators(step_seeds),
-                                  output_type=pass2_type).images
-                fd_out = None
-            else:
+                    pd_out = found.run(pipe, **common, **pd_kw, output_type=pass2_type).images
+            finally:
+                found.release()
+            fd_out = None
+        else:
+            with self._install(mask, layout):
                 with _progress_label(pipe, "pass2"):
                     out = pipe(**common, **batched, latents=torch.cat([latents, latents]),
                                generator=step_generators(step_seeds + step_seeds), output_type=pass2_type).images
-                pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
-        finally:
-            handle.remove()
-            if record is not None:
-                record.clear()
+            pd_out, fd_out = _rows(out, 0, n), _rows(out, n, 2 * n)
         timings["pass2"] = time.perf_counter() - t0
 
         # ---- APG on the PD latents

@@ -1,0 +1,161 @@
+"""The foundation pass as an object: what pass 1 leaves behind for FASA in any later pass 2.
+
+    fc = FreeCure(sdxl_base, parser)                                   # settings: omega, layers, steps, ...
+    found = fc.foundation("a photo of a man with red hair", seed=0, num_inference_steps=30, guidance_scale=5.0)
+    image = found.run(identity_pipe, prompt=..., guidance_scale=5.0, **its_own_inputs).images[0]
+    with found.apply(other_pipe, omega=2.0):                           # or install it yourself
+        other_pipe(..., latents=found.latents, generator=found.generators(), num_inference_steps=30)
+
+Pass 1 runs a foundation pipeline (any SD1.x/SDXL/FLUX pipeline, or the identity pipeline with its identity
+switched off) once, recording the FD keys/values FASA reads (:class:`~freecure_ops.adapters.fd_reuse.FdRecord`,
+already cut to the attribute mask's live keys), its schedule, the initial noise and the mask. Pass 2 is any
+pipeline whose denoiser has the same architecture, run unchanged: its own batching, classifier-free guidance,
+ControlNet residuals, IP-Adapter, LoRA or merge steps; FASA on its PD rows reads the record. What must match
+is checked: the architecture when FASA is applied, the schedule when pass 2's loop starts, the token grids and
+the batch at the first FASA layer; each mismatch is one ``ValueError``.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
+from freecure_ops.adapters.fd_reuse import FdRecord
+from freecure_ops.adapters.install import FasaHandle, install_fasa
+from freecure_ops.adapters.options import check_real
+
+__all__ = ["Foundation"]
+
+
+class _Everything:
+    """The parameters of a ``__call__(..., **kwargs)``: any name is taken."""
+
+    def __contains__(self, name) -> bool:
+        return True
+
+
+@dataclass(eq=False)
+class Foundation:
+    """The record of one foundation pass (``FreeCure.foundation(...)``) and what pass 2 needs to replay it.
+
+    ``latents``: the initial noise (``[n, ...]``, as the pipeline draws it, unscaled; packed for FLUX).
+    ``step_seeds``: seeds of the per-image generators of stochastic samplers (:meth:`generators`).
+    ``mask``: the attribute mask FASA uses (``[H, W]`` or ``[n, H, W]``). ``images``: the FD images.
+    ``label_maps`` / ``attributes``: the parser's output and the attributes found. ``settings``: how FASA
+    runs in pass 2 (omega, layers by name, steps, style_fidelity, mode, backend, force). ``fd_reuse``: the
+    record's placement and sizes. ``timings``: seconds of pass 1 and of the mask."""
+
+    family: str
+    record: FdRecord
+    latents: torch.Tensor
+    step_seeds: list
+    mask: torch.Tensor
+    height: int
+    width: int
+    num_inference_steps: int
+    settings: dict
+    images: Any = None
+    label_maps: torch.Tensor | None = None
+    attributes: list = field(default_factory=list)
+    fd_reuse: dict = field(default_factory=dict)
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def n_images(self) -> int:
+        return int(self.latents.shape[0])
+
+    @property
+    def timesteps(self) -> torch.Tensor | None:
+        """Pass 1's schedule (float64, CPU): pass 2 must run the same one."""
+        return self.record.timesteps
+
+    def nbytes(self) -> int:
+        """Bytes the record holds (the masked FD keys/values)."""
+        return self.record.nbytes()
+
+    def generators(self) -> list:
+        """Fresh per-image generators of the per-step noise, as pass 1 had them (one CPU generator per image)."""
+        return [torch.Generator(device="cpu").manual_seed(s) for s in self.step_seeds]
+
+    def release(self) -> None:
+        """Free the recorded keys/values (the object cannot be applied afterwards)."""
+        self.record.clear()
+        self._released = True
+
+    # -- pass 2 ----------------------------------------------------------------------------------------------
+    def apply(self, pipe, *, omega=None, backend: str | None = None, force: bool | None = None) -> FasaHandle:
+        """Install FASA on ``pipe`` (a pipeline whose UNet / FLUX transformer has the foundation pipeline's
+        architecture) reading this record; returns the handle (a context manager; ``remove()`` restores the
+        processors). Its next runs must start from :attr:`latents` (and :meth:`generators` for stochastic
+        samplers) with the foundation pass's schedule, size and images. ``omega`` may differ from pass 1's (it
+        acts only in pass 2: sweep it without rerunning pass 1); ``backend`` and ``force`` (replace custom
+        self-attention processors, e.g. InstantID's plain ``AttnProcessor`` copies) default to the settings
+        the record was made with. Everything else is fixed by the record."""
+        if getattr(self, "_released", False):
+            raise ValueError("this Foundation was released: run the foundation pass again")
+        denoiser, family = resolve_model(pipe)
+        if family != self.family:
+            raise ValueError(f"the foundation pass ran a {self.family} model, {type(pipe).__name__} holds a {family} "
+                             "model: FASA reads keys/values of the same architecture")
+        if compiled_wrapper(pipe) is not None:
+            raise ValueError("FASA reading a foundation record runs in eager Python: apply it to the model before "
+                             "torch.compile, or run the compiled pipeline through FreeCure(..., fd_reuse='off')")
+        blocks = {b.name: b for b in find_self_attention_blocks(pipe)}
+        layers = []
+        for name, (heads, head_dim) in self.record.heads.items():
+            block = blocks.get(name)
+            if block is None:
+                raise ValueError(f"{type(pipe).__name__} has no self-attention layer {name} (the foundation pass "
+                                 "recorded there): the architectures differ")
+            b_heads = int(block.attn.heads)
+            b_dim = int(block.attn.inner_dim) // b_heads
+            if (b_heads, b_dim) != (heads, head_dim):
+                raise ValueError(f"{name}: {type(pipe).__name__} has {b_heads} heads x {b_dim}, the foundation pass "
+                                 f"recorded {heads} x {head_dim}: the architectures differ")
+            layers.append(block.index)
+        if self.record.dtype is not None and denoiser.dtype != self.record.dtype:
+            raise ValueError(f"the foundation pass ran in {self.record.dtype}, {type(pipe).__name__}'s model is in "
+                             f"{denoiser.dtype}: give both pipelines the same torch_dtype")
+        s = self.settings
+        omega = s["omega"] if omega is None else check_real("omega", omega)
+        handle = install_fasa(pipe, torch.ones(1, 1), omega, layers=sorted(layers), steps=s["steps"],
+                              style_fidelity=s["style_fidelity"], layout="plain", mode=s["mode"],
+                              backend=s["backend"] if backend is None else backend,
+                              force=s["force"] if force is None else force)
+        # the record says which rows are which (layout="plain" above is never read in replay)
+        handle.controller.fd_record, handle.controller.fd_role = self.record, "replay"
+        return handle
+
+    def run(self, pipe, *args, omega=None, backend: str | None = None, force: bool | None = None, **kwargs):
+        """Run ``pipe(*args, **kwargs)`` with FASA reading this record: the foundation's ``latents`` and per-step
+        ``generator`` are passed, and ``num_inference_steps``, ``height``, ``width`` when not given. Returns
+        what the pipeline returns; FASA is removed again afterwards (also when the call raises)."""
+        try:
+            params = inspect.signature(pipe.__call__).parameters
+        except (TypeError, ValueError):
+            params = {}
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            params = _Everything()  # a wrapper passing **kwargs on (e.g. to its parent class's __call__)
+        if "latents" not in params:
+            raise TypeError(f"{type(pipe).__name__}.__call__ takes no latents=: use foundation.apply(pipe) and start "
+                            "it from the foundation's noise yourself (e.g. the same seed, drawn the same way)")
+        for name in ("latents", "generator"):
+            if name in kwargs:
+                raise ValueError(f"run() passes the foundation's {name}: leave {name}= out, or use apply()")
+        kwargs["latents"] = self.latents
+        if "generator" in params:
+            kwargs["generator"] = self.generators()
+        for name, value in (("num_inference_steps", self.num_inference_steps), ("height", self.height),
+                            ("width", self.width)):
+            if name in params and kwargs.get(name) is None:
+                kwargs[name] = value
+        with self.apply(pipe, omega=omega, backend=backend, force=force):
+            return pipe(*args, **kwargs)
+
+    def __repr__(self):
+        return (f"Foundation({self.family}, {self.n_images} image(s), {self.height}x{self.width}, "
+                f"{self.num_inference_steps} steps, {len(self.record.heads)} FASA layers, "
+                f"{self.nbytes() / 2 ** 20:.1f} MiB {self.record.placement})")
