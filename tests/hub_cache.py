@@ -63,6 +63,12 @@ class HubCache:
             (self.repo_dir(repo_id) / "refs" / ref).write_text(commit)
         return commit
 
+    def mark_missing(self, repo_id: str, commit: str, filename: str) -> None:
+        """Record that ``filename`` does not exist at ``commit`` (what huggingface_hub notes after a 404)."""
+        marker = self.repo_dir(repo_id) / ".no_exist" / commit / filename
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+
 
 def offline_hub(monkeypatch, root, *, offline: bool = True) -> None:
     """Point huggingface_hub (and diffusers / transformers, which read its constants) at the cache ``root``,
