@@ -33,7 +33,9 @@ def is_offline(offline: bool | None = None) -> bool:
         raise TypeError(f"offline must be a bool or None, got {type(offline).__name__}")
     from huggingface_hub import constants
 
-    return bool(offline) or constants.is_offline_mode()
+    # is_offline_mode() where this huggingface_hub has it (it also sees later changes to the constant)
+    env = getattr(constants, "is_offline_mode", lambda: constants.HF_HUB_OFFLINE)()
+    return bool(offline) or bool(env)
 
 
 def _check_optional_str(name: str, value) -> None:
