@@ -147,10 +147,11 @@ def load_pretrained(cls, spec: str | os.PathLike, *, revision: str | None = None
     while offline raises :class:`WeightsNotFoundError` (one line) instead of the library's long error."""
     spec = _check_spec(spec)
     load_kwargs = pretrained_kwargs(revision=revision, variant=variant, offline=offline)
-    try:
-        return cls.from_pretrained(spec, **load_kwargs, **kwargs)
+    local = Path(os.path.expanduser(os.fspath(spec)))
+    try:  # "~/models/x" is a folder too (the libraries would read it as a Hub id)
+        return cls.from_pretrained(str(local) if local.exists() else spec, **load_kwargs, **kwargs)
     except OSError as e:
-        if not load_kwargs["local_files_only"] or Path(os.path.expanduser(os.fspath(spec))).exists():
+        if not load_kwargs["local_files_only"] or local.exists():
             raise
         at = f" at revision {revision!r}" if revision else ""
         first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)

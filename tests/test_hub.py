@@ -221,11 +221,13 @@ def test_missing_pipeline_offline_is_one_line(cache):
         assert "\n" not in msg and spec in msg and "HF_HUB_OFFLINE=1" in msg and str(cache.root) in msg
 
 
-def test_clip_from_the_cache(cache, files):
+def test_clip_from_the_cache(cache, files, monkeypatch):
     from transformers import AutoProcessor, CLIPModel
 
     model = hub.load_pretrained(CLIPModel, "org/tiny-clip")
     assert _same_state(model, CLIPModel.from_pretrained(str(files["clip"])))
+    monkeypatch.setenv("HOME", str(files["clip"].parent))  # a folder named with ~ is local, not a Hub id
+    assert _same_state(hub.load_pretrained(CLIPModel, "~/" + files["clip"].name), model)
     processor = AutoProcessor.from_pretrained("org/tiny-clip", **pretrained_kwargs())
     assert processor.image_processor.crop_size == {"height": IMAGE, "width": IMAGE}
     with pytest.raises(WeightsNotFoundError, match="org/no-clip"):

@@ -244,3 +244,18 @@ def test_load_face_parser_picks_by_spec(cache, folders, tmp_path):
         load_face_parser("org/none")
     with pytest.raises(TypeError, match="spec"):
         load_face_parser(None)
+
+
+def test_freecure_masks_hair_with_the_segformer_ids(parser):
+    """FreeCure takes the table from the parser's labels: hair is SegFormer's 13, not BiSeNet's 17."""
+    from tiny_pipes import IMAGE, tiny_sd_pipe
+    from freecure_ops.pipeline import FreeCure
+
+    fc = FreeCure(tiny_sd_pipe(), parser, layers="all", empty_mask="warn")
+    assert fc.label_table["hair"] == (13,) and fc.label_table["glasses"] == (3,)
+    out = fc("a photo of sks man with red hair", fd_prompt="a photo of man with red hair", seed=0,
+             num_inference_steps=2, height=IMAGE, width=IMAGE, output_type="pt")
+    label_map = out.label_maps[0] if out.label_maps.dim() == 3 else out.label_maps
+    assert torch.equal(label_map, parser(out.fd_images[0].clamp(0, 1)))
+    assert (label_map == 13).any() and (label_map != 13).any()   # a mask that can tell 13 from the rest
+    assert torch.equal(out.mask.bool(), label_map == 13)
