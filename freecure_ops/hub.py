@@ -145,6 +145,8 @@ def load_pretrained(cls, spec: str | os.PathLike, *, revision: str | None = None
     """``cls.from_pretrained(spec, **pretrained_kwargs(...), **kwargs)`` for any diffusers / transformers class
     (``DiffusionPipeline``, ``CLIPModel``, ...), with one change: a Hub model that is missing from the cache
     while offline raises :class:`WeightsNotFoundError` (one line) instead of the library's long error."""
+    if not isinstance(cls, type) or not callable(getattr(cls, "from_pretrained", None)):
+        raise TypeError(f"cls must be a class with from_pretrained (DiffusionPipeline, CLIPModel, ...), got {cls!r}")
     spec = _check_spec(spec)
     load_kwargs = pretrained_kwargs(revision=revision, variant=variant, offline=offline)
     local = Path(os.path.expanduser(os.fspath(spec)))

@@ -232,6 +232,10 @@ def test_clip_from_the_cache(cache, files, monkeypatch):
     assert processor.image_processor.crop_size == {"height": IMAGE, "width": IMAGE}
     with pytest.raises(WeightsNotFoundError, match="org/no-clip"):
         hub.load_pretrained(CLIPModel, "org/no-clip")
+    with pytest.raises(TypeError, match="cls"):
+        hub.load_pretrained(model, "org/tiny-clip")
+    with pytest.raises(TypeError, match="spec"):
+        hub.load_pretrained(CLIPModel, None)
 
 
 def test_local_folder_errors_are_the_librarys(tmp_path, cache):
