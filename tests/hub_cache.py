@@ -46,8 +46,8 @@ class HubCache:
             src = Path(files)
             files = {p.relative_to(src).as_posix(): p for p in sorted(src.rglob("*")) if p.is_file()}
         if commit is None:
-            seed = repo_id + "|" + "|".join(sorted(files)) + "|" + str(len(list(self.repo_dir(repo_id).glob("snapshots/*"))))
-            commit = hashlib.sha1(seed.encode()).hexdigest()
+            n_before = len(list(self.repo_dir(repo_id).glob("snapshots/*")))  # each add is a new commit
+            commit = hashlib.sha1(f"{repo_id}|{'|'.join(sorted(files))}|{n_before}".encode()).hexdigest()
         snap = self.repo_dir(repo_id) / "snapshots" / commit
         for name, src in files.items():
             dst = snap / name
