@@ -26,15 +26,20 @@ setup(
     entry_points={"console_scripts": ["freecure = freecure_ops.cli:main"]},
     extras_require={
         # 0.42 is the version the tests run on (SD/SDXL need nothing FLUX-specific, see
-        # tests/test_lazy_flux_import.py, but older releases are not tested)
-        "diffusers": ["diffusers>=0.42", "Pillow"],
+        # tests/test_lazy_flux_import.py, but older releases are not tested). huggingface_hub (a diffusers and
+        # transformers dependency) is used directly by freecure_ops.hub: Hub ids, revisions, offline mode; no
+        # bound of its own: the tests run on 2.4 (diffusers 0.42 itself needs >= 1.32)
+        "diffusers": ["diffusers>=0.42", "huggingface_hub", "Pillow"],
+        # the SegFormer face parser (e.g. jonathandinu/face-parsing)
+        "segformer": ["transformers>=4.40", "huggingface_hub"],
         "bench": ["matplotlib"],
         # freecure batch: Accelerate's process state shards jobs over processes/GPUs (accelerate launch, torchrun)
-        "batch": ["accelerate>=0.26", "diffusers>=0.42", "Pillow", "tqdm"],
+        "batch": ["accelerate>=0.26", "diffusers>=0.42", "huggingface_hub", "Pillow", "tqdm"],
         # freecure eval: transformers' CLIP for PC, onnxruntime for ONNX face-recognition models (IF), the plot
-        "eval": ["transformers>=4.40", "onnxruntime>=1.16", "Pillow", "matplotlib"],
+        "eval": ["transformers>=4.40", "huggingface_hub", "onnxruntime>=1.16", "Pillow", "matplotlib"],
         # peft: the LoRA interplay tests; onnx: the tests write a tiny face model
-        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "sentencepiece",
+        "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "huggingface_hub",
+                 "sentencepiece",
                  "matplotlib", "peft", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14"],
     },
 )

@@ -1,9 +1,10 @@
 """The package reads in the order data flows: each layer imports only from the layers below it.
 
     0 kernels/                 Triton kernels and launchers (nothing of ours)
-    1 the op                   freecure_ops: api, op, validation, fasa_mask, backends, reference, masks, outputs
+    1 the op                   freecure_ops: api, op, validation, fasa_mask, backends, reference, masks, outputs;
+                               hub (where weights come from: local paths, Hub references, offline mode)
     2 adapters/                what installs FASA into diffusers models
-    3 freecure_ops/pipeline/   the method: FreeCure, APG, attributes, the face parser
+    3 freecure_ops/pipeline/   the method: FreeCure, APG, attributes, the face parsers (BiSeNet, SegFormer)
     4 tools on top             the grid tools (manifest, grid, batch, evaluate, face_embed) and the CLI
 
 Checked on the source (every ``import``/``from`` at any depth, relative ones resolved), so a lazy import inside

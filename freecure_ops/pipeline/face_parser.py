@@ -7,9 +7,11 @@ refinement modules (``cp.arm16``, ``cp.arm32``), heads (``cp.conv_head32``, ``cp
 ``conv_out32``). As in that checkpoint, there is no separate spatial-path module: the ResNet's 1/8-scale
 feature takes its place, so no ``sp.*`` keys exist.
 
-Nothing is downloaded: the ResNet18 backbone is built here (no torchvision) with random initial weights,
-and weights come only from a file the caller names, loaded with ``torch.load(weights_only=True)`` (no
-pickled code runs) or from safetensors.
+The ResNet18 backbone is built here (no torchvision) with random initial weights, and weights come only from
+a file the caller names, loaded with ``torch.load(weights_only=True)`` (no pickled code runs) or from
+safetensors: :meth:`BiSeNetParser.from_checkpoint` reads a local file and never downloads;
+:meth:`BiSeNetParser.from_pretrained` also takes a Hub file (``"org/name/79999_iter.pth"``, see
+:mod:`freecure_ops.hub`).
 
 Labels of the checkpoint (SPEC.md, "Face-parsing labels") are in :data:`BISENET_CELEBAMASK_LABELS`; other
 parsers bring their own name -> id table (see :func:`freecure_ops.pipeline.attributes.label_table_for`).
@@ -418,6 +420,16 @@ class BiSeNetParser:
         net = BiSeNet(n_classes)
         _load_strict(net, state, os.fspath(path))
         return cls(net, labels=labels, input_size=input_size, device=device, dtype=dtype)
+
+    @classmethod
+    def from_pretrained(cls, spec, *, revision: str | None = None, offline: bool | None = None,
+                        **kwargs) -> BiSeNetParser:
+        """:meth:`from_checkpoint` of a local file or a Hub file ``"org/name/79999_iter.pth"`` (downloaded into
+        the Hugging Face cache at ``revision`` unless offline: ``offline=True`` or ``HF_HUB_OFFLINE=1``), as
+        :func:`freecure_ops.hub.resolve_file` resolves it. ``kwargs``: those of :meth:`from_checkpoint`."""
+        from freecure_ops.hub import resolve_file
+
+        return cls.from_checkpoint(resolve_file(spec, revision=revision, offline=offline), **kwargs)
 
     @property
     def device(self) -> torch.device:
