@@ -526,7 +526,7 @@ def test_model_blocks_from_config_match_the_loaded_models(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from freecure_ops.adapters.discovery import _unet_blocks
-    from freecure_ops.cli import model_blocks
+    from freecure_ops.cli.model_files import model_blocks
 
     sd15 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],

@@ -193,7 +193,8 @@ def test_model_dependent_errors_name_the_flag(files, tmp_path, capsys, extra, ex
 
 
 def test_alpha_mask_and_empty_mask_warn(files, tmp_path, capsys):
-    from freecure_ops.cli import main, read_mask_png
+    from freecure_ops.cli import main
+    from freecure_ops.cli.args import read_mask_png
 
     m = read_mask_png(files / "alpha.png")
     assert (m[: IMAGE // 2] == 1).all() and (m[IMAGE // 2:] == 0).all()        # the alpha channel, not black

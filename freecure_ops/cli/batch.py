@@ -1,4 +1,5 @@
 """``freecure batch``: run a manifest of jobs (:mod:`freecure_ops.manifest`), sharded over processes, resumable.
+The output folder's layout (records, fingerprints, the index) is :mod:`freecure_ops.results`.
 
     freecure batch --manifest grid.jsonl --model DIR --out runs/grid [--parser-weights 79999_iter.pth ...]
     accelerate launch --multi_gpu --num_processes 8 -m freecure_ops.cli batch --manifest ... --out ...
@@ -28,7 +29,6 @@ before anything loads; one line naming the flag, or the manifest line).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -40,16 +40,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import Job, ManifestError, read_manifest
-from .outputs import atomic_write, atomic_write_text, output_dir_problem
+from ..manifest import Job, ManifestError, read_manifest
+from ..outputs import atomic_write, atomic_write_text, output_dir_problem
+from ..results import (INDEX, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
+                       job_dir, write_index)
+from .args import (check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
+                   parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype)
+from .errors import CLIError
+from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
+from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
 
-__all__ = ["add_arguments", "run", "run_batch", "job_complete", "write_index", "read_index", "INDEX"]
-
-JOBS = "jobs"
-RECORD = "job.json"
-INDEX = "results.jsonl"
-INDEX_CSV = "results.csv"
-OUTPUT_FILES = ("pd.png", "fd.png", "mask.png")
+__all__ = ["add_arguments", "check_batch_args", "run", "run_batch"]
 #: test hook: a process exits hard (os._exit) while saving its (N+1)-th job, after pd.png and with a
 #: half-written temporary file left behind: what a kill mid-write leaves.
 KILL_ENV = "_FREECURE_TEST_KILL_AFTER"
@@ -61,27 +62,23 @@ DEFAULTS = dict(steps=30, guidance_scale=None, omega=None, layers=None, style_fi
 
 def add_arguments(sub) -> None:
     """The ``batch`` subcommand (argparse only: nothing heavy is imported here)."""
-    from pathlib import Path as _P
-
-    from .cli import _fraction, _layers
-
     b = sub.add_parser("batch", help="run a manifest of jobs (JSONL/CSV), sharded over processes, resumable",
                        description="Run every job of a manifest; complete jobs are skipped on rerun. Scale out "
                                    "with `accelerate launch --multi_gpu --num_processes N -m freecure_ops.cli batch "
                                    "...` (one process per GPU) or torchrun.")
-    b.add_argument("--manifest", required=True, type=_P, help="JSONL or CSV, one job per line (freecure manifest)")
+    b.add_argument("--manifest", required=True, type=Path, help="JSONL or CSV, one job per line (freecure manifest)")
     b.add_argument("--model", required=True, help="local pipeline folder or a Hugging Face id already in the cache")
-    b.add_argument("--out", required=True, type=_P, help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
-    b.add_argument("--parser-weights", type=_P, help="BiSeNet checkpoint for FreeCure jobs without a mask")
+    b.add_argument("--out", required=True, type=Path, help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
+    b.add_argument("--parser-weights", type=Path, help="BiSeNet checkpoint for FreeCure jobs without a mask")
     b.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="denoising steps (per job: steps)")
     b.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     b.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")
-    b.add_argument("--layers", type=_layers, help="'all' or block indices (default: preset)")
+    b.add_argument("--layers", type=layers_arg, help="'all' or block indices (default: preset)")
     b.add_argument("--style-fidelity", type=float, default=DEFAULTS["style_fidelity"])
     b.add_argument("--mode", choices=("bias", "scale"), default=DEFAULTS["mode"])
     b.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
     b.add_argument("--apg", action="store_true", help="Asymmetric Prompt Guidance for FreeCure jobs")
-    b.add_argument("--gamma", type=_fraction, default=DEFAULTS["gamma"], help="APG inversion depth")
+    b.add_argument("--gamma", type=fraction_arg, default=DEFAULTS["gamma"], help="APG inversion depth")
     b.add_argument("--empty-mask", choices=("error", "warn"), default=DEFAULTS["empty_mask"])
     b.add_argument("--negative-prompt", help="negative prompt for both branches")
     b.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the pipeline's)")
@@ -98,51 +95,6 @@ def add_arguments(sub) -> None:
 def _settings(args, job: Job) -> dict:
     base = {k: getattr(args, k, DEFAULTS[k]) for k in DEFAULTS}
     return {**base, **job.settings}
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def content_identity(path) -> object:
-    """A cheap identity of a file or folder's content, so that a changed weights file reruns the jobs built on
-    it: a file's (size, mtime_ns); a folder's sorted (relative path, size, mtime_ns) of every file. None for
-    None; the plain string for a path that is not on disk (a Hub id: the loader resolves it)."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    try:
-        if p.is_file():
-            st = p.stat()
-            return [st.st_size, st.st_mtime_ns]
-        if p.is_dir():
-            return sorted([f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
-                          for f in p.rglob("*") if f.is_file())
-    except OSError as e:  # a file vanishing mid-walk: still a change
-        return f"unreadable: {e}"
-    return str(path)
-
-
-def fingerprint(job: Job, settings: dict, model: str, dtype: str, backend: str, parser_weights,
-                identities: dict | None = None) -> str:
-    """What makes a job's outputs what they are: a job whose fingerprint changed is run again. ``identities``:
-    :func:`content_identity` of ``model`` and ``parser_weights`` (computed once per run by the caller)."""
-    ids = identities if identities is not None else {}
-    spec = {k: v for k, v in job.spec().items() if k in ("id", "prompt", "fd_prompt", "seed", "method", "mask")}
-    data = dict(job=spec, settings={k: settings[k] for k in sorted(settings)}, model=str(model), dtype=dtype,
-                backend=backend, model_files=ids.get("model"))
-    if job.method == "freecure":
-        data["mask_sha256"] = _file_digest(job.mask) if job.mask is not None else None
-        data["parser"] = None if job.mask is not None else [str(parser_weights), ids.get("parser")]
-    else:  # FreeCure-only settings do not change a baseline image
-        for k in ("omega", "layers", "style_fidelity", "mode", "apg", "gamma", "apg_template", "empty_mask"):
-            data["settings"].pop(k, None)
-        data.pop("backend")
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
 def _image_problem(path: Path) -> str | None:
@@ -166,21 +118,18 @@ def _where(args, job: Job) -> str:
 
 def check_batch_args(args):
     """Every check that needs no model: returns ``(jobs, device or None, dtype name)``. Raises CLIError."""
-    from .cli import (CLIError, _check_finite, _model_path_problem, _size_multiple, layers_problem, model_blocks,
-                      read_mask_png, real_problem)
-
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
-    _check_finite("--omega", args.omega)
-    _check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
-    _check_finite("--guidance-scale", args.guidance_scale, 0.0)
-    problem = _model_path_problem(args.model)
+    check_finite("--omega", args.omega)
+    check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
+    check_finite("--guidance-scale", args.guidance_scale, 0.0)
+    problem = model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
-    multiple = _size_multiple(args.model)
+    multiple = size_multiple(args.model)
     for flag, v in (("--height", args.height), ("--width", args.width)):
         if v is not None and (v <= 0 or v % multiple):
             raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
@@ -189,8 +138,6 @@ def check_batch_args(args):
     if problem:
         raise CLIError(f"--layers {problem}")
     if args.parser_weights is not None:
-        from .cli import parser_weights_problem
-
         problem = parser_weights_problem(args.parser_weights)
         if problem:
             raise CLIError(f"--parser-weights {args.parser_weights}: {problem}")
@@ -239,16 +186,12 @@ def check_batch_args(args):
 
     device = None
     if args.device is not None:
-        from .cli import _pick_device
-
-        device = _pick_device(args.device)
+        device = pick_device(args.device)
     if args.backend == "triton":
         import torch
 
-        from .cli import _interpreting
-
         dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+        if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
             raise CLIError(f"--backend triton needs a CUDA device (got {dev}); use --backend torch or auto")
     return jobs, device
 
@@ -294,92 +237,11 @@ def process_state(device=None):
         from accelerate import PartialState
     except ImportError:
         if _launched_world() > 1:
-            from .cli import CLIError
-
             raise CLIError(f"launched as {_launched_world()} processes, but accelerate is not installed: "
                            "pip install 'freecure-ops[batch]'") from None
         return _Single(device or torch.device("cpu" if cpu else "cuda"))
     state = PartialState(cpu=cpu)
     return state
-
-
-# ----------------------------------------------------------------------------------------------------------
-# records and the index
-# ----------------------------------------------------------------------------------------------------------
-
-def job_dir(out: Path, job_id: str) -> Path:
-    return Path(out) / JOBS / job_id
-
-
-def read_record(out: Path, job_id: str) -> dict | None:
-    try:
-        rec = json.loads((job_dir(out, job_id) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def job_complete(out: Path, job_id: str, fp: str | None = None) -> bool:
-    """The job's record says ok (for this fingerprint, when given) and every file it lists exists."""
-    rec = read_record(out, job_id)
-    if rec is None or rec.get("status") != "ok" or (fp is not None and rec.get("fingerprint") != fp):
-        return False
-    d = job_dir(out, job_id)
-    files = rec.get("files")
-    return isinstance(files, list) and bool(files) and all((d / f).is_file() and (d / f).stat().st_size > 0
-                                                           for f in files)
-
-
-_INDEX_COLUMNS = ("id", "line", "method", "identity", "status", "seconds", "prompt", "fd_prompt", "eval_prompt",
-                  "seed", "n_attributes", "attributes", "reference", "mask", "dir", "files", "settings",
-                  "timings_s", "fasa_applied", "error", "rank", "world_size", "device", "finished", "fingerprint")
-
-
-def _index_row(out: Path, job: Job, fp: str) -> dict:
-    rec = read_record(out, job.id) or {}
-    status = rec.get("status", "missing")
-    if status == "ok" and not job_complete(out, job.id, fp):
-        status = "stale" if rec.get("fingerprint") != fp else "incomplete"
-    run = rec.get("run", {})
-    return dict(id=job.id, line=job.line, method=job.method, identity=job.identity, status=status,
-                seconds=rec.get("seconds"), prompt=job.prompt, fd_prompt=job.fd_prompt, eval_prompt=job.eval_prompt,
-                seed=job.seed, n_attributes=job.n_attributes, attributes=job.attributes or rec.get("attributes"),
-                reference=None if job.reference is None else str(job.reference),
-                mask=None if job.mask is None else str(job.mask), dir=f"{JOBS}/{job.id}",
-                files=rec.get("files", []) if status == "ok" else [], settings=rec.get("settings"),
-                timings_s=rec.get("timings_s"), fasa_applied=rec.get("fasa_applied"), error=rec.get("error"),
-                rank=run.get("rank"), world_size=run.get("world_size"), device=run.get("device"),
-                finished=run.get("finished"), fingerprint=fp)
-
-
-def write_index(out: Path, jobs: list[Job], fps: dict[str, str]) -> list[dict]:
-    """``results.jsonl`` and ``results.csv`` (manifest order, one row per job), written atomically."""
-    import csv
-    import io
-
-    rows = [_index_row(out, j, fps[j.id]) for j in jobs]
-    atomic_write_text(Path(out) / INDEX, "".join(json.dumps(r) + "\n" for r in rows))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_INDEX_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                    for k, v in r.items()})
-    atomic_write_text(Path(out) / INDEX_CSV, buf.getvalue())
-    return rows
-
-
-def read_index(results_dir) -> list[dict]:
-    path = Path(results_dir) / INDEX
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if text.strip():
-                try:
-                    rows.append(json.loads(text))
-                except ValueError:
-                    raise ValueError(f"{path} line {n}: not valid JSON") from None
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,8 +289,7 @@ def _kill_point(ctx: _Context, d: Path) -> None:
 def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
     import torch
 
-    from .pipeline.freecure import FreeCure, FreeCureWarning, step_generators
-    from .cli import _effective_settings, _save_mask, read_mask_png
+    from ..pipeline.freecure import FreeCure, FreeCureWarning, step_generators
 
     args, pipe = ctx.args, ctx.pipe
     d = job_dir(args.out, job.id)
@@ -458,7 +319,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 latents, seeds = fc.noise(1, h, w, seed=job.seed)
                 image = pipe(prompt=job.prompt, latents=latents, generator=step_generators(seeds),
                              **{**call, "height": h, "width": w}).images[0]
-                from .pipeline.apg import default_guidance_scale
+                from ..pipeline.apg import default_guidance_scale
 
                 settings = dict(steps=s["steps"], guidance_scale=float(call.get("guidance_scale",
                                                                                  default_guidance_scale(pipe))),
@@ -477,7 +338,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
 
                 ns = SimpleNamespace(layers=s["layers"], omega=s["omega"], mode=s["mode"], backend=args.backend,
                                      style_fidelity=s["style_fidelity"], empty_mask=s["empty_mask"])
-                settings = dict(_effective_settings(fc, pipe, ns, ctx.device, ctx.dtype, call), steps=s["steps"],
+                settings = dict(effective_settings(fc, pipe, ns, ctx.device, ctx.dtype, call), steps=s["steps"],
                                 apg=s["apg"], gamma=s["gamma"] if s["apg"] else None,
                                 negative_prompt=s["negative_prompt"])
                 save(out.images[0], "pd.png")
@@ -485,7 +346,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 if out.fd_images is not None:
                     save(out.fd_images[0], "fd.png")
                 if out.mask is not None:
-                    _save_mask(out.mask, d / "mask.png")
+                    save_mask(out.mask, d / "mask.png")
                     written.append("mask.png")
                 extra = dict(fasa_applied=out.fasa_applied, attributes=out.attributes[0] if out.attributes else [],
                              template_prompts=out.template_prompts, fd_reuse=out.fd_reuse,
@@ -515,8 +376,6 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
 
 def run(args) -> int:
     """``freecure batch``: check, shard, run, index. Returns the exit status."""
-    from .cli import _DTYPES, CLIError, _load_pipeline, _quiet_libraries
-
     try:
         jobs, device = check_batch_args(args)
     except CLIError:
@@ -531,7 +390,7 @@ def run(args) -> int:
         device = torch.device(state.device)
         if device.type == "cpu":
             device = torch.device("cpu")
-    dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    dtype = torch_dtype(args.dtype, device)
     dtype_name = str(dtype).replace("torch.", "")
 
     identities = dict(model=content_identity(args.model), parser=content_identity(args.parser_weights))
@@ -545,18 +404,16 @@ def run(args) -> int:
 
     failed_here = 0
     if mine:
-        with _quiet_libraries(True):  # library notes would repeat per job and break the progress bars
+        with quiet_libraries(True):  # library notes would repeat per job and break the progress bars
             parser = None
             if args.parser_weights is not None and any(j.method == "freecure" and j.mask is None for j in mine):
-                from .pipeline.face_parser import BiSeNetParser
+                from ..pipeline.face_parser import BiSeNetParser
 
                 try:
                     parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
                 except (ValueError, OSError) as e:
-                    from .cli import parser_weights_error
-
                     raise parser_weights_error(args.parser_weights, e) from e
-            pipe = _load_pipeline(args.model, device, dtype)
+            pipe = load_pipeline(args.model, device, dtype)
             pipe.set_progress_bar_config(disable=True)
             ctx = _Context(args=args, pipe=pipe, device=device, dtype=dtype, parser=parser, rank=rank, world=world,
                            run_id=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
@@ -586,7 +443,7 @@ def run(args) -> int:
         rows = write_index(args.out, jobs, fps)
     state.wait_for_everyone()
     if rows is None:
-        rows = [_index_row(args.out, j, fps[j.id]) for j in jobs]
+        rows = [index_row(args.out, j, fps[j.id]) for j in jobs]
     bad = [r for r in rows if r["status"] != "ok"]
     if state.is_main_process:
         pending_ids = {j.id for j in pending}
@@ -603,6 +460,6 @@ def run(args) -> int:
 
 def run_batch(argv: list[str]) -> int:
     """Python entry: the same as ``freecure batch ARGV...``."""
-    from .cli import main
+    from . import main
 
     return main(["batch", *argv])
