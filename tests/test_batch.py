@@ -299,6 +299,8 @@ def _bad_manifests(root: Path, tmp: Path) -> dict:
         "omega_beyond_float32": ("m.jsonl", j({**good, "omega": 1e308}), "line 1: omega must be within float32 range"),
         "guidance_beyond_float32": ("m.jsonl", j({**good, "settings": {"guidance_scale": 1e300}}),
                                     "line 1: guidance_scale must be within float32 range"),
+        "apg_zero_steps": ("m.jsonl", j({**good, "apg": True, "steps": 1}),
+                           "line 1: apg with gamma 0.5 and steps 1 runs int(gamma * steps) = int(0.5 * 1) = 0 APG"),
     }
 
 
@@ -318,6 +320,22 @@ def test_bad_manifest_is_one_line_naming_the_line(case, assets, tmp_path, capsys
     assert err.startswith(f"freecure: error: --manifest {path}") and err.count("\n") == 1, err
     assert expect in err, err
     assert not (out / "jobs").exists()
+
+
+def test_apg_flags_with_zero_apg_steps_are_refused_up_front(assets, tmp_path, capsys):
+    """--apg --gamma 0.4 --steps 2 runs int(0.8) = 0 APG steps: one line naming the flags before anything loads
+    (a baseline job ignores APG and is not refused for it)."""
+    root = assets["root"]
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"id": "a", "prompt": "a photo of sks man with red hair", "seed": 0,
+                               "mask": str(root / "hair.png")}) + "\n")
+    out = tmp_path / "out"
+    args = ["batch", "--manifest", str(man), "--model", str(root / "model"), "--out", str(out), *COMMON]
+    assert main([*args, "--apg", "--gamma", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("freecure: error: --apg with --gamma 0.4 and --steps 2 runs int(gamma * steps) = int(0.4 * 2) = 0 "
+                   "APG steps: raise --gamma or --steps\n")
+    assert not out.exists()
 
 
 def _direct_pc(clip_dir: Path, image: Image.Image, text: str) -> float:

@@ -141,6 +141,8 @@ def test_good_run_records_effective_settings(files, tmp_path):
     (["--steps", "0"], "--steps"),
     (["--mask", "{root}/corrupt.png"], "--mask"),
     (["--apg-template", "a photo"], "--apg-template"),
+    (["--apg", "--steps", "1"], "--apg with --gamma 0.5 and --steps 1 runs int(gamma * steps) = int(0.5 * 1) = 0"),
+    (["--apg", "--gamma", "0.4"], "--apg with --gamma 0.4 and --steps 2 runs"),
     (["--device", "cuda:99"], "--device"),
 ])
 def test_more_argument_errors(files, tmp_path, capsys, extra, expect):

@@ -10,7 +10,8 @@ from pathlib import Path
 from .errors import CLIError
 
 __all__ = ["DTYPES", "layers_arg", "fraction_arg", "check_finite", "real_problem", "read_mask_png",
-           "parser_weights_problem", "parser_weights_error", "pick_device", "interpreting", "torch_dtype"]
+           "parser_weights_problem", "parser_weights_error", "pick_device", "interpreting", "torch_dtype",
+           "apg_steps_problem"]
 
 #: --dtype choices -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -54,6 +55,16 @@ def real_problem(name: str, value) -> str | None:
         check_real(name, value)
     except (TypeError, ValueError) as e:
         return str(e)
+    return None
+
+
+def apg_steps_problem(steps: int, gamma: float) -> str | None:
+    """Why APG cannot run ``steps`` x ``gamma`` (None: it can): it inverts and denoises ``int(gamma * steps)``
+    steps, and zero of them would fail after the model loads and pass 1 has run."""
+    from ..pipeline.apg import apg_steps
+
+    if apg_steps(steps, gamma) == 0:
+        return f"runs int(gamma * steps) = int({gamma} * {steps}) = 0 APG steps"
     return None
 
 

@@ -44,7 +44,7 @@ from ..manifest import Job, ManifestError, read_manifest
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
 from ..results import (INDEX, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
                        job_dir, write_index)
-from .args import (check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
+from .args import (apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
                    parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype)
 from .errors import CLIError
 from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
@@ -157,6 +157,13 @@ def check_batch_args(args):
                 raise CLIError(f"{where}: {key} must be a multiple of {multiple} (pixels), got {v}")
         if s["apg_template"] is not None and not s["apg"]:
             raise CLIError(f"{where}: apg_template is only used with apg")
+        problem = apg_steps_problem(s["steps"], s["gamma"]) if s["apg"] and job.method == "freecure" else None
+        if problem and not {"apg", "gamma", "steps"} & set(job.settings):  # the flags alone: name them
+            raise CLIError(f"--apg with --gamma {args.gamma} and --steps {args.steps} {problem}: raise --gamma or "
+                           "--steps")
+        if problem:
+            raise CLIError(f"{where}: apg with gamma {s['gamma']} and steps {s['steps']} {problem}: raise gamma or "
+                           "steps")
         if job.reference is not None:
             if job.reference not in refs_seen:
                 refs_seen[job.reference] = _image_problem(job.reference)

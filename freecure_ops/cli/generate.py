@@ -11,7 +11,7 @@ import warnings
 from pathlib import Path
 
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from .args import (DTYPES, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
+from .args import (DTYPES, apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
                    parser_weights_problem, pick_device, read_mask_png, torch_dtype)
 from .errors import CLIError, flag_message
 from .model_files import model_path_problem, size_multiple
@@ -76,6 +76,9 @@ def check_generate_args(args):
         raise CLIError(f"--out {args.out}: {problem}")
     if args.apg_template is not None and not args.apg:
         raise CLIError("--apg-template is only used with --apg")
+    problem = apg_steps_problem(args.steps, args.gamma) if args.apg else None
+    if problem:
+        raise CLIError(f"--apg with --gamma {args.gamma} and --steps {args.steps} {problem}: raise --gamma or --steps")
     problem = model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
