@@ -37,12 +37,12 @@ __all__ = ["ARCFACE_TEMPLATE_112", "OnnxFaceEmbedder", "load_face_embedder", "lo
 ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                                  [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 
-_CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+_CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # used with fullmatch
 
 
 def load_callable(spec: str) -> Callable:
     """``"package.module:attr"`` -> the object (ValueError naming what is missing)."""
-    if not _CALLABLE_RE.match(spec):
+    if not _CALLABLE_RE.fullmatch(spec):
         raise ValueError(f"expected module:function, got {spec!r}")
     mod_name, attr = spec.split(":")
     try:
@@ -113,7 +113,7 @@ def load_face_embedder(spec) -> Callable:
     p = Path(text).expanduser()
     if p.is_file():
         return OnnxFaceEmbedder(p)
-    if _CALLABLE_RE.match(text) and not p.suffix == ".onnx":
+    if _CALLABLE_RE.fullmatch(text) and not p.suffix == ".onnx":
         return load_callable(text)
     raise ValueError("no such file (an ONNX face-recognition model) and not a module:function")
 

@@ -40,7 +40,7 @@ TEMPLATES = (
     "a selfie of a {subject} with {attributes}",
     "a photo of a {subject} with {attributes}, looking at the camera",
 )
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]{0,99}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,99}")  # fullmatch: "$" would let "a1\n" in
 
 
 def _join(phrases: list[str]) -> str:
@@ -87,7 +87,7 @@ def paper_grid(identities: dict[str, str], *, prompts: int = 20, counts=(1, 2, 3
         if m not in ("baseline", "freecure"):
             raise ValueError(f"methods must be baseline and/or freecure, got {m!r}")
     for ident in identities:
-        if not _ID_RE.match(ident):
+        if not _ID_RE.fullmatch(ident):
             raise ValueError(f"identity {ident!r}: use letters, digits, '.' or '-' (it names job folders)")
     rng = random.Random(seed)
     drawn = []
@@ -112,6 +112,6 @@ def paper_grid(identities: dict[str, str], *, prompts: int = 20, counts=(1, 2, 3
                 row = dict(id=f"{ident}_p{i:02d}_{method}", identity=ident, method=method, prompt=pd, fd_prompt=fd,
                            eval_prompt=fd, seed=seed + j * prompts + i, n_attributes=len(kinds), attributes=kinds)
                 if references and ident in references:
-                    row["reference"] = str(Path(references[ident]).absolute())
+                    row["reference"] = str(Path(references[ident]).expanduser().absolute())
                 rows.append(row)
     return rows

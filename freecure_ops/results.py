@@ -14,7 +14,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from .manifest import Job
+from .manifest import Job, parse_json_line
 from .outputs import atomic_write_text
 
 __all__ = ["JOBS", "RECORD", "INDEX", "INDEX_CSV", "OUTPUT_FILES", "job_dir", "read_record", "job_complete",
@@ -79,7 +79,7 @@ def job_dir(out: Path, job_id: str) -> Path:
 def read_record(out: Path, job_id: str) -> dict | None:
     try:
         rec = json.loads((job_dir(out, job_id) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # unreadable: the job is not complete
         return None
     return rec if isinstance(rec, dict) else None
 
@@ -141,7 +141,7 @@ def read_index(results_dir) -> list[dict]:
         for n, text in enumerate(f, 1):
             if text.strip():
                 try:
-                    rows.append(json.loads(text))
-                except ValueError:
-                    raise ValueError(f"{path} line {n}: not valid JSON") from None
+                    rows.append(parse_json_line(text))
+                except ValueError as e:
+                    raise ValueError(f"{path} line {n}: {e}") from None
     return rows

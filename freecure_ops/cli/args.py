@@ -9,12 +9,17 @@ from pathlib import Path
 
 from .errors import CLIError
 
-__all__ = ["DTYPES", "layers_arg", "fraction_arg", "check_finite", "real_problem", "read_mask_png",
+__all__ = ["DTYPES", "user_path", "layers_arg", "fraction_arg", "check_finite", "real_problem", "read_mask_png",
            "parser_weights_problem", "parser_weights_error", "pick_device", "interpreting", "torch_dtype",
            "apg_steps_problem"]
 
 #: --dtype choices -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def user_path(text: str) -> Path:
+    """A path flag: ``~`` expanded as the shell would (``--out=~/x`` reaches us unexpanded)."""
+    return Path(text).expanduser()
 
 
 def layers_arg(text: str):

@@ -45,7 +45,7 @@ from ..outputs import atomic_write, atomic_write_text, output_dir_problem
 from ..results import (INDEX, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
                        job_dir, write_index)
 from .args import (apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
-                   parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype)
+                   parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
 from .errors import CLIError
 from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
 from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
@@ -66,10 +66,12 @@ def add_arguments(sub) -> None:
                        description="Run every job of a manifest; complete jobs are skipped on rerun. Scale out "
                                    "with `accelerate launch --multi_gpu --num_processes N -m freecure_ops.cli batch "
                                    "...` (one process per GPU) or torchrun.")
-    b.add_argument("--manifest", required=True, type=Path, help="JSONL or CSV, one job per line (freecure manifest)")
+    b.add_argument("--manifest", required=True, type=user_path,
+                   help="JSONL or CSV, one job per line (freecure manifest)")
     b.add_argument("--model", required=True, help="local pipeline folder or a Hugging Face id already in the cache")
-    b.add_argument("--out", required=True, type=Path, help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
-    b.add_argument("--parser-weights", type=Path, help="BiSeNet checkpoint for FreeCure jobs without a mask")
+    b.add_argument("--out", required=True, type=user_path,
+                   help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
+    b.add_argument("--parser-weights", type=user_path, help="BiSeNet checkpoint for FreeCure jobs without a mask")
     b.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="denoising steps (per job: steps)")
     b.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     b.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")

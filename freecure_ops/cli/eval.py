@@ -13,7 +13,7 @@ from pathlib import Path
 from ..evaluate import JOB_COLUMNS, SUMMARY_COLUMNS, ClipScorer, csv_text, evaluate, format_table, plot_summary
 from ..outputs import atomic_write_text, output_dir_problem
 from ..results import INDEX, read_index
-from .args import pick_device
+from .args import pick_device, user_path
 from .errors import CLIError
 from .pipeline import quiet_libraries
 
@@ -24,8 +24,8 @@ def add_arguments(sub) -> None:
     e = sub.add_parser("eval", help="score a batch's results: PC (CLIP), IF (face embeddings), hMean",
                        description="Prompt consistency, identity fidelity and their harmonic mean per method and "
                                    "attribute count. Models come from local paths; nothing is downloaded.")
-    e.add_argument("--results", required=True, type=Path, help="a `freecure batch` output folder (results.jsonl)")
-    e.add_argument("--clip", required=True, type=Path, help="local CLIP folder (CLIPModel + processor)")
+    e.add_argument("--results", required=True, type=user_path, help="a `freecure batch` output folder (results.jsonl)")
+    e.add_argument("--clip", required=True, type=user_path, help="local CLIP folder (CLIPModel + processor)")
     e.add_argument("--face-model", help="ONNX face-recognition model (ArcFace-style), or module:function "
                                         "(face RGB uint8 [h, w, 3] -> embedding)")
     e.add_argument("--reference", action="append", default=[], metavar="ID=IMAGE",
@@ -34,7 +34,7 @@ def add_arguments(sub) -> None:
                    help="crop without a detector: center[:F] (centred square, F of the shorter side) or full")
     e.add_argument("--face-detector", metavar="MODULE:FUNCTION",
                    help="image RGB uint8 -> None | box (x0, y0, x1, y1) | 5 landmarks [5, 2] (ArcFace alignment)")
-    e.add_argument("--out", type=Path, help="where the tables go (default: --results)")
+    e.add_argument("--out", type=user_path, help="where the tables go (default: --results)")
     e.add_argument("--device", help="cpu, cuda or cuda:N for CLIP (default: cuda when available)")
     e.add_argument("--batch-size", type=int, default=16, help="CLIP images per forward")
     e.add_argument("--quiet", action="store_true", help="no progress bar")

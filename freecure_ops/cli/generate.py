@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from .args import (DTYPES, apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
-                   parser_weights_problem, pick_device, read_mask_png, torch_dtype)
+from .args import (DTYPES, apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg,
+                   parser_weights_error, parser_weights_problem, pick_device, read_mask_png, torch_dtype, user_path)
 from .errors import CLIError, flag_message
 from .model_files import model_path_problem, size_multiple
 from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
@@ -31,8 +30,8 @@ def add_arguments(sub) -> None:
     g.add_argument("--fd-prompt", help="FD prompt (the same without the identity); default: --prompt")
     g.add_argument("--negative-prompt", help="negative prompt for both branches")
     src = g.add_mutually_exclusive_group()
-    src.add_argument("--mask", type=Path, help="attribute mask PNG (white = attribute); skips pass 1")
-    src.add_argument("--parser-weights", type=Path, help="BiSeNet face-parser checkpoint (e.g. 79999_iter.pth)")
+    src.add_argument("--mask", type=user_path, help="attribute mask PNG (white = attribute); skips pass 1")
+    src.add_argument("--parser-weights", type=user_path, help="BiSeNet face-parser checkpoint (e.g. 79999_iter.pth)")
     g.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")
     g.add_argument("--layers", type=layers_arg, help="'all' or block indices, e.g. 50,51,52 (default: preset)")
     g.add_argument("--style-fidelity", type=float, default=1.0,
@@ -54,7 +53,7 @@ def add_arguments(sub) -> None:
     g.add_argument("--width", type=int, help="image width in pixels, a multiple of 8 (default: the pipeline's)")
     g.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     g.add_argument("--dtype", choices=tuple(DTYPES), help="default: fp16 on cuda, fp32 on cpu")
-    g.add_argument("--out", required=True, type=Path, help="output folder (created; checked before any work)")
+    g.add_argument("--out", required=True, type=user_path, help="output folder (created; checked before any work)")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..grid import PHRASES, TEMPLATES, paper_grid
 from ..outputs import output_dir_problem
+from .args import user_path
 from .errors import CLIError
 
 __all__ = ["add_arguments", "run"]
@@ -21,19 +22,19 @@ def add_arguments(sub) -> None:
                                    "methods (baseline, freecure), seeds fixed.")
     g.add_argument("--identity", action="append", default=[], metavar="ID=CLASS",
                    help="an identity and its class word, e.g. alice=woman (repeat)")
-    g.add_argument("--identities", type=Path, help="CSV with columns id,class[,reference] (instead of / besides "
+    g.add_argument("--identities", type=user_path, help="CSV with columns id,class[,reference] (instead of / besides "
                                                  "--identity)")
     g.add_argument("--reference", action="append", default=[], metavar="ID=IMAGE",
                    help="reference image of an identity (recorded for freecure eval)")
     g.add_argument("--prompts", type=int, default=20, help="prompts per identity (the paper: 20)")
     g.add_argument("--counts", default="1,2,3", help="attributes per prompt, cycled (default 1,2,3)")
     g.add_argument("--attributes", default=",".join(PHRASES), help=f"attribute kinds (default {','.join(PHRASES)})")
-    g.add_argument("--templates", type=Path, help="file with one template per line ({subject}, {attributes})")
+    g.add_argument("--templates", type=user_path, help="file with one template per line ({subject}, {attributes})")
     g.add_argument("--pd-subject", default="sks {class}", help="subject with the identity ({id}, {class})")
     g.add_argument("--fd-subject", default="{class}", help="subject without the identity ({id}, {class})")
     g.add_argument("--methods", default="baseline,freecure")
     g.add_argument("--seed", type=int, default=0, help="first seed; also draws the prompt set")
-    g.add_argument("--out", required=True, type=Path, help="manifest file to write (.jsonl, or .csv)")
+    g.add_argument("--out", required=True, type=user_path, help="manifest file to write (.jsonl, or .csv)")
 
 
 def _pairs(items, flag, where=None) -> dict:
@@ -120,7 +121,8 @@ def run(args) -> int:
                 identities[row["id"]] = row["class"]
                 given[row["id"]] = f"--identities {args.identities}: line {n}"
                 if (row.get("reference") or "").strip():
-                    references.setdefault(row["id"], (args.identities.parent / row["reference"]).as_posix())
+                    ref = args.identities.parent / Path(row["reference"]).expanduser()
+                    references.setdefault(row["id"], ref.as_posix())
     if not identities:
         raise CLIError("give at least one --identity ID=CLASS (or --identities FILE)")
     for ident, ref in references.items():
