@@ -85,14 +85,15 @@ def read_record(out: Path, job_id: str) -> dict | None:
 
 
 def job_complete(out: Path, job_id: str, fp: str | None = None) -> bool:
-    """The job's record says ok (for this fingerprint, when given) and every file it lists exists."""
+    """The job's record says ok (for this fingerprint, when given) and every file it lists exists (a file, not a
+    symlink to one: batch writes its own files, so a link is not its output)."""
     rec = read_record(out, job_id)
     if rec is None or rec.get("status") != "ok" or (fp is not None and rec.get("fingerprint") != fp):
         return False
     d = job_dir(out, job_id)
     files = rec.get("files")
-    return isinstance(files, list) and bool(files) and all((d / f).is_file() and (d / f).stat().st_size > 0
-                                                           for f in files)
+    return isinstance(files, list) and bool(files) and all(
+        (d / f).is_file() and not (d / f).is_symlink() and (d / f).stat().st_size > 0 for f in files)
 
 
 _INDEX_COLUMNS = ("id", "line", "method", "identity", "status", "seconds", "prompt", "fd_prompt", "eval_prompt",

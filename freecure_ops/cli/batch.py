@@ -114,6 +114,19 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
+def _outside_out_problem(out: Path, jobs: list[Job]) -> str | None:
+    """A folder batch writes in that is a symlink (it would write outside ``--out``, wherever the link points)
+    or not a folder (None: every write stays inside)."""
+    for rel in ("jobs", "logs", *(f"jobs/{j.id}" for j in jobs)):
+        p = Path(out) / rel
+        if p.is_symlink():
+            return (f"{rel} is a symlink (to {os.readlink(p)}): batch writes only inside --out; remove the link "
+                    "(its target is left alone)")
+        if p.exists() and not p.is_dir():
+            return f"{rel} is not a folder; remove it"
+    return None
+
+
 def _where(args, job: Job) -> str:
     return f"--manifest {args.manifest} line {job.line}"
 
@@ -147,6 +160,9 @@ def check_batch_args(args):
         jobs = read_manifest(args.manifest)
     except ManifestError as e:
         raise CLIError(f"--manifest {args.manifest}{' ' if e.line else ': '}{e}") from None
+    problem = _outside_out_problem(args.out, jobs)
+    if problem:
+        raise CLIError(f"--out {args.out}: {problem}")
 
     masks_seen: dict[Path, bool] = {}
     refs_seen: dict[Path, str | None] = {}
@@ -274,7 +290,9 @@ class _Context:
 
 def _clean_job_dir(d: Path) -> None:
     """Before a job runs: drop its old record first (so nothing stale counts), then old outputs and the
-    temporary files a killed write left."""
+    temporary files a killed write left. A symlink made since the checks is replaced, never written through."""
+    if d.is_symlink():
+        d.unlink()
     d.mkdir(parents=True, exist_ok=True)
     for name in (RECORD,) + OUTPUT_FILES:
         try:
