@@ -15,8 +15,10 @@
 
 Tables: per method (``baseline`` = the personalization model alone, ``freecure``) and per number of
 attributes the prompt asks for (1, 2, 3, ..., and ``all``): ``eval_summary.csv`` and ``eval_summary.png``;
-per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count; an
-ok job whose ``pd.png`` is gone or unreadable is a ``missing`` row with a note (not scored, not in the tables).
+per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count, and
+each is checked against its record (``job.json``): a job whose record is gone, failed or holds another
+fingerprint than the index (a later run touched it and did not finish) is a ``stale`` row, and an ok job whose
+``pd.png`` is gone or unreadable a ``missing`` row, each with a note (not scored, not in the tables).
 """
 from __future__ import annotations
 
@@ -108,6 +110,23 @@ def _row(r: dict, pc, score, ref, status: str, note: str) -> dict:
                 pc_text=_pc_text(r), reference=None if ref is None else str(ref), note=note)
 
 
+def record_problem(results_dir: Path, row: dict) -> str | None:
+    """Why the index row ``row`` (status ok) no longer describes its job (None: it does). The index is written
+    when a run ends; a later run that was killed may have deleted the job's record and written new images
+    with other settings, which the old row would score as the old job."""
+    from .results import RECORD, read_record
+
+    rec = read_record(results_dir, row["id"])
+    if rec is None:
+        return f"no {RECORD}: a later batch run started this job and did not finish it (rerun freecure batch)"
+    if rec.get("status") != "ok":
+        return f"{RECORD} says {rec.get('status')!r}, the index ok: the index is from an earlier run"
+    if row.get("fingerprint") is not None and rec.get("fingerprint") != row["fingerprint"]:
+        return f"{RECORD} is from other settings than the index (fingerprint {rec.get('fingerprint')}, index " \
+               f"{row['fingerprint']}): the index is from an earlier run"
+    return None
+
+
 def evaluate(results_dir, clip, *, face_model=None, references=None, crop="center:1.0", detector=None,
              device="cpu", batch_size=16, progress=False):
     """Score every ok job of a batch's results: ``(job_rows, summary_rows)`` (see the module docstring).
@@ -116,11 +135,19 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
     import numpy as np
     from PIL import Image
 
-    from .results import read_index
     from .face_embed import cosine_similarity, crop_face, load_face_embedder
+    from .results import read_index
 
     results_dir = Path(results_dir)
-    rows = [r for r in read_index(results_dir) if r.get("status") == "ok" and "pd.png" in (r.get("files") or [])]
+    rows, job_rows = [], []
+    for r in read_index(results_dir):
+        if r.get("status") != "ok" or "pd.png" not in (r.get("files") or []):
+            continue
+        stale = record_problem(results_dir, r)
+        if stale:  # the index is older than the record: a later run touched the job and did not finish
+            job_rows.append(_row(r, None, None, None, "stale", stale))
+        else:
+            rows.append(r)
     scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(clip, device)
     embed = None if face_model is None else load_face_embedder(face_model)
     size = getattr(embed, "input_size", (112, 112))
@@ -131,7 +158,6 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
         face = crop_face(img, crop, detector, size)
         return None if face is None else embed(np.asarray(face.convert("RGB")))
 
-    job_rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm

@@ -77,3 +77,70 @@ def test_a_symlinked_output_file_is_not_a_complete_job(model, tmp_path, capsys):
     assert main(args) == 0
     assert "1 complete (0 already done, 1 run now" in capsys.readouterr().out
     assert not pd.is_symlink() and pd.is_file()
+
+
+@pytest.fixture(scope="module")
+def killed_rerun(model, tmp_path_factory):
+    """A complete 2-job run (index saved), then a rerun with another guidance scale killed hard right after
+    the first job's new pd.png: that job's record is gone, its image is new."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("rerun")
+    man = _manifest(root / "m.jsonl", ids=("a", "b"))
+    out = root / "out"
+    args = ["batch", "--manifest", str(man), "--model", str(model), "--out", str(out), *COMMON]
+    assert main(args) == 0
+    old_index = {n: (out / n).read_bytes() for n in ("results.jsonl", "results.csv")}
+    freecure = str(Path(sys.executable).with_name("freecure"))
+    env = {**os.environ, "_FREECURE_TEST_KILL_AFTER": "0", "PYTHONWARNINGS": "ignore"}
+    env.pop("TRITON_INTERPRET", None)
+    p = subprocess.run([freecure, *args, "--guidance-scale", "3.0"], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 137, p.stderr[-2000:]
+    assert not (out / "jobs" / "a" / "job.json").exists() and (out / "jobs" / "a" / "pd.png").exists()
+    return root, out, old_index
+
+
+def test_a_rerun_removes_the_index_before_it_touches_a_job(killed_rerun):
+    _, out, _ = killed_rerun
+    assert not (out / "results.jsonl").exists() and not (out / "results.csv").exists()
+
+
+def test_eval_reports_a_job_whose_record_is_gone_instead_of_scoring_it(killed_rerun, capsys):
+    """An index that survived anyway (an older freecure, a copy) still calls job a ok with the old settings:
+    eval checks the record and reports a as stale; b (untouched) is scored."""
+    import csv
+
+    from test_batch import _tiny_clip
+
+    root, out, old_index = killed_rerun
+    for name, data in old_index.items():
+        (out / name).write_bytes(data)
+    _tiny_clip(root / "clip")
+    ev = root / "ev"
+    assert main(["eval", "--results", str(out), "--clip", str(root / "clip"), "--out", str(ev), "--device", "cpu",
+                 "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert "1 jobs the index calls ok were touched by a later batch run" in err, err
+    with open(ev / "eval_jobs.csv", newline="") as f:
+        jobs = {r["id"]: r for r in csv.DictReader(f)}
+    assert jobs["a"]["status"] == "stale" and jobs["a"]["pc"] == "" and "no job.json" in jobs["a"]["note"]
+    assert jobs["b"]["status"] == "ok" and jobs["b"]["pc"] != ""
+    with open(ev / "eval_summary.csv", newline="") as f:
+        assert [r["jobs"] for r in csv.DictReader(f)] == ["1", "1"]   # baseline x {1 attribute, all}
+
+
+def test_record_problem_names_a_failed_or_refingerprinted_record(tmp_path):
+    from freecure_ops.evaluate import record_problem
+
+    (tmp_path / "jobs" / "a").mkdir(parents=True)
+    row = {"id": "a", "status": "ok", "fingerprint": "f1"}
+    assert "no job.json" in record_problem(tmp_path, row)
+    for rec, expect in (({"status": "ok", "fingerprint": "f1"}, None),
+                        ({"status": "ok", "fingerprint": "f2"}, "from other settings than the index"),
+                        ({"status": "error", "fingerprint": "f1"}, "says 'error'")):
+        (tmp_path / "jobs" / "a" / "job.json").write_text(json.dumps(rec))
+        got = record_problem(tmp_path, row)
+        assert (got is None) if expect is None else (expect in got), got

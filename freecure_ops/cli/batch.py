@@ -20,8 +20,9 @@ atomically (temporary file + rename) and ``job.json`` last, so a job counts as c
 says ``ok``, its fingerprint (the job, its settings, the model and the size and mtime of each of its files,
 the parser checkpoint's size and mtime, the mask file's bytes) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
-changed is redone. A job that raises is recorded with its error and the others go on. At the end the main
-process writes the results index (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
+changed is redone. A job that raises is recorded with its error and the others go on. A run with jobs to do
+first removes the old results index (it would outlive the records the run deletes); at the end the main
+process writes it again (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
 each process also appends one line per job to ``logs/<run>-rank<r>.jsonl``.
 
 Exit status: 0 when every job is complete, 1 when any failed (see the index), 2 for a usage problem (found
@@ -42,7 +43,7 @@ from pathlib import Path
 
 from ..manifest import Job, ManifestError, read_manifest
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from ..results import (INDEX, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
+from ..results import (INDEX, INDEX_CSV, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
                        job_dir, write_index)
 from .args import (apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
                    parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
@@ -425,7 +426,10 @@ def run(args) -> int:
                              identities) for j in jobs}
     done_before = {j.id for j in jobs if job_complete(args.out, j.id, fps[j.id])}
     pending = [j for j in jobs if j.id not in done_before]
-    state.wait_for_everyone()  # every process has listed the pending jobs before any of them writes
+    if pending and state.is_main_process:  # the old index would outlive the records this run is about to delete
+        for name in (INDEX, INDEX_CSV):
+            (Path(args.out) / name).unlink(missing_ok=True)
+    state.wait_for_everyone()  # every process has listed the pending jobs (and the index is gone) before any writes
     with state.split_between_processes(pending) as part:  # contiguous, sizes differing by at most one
         mine = list(part)
 

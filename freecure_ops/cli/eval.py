@@ -47,7 +47,8 @@ def check_eval_args(args):
     if not args.results.is_dir():
         raise CLIError(f"--results {args.results}: no such folder")
     if not (args.results / INDEX).is_file():
-        raise CLIError(f"--results {args.results}: no {INDEX} (the index `freecure batch` writes) in this folder")
+        raise CLIError(f"--results {args.results}: no {INDEX} in this folder (the index `freecure batch` writes when "
+                       "a run ends; a run that did not finish has none: rerun it)")
     try:
         rows = read_index(args.results)
     except (OSError, ValueError) as e:
@@ -142,6 +143,12 @@ def run(args) -> int:
     if unscored:
         print(f"freecure eval: warning: {unscored} jobs are not complete (failed or not run) and are not scored; "
               "rerun freecure batch to finish them", file=sys.stderr)
+    stale = sum(r["status"] == "stale" for r in job_rows)
+    if stale:
+        print(f"freecure eval: warning: {stale} jobs the index calls ok were touched by a later batch run that did "
+              "not finish and are not scored (status stale in eval_jobs.csv); rerun freecure batch to finish them",
+              file=sys.stderr)
+    job_rows = [r for r in job_rows if r["status"] != "stale"] if stale else job_rows  # the counts below
     gone = sum(r["status"] == "missing" for r in job_rows)
     if gone:
         print(f"freecure eval: warning: {gone} of {len(job_rows)} ok jobs have no readable pd.png and are not "
