@@ -11,7 +11,8 @@
   reference image)``, both through the same crop/alignment step and face model
   (:mod:`freecure_ops.face_embed`). The reference is ``--reference ID=IMAGE`` for the job's ``identity``,
   else the job's own ``reference`` field.
-* **hMean**: ``2 * PC * IF / (PC + IF)``, per job, and per table row from the row's mean PC and mean IF.
+* **hMean**: ``2 * PC * IF / (PC + IF)``, per job, and per table row from the row's mean PC and mean IF; only
+  defined for PC > 0 and IF > 0 (otherwise blank, with the reason in the ``note`` column, and not plotted).
 
 Tables: per method (``baseline`` = the personalization model alone, ``freecure``) and per number of
 attributes the prompt asks for (1, 2, 3, ..., and ``all``): ``eval_summary.csv`` and ``eval_summary.png``;
@@ -28,14 +29,25 @@ import math
 import sys
 from pathlib import Path
 
-__all__ = ["evaluate", "ClipScorer", "harmonic_mean", "summarize", "plot_summary", "format_table",
-           "csv_text", "JOB_COLUMNS", "SUMMARY_COLUMNS"]
+__all__ = ["evaluate", "ClipScorer", "harmonic_mean", "hmean_note", "record_problem", "summarize", "plot_summary",
+           "format_table", "csv_text", "JOB_COLUMNS", "SUMMARY_COLUMNS"]
 
 
 def harmonic_mean(a: float, b: float) -> float:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or a + b <= 0:
+    """``2ab / (a + b)`` for positive ``a`` and ``b``; NaN otherwise (the harmonic mean of a negative score has
+    no meaning: -10 and 30 would give -30, and -30 and 20 a sum of -10, which used to leave it blank)."""
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
         return float("nan")
     return 2.0 * a * b / (a + b)
+
+
+def hmean_note(pc, idf) -> str:
+    """Why :func:`harmonic_mean` of ``pc`` and ``idf`` is blank ("" when it is not, or when IF is absent:
+    the IF note says why)."""
+    if idf is None or not math.isfinite(idf) or pc is None or not math.isfinite(pc):
+        return ""
+    bad = [f"{name} is {v:.2f}" for name, v in (("PC", pc), ("IF", idf)) if v <= 0]
+    return f"hMean undefined: {' and '.join(bad)} (it needs PC and IF > 0)" if bad else ""
 
 
 class ClipScorer:
@@ -98,16 +110,31 @@ def summarize(job_rows: list[dict]) -> list[dict]:
             if not rows:
                 continue
             pc, idf = _mean(r["pc"] for r in rows), _mean(r["if"] for r in rows)
-            out.append(dict(method=method, n_attributes=group, jobs=len(rows),
-                            if_jobs=sum(r["if"] is not None and math.isfinite(r["if"]) for r in rows),
-                            pc=pc, **{"if": idf}, hmean=harmonic_mean(pc, idf)))
+            if_jobs = sum(r["if"] is not None and math.isfinite(r["if"]) for r in rows)
+            note = hmean_note(pc, idf).replace("PC is", "mean PC is").replace("IF is", "mean IF is")
+            out.append(dict(method=method, n_attributes=group, jobs=len(rows), if_jobs=if_jobs, pc=pc,
+                            **{"if": idf}, hmean=harmonic_mean(pc, idf),
+                            note=note or ("" if if_jobs else "no IF: no job of this row has one")))
     return out
 
 
 def _row(r: dict, pc, score, ref, status: str, note: str) -> dict:
+    note = "; ".join(n for n in (note, hmean_note(pc, score)) if n)
     return dict(id=r["id"], method=r["method"], identity=r.get("identity"), n_attributes=_n_attributes(r),
                 status=status, pc=pc, **{"if": score}, hmean=harmonic_mean(pc, score) if score is not None else None,
                 pc_text=_pc_text(r), reference=None if ref is None else str(ref), note=note)
+
+
+def _open_rgb(path: Path):
+    """``(RGB image, None)`` or ``(None, why not)``: missing, truncated, not an image, or a header claiming
+    more pixels than PIL will decode (DecompressionBombError, which is not an OSError)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB"), None
+    except Exception as e:  # noqa: BLE001  (OSError, Image.DecompressionBombError, SyntaxError, ValueError, ...)
+        return None, " ".join(f"{type(e).__name__}: {e}".split())
 
 
 def record_problem(results_dir: Path, row: dict) -> str | None:
@@ -133,7 +160,6 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
     ``clip``: a folder or a :class:`ClipScorer`; ``face_model``: None (no IF), a path or a callable;
     ``references``: identity -> image path."""
     import numpy as np
-    from PIL import Image
 
     from .face_embed import cosine_similarity, crop_face, load_face_embedder
     from .results import read_index
@@ -166,23 +192,20 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
     def reference_embedding(ref: Path):
         key = str(ref)
         if key not in ref_cache:  # (embedding, note): an unreadable reference is a note per job, not a crash
-            try:
-                with Image.open(ref) as im:
-                    ref_cache[key] = (face_embedding(im.convert("RGB")), "no face in the reference")
-            except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-                ref_cache[key] = (None, f"reference not readable: {' '.join(str(e).split())}")
+            img, problem = _open_rgb(ref)
+            ref_cache[key] = (None, f"reference not readable: {problem}") if img is None else \
+                (face_embedding(img), "no face in the reference")
         return ref_cache[key]
 
     for start in range(0, len(rows), max(1, batch_size)):
         chunk, images = [], []
         for r in rows[start:start + batch_size]:
-            try:  # deleted or damaged since the batch ran: recorded as missing, the others go on
-                with Image.open(results_dir / r["dir"] / "pd.png") as im:
-                    images.append(im.convert("RGB"))
+            img, problem = _open_rgb(results_dir / r["dir"] / "pd.png")
+            if img is None:  # deleted or damaged since the batch ran: recorded as missing, the others go on
+                job_rows.append(_row(r, None, None, None, "missing", f"pd.png missing or unreadable: {problem}"))
+            else:
+                images.append(img)
                 chunk.append(r)
-            except OSError as e:
-                job_rows.append(_row(r, None, None, None, "missing",
-                                     f"pd.png missing or unreadable: {' '.join(str(e).split())}"))
         pcs = scorer(images, [_pc_text(r) for r in chunk]) if chunk else []
         for r, img, pc in zip(chunk, images, pcs):
             ident = r.get("identity")
@@ -225,8 +248,9 @@ def csv_text(rows: list[dict], columns) -> str:
     return buf.getvalue()
 
 
-JOB_COLUMNS = ("id", "method", "identity", "n_attributes", "status", "pc", "if", "hmean", "pc_text", "reference", "note")
-SUMMARY_COLUMNS = ("method", "n_attributes", "jobs", "if_jobs", "pc", "if", "hmean")
+JOB_COLUMNS = ("id", "method", "identity", "n_attributes", "status", "pc", "if", "hmean", "pc_text", "reference",
+               "note")
+SUMMARY_COLUMNS = ("method", "n_attributes", "jobs", "if_jobs", "pc", "if", "hmean", "note")
 
 
 def plot_summary(summary: list[dict], path: Path) -> None:
@@ -265,4 +289,5 @@ def format_table(summary: list[dict]) -> str:
     for r in summary:
         lines.append(f"{r['method']:<10} {str(r['n_attributes']):>5} {r['jobs']:>5} {f(r['pc']):>7} "
                      f"{f(r['if']):>7} {f(r['hmean']):>7}")
+    lines += [f"{r['method']} {r['n_attributes']}: {r['note']}" for r in summary if r.get("note")]
     return "\n".join(lines)

@@ -387,8 +387,10 @@ def test_eval_pc_if_hmean_equal_a_direct_computation(assets, two_process_run, tm
         got = jobs[r["id"]]
         assert float(got["pc"]) == pytest.approx(pc, abs=2e-4)
         assert float(got["if"]) == pytest.approx(idf, abs=2e-4)
-        if pc + idf > 0:
+        if pc > 0 and idf > 0:
             assert float(got["hmean"]) == pytest.approx(2 * pc * idf / (pc + idf), abs=1e-3)
+        else:                                              # only defined for positive scores: blank, with why
+            assert got["hmean"] == "" and "hMean undefined" in got["note"]
         assert int(got["n_attributes"]) == r["n_attributes"] and got["pc_text"] == r["fd_prompt"]
     with open(ev / "eval_summary.csv", newline="") as f:
         summary = list(csv.DictReader(f))
@@ -401,7 +403,7 @@ def test_eval_pc_if_hmean_equal_a_direct_computation(assets, two_process_run, tm
         pc, idf = np.mean([v[2] for v in sel]), np.mean([v[3] for v in sel])
         assert int(s["jobs"]) == len(sel)
         assert float(s["pc"]) == pytest.approx(pc, abs=2e-4) and float(s["if"]) == pytest.approx(idf, abs=2e-4)
-        want = 2 * pc * idf / (pc + idf) if pc + idf > 0 else math.nan
+        want = 2 * pc * idf / (pc + idf) if pc > 0 and idf > 0 else math.nan
         assert (s["hmean"] == "" and math.isnan(want)) or float(s["hmean"]) == pytest.approx(want, abs=1e-3)
     assert Image.open(ev / "eval_summary.png").size[0] > 100
     meta = json.loads((ev / "eval.json").read_text())

@@ -107,7 +107,7 @@ def check_eval_args(args):
 
 
 def run(args) -> int:
-    from ..face_embed import load_face_embedder
+    from ..face_embed import embedding_size, load_face_embedder
 
     refs, detector = check_eval_args(args)
     device = pick_device(args.device)
@@ -115,8 +115,12 @@ def run(args) -> int:
     if args.face_model is not None:
         try:
             embed = load_face_embedder(args.face_model)
+            values = embedding_size(embed)  # one face through the model: a model that cannot run fails here
         except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types for a bad model)
             raise CLIError(f"--face-model {args.face_model}: {' '.join(str(e).split())}") from None
+        if values is not None and values < 2:
+            raise CLIError(f"--face-model {args.face_model}: the embedding has {values} value; identity fidelity is "
+                           "a cosine and needs an embedding of at least 2 values")
     try:
         with quiet_libraries(args.quiet):  # transformers' "Loading weights" bar too
             scorer = ClipScorer(args.clip, device)
