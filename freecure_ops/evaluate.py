@@ -275,7 +275,8 @@ def plot_summary(summary: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(groups)), [str(g) for g in groups])
         ax.set_xlabel("attributes per prompt")
         ax.set_title(title)
-    axes[0].legend()
+    if methods:  # nothing scored (every job stale or missing): an empty plot, without matplotlib's warning
+        axes[0].legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)

@@ -161,3 +161,18 @@ def test_per_job_rows_say_why_hmean_is_blank(tmp_path):
     neg = [r for r in jobs if r["if"] is not None and r["if"] < 0]
     assert len(neg) == 2 and all(r["hmean"] is not None and math.isnan(r["hmean"]) and "hMean undefined: IF is" in r["note"]
                        for r in neg)
+
+
+def test_nothing_left_to_score_plots_without_a_warning(tmp_path):
+    """Every job stale (a later run deleted their records): rows that say so, an empty summary and plot."""
+    import warnings
+
+    root = _results(tmp_path)
+    for i in ("a", "b"):
+        (root / "jobs" / i / "job.json").unlink()
+    jobs, summary = evaluate(root, FixedClip())
+    assert [r["status"] for r in jobs] == ["stale", "stale"] and summary == []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot_summary(summary, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 0
