@@ -133,7 +133,7 @@ def _where(args, job: Job) -> str:
 
 
 def check_batch_args(args):
-    """Every check that needs no model: returns ``(jobs, device or None, dtype name)``. Raises CLIError."""
+    """Every check that needs no model: returns ``(jobs, device or None)``. Raises CLIError."""
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
