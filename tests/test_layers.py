@@ -103,42 +103,41 @@ def test_the_layers_are_where_the_docs_say():
 # the module graph: no cycles, no private names of tool modules
 # ----------------------------------------------------------------------------------------------------------
 
-def owner(dotted: str) -> str | None:
-    """The module that defines ``dotted`` (a module, or a name in one): its longest known prefix."""
-    parts = dotted.split(".")
-    while parts:
-        if ".".join(parts) in NAMES:
-            return ".".join(parts)
-        parts.pop()
-    return None
-
-
-def edges(name: str, path: Path, is_pkg: bool):
-    """``(module imported, name taken from it or None)`` for every import of ``path``. ``from pkg import sub``
-    imports the module ``pkg.sub``; a parent package executed implicitly is not an edge (Python allows a
-    package to import its own submodules lazily)."""
+def edges(name: str, path: Path, is_pkg: bool, names: set[str]):
+    """``(module imported, name taken from it or None)`` for every import of ``path`` of a module in ``names``.
+    ``from pkg import sub`` imports the module ``pkg.sub``; a parent package executed implicitly is not an edge
+    (Python allows a package to import its own submodules lazily); modules outside ``names`` (bench, other
+    packages) are not followed."""
     base = name.split(".") if is_pkg else name.split(".")[:-1]
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
-            yield from ((owner(a.name), None) for a in node.names if owner(a.name))
+            yield from ((a.name, None) for a in node.names if a.name in names)
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 target = ".".join(base[: len(base) - (node.level - 1)] + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
             for a in node.names:
-                if f"{target}.{a.name}" in NAMES:
+                if f"{target}.{a.name}" in names:
                     yield f"{target}.{a.name}", None
-                elif owner(target):
-                    yield owner(target), a.name
+                elif target in names:
+                    yield target, a.name
 
 
-NAMES = {n for n, _, _ in MODULES}
+def graph(mods) -> dict[str, set[str]]:
+    """module -> the modules it imports, over ``mods`` (``(name, path, is_pkg)``; bench is not checked)."""
+    names = {n for n, _, _ in mods}
+    return {name: {m for m, _ in edges(name, path, is_pkg, names) if m != name}
+            for name, path, is_pkg in mods if layer(name) is not None}
 
 
-def graph(mods=None) -> dict[str, set[str]]:
-    return {name: {m for m, _ in edges(name, path, is_pkg) if m != name}
-            for name, path, is_pkg in (MODULES if mods is None else mods) if layer(name) is not None}
+def private_takes(mods) -> list[str]:
+    """``"a takes b._x"`` for every private name a module of ``mods`` imports from another tool module."""
+    names = {n for n, _, _ in mods}
+    return sorted(f"{name} takes {mod}.{what}" for name, path, is_pkg in mods
+                  for mod, what in edges(name, path, is_pkg, names)
+                  if what and what.startswith("_") and not what.startswith("__") and mod != name
+                  and (layer(mod) or 0) >= 4)
 
 
 def find_cycle(g: dict[str, set[str]]) -> list[str] | None:
@@ -171,28 +170,20 @@ def test_find_cycle_finds_cycles():
 
 
 def test_no_import_cycles():
-    cycle = find_cycle(graph())
+    cycle = find_cycle(graph(MODULES))
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_no_private_names_of_tool_modules():
-    taken = sorted(f"{name} takes {mod}.{what}" for name, path, is_pkg in MODULES
-                   for mod, what in edges(name, path, is_pkg)
-                   if what and what.startswith("_") and not what.startswith("__") and mod != name
-                   and (layer(mod) or 0) >= 4)
+    taken = private_takes(MODULES)
     assert not taken, "private names of tool modules imported elsewhere: " + "; ".join(taken)
 
 
 def test_the_graph_checks_see_the_old_layout(tmp_path):
-    """The checks above fail on the layout issue 20 replaced (batch.py taking cli.py's privates, evaluate.py
-    and cli.py importing each other)."""
+    """The checks above fail on the layout issue 20 replaced: batch.py taking cli.py's privates lazily, cli.py
+    importing batch.py (a cycle)."""
     (tmp_path / "cli.py").write_text("from .batch import run\n")
     (tmp_path / "batch.py").write_text("def f():\n    from .cli import _load_pipeline, CLIError\n")
     old = [("freecure_ops.cli", tmp_path / "cli.py", False), ("freecure_ops.batch", tmp_path / "batch.py", False)]
-    global NAMES
-    saved, NAMES = NAMES, NAMES | {"freecure_ops.batch"}
-    try:
-        assert find_cycle(graph(old)) == ["freecure_ops.batch", "freecure_ops.cli", "freecure_ops.batch"]
-        assert ("freecure_ops.cli", "_load_pipeline") in set(edges(*old[1]))
-    finally:
-        NAMES = saved
+    assert find_cycle(graph(old)) == ["freecure_ops.batch", "freecure_ops.cli", "freecure_ops.batch"]
+    assert private_takes(old) == ["freecure_ops.batch takes freecure_ops.cli._load_pipeline"]

@@ -51,7 +51,7 @@ from .errors import CLIError
 from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
 from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
 
-__all__ = ["add_arguments", "check_batch_args", "run", "run_batch"]
+__all__ = ["add_arguments", "check_batch_args", "run"]
 #: test hook: a process exits hard (os._exit) while saving its (N+1)-th job, after pd.png and with a
 #: half-written temporary file left behind: what a kill mid-write leaves.
 KILL_ENV = "_FREECURE_TEST_KILL_AFTER"
@@ -487,10 +487,3 @@ def run(args) -> int:
         if len(bad) > 10:
             print(f"freecure batch: ... and {len(bad) - 10} more (see the index)", file=sys.stderr)
     return 1 if bad else 0
-
-
-def run_batch(argv: list[str]) -> int:
-    """Python entry: the same as ``freecure batch ARGV...``."""
-    from . import main
-
-    return main(["batch", *argv])
