@@ -10,7 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["freecure_ops", "freecure_ops.kernels", "freecure_ops.adapters", "freecure_ops.pipeline",
-              "freecure_ops.bench"],
+              "freecure_ops.cli", "freecure_ops.bench"],
     package_dir={
         "freecure_ops": "freecure_ops",
         "freecure_ops.kernels": "kernels",

@@ -1,4 +1,4 @@
-"""``freecure eval``: the paper's scores over a batch's results: PC, IF and their harmonic mean.
+"""The paper's scores over a batch's results (``freecure eval``): PC, IF and their harmonic mean.
 
     freecure eval --results runs/grid --clip clip-vit-large-patch14/ --face-model w600k_r50.onnx \\
                   --reference alice=refs/alice.jpg --reference bob=refs/bob.jpg
@@ -11,51 +11,43 @@
   reference image)``, both through the same crop/alignment step and face model
   (:mod:`freecure_ops.face_embed`). The reference is ``--reference ID=IMAGE`` for the job's ``identity``,
   else the job's own ``reference`` field.
-* **hMean**: ``2 * PC * IF / (PC + IF)``, per job, and per table row from the row's mean PC and mean IF.
+* **hMean**: ``2 * PC * IF / (PC + IF)``, per job, and per table row from the row's mean PC and mean IF; only
+  defined for PC > 0 and IF > 0 (otherwise blank, with the reason in the ``note`` column, and not plotted).
 
 Tables: per method (``baseline`` = the personalization model alone, ``freecure``) and per number of
 attributes the prompt asks for (1, 2, 3, ..., and ``all``): ``eval_summary.csv`` and ``eval_summary.png``;
-per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count; an
-ok job whose ``pd.png`` is gone or unreadable is a ``missing`` row with a note (not scored, not in the tables).
+per job: ``eval_jobs.csv``; settings and the summary: ``eval.json``. Only jobs whose status is ok count, and
+each is checked against its record (``job.json``): a job whose record is gone, failed or holds another
+fingerprint than the index (a later run touched it and did not finish) is a ``stale`` row, and an ok job whose
+``pd.png`` is gone or unreadable a ``missing`` row, each with a note (not scored, not in the tables).
 """
 from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "run", "evaluate", "ClipScorer", "harmonic_mean", "summarize"]
-
-
-def add_arguments(sub) -> None:
-    from pathlib import Path as _P
-
-    e = sub.add_parser("eval", help="score a batch's results: PC (CLIP), IF (face embeddings), hMean",
-                       description="Prompt consistency, identity fidelity and their harmonic mean per method and "
-                                   "attribute count. Models come from local paths; nothing is downloaded.")
-    e.add_argument("--results", required=True, type=_P, help="a `freecure batch` output folder (results.jsonl)")
-    e.add_argument("--clip", required=True, type=_P, help="local CLIP folder (CLIPModel + processor)")
-    e.add_argument("--face-model", help="ONNX face-recognition model (ArcFace-style), or module:function "
-                                        "(face RGB uint8 [h, w, 3] -> embedding)")
-    e.add_argument("--reference", action="append", default=[], metavar="ID=IMAGE",
-                   help="reference image of an identity (repeat per identity)")
-    e.add_argument("--face-crop", default="center:1.0",
-                   help="crop without a detector: center[:F] (centred square, F of the shorter side) or full")
-    e.add_argument("--face-detector", metavar="MODULE:FUNCTION",
-                   help="image RGB uint8 -> None | box (x0, y0, x1, y1) | 5 landmarks [5, 2] (ArcFace alignment)")
-    e.add_argument("--out", type=_P, help="where the tables go (default: --results)")
-    e.add_argument("--device", help="cpu, cuda or cuda:N for CLIP (default: cuda when available)")
-    e.add_argument("--batch-size", type=int, default=16, help="CLIP images per forward")
-    e.add_argument("--quiet", action="store_true", help="no progress bar")
+__all__ = ["evaluate", "ClipScorer", "harmonic_mean", "hmean_note", "record_problem", "summarize", "plot_summary",
+           "format_table", "csv_text", "JOB_COLUMNS", "SUMMARY_COLUMNS"]
 
 
 def harmonic_mean(a: float, b: float) -> float:
-    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or a + b <= 0:
+    """``2ab / (a + b)`` for positive ``a`` and ``b``; NaN otherwise (the harmonic mean of a negative score has
+    no meaning: -10 and 30 would give -30, and -30 and 20 a sum of -10, which used to leave it blank)."""
+    if a is None or b is None or not (math.isfinite(a) and math.isfinite(b)) or a <= 0 or b <= 0:
         return float("nan")
     return 2.0 * a * b / (a + b)
+
+
+def hmean_note(pc, idf) -> str:
+    """Why :func:`harmonic_mean` of ``pc`` and ``idf`` is blank ("" when it is not, or when IF is absent:
+    the IF note says why)."""
+    if idf is None or not math.isfinite(idf) or pc is None or not math.isfinite(pc):
+        return ""
+    bad = [f"{name} is {v:.2f}" for name, v in (("PC", pc), ("IF", idf)) if v <= 0]
+    return f"hMean undefined: {' and '.join(bad)} (it needs PC and IF > 0)" if bad else ""
 
 
 class ClipScorer:
@@ -118,16 +110,48 @@ def summarize(job_rows: list[dict]) -> list[dict]:
             if not rows:
                 continue
             pc, idf = _mean(r["pc"] for r in rows), _mean(r["if"] for r in rows)
-            out.append(dict(method=method, n_attributes=group, jobs=len(rows),
-                            if_jobs=sum(r["if"] is not None and math.isfinite(r["if"]) for r in rows),
-                            pc=pc, **{"if": idf}, hmean=harmonic_mean(pc, idf)))
+            if_jobs = sum(r["if"] is not None and math.isfinite(r["if"]) for r in rows)
+            note = hmean_note(pc, idf).replace("PC is", "mean PC is").replace("IF is", "mean IF is")
+            out.append(dict(method=method, n_attributes=group, jobs=len(rows), if_jobs=if_jobs, pc=pc,
+                            **{"if": idf}, hmean=harmonic_mean(pc, idf),
+                            note=note or ("" if if_jobs else "no IF: no job of this row has one")))
     return out
 
 
 def _row(r: dict, pc, score, ref, status: str, note: str) -> dict:
+    note = "; ".join(n for n in (note, hmean_note(pc, score)) if n)
     return dict(id=r["id"], method=r["method"], identity=r.get("identity"), n_attributes=_n_attributes(r),
                 status=status, pc=pc, **{"if": score}, hmean=harmonic_mean(pc, score) if score is not None else None,
                 pc_text=_pc_text(r), reference=None if ref is None else str(ref), note=note)
+
+
+def _open_rgb(path: Path):
+    """``(RGB image, None)`` or ``(None, why not)``: missing, truncated, not an image, or a header claiming
+    more pixels than PIL will decode (DecompressionBombError, which is not an OSError)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB"), None
+    except Exception as e:  # noqa: BLE001  (OSError, Image.DecompressionBombError, SyntaxError, ValueError, ...)
+        return None, " ".join(f"{type(e).__name__}: {e}".split())
+
+
+def record_problem(results_dir: Path, row: dict) -> str | None:
+    """Why the index row ``row`` (status ok) no longer describes its job (None: it does). The index is written
+    when a run ends; a later run that was killed may have deleted the job's record and written new images
+    with other settings, which the old row would score as the old job."""
+    from .results import RECORD, read_record
+
+    rec = read_record(results_dir, row["id"])
+    if rec is None:
+        return f"no {RECORD}: a later batch run started this job and did not finish it (rerun freecure batch)"
+    if rec.get("status") != "ok":
+        return f"{RECORD} says {rec.get('status')!r}, the index ok: the index is from an earlier run"
+    if row.get("fingerprint") is not None and rec.get("fingerprint") != row["fingerprint"]:
+        return f"{RECORD} is from other settings than the index (fingerprint {rec.get('fingerprint')}, index " \
+               f"{row['fingerprint']}): the index is from an earlier run"
+    return None
 
 
 def evaluate(results_dir, clip, *, face_model=None, references=None, crop="center:1.0", detector=None,
@@ -136,13 +160,20 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
     ``clip``: a folder or a :class:`ClipScorer`; ``face_model``: None (no IF), a path or a callable;
     ``references``: identity -> image path."""
     import numpy as np
-    from PIL import Image
 
-    from .batch import read_index
     from .face_embed import cosine_similarity, crop_face, load_face_embedder
+    from .results import read_index
 
     results_dir = Path(results_dir)
-    rows = [r for r in read_index(results_dir) if r.get("status") == "ok" and "pd.png" in (r.get("files") or [])]
+    rows, job_rows = [], []
+    for r in read_index(results_dir):
+        if r.get("status") != "ok" or "pd.png" not in (r.get("files") or []):
+            continue
+        stale = record_problem(results_dir, r)
+        if stale:  # the index is older than the record: a later run touched the job and did not finish
+            job_rows.append(_row(r, None, None, None, "stale", stale))
+        else:
+            rows.append(r)
     scorer = clip if isinstance(clip, ClipScorer) else ClipScorer(clip, device)
     embed = None if face_model is None else load_face_embedder(face_model)
     size = getattr(embed, "input_size", (112, 112))
@@ -153,7 +184,6 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
         face = crop_face(img, crop, detector, size)
         return None if face is None else embed(np.asarray(face.convert("RGB")))
 
-    job_rows = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -162,23 +192,20 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
     def reference_embedding(ref: Path):
         key = str(ref)
         if key not in ref_cache:  # (embedding, note): an unreadable reference is a note per job, not a crash
-            try:
-                with Image.open(ref) as im:
-                    ref_cache[key] = (face_embedding(im.convert("RGB")), "no face in the reference")
-            except OSError as e:  # PIL's UnidentifiedImageError is an OSError
-                ref_cache[key] = (None, f"reference not readable: {' '.join(str(e).split())}")
+            img, problem = _open_rgb(ref)
+            ref_cache[key] = (None, f"reference not readable: {problem}") if img is None else \
+                (face_embedding(img), "no face in the reference")
         return ref_cache[key]
 
     for start in range(0, len(rows), max(1, batch_size)):
         chunk, images = [], []
         for r in rows[start:start + batch_size]:
-            try:  # deleted or damaged since the batch ran: recorded as missing, the others go on
-                with Image.open(results_dir / r["dir"] / "pd.png") as im:
-                    images.append(im.convert("RGB"))
+            img, problem = _open_rgb(results_dir / r["dir"] / "pd.png")
+            if img is None:  # deleted or damaged since the batch ran: recorded as missing, the others go on
+                job_rows.append(_row(r, None, None, None, "missing", f"pd.png missing or unreadable: {problem}"))
+            else:
+                images.append(img)
                 chunk.append(r)
-            except OSError as e:
-                job_rows.append(_row(r, None, None, None, "missing",
-                                     f"pd.png missing or unreadable: {' '.join(str(e).split())}"))
         pcs = scorer(images, [_pc_text(r) for r in chunk]) if chunk else []
         for r, img, pc in zip(chunk, images, pcs):
             ident = r.get("identity")
@@ -211,7 +238,7 @@ def evaluate(results_dir, clip, *, face_model=None, references=None, crop="cente
 # output
 # ----------------------------------------------------------------------------------------------------------
 
-def _csv(rows: list[dict], columns) -> str:
+def csv_text(rows: list[dict], columns) -> str:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n", extrasaction="ignore")
     w.writeheader()
@@ -221,8 +248,9 @@ def _csv(rows: list[dict], columns) -> str:
     return buf.getvalue()
 
 
-JOB_COLUMNS = ("id", "method", "identity", "n_attributes", "status", "pc", "if", "hmean", "pc_text", "reference", "note")
-SUMMARY_COLUMNS = ("method", "n_attributes", "jobs", "if_jobs", "pc", "if", "hmean")
+JOB_COLUMNS = ("id", "method", "identity", "n_attributes", "status", "pc", "if", "hmean", "pc_text", "reference",
+               "note")
+SUMMARY_COLUMNS = ("method", "n_attributes", "jobs", "if_jobs", "pc", "if", "hmean", "note")
 
 
 def plot_summary(summary: list[dict], path: Path) -> None:
@@ -247,7 +275,8 @@ def plot_summary(summary: list[dict], path: Path) -> None:
         ax.set_xticks(range(len(groups)), [str(g) for g in groups])
         ax.set_xlabel("attributes per prompt")
         ax.set_title(title)
-    axes[0].legend()
+    if methods:  # nothing scored (every job stale or missing): an empty plot, without matplotlib's warning
+        axes[0].legend()
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     plt.close(fig)
@@ -261,132 +290,5 @@ def format_table(summary: list[dict]) -> str:
     for r in summary:
         lines.append(f"{r['method']:<10} {str(r['n_attributes']):>5} {r['jobs']:>5} {f(r['pc']):>7} "
                      f"{f(r['if']):>7} {f(r['hmean']):>7}")
+    lines += [f"{r['method']} {r['n_attributes']}: {r['note']}" for r in summary if r.get("note")]
     return "\n".join(lines)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the command
-# ----------------------------------------------------------------------------------------------------------
-
-def check_eval_args(args):
-    """Checks before any model loads: returns (references, detector). Raises CLIError."""
-    from .batch import INDEX, read_index
-    from .cli import CLIError
-    from .face_embed import load_callable, parse_crop
-    from .outputs import output_dir_problem
-
-    if not args.results.is_dir():
-        raise CLIError(f"--results {args.results}: no such folder")
-    if not (args.results / INDEX).is_file():
-        raise CLIError(f"--results {args.results}: no {INDEX} (the index `freecure batch` writes) in this folder")
-    try:
-        rows = read_index(args.results)
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--results {args.results}: {e}") from None
-    if not any(r.get("status") == "ok" for r in rows):
-        raise CLIError(f"--results {args.results}: no completed job to score")
-    if not args.clip.is_dir() or not (args.clip / "config.json").is_file():
-        raise CLIError(f"--clip {args.clip}: expected a local CLIP folder with config.json (saved with "
-                       "save_pretrained; nothing is downloaded)")
-    if args.batch_size < 1:
-        raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        parse_crop(args.face_crop)
-    except ValueError as e:
-        raise CLIError(f"--face-crop {args.face_crop}: {e}") from None
-    out = args.out or args.results
-    problem = output_dir_problem(out)
-    if problem:
-        raise CLIError(f"--out {out}: {problem}")
-    refs = {}
-    for item in args.reference:
-        ident, sep, path = item.partition("=")
-        if not sep or not ident or not path:
-            raise CLIError(f"--reference {item}: expected ID=IMAGE")
-        if ident in refs:
-            raise CLIError(f"--reference {item}: identity {ident!r} given twice")
-        p = Path(path).expanduser()
-        try:
-            from PIL import Image
-
-            with Image.open(p) as im:
-                im.load()
-        except Exception as e:  # noqa: BLE001
-            detail = "no such file" if not p.exists() else " ".join(str(e).split()) or type(e).__name__
-            raise CLIError(f"--reference {item}: not a readable image: {detail}") from None
-        refs[ident] = p
-    detector = None
-    if args.face_detector is not None:
-        if args.face_model is None:
-            raise CLIError("--face-detector is only used with --face-model")
-        try:
-            detector = load_callable(args.face_detector)
-        except ValueError as e:
-            raise CLIError(f"--face-detector {args.face_detector}: {e}") from None
-    if args.face_model is not None:
-        ok = [r for r in rows if r.get("status") == "ok"]
-        if not any((r.get("identity") in refs) or r.get("reference") for r in ok):
-            raise CLIError("--face-model needs reference images: pass --reference ID=IMAGE for the identities of "
-                           "the manifest (or give jobs a reference field)")
-        for r in ok:
-            if r.get("identity") not in refs and r.get("reference") and not Path(r["reference"]).is_file():
-                raise CLIError(f"--results {args.results}: job {r['id']}: reference {r['reference']}: no such file")
-    elif refs:
-        raise CLIError("--reference is only used with --face-model")
-    return refs, detector
-
-
-def run(args) -> int:
-    from .cli import CLIError, _pick_device
-    from .face_embed import load_face_embedder
-    from .outputs import atomic_write_text
-
-    refs, detector = check_eval_args(args)
-    device = _pick_device(args.device)
-    embed = None
-    if args.face_model is not None:
-        try:
-            embed = load_face_embedder(args.face_model)
-        except Exception as e:  # noqa: BLE001  (onnxruntime raises its own types for a bad model)
-            raise CLIError(f"--face-model {args.face_model}: {' '.join(str(e).split())}") from None
-    from .cli import _quiet_libraries
-
-    try:
-        with _quiet_libraries(args.quiet):  # transformers' "Loading weights" bar too
-            scorer = ClipScorer(args.clip, device)
-    except (OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"--clip {args.clip}: could not load CLIP from the folder: {first}") from None
-    job_rows, summary = evaluate(args.results, scorer, face_model=embed, references=refs, crop=args.face_crop,
-                                 detector=detector, device=device, batch_size=args.batch_size,
-                                 progress=not args.quiet)
-    out = args.out or args.results
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "eval_jobs.csv", _csv(job_rows, JOB_COLUMNS))
-    atomic_write_text(out / "eval_summary.csv", _csv(summary, SUMMARY_COLUMNS))
-    plot_summary(summary, out / "eval_summary.png")
-    meta = dict(results=str(args.results), clip=str(args.clip), face_model=args.face_model,
-                face_crop="detector" if detector is not None else args.face_crop, face_detector=args.face_detector,
-                references={k: str(v) for k, v in refs.items()}, pc="100 * cos(CLIP image, CLIP text)",
-                if_="100 * cos(face(generated), face(reference))", hmean="2 * PC * IF / (PC + IF) of the means",
-                jobs=len(job_rows), summary=[{k: (None if isinstance(v, float) and math.isnan(v) else v)
-                                              for k, v in r.items()} for r in summary])
-    atomic_write_text(out / "eval.json", json.dumps(meta, indent=2) + "\n")
-    print(format_table(summary))
-    from .batch import read_index
-
-    unscored = sum(r.get("status") != "ok" for r in read_index(args.results))
-    if unscored:
-        print(f"freecure eval: warning: {unscored} jobs are not complete (failed or not run) and are not scored; "
-              "rerun freecure batch to finish them", file=sys.stderr)
-    gone = sum(r["status"] == "missing" for r in job_rows)
-    if gone:
-        print(f"freecure eval: warning: {gone} of {len(job_rows)} ok jobs have no readable pd.png and are not "
-              "scored (status missing in eval_jobs.csv); rerun freecure batch to redo them", file=sys.stderr)
-    missing = sum(r["status"] == "ok" and (r["if"] is None or not math.isfinite(r["if"]))
-                  for r in job_rows) if embed is not None else 0
-    if missing:
-        print(f"freecure eval: warning: {missing} of {len(job_rows) - gone} images have no IF (see the note column "
-              "of eval_jobs.csv)", file=sys.stderr)
-    print(f"freecure eval: wrote eval_jobs.csv, eval_summary.csv, eval_summary.png and eval.json to {out}")
-    return 0

@@ -31,18 +31,20 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["ARCFACE_TEMPLATE_112", "OnnxFaceEmbedder", "load_face_embedder", "load_callable", "parse_crop",
-           "crop_face", "align_face", "similarity_transform", "cosine_similarity"]
+           "crop_face", "align_face", "similarity_transform", "embedding_size", "cosine_similarity"]
 
 #: ArcFace's 5-point template (InsightFace ``arcface_dst``) for a 112x112 crop: eyes, nose, mouth corners.
 ARCFACE_TEMPLATE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                                  [41.5493, 92.3655], [70.7299, 92.2041]], dtype=np.float64)
 
-_CALLABLE_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+#: onnxruntime's input types we can feed -> the numpy dtype
+_ONNX_FLOATS = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64}
+_CALLABLE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*")  # used with fullmatch
 
 
 def load_callable(spec: str) -> Callable:
     """``"package.module:attr"`` -> the object (ValueError naming what is missing)."""
-    if not _CALLABLE_RE.match(spec):
+    if not _CALLABLE_RE.fullmatch(spec):
         raise ValueError(f"expected module:function, got {spec!r}")
     mod_name, attr = spec.split(":")
     try:
@@ -78,6 +80,16 @@ class OnnxFaceEmbedder:
         shape = list(inp.shape)
         if len(shape) != 4:
             raise ValueError(f"{self.path}: expected a 4-D image input, got shape {shape}")
+        if inp.type not in _ONNX_FLOATS:
+            raise ValueError(f"{self.path}: expected a float image input, got {inp.type}")
+        self.input_dtype = _ONNX_FLOATS[inp.type]
+        # a model exported with a fixed batch takes exactly that many faces: the face is repeated to fill it
+        self.batch = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else 1
+        out = self.session.get_outputs()[0].shape
+        size = out[-1] if out and isinstance(out[-1], int) else None
+        if size is not None and size < 2:
+            raise ValueError(f"{self.path}: the embedding has {size} value; identity fidelity is a cosine and needs "
+                             "an embedding of at least 2 values")
         self.nhwc = shape[-1] == 3 and shape[1] != 3
         h, w = (shape[1], shape[2]) if self.nhwc else (shape[2], shape[3])
         self.input_size = (h if isinstance(h, int) else 112, w if isinstance(w, int) else 112)
@@ -87,7 +99,7 @@ class OnnxFaceEmbedder:
         return f"OnnxFaceEmbedder({str(self.path)!r}, input_size={self.input_size})"
 
     def preprocess(self, face: np.ndarray) -> np.ndarray:
-        """RGB uint8 ``[h, w, 3]`` -> the model's input ``[1, ...]`` float32."""
+        """RGB uint8 ``[h, w, 3]`` -> the model's input ``[batch, ...]`` in its float type."""
         from PIL import Image
 
         h, w = self.input_size
@@ -98,11 +110,13 @@ class OnnxFaceEmbedder:
         if self.bgr:
             x = x[..., ::-1]
         x = x[None] if self.nhwc else x.transpose(2, 0, 1)[None]
-        return np.ascontiguousarray(x, dtype=np.float32)
+        return np.ascontiguousarray(np.repeat(x, self.batch, axis=0), dtype=self.input_dtype)
 
     def __call__(self, face: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: self.preprocess(face)})[0]
-        return np.asarray(out, dtype=np.float64).reshape(-1)
+        out = np.asarray(self.session.run(None, {self.input_name: self.preprocess(face)})[0], dtype=np.float64)
+        if out.ndim >= 2 and out.shape[0] == self.batch:  # the first face's embedding (the rest are copies)
+            out = out[0]
+        return out.reshape(-1)
 
 
 def load_face_embedder(spec) -> Callable:
@@ -113,7 +127,7 @@ def load_face_embedder(spec) -> Callable:
     p = Path(text).expanduser()
     if p.is_file():
         return OnnxFaceEmbedder(p)
-    if _CALLABLE_RE.match(text) and not p.suffix == ".onnx":
+    if _CALLABLE_RE.fullmatch(text) and not p.suffix == ".onnx":
         return load_callable(text)
     raise ValueError("no such file (an ONNX face-recognition model) and not a module:function")
 
@@ -194,10 +208,20 @@ def crop_face(image, crop="center:1.0", detector: Callable | None = None, size=(
     return image.crop((left, top, left + side, top + side))
 
 
+def embedding_size(embed: Callable, size=None) -> int | None:
+    """The number of values ``embed`` returns for a mid-grey face of ``size`` (default: its ``input_size``, else
+    112x112); None when it returns None (a callable may refuse a face it finds none in)."""
+    h, w = size or getattr(embed, "input_size", (112, 112))
+    out = embed(np.full((h, w, 3), 128, np.uint8))
+    return None if out is None else int(np.asarray(out).size)
+
+
 def cosine_similarity(a, b) -> float:
     a, b = np.asarray(a, np.float64).reshape(-1), np.asarray(b, np.float64).reshape(-1)
     if a.shape != b.shape:
         raise ValueError(f"embeddings differ in size: {a.shape[0]} and {b.shape[0]}")
+    if a.size < 2:  # the cosine of two numbers is their signs' product: IF would be +-100
+        raise ValueError(f"embeddings of {a.size} value(s): a cosine similarity needs at least 2")
     na, nb = np.linalg.norm(a), np.linalg.norm(b)
     if na == 0 or nb == 0 or not np.isfinite(na * nb):
         return float("nan")

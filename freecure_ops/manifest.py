@@ -35,12 +35,12 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["Job", "ManifestError", "FIELDS", "SETTINGS", "read_manifest", "write_manifest", "manifest_format",
-           "check_setting"]
+           "check_setting", "parse_json_line"]
 
 METHODS = ("freecure", "baseline")
 _MODES = ("bias", "scale")
 _EMPTY = ("error", "warn")
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # fullmatch: "$" would let "a1\n" in
 
 
 class ManifestError(ValueError):
@@ -186,6 +186,19 @@ class Job:
         return d
 
 
+def parse_json_line(text: str):
+    """One JSON line -> its value; ValueError ``not valid JSON (...)`` for anything json refuses, including
+    what it refuses with other exceptions: nesting deeper than the recursion limit, an over-long integer."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at column {e.colno})") from None
+    except RecursionError:
+        raise ValueError("not valid JSON (nested too deeply to read)") from None
+    except ValueError as e:  # "Exceeds the limit (4300 digits) for integer string conversion ..."
+        raise ValueError(f"not valid JSON ({str(e).split(';')[0]})") from None
+
+
 def manifest_format(path: Path) -> str:
     """"csv" or "jsonl", from the extension (else from the first non-blank character)."""
     ext = path.suffix.lower()
@@ -209,9 +222,9 @@ def _rows(path: Path):
                 if not text.strip():
                     continue
                 try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(n, f"not valid JSON ({e.msg} at column {e.colno})") from None
+                    row = parse_json_line(text)
+                except ValueError as e:
+                    raise ManifestError(n, str(e)) from None
                 if not isinstance(row, dict):
                     raise ManifestError(n, f"expected a JSON object per line, got {type(row).__name__}")
                 yield n, row
@@ -257,7 +270,7 @@ def _job(n: int, row: dict, base: Path) -> Job:
         jid = row["id"]
         if isinstance(jid, int) and not isinstance(jid, bool):
             jid = str(jid)
-        if not isinstance(jid, str) or not _ID_RE.match(jid):
+        if not isinstance(jid, str) or not _ID_RE.fullmatch(jid):
             raise ValueError(f"id must be 1-128 letters, digits, '.', '_' or '-' (not starting with '.', '_' or "
                              f"'-'): it names the job's output folder; got {jid!r}")
         prompt = row["prompt"]

@@ -325,14 +325,14 @@ MUTANTS = [
            PIPELINE_TESTS, "pass 2's FD rows start from other noise than pass 1"),
 
     # ---- the CLI ----------------------------------------------------------------------------------------
-    Mutant("cli-omega-ignored", "freecure_ops/cli.py",
+    Mutant("cli-omega-ignored", "freecure_ops/cli/generate.py",
            (("omega=args.omega,", "omega=None,"),), CLI_TESTS, "the CLI ignores --omega"),
-    Mutant("cli-mode-ignored", "freecure_ops/cli.py",
+    Mutant("cli-mode-ignored", "freecure_ops/cli/generate.py",
            (("mode=args.mode,", 'mode="bias",'),), CLI_TESTS, "the CLI ignores --mode"),
-    Mutant("cli-style-fidelity-ignored", "freecure_ops/cli.py",
+    Mutant("cli-style-fidelity-ignored", "freecure_ops/cli/generate.py",
            (("style_fidelity=args.style_fidelity,", "style_fidelity=1.0,"),), CLI_TESTS,
            "the CLI ignores --style-fidelity"),
-    Mutant("cli-backend-ignored", "freecure_ops/cli.py",
+    Mutant("cli-backend-ignored", "freecure_ops/cli/generate.py",
            (("backend=args.backend,", 'backend="auto",'),), CLI_TESTS, "the CLI ignores --backend"),
 ]
 

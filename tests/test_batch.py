@@ -299,6 +299,8 @@ def _bad_manifests(root: Path, tmp: Path) -> dict:
         "omega_beyond_float32": ("m.jsonl", j({**good, "omega": 1e308}), "line 1: omega must be within float32 range"),
         "guidance_beyond_float32": ("m.jsonl", j({**good, "settings": {"guidance_scale": 1e300}}),
                                     "line 1: guidance_scale must be within float32 range"),
+        "apg_zero_steps": ("m.jsonl", j({**good, "apg": True, "steps": 1}),
+                           "line 1: apg with gamma 0.5 and steps 1 runs int(gamma * steps) = int(0.5 * 1) = 0 APG"),
     }
 
 
@@ -318,6 +320,22 @@ def test_bad_manifest_is_one_line_naming_the_line(case, assets, tmp_path, capsys
     assert err.startswith(f"freecure: error: --manifest {path}") and err.count("\n") == 1, err
     assert expect in err, err
     assert not (out / "jobs").exists()
+
+
+def test_apg_flags_with_zero_apg_steps_are_refused_up_front(assets, tmp_path, capsys):
+    """--apg --gamma 0.4 --steps 2 runs int(0.8) = 0 APG steps: one line naming the flags before anything loads
+    (a baseline job ignores APG and is not refused for it)."""
+    root = assets["root"]
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"id": "a", "prompt": "a photo of sks man with red hair", "seed": 0,
+                               "mask": str(root / "hair.png")}) + "\n")
+    out = tmp_path / "out"
+    args = ["batch", "--manifest", str(man), "--model", str(root / "model"), "--out", str(out), *COMMON]
+    assert main([*args, "--apg", "--gamma", "0.4"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("freecure: error: --apg with --gamma 0.4 and --steps 2 runs int(gamma * steps) = int(0.4 * 2) = 0 "
+                   "APG steps: raise --gamma or --steps\n")
+    assert not out.exists()
 
 
 def _direct_pc(clip_dir: Path, image: Image.Image, text: str) -> float:
@@ -369,8 +387,10 @@ def test_eval_pc_if_hmean_equal_a_direct_computation(assets, two_process_run, tm
         got = jobs[r["id"]]
         assert float(got["pc"]) == pytest.approx(pc, abs=2e-4)
         assert float(got["if"]) == pytest.approx(idf, abs=2e-4)
-        if pc + idf > 0:
+        if pc > 0 and idf > 0:
             assert float(got["hmean"]) == pytest.approx(2 * pc * idf / (pc + idf), abs=1e-3)
+        else:                                              # only defined for positive scores: blank, with why
+            assert got["hmean"] == "" and "hMean undefined" in got["note"]
         assert int(got["n_attributes"]) == r["n_attributes"] and got["pc_text"] == r["fd_prompt"]
     with open(ev / "eval_summary.csv", newline="") as f:
         summary = list(csv.DictReader(f))
@@ -383,7 +403,7 @@ def test_eval_pc_if_hmean_equal_a_direct_computation(assets, two_process_run, tm
         pc, idf = np.mean([v[2] for v in sel]), np.mean([v[3] for v in sel])
         assert int(s["jobs"]) == len(sel)
         assert float(s["pc"]) == pytest.approx(pc, abs=2e-4) and float(s["if"]) == pytest.approx(idf, abs=2e-4)
-        want = 2 * pc * idf / (pc + idf) if pc + idf > 0 else math.nan
+        want = 2 * pc * idf / (pc + idf) if pc > 0 and idf > 0 else math.nan
         assert (s["hmean"] == "" and math.isnan(want)) or float(s["hmean"]) == pytest.approx(want, abs=1e-3)
     assert Image.open(ev / "eval_summary.png").size[0] > 100
     meta = json.loads((ev / "eval.json").read_text())
@@ -526,7 +546,7 @@ def test_model_blocks_from_config_match_the_loaded_models(tmp_path):
     from diffusers import UNet2DConditionModel
 
     from freecure_ops.adapters.discovery import _unet_blocks
-    from freecure_ops.cli import model_blocks
+    from freecure_ops.cli.model_files import model_blocks
 
     sd15 = dict(block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768, attention_head_dim=8,
                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],

@@ -141,6 +141,8 @@ def test_good_run_records_effective_settings(files, tmp_path):
     (["--steps", "0"], "--steps"),
     (["--mask", "{root}/corrupt.png"], "--mask"),
     (["--apg-template", "a photo"], "--apg-template"),
+    (["--apg", "--steps", "1"], "--apg with --gamma 0.5 and --steps 1 runs int(gamma * steps) = int(0.5 * 1) = 0"),
+    (["--apg", "--gamma", "0.4"], "--apg with --gamma 0.4 and --steps 2 runs"),
     (["--device", "cuda:99"], "--device"),
 ])
 def test_more_argument_errors(files, tmp_path, capsys, extra, expect):
@@ -193,7 +195,8 @@ def test_model_dependent_errors_name_the_flag(files, tmp_path, capsys, extra, ex
 
 
 def test_alpha_mask_and_empty_mask_warn(files, tmp_path, capsys):
-    from freecure_ops.cli import main, read_mask_png
+    from freecure_ops.cli import main
+    from freecure_ops.cli.args import read_mask_png
 
     m = read_mask_png(files / "alpha.png")
     assert (m[: IMAGE // 2] == 1).all() and (m[IMAGE // 2:] == 0).all()        # the alpha channel, not black

@@ -301,7 +301,7 @@ def test_a_mask_painted_in_alpha_reads_as_on_the_command_line():
     import numpy as np
     from PIL import Image
 
-    from freecure_ops.cli import read_mask_png
+    from freecure_ops.cli.args import read_mask_png
     from freecure_ops.pipeline.freecure import _mask_to_tensor
 
     alpha = np.zeros((8, 8), dtype=np.uint8)

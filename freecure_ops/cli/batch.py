@@ -1,4 +1,5 @@
 """``freecure batch``: run a manifest of jobs (:mod:`freecure_ops.manifest`), sharded over processes, resumable.
+The output folder's layout (records, fingerprints, the index) is :mod:`freecure_ops.results`.
 
     freecure batch --manifest grid.jsonl --model DIR --out runs/grid [--parser-weights 79999_iter.pth ...]
     accelerate launch --multi_gpu --num_processes 8 -m freecure_ops.cli batch --manifest ... --out ...
@@ -19,8 +20,9 @@ atomically (temporary file + rename) and ``job.json`` last, so a job counts as c
 says ``ok``, its fingerprint (the job, its settings, the model and the size and mtime of each of its files,
 the parser checkpoint's size and mtime, the mask file's bytes) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
-changed is redone. A job that raises is recorded with its error and the others go on. At the end the main
-process writes the results index (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
+changed is redone. A job that raises is recorded with its error and the others go on. A run with jobs to do
+first removes the old results index (it would outlive the records the run deletes); at the end the main
+process writes it again (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
 each process also appends one line per job to ``logs/<run>-rank<r>.jsonl``.
 
 Exit status: 0 when every job is complete, 1 when any failed (see the index), 2 for a usage problem (found
@@ -28,7 +30,6 @@ before anything loads; one line naming the flag, or the manifest line).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import socket
@@ -40,16 +41,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .manifest import Job, ManifestError, read_manifest
-from .outputs import atomic_write, atomic_write_text, output_dir_problem
+from ..manifest import Job, ManifestError, read_manifest
+from ..outputs import atomic_write, atomic_write_text, output_dir_problem
+from ..results import (INDEX, INDEX_CSV, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
+                       job_dir, write_index)
+from .args import (apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
+                   parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
+from .errors import CLIError
+from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
+from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
 
-__all__ = ["add_arguments", "run", "run_batch", "job_complete", "write_index", "read_index", "INDEX"]
-
-JOBS = "jobs"
-RECORD = "job.json"
-INDEX = "results.jsonl"
-INDEX_CSV = "results.csv"
-OUTPUT_FILES = ("pd.png", "fd.png", "mask.png")
+__all__ = ["add_arguments", "check_batch_args", "run"]
 #: test hook: a process exits hard (os._exit) while saving its (N+1)-th job, after pd.png and with a
 #: half-written temporary file left behind: what a kill mid-write leaves.
 KILL_ENV = "_FREECURE_TEST_KILL_AFTER"
@@ -61,27 +63,25 @@ DEFAULTS = dict(steps=30, guidance_scale=None, omega=None, layers=None, style_fi
 
 def add_arguments(sub) -> None:
     """The ``batch`` subcommand (argparse only: nothing heavy is imported here)."""
-    from pathlib import Path as _P
-
-    from .cli import _fraction, _layers
-
     b = sub.add_parser("batch", help="run a manifest of jobs (JSONL/CSV), sharded over processes, resumable",
                        description="Run every job of a manifest; complete jobs are skipped on rerun. Scale out "
                                    "with `accelerate launch --multi_gpu --num_processes N -m freecure_ops.cli batch "
                                    "...` (one process per GPU) or torchrun.")
-    b.add_argument("--manifest", required=True, type=_P, help="JSONL or CSV, one job per line (freecure manifest)")
+    b.add_argument("--manifest", required=True, type=user_path,
+                   help="JSONL or CSV, one job per line (freecure manifest)")
     b.add_argument("--model", required=True, help="local pipeline folder or a Hugging Face id already in the cache")
-    b.add_argument("--out", required=True, type=_P, help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
-    b.add_argument("--parser-weights", type=_P, help="BiSeNet checkpoint for FreeCure jobs without a mask")
+    b.add_argument("--out", required=True, type=user_path,
+                   help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
+    b.add_argument("--parser-weights", type=user_path, help="BiSeNet checkpoint for FreeCure jobs without a mask")
     b.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="denoising steps (per job: steps)")
     b.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     b.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")
-    b.add_argument("--layers", type=_layers, help="'all' or block indices (default: preset)")
+    b.add_argument("--layers", type=layers_arg, help="'all' or block indices (default: preset)")
     b.add_argument("--style-fidelity", type=float, default=DEFAULTS["style_fidelity"])
     b.add_argument("--mode", choices=("bias", "scale"), default=DEFAULTS["mode"])
     b.add_argument("--backend", choices=("auto", "triton", "torch"), default="auto")
     b.add_argument("--apg", action="store_true", help="Asymmetric Prompt Guidance for FreeCure jobs")
-    b.add_argument("--gamma", type=_fraction, default=DEFAULTS["gamma"], help="APG inversion depth")
+    b.add_argument("--gamma", type=fraction_arg, default=DEFAULTS["gamma"], help="APG inversion depth")
     b.add_argument("--empty-mask", choices=("error", "warn"), default=DEFAULTS["empty_mask"])
     b.add_argument("--negative-prompt", help="negative prompt for both branches")
     b.add_argument("--height", type=int, help="pixels, a multiple of 8 (default: the pipeline's)")
@@ -100,51 +100,6 @@ def _settings(args, job: Job) -> dict:
     return {**base, **job.settings}
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def content_identity(path) -> object:
-    """A cheap identity of a file or folder's content, so that a changed weights file reruns the jobs built on
-    it: a file's (size, mtime_ns); a folder's sorted (relative path, size, mtime_ns) of every file. None for
-    None; the plain string for a path that is not on disk (a Hub id: the loader resolves it)."""
-    if path is None:
-        return None
-    p = Path(path).expanduser()
-    try:
-        if p.is_file():
-            st = p.stat()
-            return [st.st_size, st.st_mtime_ns]
-        if p.is_dir():
-            return sorted([f.relative_to(p).as_posix(), f.stat().st_size, f.stat().st_mtime_ns]
-                          for f in p.rglob("*") if f.is_file())
-    except OSError as e:  # a file vanishing mid-walk: still a change
-        return f"unreadable: {e}"
-    return str(path)
-
-
-def fingerprint(job: Job, settings: dict, model: str, dtype: str, backend: str, parser_weights,
-                identities: dict | None = None) -> str:
-    """What makes a job's outputs what they are: a job whose fingerprint changed is run again. ``identities``:
-    :func:`content_identity` of ``model`` and ``parser_weights`` (computed once per run by the caller)."""
-    ids = identities if identities is not None else {}
-    spec = {k: v for k, v in job.spec().items() if k in ("id", "prompt", "fd_prompt", "seed", "method", "mask")}
-    data = dict(job=spec, settings={k: settings[k] for k in sorted(settings)}, model=str(model), dtype=dtype,
-                backend=backend, model_files=ids.get("model"))
-    if job.method == "freecure":
-        data["mask_sha256"] = _file_digest(job.mask) if job.mask is not None else None
-        data["parser"] = None if job.mask is not None else [str(parser_weights), ids.get("parser")]
-    else:  # FreeCure-only settings do not change a baseline image
-        for k in ("omega", "layers", "style_fidelity", "mode", "apg", "gamma", "apg_template", "empty_mask"):
-            data["settings"].pop(k, None)
-        data.pop("backend")
-    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
 def _image_problem(path: Path) -> str | None:
     """Why ``path`` is not a readable image (None: it is): missing, unreadable, or not an image PIL knows
     (the header is verified; ``freecure eval`` decodes it later)."""
@@ -160,27 +115,37 @@ def _image_problem(path: Path) -> str | None:
     return None
 
 
+def _outside_out_problem(out: Path, jobs: list[Job]) -> str | None:
+    """A folder batch writes in that is a symlink (it would write outside ``--out``, wherever the link points)
+    or not a folder (None: every write stays inside)."""
+    for rel in ("jobs", "logs", *(f"jobs/{j.id}" for j in jobs)):
+        p = Path(out) / rel
+        if p.is_symlink():
+            return (f"{rel} is a symlink (to {os.readlink(p)}): batch writes only inside --out; remove the link "
+                    "(its target is left alone)")
+        if p.exists() and not p.is_dir():
+            return f"{rel} is not a folder; remove it"
+    return None
+
+
 def _where(args, job: Job) -> str:
     return f"--manifest {args.manifest} line {job.line}"
 
 
 def check_batch_args(args):
-    """Every check that needs no model: returns ``(jobs, device or None, dtype name)``. Raises CLIError."""
-    from .cli import (CLIError, _check_finite, _model_path_problem, _size_multiple, layers_problem, model_blocks,
-                      read_mask_png, real_problem)
-
+    """Every check that needs no model: returns ``(jobs, device or None)``. Raises CLIError."""
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
-    _check_finite("--omega", args.omega)
-    _check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
-    _check_finite("--guidance-scale", args.guidance_scale, 0.0)
-    problem = _model_path_problem(args.model)
+    check_finite("--omega", args.omega)
+    check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
+    check_finite("--guidance-scale", args.guidance_scale, 0.0)
+    problem = model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
-    multiple = _size_multiple(args.model)
+    multiple = size_multiple(args.model)
     for flag, v in (("--height", args.height), ("--width", args.width)):
         if v is not None and (v <= 0 or v % multiple):
             raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
@@ -189,8 +154,6 @@ def check_batch_args(args):
     if problem:
         raise CLIError(f"--layers {problem}")
     if args.parser_weights is not None:
-        from .cli import parser_weights_problem
-
         problem = parser_weights_problem(args.parser_weights)
         if problem:
             raise CLIError(f"--parser-weights {args.parser_weights}: {problem}")
@@ -198,6 +161,9 @@ def check_batch_args(args):
         jobs = read_manifest(args.manifest)
     except ManifestError as e:
         raise CLIError(f"--manifest {args.manifest}{' ' if e.line else ': '}{e}") from None
+    problem = _outside_out_problem(args.out, jobs)
+    if problem:
+        raise CLIError(f"--out {args.out}: {problem}")
 
     masks_seen: dict[Path, bool] = {}
     refs_seen: dict[Path, str | None] = {}
@@ -210,6 +176,13 @@ def check_batch_args(args):
                 raise CLIError(f"{where}: {key} must be a multiple of {multiple} (pixels), got {v}")
         if s["apg_template"] is not None and not s["apg"]:
             raise CLIError(f"{where}: apg_template is only used with apg")
+        problem = apg_steps_problem(s["steps"], s["gamma"]) if s["apg"] and job.method == "freecure" else None
+        if problem and not {"apg", "gamma", "steps"} & set(job.settings):  # the flags alone: name them
+            raise CLIError(f"--apg with --gamma {args.gamma} and --steps {args.steps} {problem}: raise --gamma or "
+                           "--steps")
+        if problem:
+            raise CLIError(f"{where}: apg with gamma {s['gamma']} and steps {s['steps']} {problem}: raise gamma or "
+                           "steps")
         if job.reference is not None:
             if job.reference not in refs_seen:
                 refs_seen[job.reference] = _image_problem(job.reference)
@@ -239,16 +212,12 @@ def check_batch_args(args):
 
     device = None
     if args.device is not None:
-        from .cli import _pick_device
-
-        device = _pick_device(args.device)
+        device = pick_device(args.device)
     if args.backend == "triton":
         import torch
 
-        from .cli import _interpreting
-
         dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if dev.type != "cuda" and not (dev.type == "cpu" and _interpreting()):
+        if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
             raise CLIError(f"--backend triton needs a CUDA device (got {dev}); use --backend torch or auto")
     return jobs, device
 
@@ -294,92 +263,11 @@ def process_state(device=None):
         from accelerate import PartialState
     except ImportError:
         if _launched_world() > 1:
-            from .cli import CLIError
-
             raise CLIError(f"launched as {_launched_world()} processes, but accelerate is not installed: "
                            "pip install 'freecure-ops[batch]'") from None
         return _Single(device or torch.device("cpu" if cpu else "cuda"))
     state = PartialState(cpu=cpu)
     return state
-
-
-# ----------------------------------------------------------------------------------------------------------
-# records and the index
-# ----------------------------------------------------------------------------------------------------------
-
-def job_dir(out: Path, job_id: str) -> Path:
-    return Path(out) / JOBS / job_id
-
-
-def read_record(out: Path, job_id: str) -> dict | None:
-    try:
-        rec = json.loads((job_dir(out, job_id) / RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return rec if isinstance(rec, dict) else None
-
-
-def job_complete(out: Path, job_id: str, fp: str | None = None) -> bool:
-    """The job's record says ok (for this fingerprint, when given) and every file it lists exists."""
-    rec = read_record(out, job_id)
-    if rec is None or rec.get("status") != "ok" or (fp is not None and rec.get("fingerprint") != fp):
-        return False
-    d = job_dir(out, job_id)
-    files = rec.get("files")
-    return isinstance(files, list) and bool(files) and all((d / f).is_file() and (d / f).stat().st_size > 0
-                                                           for f in files)
-
-
-_INDEX_COLUMNS = ("id", "line", "method", "identity", "status", "seconds", "prompt", "fd_prompt", "eval_prompt",
-                  "seed", "n_attributes", "attributes", "reference", "mask", "dir", "files", "settings",
-                  "timings_s", "fasa_applied", "error", "rank", "world_size", "device", "finished", "fingerprint")
-
-
-def _index_row(out: Path, job: Job, fp: str) -> dict:
-    rec = read_record(out, job.id) or {}
-    status = rec.get("status", "missing")
-    if status == "ok" and not job_complete(out, job.id, fp):
-        status = "stale" if rec.get("fingerprint") != fp else "incomplete"
-    run = rec.get("run", {})
-    return dict(id=job.id, line=job.line, method=job.method, identity=job.identity, status=status,
-                seconds=rec.get("seconds"), prompt=job.prompt, fd_prompt=job.fd_prompt, eval_prompt=job.eval_prompt,
-                seed=job.seed, n_attributes=job.n_attributes, attributes=job.attributes or rec.get("attributes"),
-                reference=None if job.reference is None else str(job.reference),
-                mask=None if job.mask is None else str(job.mask), dir=f"{JOBS}/{job.id}",
-                files=rec.get("files", []) if status == "ok" else [], settings=rec.get("settings"),
-                timings_s=rec.get("timings_s"), fasa_applied=rec.get("fasa_applied"), error=rec.get("error"),
-                rank=run.get("rank"), world_size=run.get("world_size"), device=run.get("device"),
-                finished=run.get("finished"), fingerprint=fp)
-
-
-def write_index(out: Path, jobs: list[Job], fps: dict[str, str]) -> list[dict]:
-    """``results.jsonl`` and ``results.csv`` (manifest order, one row per job), written atomically."""
-    import csv
-    import io
-
-    rows = [_index_row(out, j, fps[j.id]) for j in jobs]
-    atomic_write_text(Path(out) / INDEX, "".join(json.dumps(r) + "\n" for r in rows))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=_INDEX_COLUMNS, lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: json.dumps(v) if isinstance(v, (dict, list)) else ("" if v is None else v)
-                    for k, v in r.items()})
-    atomic_write_text(Path(out) / INDEX_CSV, buf.getvalue())
-    return rows
-
-
-def read_index(results_dir) -> list[dict]:
-    path = Path(results_dir) / INDEX
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if text.strip():
-                try:
-                    rows.append(json.loads(text))
-                except ValueError:
-                    raise ValueError(f"{path} line {n}: not valid JSON") from None
-    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -403,7 +291,9 @@ class _Context:
 
 def _clean_job_dir(d: Path) -> None:
     """Before a job runs: drop its old record first (so nothing stale counts), then old outputs and the
-    temporary files a killed write left."""
+    temporary files a killed write left. A symlink made since the checks is replaced, never written through."""
+    if d.is_symlink():
+        d.unlink()
     d.mkdir(parents=True, exist_ok=True)
     for name in (RECORD,) + OUTPUT_FILES:
         try:
@@ -427,8 +317,7 @@ def _kill_point(ctx: _Context, d: Path) -> None:
 def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
     import torch
 
-    from .pipeline.freecure import FreeCure, FreeCureWarning, step_generators
-    from .cli import _effective_settings, _save_mask, read_mask_png
+    from ..pipeline.freecure import FreeCure, FreeCureWarning, step_generators
 
     args, pipe = ctx.args, ctx.pipe
     d = job_dir(args.out, job.id)
@@ -458,7 +347,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 latents, seeds = fc.noise(1, h, w, seed=job.seed)
                 image = pipe(prompt=job.prompt, latents=latents, generator=step_generators(seeds),
                              **{**call, "height": h, "width": w}).images[0]
-                from .pipeline.apg import default_guidance_scale
+                from ..pipeline.apg import default_guidance_scale
 
                 settings = dict(steps=s["steps"], guidance_scale=float(call.get("guidance_scale",
                                                                                  default_guidance_scale(pipe))),
@@ -477,7 +366,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
 
                 ns = SimpleNamespace(layers=s["layers"], omega=s["omega"], mode=s["mode"], backend=args.backend,
                                      style_fidelity=s["style_fidelity"], empty_mask=s["empty_mask"])
-                settings = dict(_effective_settings(fc, pipe, ns, ctx.device, ctx.dtype, call), steps=s["steps"],
+                settings = dict(effective_settings(fc, pipe, ns, ctx.device, ctx.dtype, call), steps=s["steps"],
                                 apg=s["apg"], gamma=s["gamma"] if s["apg"] else None,
                                 negative_prompt=s["negative_prompt"])
                 save(out.images[0], "pd.png")
@@ -485,7 +374,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 if out.fd_images is not None:
                     save(out.fd_images[0], "fd.png")
                 if out.mask is not None:
-                    _save_mask(out.mask, d / "mask.png")
+                    save_mask(out.mask, d / "mask.png")
                     written.append("mask.png")
                 extra = dict(fasa_applied=out.fasa_applied, attributes=out.attributes[0] if out.attributes else [],
                              template_prompts=out.template_prompts, fd_reuse=out.fd_reuse,
@@ -515,8 +404,6 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
 
 def run(args) -> int:
     """``freecure batch``: check, shard, run, index. Returns the exit status."""
-    from .cli import _DTYPES, CLIError, _load_pipeline, _quiet_libraries
-
     try:
         jobs, device = check_batch_args(args)
     except CLIError:
@@ -531,7 +418,7 @@ def run(args) -> int:
         device = torch.device(state.device)
         if device.type == "cpu":
             device = torch.device("cpu")
-    dtype = getattr(torch, _DTYPES[args.dtype or ("fp16" if device.type == "cuda" else "fp32")])
+    dtype = torch_dtype(args.dtype, device)
     dtype_name = str(dtype).replace("torch.", "")
 
     identities = dict(model=content_identity(args.model), parser=content_identity(args.parser_weights))
@@ -539,24 +426,25 @@ def run(args) -> int:
                              identities) for j in jobs}
     done_before = {j.id for j in jobs if job_complete(args.out, j.id, fps[j.id])}
     pending = [j for j in jobs if j.id not in done_before]
-    state.wait_for_everyone()  # every process has listed the pending jobs before any of them writes
+    if pending and state.is_main_process:  # the old index would outlive the records this run is about to delete
+        for name in (INDEX, INDEX_CSV):
+            (Path(args.out) / name).unlink(missing_ok=True)
+    state.wait_for_everyone()  # every process has listed the pending jobs (and the index is gone) before any writes
     with state.split_between_processes(pending) as part:  # contiguous, sizes differing by at most one
         mine = list(part)
 
     failed_here = 0
     if mine:
-        with _quiet_libraries(True):  # library notes would repeat per job and break the progress bars
+        with quiet_libraries(True):  # library notes would repeat per job and break the progress bars
             parser = None
             if args.parser_weights is not None and any(j.method == "freecure" and j.mask is None for j in mine):
-                from .pipeline.face_parser import BiSeNetParser
+                from ..pipeline.face_parser import BiSeNetParser
 
                 try:
                     parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
                 except (ValueError, OSError) as e:
-                    from .cli import parser_weights_error
-
                     raise parser_weights_error(args.parser_weights, e) from e
-            pipe = _load_pipeline(args.model, device, dtype)
+            pipe = load_pipeline(args.model, device, dtype)
             pipe.set_progress_bar_config(disable=True)
             ctx = _Context(args=args, pipe=pipe, device=device, dtype=dtype, parser=parser, rank=rank, world=world,
                            run_id=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
@@ -586,7 +474,7 @@ def run(args) -> int:
         rows = write_index(args.out, jobs, fps)
     state.wait_for_everyone()
     if rows is None:
-        rows = [_index_row(args.out, j, fps[j.id]) for j in jobs]
+        rows = [index_row(args.out, j, fps[j.id]) for j in jobs]
     bad = [r for r in rows if r["status"] != "ok"]
     if state.is_main_process:
         pending_ids = {j.id for j in pending}
@@ -599,10 +487,3 @@ def run(args) -> int:
         if len(bad) > 10:
             print(f"freecure batch: ... and {len(bad) - 10} more (see the index)", file=sys.stderr)
     return 1 if bad else 0
-
-
-def run_batch(argv: list[str]) -> int:
-    """Python entry: the same as ``freecure batch ARGV...``."""
-    from .cli import main
-
-    return main(["batch", *argv])

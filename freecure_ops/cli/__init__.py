@@ -1,0 +1,68 @@
+"""``freecure``: the command line.
+
+    freecure generate --model PATH_OR_ID --prompt "a photo of sks man with red hair" \\
+                      --fd-prompt "a photo of a man with red hair" --parser-weights 79999_iter.pth --out out/
+    freecure bench [benchmark options]          # the FASA benchmark (python -m bench)
+    freecure manifest --identity alice=woman ... --out grid.jsonl      # the paper's evaluation grid
+    freecure batch --manifest grid.jsonl --model DIR --out runs/grid  # many jobs; resumable; accelerate launch
+    freecure eval --results runs/grid --clip CLIP_DIR --face-model arcface.onnx --reference alice=a.jpg
+
+One module per subcommand (:mod:`.generate`, :mod:`.manifest`, :mod:`.batch`, :mod:`.eval`), each with
+``add_arguments(subparsers)`` (argparse only: nothing heavy is imported) and ``run(args) -> exit status``,
+over shared modules: :mod:`.errors` (the one-line error), :mod:`.args` (argument types and checks),
+:mod:`.model_files` (a pipeline folder's configs, read without loading), :mod:`.pipeline` (loading and
+running a pipeline). The grid library they drive (manifests, the results folder, the scores) lives below, in
+:mod:`freecure_ops.manifest`, :mod:`freecure_ops.grid`, :mod:`freecure_ops.results`,
+:mod:`freecure_ops.evaluate`.
+
+``generate`` loads a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline with ``DiffusionPipeline.from_pretrained(...,
+local_files_only=True)`` (nothing is downloaded), runs :class:`freecure_ops.pipeline.freecure.FreeCure` and
+writes ``pd.png`` (the FreeCure image), ``fd.png`` (the foundation image), ``mask.png`` (the attribute mask)
+and ``freecure.json`` (prompts, attributes, settings, timings) to ``--out``. The PD prompt carries the
+identity (e.g. a DreamBooth / textual-inversion token), the FD prompt is the same without it. The mask comes
+from ``--mask PNG`` (white = attribute) or from a BiSeNet face parser (``--parser-weights``).
+
+Every argument is checked before the model (or the parser) is loaded: a bad value, a missing or unreadable
+file, an ``--out`` that cannot be written, a device that does not exist. Exit status: 0 on success, 2 for a
+usage problem (bad option, missing weights, unknown model family, empty mask, ...), with a one-line
+``freecure: error: ...`` message that names the flag. Output files are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from .errors import ArgumentParser, CLIError
+
+__all__ = ["main", "build_parser"]
+
+#: subcommand -> its module (``bench`` is delegated whole to the benchmark's own parser)
+COMMANDS = {"generate": "generate", "batch": "batch", "eval": "eval", "manifest": "manifest"}
+
+
+def _command(name: str):
+    return importlib.import_module(f"{__name__}.{COMMANDS[name]}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = ArgumentParser(prog="freecure", description="FreeCure (FASA + APG) for diffusers pipelines.")
+    sub = ap.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
+    for name in COMMANDS:
+        _command(name).add_arguments(sub)
+    sub.add_parser("bench", help="the FASA benchmark (all further arguments go to it)", add_help=False)
+    return ap
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        from ..bench.__main__ import main as bench_main  # lazy: the benchmark pulls in its own deps
+
+        return int(bench_main(argv[1:], prog="freecure bench") or 0)
+    args = build_parser().parse_args(argv)
+    try:
+        return _command(args.command).run(args)
+    except CLIError as e:
+        print(f"freecure: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,154 @@
+"""Argument types and checks shared by the subcommands: each runs before any model loads and raises
+:class:`~freecure_ops.cli.errors.CLIError` naming the flag (or returns the problem, for callers that name
+the manifest line instead)."""
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from .errors import CLIError
+
+__all__ = ["DTYPES", "user_path", "layers_arg", "fraction_arg", "check_finite", "real_problem", "read_mask_png",
+           "parser_weights_problem", "parser_weights_error", "pick_device", "interpreting", "torch_dtype",
+           "apg_steps_problem"]
+
+#: --dtype choices -> torch dtype names
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def user_path(text: str) -> Path:
+    """A path flag: ``~`` expanded as the shell would (``--out=~/x`` reaches us unexpanded)."""
+    return Path(text).expanduser()
+
+
+def layers_arg(text: str):
+    """``--layers``: ``all`` or comma-separated block indices."""
+    if text == "all":
+        return "all"
+    try:
+        return sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers must be 'all' or comma-separated block indices, got {text!r}")
+
+
+def fraction_arg(text: str) -> float:
+    """A number in (0, 1] (``--gamma``)."""
+    v = float(text)
+    if not 0.0 < v <= 1.0:  # NaN fails too
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return v
+
+
+def check_finite(flag: str, value, lo=None, hi=None) -> None:
+    if value is None:
+        return
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else f" >= {lo}" if lo is not None else ""
+        raise CLIError(f"{flag} must be a finite number{rng}, got {value}")
+    problem = real_problem(flag, value)
+    if problem:
+        raise CLIError(problem)
+
+
+def real_problem(name: str, value) -> str | None:
+    """The op's rule for a scalar (finite, within float32 range: the kernel computes in float32), checked
+    here so that 1e308 is refused before any model loads rather than at the first FASA call."""
+    from ..validation import check_real
+
+    try:
+        check_real(name, value)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def apg_steps_problem(steps: int, gamma: float) -> str | None:
+    """Why APG cannot run ``steps`` x ``gamma`` (None: it can): it inverts and denoises ``int(gamma * steps)``
+    steps, and zero of them would fail after the model loads and pass 1 has run."""
+    from ..pipeline.apg import apg_steps
+
+    if apg_steps(steps, gamma) == 0:
+        return f"runs int(gamma * steps) = int({gamma} * {steps}) = 0 APG steps"
+    return None
+
+
+def read_mask_png(path: Path):
+    """``--mask`` file -> float32 numpy ``[H, W]`` in [0, 1] (white = attribute; the rule of
+    :func:`freecure_ops.masks.image_mask`, which the Python API applies to PIL masks too). Raises CLIError
+    naming ``--mask`` for a missing, empty, truncated or undecodable file."""
+    from PIL import Image
+
+    from ..masks import image_mask
+
+    if not path.is_file():
+        raise CLIError(f"--mask {path}: no such file")
+    try:
+        with Image.open(path) as im:
+            return image_mask(im)
+    except Exception as e:  # noqa: BLE001  (PIL raises UnidentifiedImageError, OSError, SyntaxError, ...)
+        detail = " ".join(str(e).split()) or type(e).__name__
+        raise CLIError(f"--mask {path}: not a readable image (empty, truncated or not PNG/JPEG/...): {detail}") from e
+
+
+def parser_weights_problem(path: Path) -> str | None:
+    """What is wrong with ``--parser-weights`` as a file, from its first bytes (None: it may be a checkpoint;
+    loading it decides). A text file would otherwise reach torch.load and be blamed on pickled objects."""
+    if not path.is_file():
+        return "no such file (the BiSeNet checkpoint, e.g. 79999_iter.pth, is not downloaded for you)"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        return f"not readable ({e.strerror or e})"
+    if path.suffix.lower() == ".safetensors":
+        return None
+    if not head:
+        return "not a PyTorch checkpoint (the file is empty)"
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":  # torch.save's zip archive; a legacy pickle
+        return None
+    return f"not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle; it starts with {head!r})"
+
+
+def parser_weights_error(path: Path, e: Exception) -> CLIError:
+    """A parser checkpoint that failed to load, as one line (torch's own detail spans many lines)."""
+    text = " ".join(str(e).split()).removeprefix("path: ")
+    text = text.split(" Detail: ")[0]
+    return CLIError(f"--parser-weights {path}: {text}")
+
+
+def interpreting() -> bool:
+    """Triton runs kernels on CPU tensors through its interpreter (TRITON_INTERPRET=1, as the tests set)."""
+    from ..kernels import interpreting as triton_interpreting
+
+    return triton_interpreting()
+
+
+def pick_device(text: str | None):
+    """``--device`` -> a torch device that exists here (default: cuda when available, else cpu)."""
+    import torch
+
+    if text is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise CLIError(f"--device {text}: not a device (use cpu, cuda or cuda:N)") from e
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if not callable(is_available) or not is_available():
+        raise CLIError(f"--device {text}: no {device.type} device is available here"
+                       + (" (this torch has no CUDA, or no GPU is visible)" if device.type == "cuda" else ""))
+    count = getattr(backend, "device_count", None)
+    if device.index is not None and callable(count) and device.index >= count():
+        raise CLIError(f"--device {text}: there are only {count()} {device.type} devices (0..{count() - 1})")
+    return device
+
+
+def torch_dtype(name: str | None, device):
+    """``--dtype`` (None: fp16 on cuda, fp32 elsewhere) -> the torch dtype."""
+    import torch
+
+    return getattr(torch, DTYPES[name or ("fp16" if device.type == "cuda" else "fp32")])

@@ -1,0 +1,102 @@
+"""The diffusers pipeline as ``generate`` and ``batch`` use it: loading it (local files only), keeping the
+libraries quiet, the settings that actually ran, saving the attribute mask."""
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from ..outputs import atomic_write
+from .errors import CLIError
+from .model_files import model_path_problem
+
+__all__ = ["load_pipeline", "quiet_libraries", "effective_settings", "save_mask"]
+
+
+def load_pipeline(model: str, device, dtype):
+    """``DiffusionPipeline.from_pretrained(..., local_files_only=True)`` on ``device``; CLIError naming
+    ``--model`` when it cannot load."""
+    from diffusers import DiffusionPipeline
+
+    problem = model_path_problem(model)
+    if problem:
+        raise CLIError(f"--model {model}: {problem}")
+    path = Path(model).expanduser()
+    try:
+        with warnings.catch_warnings():  # torch_dtype: understood by every diffusers >= 0.32 (newer ones prefer dtype)
+            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, local_files_only=True,
+                                                     torch_dtype=dtype)
+    except (OSError, ValueError) as e:  # EnvironmentError, missing files, not in the cache
+        where = "folder" if path.exists() else "Hugging Face cache (downloads are off: local_files_only=True)"
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CLIError(f"--model {model}: could not load the pipeline weights from the local {where}: {first}") from e
+    return pipe.to(device)
+
+
+@contextmanager
+def quiet_libraries(quiet: bool):
+    """--quiet: no loading bars or notes from diffusers / transformers; their settings are restored after."""
+    if not quiet:
+        yield
+        return
+    libs = []
+    try:
+        from diffusers.utils import logging as d_log
+
+        libs.append(d_log)
+    except ImportError:  # freecure eval needs transformers only
+        pass
+    try:
+        from transformers.utils import logging as t_log
+
+        libs.append(t_log)
+    except ImportError:  # pragma: no cover
+        pass
+    saved = [(lib.get_verbosity(), lib.is_progress_bar_enabled()) for lib in libs]
+    for lib in libs:
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for lib, (level, bars) in zip(libs, saved):
+            lib.set_verbosity(level)
+            if bars:
+                lib.enable_progress_bar()
+
+
+def effective_settings(fc, pipe, args, device, dtype, call) -> dict:
+    """What actually ran: preset values filled in, the resolved backend, the pipeline's defaults."""
+    from ..adapters.discovery import find_self_attention_blocks
+    from ..adapters.presets import PRESETS, preset_blocks
+    from ..pipeline.apg import default_guidance_scale
+
+    blocks = find_self_attention_blocks(pipe)
+    if args.layers is None:
+        layers = list(preset_blocks(fc.family, blocks))
+    elif args.layers == "all":
+        layers = [b.index for b in blocks]
+    else:
+        layers = list(args.layers)
+    height, width = fc._size({k: call[k] for k in ("height", "width") if k in call})
+    gs = call.get("guidance_scale", default_guidance_scale(pipe))
+    return dict(omega=PRESETS[fc.family].omega if args.omega is None else args.omega,
+                omega_source="preset" if args.omega is None else "--omega",
+                layers=layers, layers_source="preset" if args.layers is None else "--layers",
+                mode=args.mode, backend=("triton" if device.type == "cuda" else "torch") if args.backend == "auto"
+                else args.backend, style_fidelity=args.style_fidelity, guidance_scale=float(gs),
+                height=height, width=width, empty_mask=args.empty_mask)
+
+
+def save_mask(mask, path: Path) -> None:
+    """The attribute mask as an 8-bit PNG (brightest = 255), written atomically."""
+    import numpy as np
+    from PIL import Image
+
+    m = mask.detach().float().cpu()
+    if m.dim() == 3:
+        m = m[0]
+    m = (m / m.max()).nan_to_num(0.0) if float(m.max()) > 0 else m
+    img = Image.fromarray((m.clamp(0, 1).numpy() * 255).round().astype(np.uint8), mode="L")
+    atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
