@@ -28,7 +28,7 @@ class FasaController:
     a forward that ``torch.compile`` traces. Compiled code therefore sees two gating states (FASA on / off)
     and guards on nothing that changes from step to step."""
 
-    def __init__(self, *, mask: torch.Tensor, omega: float, steps, style_fidelity: float, layout: str, mode: str,
+    def __init__(self, *, mask: torch.Tensor, omega: float, mask_max: float | None = None, steps, style_fidelity: float, layout: str, mode: str,
                  backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None):
         self._owner = owner                 # weakref to the pipeline FASA was installed on (None: a bare model)
         self.omega = omega
@@ -51,7 +51,7 @@ class FasaController:
         self.grid_error = None
         self.fd_record = None               # FD reuse (:mod:`.fd_reuse`): the record of this FreeCure call
         self.fd_role = None                 # None, "record" (pass 1, FD rows only) or "replay" (pass 2, PD rows)
-        self.set_mask(mask)
+        self.set_mask(mask, mask_max)
         sched = None if scheduler_of is None else scheduler_of()
         if sched is not None:
             self.counter.attach(sched)      # counted from install on: compiled forwards never attach it
@@ -76,9 +76,12 @@ class FasaController:
         self._decide(self._next_step(), strict=False)
 
     # ---- masks -----------------------------------------------------------------------------------------
-    def set_mask(self, mask: torch.Tensor) -> None:
-        """``mask``: validated float32 ``[h, w]`` or ``[n, h, w]``, already on the model's device."""
+    def set_mask(self, mask: torch.Tensor, max_value: float | None = None) -> None:
+        """``mask``: validated float32 ``[h, w]`` or ``[n, h, w]``, already on the model's device; ``max_value``:
+        its largest value (from the check), handed to every prepared mask so that the op checks
+        ``omega * max(mask)`` in every call as it does for any prepared mask."""
         self._mask = mask
+        self._mask_max = max_value
         self._cache: dict = {}
 
     def drop_masks(self) -> None:
@@ -110,7 +113,8 @@ class FasaController:
         return cached
 
     def _prepare(self, h: int, w: int, device: torch.device) -> FasaMask:
-        return pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
+        rows = resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32)
+        return pack_checked_mask(rows, self._mask_max)  # nearest resizing: max(rows) <= the mask's max
 
     # ---- steps and the current forward ------------------------------------------------------------------
     def reset(self) -> None:

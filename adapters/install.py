@@ -12,7 +12,7 @@ from .controller import FasaController
 from .discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
 from .hooks import eager_pre_hook, flux_pre_hook, unet_pre_hook
 from .options import (BACKENDS, LAYOUTS, MODES, check_bool, check_choice, check_grid, check_layers, check_mask,
-                      check_real, check_steps)
+                      check_omega_times_mask, check_real, check_steps)
 from .presets import PRESETS, preset_blocks
 from .unet_processor import FasaAttnProcessor
 
@@ -182,7 +182,9 @@ class FasaHandle:
         """Replace the attribute mask (``[h, w]`` or ``[n, h, w]``) with a copy of ``mask``: later in-place
         edits of the caller's tensor are not seen (call ``set_mask`` again). Resized masks are recomputed
         lazily."""
-        self.controller.set_mask(_own_copy(check_mask(mask), _model_device(self.model)))
+        mask, max_value = check_mask(mask)
+        check_omega_times_mask(self.controller.omega, max_value)
+        self.controller.set_mask(_own_copy(mask, _model_device(self.model)), max_value)
 
     def reset(self) -> None:
         """Restart the step counter (the next forward is step 0)."""
@@ -265,8 +267,10 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     IP-Adapter loading that would replace a FASA layer of a FLUX model is refused before anything changes.
     """
     denoiser, family = resolve_model(model)
-    mask = check_mask(mask)
+    mask, mask_max = check_mask(mask)
     omega = check_real("omega", omega, allow_none=True)
+    omega = PRESETS[family].omega if omega is None else omega
+    check_omega_times_mask(omega, mask_max)  # what the op would refuse at the first FASA layer, refused now
     steps = check_steps(steps)
     style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
     mode = check_choice("mode", mode, MODES)
@@ -313,8 +317,8 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
                              f"{type(b.attn.processor).__name__}; FASA would replace it (and restore it on remove): "
                              "pass force=True to allow that")
 
-    controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)),
-                                omega=PRESETS[family].omega if omega is None else omega, steps=steps,
+    controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)), mask_max=mask_max, omega=omega,
+                                steps=steps,
                                 style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
                                 cfg_of_call=cfg_of_call, scheduler_of=scheduler_of, grid=grid,
                                 owner=_pipeline_ref(model))

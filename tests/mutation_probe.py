@@ -217,6 +217,15 @@ MUTANTS = [
            ("tests/test_adapters_pipeline.py",),
            "a pipeline sharing the model (or num_images_per_prompt > 1) is paired from the installed "
            "pipeline's stale state"),
+    Mutant("adapters-mask-checked-after-float32", "adapters/options.py",
+           (("    max_value = check_mask_values(mask)\n    return mask.to(torch.float32), max_value",
+             "    mask = mask.to(torch.float32)\n    return mask, check_mask_values(mask)"),),
+           ("tests/test_adapters_errors.py",),
+           "the adapters check a float64 mask after rounding it to float32 (1e-50 becomes 'excluded')"),
+    Mutant("adapters-omega-times-mask-unchecked", "adapters/install.py",
+           (("    check_omega_times_mask(omega, mask_max)  #", "    pass  #"),),
+           ("tests/test_adapters_errors.py",),
+           "install_fasa takes omega * max(mask) beyond float32 (NaN images)"),
     # ---- the GPU run's tools --------------------------------------------------------------------------------
     Mutant("bench-rounds-case-major", "bench/runner.py",
            (("    rounds = headline + [c for c in configs if c not in headline]\n", "    rounds = configs\n"),),

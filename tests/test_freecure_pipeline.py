@@ -266,6 +266,9 @@ class _NoRun:
     (dict(guidance_scale="7"), TypeError, "guidance_scale"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
     (dict(mask=torch.ones(3, IMAGE, IMAGE)), ValueError, "3 masks"),
+    # float32 would round it to 0 (excluded): fasa_attention refuses it, and so does FreeCure
+    (dict(mask=torch.full((IMAGE, IMAGE), 1e-50, dtype=torch.float64)), ValueError, "^mask must hold"),
+    (dict(mask=torch.ones(IMAGE, IMAGE, requires_grad=True)), ValueError, "^mask must not require grad"),
 ])
 def test_bad_call_arguments_are_refused_before_pass_1(pipes, kw, err, words):
     pipe = get(pipes, "sd1")
@@ -277,6 +280,14 @@ def test_bad_call_arguments_are_refused_before_pass_1(pipes, kw, err, words):
         call["fd"] = {"prompt_embeds": torch.zeros(1, 77, 32)}
     with _NoRun(pipe), pytest.raises(err, match=words):
         FreeCure(pipe, FakeParser(), layers="all")(**call)
+
+
+@pytest.mark.parametrize("omega,value", [(1e30, 1e10), (None, 2e38)])  # None: the preset, 0.5
+def test_omega_times_mask_beyond_float32_is_refused_before_pass_1(pipes, omega, value):
+    pipe = get(pipes, "sd1")
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=omega)
+    with _NoRun(pipe), pytest.raises(ValueError, match="^omega \\* max\\(mask\\)"):
+        fc(PD, fd_prompt=FD, seed=0, mask=torch.full((IMAGE, IMAGE), value), **COMMON)
 
 
 def test_apg_follows_a_custom_schedule(pipes, monkeypatch):
@@ -305,7 +316,7 @@ def test_a_mask_painted_in_alpha_reads_as_on_the_command_line():
     alpha[:2] = 255
     rgba = np.dstack([np.full((8, 8, 3), 255, np.uint8), alpha])
     im = Image.fromarray(rgba, "RGBA")
-    got = _mask_to_tensor(im)
+    got, _ = _mask_to_tensor(im)
     assert torch.equal(got, torch.from_numpy(alpha.astype(np.float32) / 255))
     import tempfile
     from pathlib import Path

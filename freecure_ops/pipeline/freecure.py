@@ -44,8 +44,8 @@ from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attentio
 from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from freecure_ops.adapters.install import install_fasa
 from freecure_ops.adapters.options import (BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask,
-                                           check_real, check_steps)
-from freecure_ops.adapters.presets import preset_blocks
+                                           check_omega_times_mask, check_real, check_steps)
+from freecure_ops.adapters.presets import PRESETS, preset_blocks
 from freecure_ops.masks import image_mask
 
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
@@ -181,7 +181,8 @@ def _branch_size(kw: Mapping) -> int:
 # images and masks
 # ----------------------------------------------------------------------------------------------------------
 
-def _mask_to_tensor(mask) -> torch.Tensor:
+def _mask_to_tensor(mask) -> tuple[torch.Tensor, float | None]:
+    """The caller's ``mask=`` as a tensor, checked: ``(mask, its largest value)``."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover
@@ -197,8 +198,7 @@ def _mask_to_tensor(mask) -> torch.Tensor:
             raise TypeError(f"mask: a numpy mask must be bool, float or uint8, got {mask.dtype}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, numpy array or PIL image, got {type(mask).__name__}")
-    check_mask(mask)
-    return mask
+    return mask, check_mask(mask)[1]
 
 
 def _to_output_type(pipe, pt: torch.Tensor, output_type: str):
@@ -590,7 +590,8 @@ class FreeCure:
 
         timings = {}
         if mask is not None:
-            mask = _mask_to_tensor(mask)
+            mask, mask_max = _mask_to_tensor(mask)
+            check_omega_times_mask(PRESETS[family].omega if self.omega is None else self.omega, mask_max)
             if mask.dim() == 3 and mask.shape[0] != n:
                 raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
         attributes = self._attributes(pd_kw, attribute_prompt, n)
@@ -663,7 +664,7 @@ class FreeCure:
             mask, label_maps = self.mask_from_fd(fd_pt, attributes)
             self._check_mask_not_empty(mask, attributes if n > 1 else attributes[0])
             if record is not None:
-                record.compact(check_mask(mask).to(record.device), self.mode)
+                record.compact(check_mask(mask)[0].to(record.device), self.mode)
                 reuse["bytes"] = record.nbytes()
             timings["mask"] = time.perf_counter() - t0
             fd_images = _to_output_type(pipe, fd_pt, output_type)
