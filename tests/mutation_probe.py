@@ -226,6 +226,9 @@ MUTANTS = [
            (("    check_omega_times_mask(omega, mask_max)  #", "    pass  #"),),
            ("tests/test_adapters_errors.py",),
            "install_fasa takes omega * max(mask) beyond float32 (NaN images)"),
+    Mutant("mask-check-reads-vmap-wrapper", "freecure_ops/fasa_mask.py",
+           (("    mask = _functorch_values(mask)\n", ""),), ("tests/test_op_registration.py",),
+           "the value check reads a vmapped mask's BatchedTensor (no storage: vmap with a per-sample float mask fails)"),
     # ---- the GPU run's tools --------------------------------------------------------------------------------
     Mutant("bench-rounds-case-major", "bench/runner.py",
            (("    rounds = headline + [c for c in configs if c not in headline]\n", "    rounds = configs\n"),),
