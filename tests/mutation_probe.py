@@ -336,6 +336,11 @@ MUTANTS = [
            (("latents=torch.cat([latents, latents])", "latents=torch.cat([latents, -latents])"),),
            PIPELINE_TESTS, "pass 2's FD rows start from other noise than pass 1"),
 
+    Mutant("freecure-reuse-estimate-counts-n-steps", "freecure_ops/pipeline/freecure.py",
+           (("        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)",
+             "        total_steps = num_inference_steps * int(getattr(pipe.scheduler, 'order', 1) or 1)"),),
+           ("tests/test_fd_reuse.py",),
+           "the FD-reuse estimate counts num_inference_steps x order, not the scheduler's loop iterations"),
     # ---- the CLI ----------------------------------------------------------------------------------------
     Mutant("cli-omega-ignored", "freecure_ops/cli.py",
            (("omega=args.omega,", "omega=None,"),), CLI_TESTS, "the CLI ignores --omega"),

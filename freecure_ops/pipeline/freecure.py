@@ -46,6 +46,7 @@ from freecure_ops.adapters.install import install_fasa
 from freecure_ops.adapters.options import (BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask,
                                            check_omega_times_mask, check_real, check_steps)
 from freecure_ops.adapters.presets import PRESETS, preset_blocks
+from freecure_ops.adapters.steps import loop_iterations
 from freecure_ops.masks import image_mask
 
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
@@ -464,10 +465,11 @@ class FreeCure:
         return full, template, out_prompts
 
     def plan_fd_reuse(self, n: int, height: int, width: int, num_inference_steps: int, cfg: bool,
-                      calls_per_step: int = 1) -> dict:
+                      calls_per_step: int = 1, *, timesteps=None, sigmas=None) -> dict:
         """The FD-reuse decision of one call, before pass 1: ``{"requested", "choice", "estimate_bytes",
         "halves"}`` (``halves``: the ``uncond`` flags of the recorded guidance halves). ``calls_per_step``: model
-        calls per denoising step (2 for FLUX's true CFG)."""
+        calls per denoising step (2 for FLUX's true CFG). ``timesteps`` / ``sigmas``: the call's custom
+        schedule, if any."""
         pipe = self.pipe
         denoiser, _ = resolve_model(pipe)
         blocks = find_self_attention_blocks(pipe)
@@ -475,8 +477,8 @@ class FreeCure:
         idx = range(len(blocks)) if chosen == "all" else preset_blocks(self.family, blocks) if chosen is None \
             else chosen
         fasa_blocks = [blocks[i] for i in sorted(idx)]
-        order = int(getattr(pipe.scheduler, "order", 1) or 1)
-        total_steps = num_inference_steps * order
+        # the FASA steps the record will hold: the loop iterations the scheduler will run, within steps=
+        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)
         n_steps = total_steps if self.steps is None else len([s for s in self.steps if s < total_steps])
         halves = (True, False) if cfg and self.style_fidelity < 1.0 else (False,)
         vsf = int(pipe.vae_scale_factor)
@@ -635,7 +637,8 @@ class FreeCure:
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
             calls = _model_calls_per_step(family, {**common, **pd_kw})
-            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls)
+            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls, timesteps=kwargs.get("timesteps"),
+                                       sigmas=kwargs.get("sigmas"))
         else:
             reuse = {"requested": self.fd_reuse, "choice": "off", "estimate_bytes": 0, "halves": (),
                      "reason": "mask given: no pass 1 to record"}
