@@ -160,7 +160,7 @@ class FasaController:
     def _decide(self, step: int, *, strict: bool) -> None:
         """Gate FASA for a forward at ``step`` and read the pipeline's layout (eager Python only). ``strict``:
         raise when the pipeline cannot tell its layout (a forward), else leave it unknown (a callback)."""
-        self.active = self._enabled and (self._steps is None or step in self._steps)
+        self.active = self._acts_at(step)
         if not self.active:
             self.call_layout = None
             return
@@ -180,28 +180,43 @@ class FasaController:
         """Called by the model's pre-hook when the forward runs eagerly: take the step index of the denoising
         loop, decide whether FASA runs in this forward, and clear the grid of the previous forward (the hook
         sets the new one). Python only: nothing is read from the device. Returns whether FASA is active."""
+        self.step = self._current_step()
         if self._owner is not None:
             self._check_caller()
-        self.step = self._current_step()
         self._decide(self.step, strict=True)
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
         return self.active
 
+    def _acts_at(self, step: int) -> bool:
+        return self._enabled and (self._steps is None or step in self._steps)
+
+    def _acts_from(self, step: int) -> bool:
+        """Whether FASA runs at ``step`` or a later iteration of the running loop (as long as the scheduler's
+        timesteps say; without them, any later step in ``steps``)."""
+        if not self._enabled or self._steps is None:
+            return self._enabled
+        timesteps = getattr(self.counter.scheduler, "timesteps", None)
+        end = len(timesteps) if timesteps is not None else None
+        return any(s >= step and (end is None or s < end) for s in self._steps)
+
     def _check_caller(self) -> None:
         """FASA installed on a pipeline reads that pipeline's state (CFG pairing, scheduler steps, FLUX grid):
         a forward made by another pipeline sharing the model, or by a direct call of the model, would be paired
-        and gated from stale state, so it is refused."""
+        and gated from stale state, so it is refused where FASA would act in it. A call of the installed
+        pipeline with repeated prompts is refused at its first forward when FASA would act in any of its steps.
+        Where FASA does not act (disabled, no FASA step) the rows are the stock model's: nothing is refused."""
         owner = self._owner()
         caller, local = calling_pipeline()
         if owner is not None and caller is owner:
             per_prompt = local.get("num_images_per_prompt")
-            if isinstance(per_prompt, int) and per_prompt > 1:  # [p1, p1, p2, p2]: not [PD..., FD...] rows
+            if isinstance(per_prompt, int) and per_prompt > 1 and self._acts_from(self.step):
+                # [p1, p1, p2, p2]: not [PD..., FD...] rows
                 raise ValueError(f"num_images_per_prompt={per_prompt}: the pipeline repeats each prompt, so its rows "
                                  "are not [PD_1..PD_n, FD_1..FD_n]; pass the prompts as a list (one PD and one FD "
                                  "prompt per image) with num_images_per_prompt=1")
-        if owner is None or caller is owner:
+        if owner is None or caller is owner or not self._acts_at(self.step):
             return
         who = f"another pipeline sharing its model ({type(caller).__name__})" if caller is not None else \
             "a direct call of the model"

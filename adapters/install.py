@@ -33,13 +33,17 @@ def _flux_attn_processor_type():
     return FluxAttnProcessor
 
 
-def _stock_processor_kind(proc) -> str | None:
-    """"sdpa" / "fused" / "legacy" for diffusers' own plain self-attention processors (``AttnProcessor2_0`` and
-    ``FluxAttnProcessor`` / ``FusedAttnProcessor2_0`` / ``AttnProcessor``), None for anything else."""
+def _stock_processor_kind(proc, block_kind: str) -> str | None:
+    """For a block of ``block_kind`` ("unet", "flux_double", "flux_single"): "sdpa" / "fused" / "legacy" for
+    diffusers' own plain self-attention processor of that model (UNet: ``AttnProcessor2_0`` /
+    ``FusedAttnProcessor2_0`` / ``AttnProcessor``; FLUX: ``FluxAttnProcessor``, "sdpa"), None for anything else
+    (a UNet processor on a FLUX layer, or the reverse, is custom: FASA does not reproduce it)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
     kind = type(proc)
-    if kind is AttnProcessor2_0 or (kind is _flux_attn_processor_type() and kind is not None):
+    if block_kind != "unet":
+        return "sdpa" if kind is _flux_attn_processor_type() and kind is not None else None
+    if kind is AttnProcessor2_0:
         return "sdpa"
     if kind is FusedAttnProcessor2_0:
         return "fused"
@@ -133,7 +137,7 @@ class FasaHandle:
                 else:  # a FASA processor diffusers re-created
                     block.attn.set_processor(ours)
                 continue
-            kind = _stock_processor_kind(current)
+            kind = _stock_processor_kind(current, block.kind)
             if kind is not None:
                 if isinstance(ours, FasaAttnProcessor) and ours.kind != kind:
                     # a new object for the new kind (fused / not): the old one may be set back later and must
@@ -311,7 +315,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     chosen = [b for b in blocks if b.index in chosen_idx]
     kinds = {}
     for b in chosen:
-        kinds[b.name] = _stock_processor_kind(b.attn.processor)
+        kinds[b.name] = _stock_processor_kind(b.attn.processor, b.kind)
         if kinds[b.name] is None and not force:
             raise ValueError(f"self-attention layer {b.name} carries a custom processor "
                              f"{type(b.attn.processor).__name__}; FASA would replace it (and restore it on remove): "
