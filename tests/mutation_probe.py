@@ -353,6 +353,11 @@ MUTANTS = [
              "        total_steps = num_inference_steps * int(getattr(pipe.scheduler, 'order', 1) or 1)"),),
            ("tests/test_fd_reuse.py",),
            "the FD-reuse estimate counts num_inference_steps x order, not the scheduler's loop iterations"),
+    Mutant("freecure-empty-mask-called-a-no-op-in-scale-mode", "freecure_ops/pipeline/freecure.py",
+           (('        if self.mode == "bias":\n            msg = f"{which} {cause}, so FASA has nothing to do',
+             '        if True:\n            msg = f"{which} {cause}, so FASA has nothing to do'),),
+           ("tests/test_freecure_pipeline.py",),
+           "an empty mask in 'scale' mode is reported as 'FASA has nothing to do' (it still attends every FD key)"),
     # ---- the CLI ----------------------------------------------------------------------------------------
     Mutant("cli-omega-ignored", "freecure_ops/cli.py",
            (("omega=args.omega,", "omega=None,"),), CLI_TESTS, "the CLI ignores --omega"),

@@ -353,3 +353,19 @@ def test_a_plain_baseline_can_share_freecures_noise():
     plain = pipe("a photo of sks man", latents=latents, generator=step_generators(seeds), output_type="pt",
                  **COMMON).images
     assert torch.equal(out.images, plain)
+
+
+def test_an_empty_mask_in_scale_mode_is_not_called_a_no_op(pipes):
+    """"scale" mode excludes no FD key: with an empty mask every FD logit is omega * 0 * s = 0, still attended,
+    so the PD image changes; the empty-mask message says so instead of "nothing to do"."""
+    pipe = get(pipes, "sd1")
+    empty = torch.zeros(IMAGE, IMAGE)
+    with pytest.raises(EmptyMaskError, match="mode 'scale' FASA still acts") as info:
+        FreeCure(pipe, layers="all", mode="scale")(PD, fd_prompt=FD, seed=1, mask=empty, **COMMON)
+    assert "nothing to do" not in str(info.value)
+    fc = FreeCure(pipe, layers="all", omega=2.0, mode="scale", empty_mask="warn")
+    with pytest.warns(FreeCureWarning, match="still acts") as seen:
+        out = fc(PD, fd_prompt=FD, seed=1, mask=empty, output_type="pt", **COMMON)
+    assert not any("nothing to do" in str(w.message) for w in seen)
+    plain = plain_dual_batch(fc, fc.initial_latents(1, IMAGE, IMAGE, torch.Generator().manual_seed(1)))
+    assert (out.images - plain[:1]).abs().max().item() > 1e-3 and close(out.fd_images, plain[1:])

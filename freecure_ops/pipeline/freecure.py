@@ -65,7 +65,8 @@ class FreeCureWarning(UserWarning):
 
 
 class EmptyMaskError(ValueError):
-    """The attribute mask made from the FD image is empty: FASA would have nothing to do."""
+    """The attribute mask is empty: FASA would have no attribute to restore (in "bias" mode it would equal
+    plain self-attention; in "scale" mode it would still mix in every FD key, unguided)."""
 
 
 @dataclass
@@ -281,8 +282,9 @@ class FreeCure:
     (default: from the parser's ``labels`` mapping when it has one, else the BiSeNet CelebAMask-HQ table).
     ``vocabulary``: attribute words (:class:`freecure_ops.pipeline.attributes.AttributeVocabulary` or a mapping).
     ``mask_dilate`` / ``mask_feather``: pixels of dilation / Gaussian feathering of the parsed mask.
-    ``empty_mask``: "error" (raise :class:`EmptyMaskError` when parsing finds no attribute pixel) or "warn"
-    (go on; FASA then equals plain self-attention). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
+    ``empty_mask``: "error" (raise :class:`EmptyMaskError` when the mask has no attribute pixel) or "warn"
+    (go on; in "bias" mode FASA then equals plain self-attention, in "scale" mode it still attends every FD
+    key, with logit 0). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
     ``mode``, ``backend``, ``force``: as :func:`freecure_ops.adapters.install_fasa` (None = family preset).
     ``fd_reuse``: "auto" (default), "device", "host" or "off". Pass 1 records the FD keys/values FASA reads
     (FASA layers and steps, the guidance halves whose PD rows get FASA, the model's dtype), the record is
@@ -430,7 +432,11 @@ class FreeCure:
             f"the attribute masks of images {empty} are empty"
         cause = "as given (mask=)" if given else \
             f"after parsing: the parser found no pixel of {attributes} in the FD image"
-        msg = f"{which} {cause}, so FASA has nothing to do there"
+        if self.mode == "bias":
+            msg = f"{which} {cause}, so FASA has nothing to do there (plain self-attention)"
+        else:  # "scale": logit omega * 0 * s = 0, no key excluded
+            msg = (f"{which} {cause}; in mode 'scale' FASA still acts there: every FD key gets logit "
+                   "omega * 0 * s = 0 and is attended, with no attribute to guide it")
         if self.empty_mask == "error" and len(empty) == per.shape[0]:
             fix = "pass a mask with attribute pixels" if given else \
                 "check the parser and its label table, pass mask= yourself"
