@@ -28,8 +28,8 @@ class FasaController:
     a forward that ``torch.compile`` traces. Compiled code therefore sees two gating states (FASA on / off)
     and guards on nothing that changes from step to step."""
 
-    def __init__(self, *, mask: torch.Tensor, omega: float, mask_max: float | None = None, steps, style_fidelity: float, layout: str, mode: str,
-                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None):
+    def __init__(self, *, mask: torch.Tensor, omega: float, steps, style_fidelity: float, layout: str, mode: str,
+                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None, mask_max=None):
         self._owner = owner                 # weakref to the pipeline FASA was installed on (None: a bare model)
         self.omega = omega
         self._steps = steps                 # frozenset of step indices, or None for every step

@@ -228,11 +228,13 @@ MUTANTS = [
            "install_fasa takes omega * max(mask) beyond float32 (NaN images)"),
     Mutant("mask-check-reads-vmap-wrapper", "freecure_ops/fasa_mask.py",
            (("    mask = _functorch_values(mask)\n", ""),), ("tests/test_op_registration.py",),
-           "the value check reads a vmapped mask's BatchedTensor (no storage: vmap with a per-sample float mask fails)"),
+           "the value check reads a vmapped mask's BatchedTensor (no storage: vmap with a per-sample float mask "
+           "fails)"),
     Mutant("adapters-unet-processor-stock-on-flux", "adapters/install.py",
-           (('    if block_kind != "unet":\n        return "sdpa" if kind is _flux_attn_processor_type() and kind is not None else None\n',
-             ""),), ("tests/test_diffusers_interplay.py",),
-           "a UNet stock processor set on a FLUX layer is reclaimed by FASA's FLUX processor instead of warned about"),
+           (('    if block_kind != "unet":\n        return "sdpa" if kind is _flux_attn_processor_type() '
+             'and kind is not None else None\n', ""),), ("tests/test_diffusers_interplay.py",),
+           "a UNet stock processor set on a FLUX layer is reclaimed by FASA's FLUX processor instead of warned "
+           "about"),
     Mutant("adapters-caller-refused-while-inactive", "adapters/controller.py",
            (("        if owner is None or caller is owner or not self._acts_at(self.step):",
              "        if owner is None or caller is owner:"),), ("tests/test_adapters_pipeline.py",),
@@ -349,7 +351,8 @@ MUTANTS = [
            PIPELINE_TESTS, "pass 2's FD rows start from other noise than pass 1"),
 
     Mutant("freecure-reuse-estimate-counts-n-steps", "freecure_ops/pipeline/freecure.py",
-           (("        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)",
+           (("        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, "
+             "sigmas=sigmas)",
              "        total_steps = num_inference_steps * int(getattr(pipe.scheduler, 'order', 1) or 1)"),),
            ("tests/test_fd_reuse.py",),
            "the FD-reuse estimate counts num_inference_steps x order, not the scheduler's loop iterations"),

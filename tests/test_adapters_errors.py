@@ -118,7 +118,7 @@ _TINY = torch.full((8, 8), 1e-50, dtype=torch.float64)
     torch.full((8, 8), -1.0), torch.full((8, 8), float("inf")),
     torch.ones(8, 8, requires_grad=True),
     torch.ones(8, 8, dtype=torch.int64),
-    torch.ones(8, 8, dtype=torch.float8_e4m3fn) if hasattr(torch, "float8_e4m3fn") else torch.ones(8, 8, dtype=torch.int8),
+    torch.ones(8, 8).to(getattr(torch, "float8_e4m3fn", torch.int8)),  # a float dtype the op does not take
     torch.full((8, 8), 1e-30, dtype=torch.float64),            # fine in float32: both take it
     torch.ones(8, 8, dtype=torch.bfloat16),
 ])
