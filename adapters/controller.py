@@ -29,7 +29,7 @@ class FasaController:
     and guards on nothing that changes from step to step."""
 
     def __init__(self, *, mask: torch.Tensor, omega: float, steps, style_fidelity: float, layout: str, mode: str,
-                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None):
+                 backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None, mask_max=None):
         self._owner = owner                 # weakref to the pipeline FASA was installed on (None: a bare model)
         self.omega = omega
         self._steps = steps                 # frozenset of step indices, or None for every step
@@ -51,7 +51,7 @@ class FasaController:
         self.grid_error = None
         self.fd_record = None               # FD reuse (:mod:`.fd_reuse`): the record of this FreeCure call
         self.fd_role = None                 # None, "record" (pass 1, FD rows only) or "replay" (pass 2, PD rows)
-        self.set_mask(mask)
+        self.set_mask(mask, mask_max)
         sched = None if scheduler_of is None else scheduler_of()
         if sched is not None:
             self.counter.attach(sched)      # counted from install on: compiled forwards never attach it
@@ -76,9 +76,12 @@ class FasaController:
         self._decide(self._next_step(), strict=False)
 
     # ---- masks -----------------------------------------------------------------------------------------
-    def set_mask(self, mask: torch.Tensor) -> None:
-        """``mask``: validated float32 ``[h, w]`` or ``[n, h, w]``, already on the model's device."""
+    def set_mask(self, mask: torch.Tensor, max_value: float | None = None) -> None:
+        """``mask``: validated float32 ``[h, w]`` or ``[n, h, w]``, already on the model's device; ``max_value``:
+        its largest value (from the check), handed to every prepared mask so that the op checks
+        ``omega * max(mask)`` in every call as it does for any prepared mask."""
         self._mask = mask
+        self._mask_max = max_value
         self._cache: dict = {}
 
     def drop_masks(self) -> None:
@@ -110,7 +113,8 @@ class FasaController:
         return cached
 
     def _prepare(self, h: int, w: int, device: torch.device) -> FasaMask:
-        return pack_checked_mask(resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32))
+        rows = resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32)
+        return pack_checked_mask(rows, self._mask_max)  # nearest resizing: max(rows) <= the mask's max
 
     # ---- steps and the current forward ------------------------------------------------------------------
     def reset(self) -> None:
@@ -156,7 +160,7 @@ class FasaController:
     def _decide(self, step: int, *, strict: bool) -> None:
         """Gate FASA for a forward at ``step`` and read the pipeline's layout (eager Python only). ``strict``:
         raise when the pipeline cannot tell its layout (a forward), else leave it unknown (a callback)."""
-        self.active = self._enabled and (self._steps is None or step in self._steps)
+        self.active = self._acts_at(step)
         if not self.active:
             self.call_layout = None
             return
@@ -179,28 +183,43 @@ class FasaController:
         """Called by the model's pre-hook when the forward runs eagerly: take the step index of the denoising
         loop, decide whether FASA runs in this forward, and clear the grid of the previous forward (the hook
         sets the new one). Python only: nothing is read from the device. Returns whether FASA is active."""
+        self.step = self._current_step()
         if self._owner is not None:
             self._check_caller()
-        self.step = self._current_step()
         self._decide(self.step, strict=True)
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
         return self.active
 
+    def _acts_at(self, step: int) -> bool:
+        return self._enabled and (self._steps is None or step in self._steps)
+
+    def _acts_from(self, step: int) -> bool:
+        """Whether FASA runs at ``step`` or a later iteration of the running loop (as long as the scheduler's
+        timesteps say; without them, any later step in ``steps``)."""
+        if not self._enabled or self._steps is None:
+            return self._enabled
+        timesteps = getattr(self.counter.scheduler, "timesteps", None)
+        end = len(timesteps) if timesteps is not None else None
+        return any(s >= step and (end is None or s < end) for s in self._steps)
+
     def _check_caller(self) -> None:
         """FASA installed on a pipeline reads that pipeline's state (CFG pairing, scheduler steps, FLUX grid):
         a forward made by another pipeline sharing the model, or by a direct call of the model, would be paired
-        and gated from stale state, so it is refused."""
+        and gated from stale state, so it is refused where FASA would act in it. A call of the installed
+        pipeline with repeated prompts is refused at its first forward when FASA would act in any of its steps.
+        Where FASA does not act (disabled, no FASA step) the rows are the stock model's: nothing is refused."""
         owner = self._owner()
         caller, local = calling_pipeline()
         if owner is not None and caller is owner:
             per_prompt = local.get("num_images_per_prompt")
-            if isinstance(per_prompt, int) and per_prompt > 1:  # [p1, p1, p2, p2]: not [PD..., FD...] rows
+            if isinstance(per_prompt, int) and per_prompt > 1 and self._acts_from(self.step):
+                # [p1, p1, p2, p2]: not [PD..., FD...] rows
                 raise ValueError(f"num_images_per_prompt={per_prompt}: the pipeline repeats each prompt, so its rows "
                                  "are not [PD_1..PD_n, FD_1..FD_n]; pass the prompts as a list (one PD and one FD "
                                  "prompt per image) with num_images_per_prompt=1")
-        if owner is None or caller is owner:
+        if owner is None or caller is owner or not self._acts_at(self.step):
             return
         who = f"another pipeline sharing its model ({type(caller).__name__})" if caller is not None else \
             "a direct call of the model"

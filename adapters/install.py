@@ -12,7 +12,7 @@ from .controller import FasaController
 from .discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
 from .hooks import eager_pre_hook, flux_pre_hook, unet_pre_hook
 from .options import (BACKENDS, LAYOUTS, MODES, check_bool, check_choice, check_grid, check_layers, check_mask,
-                      check_real, check_steps)
+                      check_omega_times_mask, check_real, check_steps)
 from .presets import PRESETS, preset_blocks
 from .unet_processor import FasaAttnProcessor
 
@@ -33,13 +33,17 @@ def _flux_attn_processor_type():
     return FluxAttnProcessor
 
 
-def _stock_processor_kind(proc) -> str | None:
-    """"sdpa" / "fused" / "legacy" for diffusers' own plain self-attention processors (``AttnProcessor2_0`` and
-    ``FluxAttnProcessor`` / ``FusedAttnProcessor2_0`` / ``AttnProcessor``), None for anything else."""
+def _stock_processor_kind(proc, block_kind: str) -> str | None:
+    """For a block of ``block_kind`` ("unet", "flux_double", "flux_single"): "sdpa" / "fused" / "legacy" for
+    diffusers' own plain self-attention processor of that model (UNet: ``AttnProcessor2_0`` /
+    ``FusedAttnProcessor2_0`` / ``AttnProcessor``; FLUX: ``FluxAttnProcessor``, "sdpa"), None for anything else
+    (a UNet processor on a FLUX layer, or the reverse, is custom: FASA does not reproduce it)."""
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, FusedAttnProcessor2_0
 
     kind = type(proc)
-    if kind is AttnProcessor2_0 or (kind is _flux_attn_processor_type() and kind is not None):
+    if block_kind != "unet":
+        return "sdpa" if kind is _flux_attn_processor_type() and kind is not None else None
+    if kind is AttnProcessor2_0:
         return "sdpa"
     if kind is FusedAttnProcessor2_0:
         return "fused"
@@ -133,7 +137,7 @@ class FasaHandle:
                 else:  # a FASA processor diffusers re-created
                     block.attn.set_processor(ours)
                 continue
-            kind = _stock_processor_kind(current)
+            kind = _stock_processor_kind(current, block.kind)
             if kind is not None:
                 if isinstance(ours, FasaAttnProcessor) and ours.kind != kind:
                     # a new object for the new kind (fused / not): the old one may be set back later and must
@@ -182,7 +186,9 @@ class FasaHandle:
         """Replace the attribute mask (``[h, w]`` or ``[n, h, w]``) with a copy of ``mask``: later in-place
         edits of the caller's tensor are not seen (call ``set_mask`` again). Resized masks are recomputed
         lazily."""
-        self.controller.set_mask(_own_copy(check_mask(mask), _model_device(self.model)))
+        mask, max_value = check_mask(mask)
+        check_omega_times_mask(self.controller.omega, max_value)
+        self.controller.set_mask(_own_copy(mask, _model_device(self.model)), max_value)
 
     def reset(self) -> None:
         """Restart the step counter (the next forward is step 0)."""
@@ -265,8 +271,10 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     IP-Adapter loading that would replace a FASA layer of a FLUX model is refused before anything changes.
     """
     denoiser, family = resolve_model(model)
-    mask = check_mask(mask)
+    mask, mask_max = check_mask(mask)
     omega = check_real("omega", omega, allow_none=True)
+    omega = PRESETS[family].omega if omega is None else omega
+    check_omega_times_mask(omega, mask_max)  # what the op would refuse at the first FASA layer, refused now
     steps = check_steps(steps)
     style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
     mode = check_choice("mode", mode, MODES)
@@ -307,14 +315,14 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     chosen = [b for b in blocks if b.index in chosen_idx]
     kinds = {}
     for b in chosen:
-        kinds[b.name] = _stock_processor_kind(b.attn.processor)
+        kinds[b.name] = _stock_processor_kind(b.attn.processor, b.kind)
         if kinds[b.name] is None and not force:
             raise ValueError(f"self-attention layer {b.name} carries a custom processor "
                              f"{type(b.attn.processor).__name__}; FASA would replace it (and restore it on remove): "
                              "pass force=True to allow that")
 
-    controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)),
-                                omega=PRESETS[family].omega if omega is None else omega, steps=steps,
+    controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)), mask_max=mask_max, omega=omega,
+                                steps=steps,
                                 style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
                                 cfg_of_call=cfg_of_call, scheduler_of=scheduler_of, grid=grid,
                                 owner=_pipeline_ref(model))

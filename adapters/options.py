@@ -7,16 +7,18 @@ from collections.abc import Iterable
 import torch
 
 from freecure_ops.api import BACKENDS
-from freecure_ops.validation import MODES, check_mask_values, check_real
+from freecure_ops.fasa_mask import MASK_DTYPES
+from freecure_ops.validation import MODES, check_mask_values, check_omega_times_mask, check_real
 
 __all__ = ["BACKENDS", "LAYOUTS", "MODES", "check_bool", "check_choice", "check_grid", "check_layers", "check_mask",
-           "check_real", "check_steps"]
+           "check_omega_times_mask", "check_real", "check_steps"]
 
 LAYOUTS = ("cfg", "plain")
 
 
-def check_mask(mask) -> torch.Tensor:
-    """An attribute mask ``[h, w]`` or ``[n, h, w]``, bool or float >= 0; returned as float32."""
+def check_mask(mask) -> tuple[torch.Tensor, float | None]:
+    """An attribute mask ``[h, w]`` or ``[n, h, w]``, bool or float >= 0, refused where ``fasa_attention``
+    refuses it. Returns (a float32 copy, its largest value: the bound of ``omega * m``; None for a meta mask)."""
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor of shape [h, w] or [n, h, w], got {type(mask).__name__}")
     if mask.dim() not in (2, 3):
@@ -24,12 +26,13 @@ def check_mask(mask) -> torch.Tensor:
                          f"got {mask.dim()} dims {tuple(mask.shape)}")
     if mask.numel() == 0:
         raise ValueError(f"mask must not be empty, got shape {tuple(mask.shape)}")
-    if mask.dtype != torch.bool and not mask.dtype.is_floating_point:
-        raise TypeError(f"mask must be bool or floating point, got {mask.dtype}")
-    mask = mask.detach().to(torch.float32)
-    if mask.device.type != "meta":
-        check_mask_values(mask)
-    return mask
+    if mask.dtype not in MASK_DTYPES:
+        raise TypeError(f"mask must be bool or floating point (float16/bfloat16/float32/float64), got {mask.dtype}")
+    if mask.requires_grad:
+        raise ValueError("mask must not require grad: FASA does not differentiate through the mask")
+    # checked in the caller's dtype: a float64 value that float32 cannot hold is refused, not rounded to 0
+    max_value = check_mask_values(mask)
+    return mask.to(torch.float32), max_value
 
 
 def check_choice(name: str, value, choices) -> str:

@@ -93,3 +93,21 @@ class _CountingMethod:
 
     def __deepcopy__(self, memo):
         return copy.deepcopy(self._original, memo)  # a bound method: re-bound to the copy of its scheduler
+
+
+def loop_iterations(scheduler, num_inference_steps: int | None = None, *, timesteps=None, sigmas=None) -> int:
+    """How many iterations a pipeline's denoising loop runs over ``scheduler`` for this schedule: the length
+    of its ``timesteps`` after ``set_timesteps`` (what the loop enumerates; N + 1 for PNDM with
+    ``skip_prk_steps``, 2N - 1 for Heun and K-DPM2). Asked of a deep copy on the CPU, so the scheduler (and
+    a step counter attached to it) sees nothing. ``timesteps`` / ``sigmas``: a custom schedule, as passed to
+    the pipeline."""
+    sched = copy.deepcopy(scheduler)
+    kwargs = {"num_inference_steps": num_inference_steps} if timesteps is None and sigmas is None else {}
+    if timesteps is not None:
+        kwargs["timesteps"] = timesteps
+    if sigmas is not None:
+        kwargs["sigmas"] = sigmas
+    if getattr(sched.config, "use_dynamic_shifting", False):
+        kwargs["mu"] = 1.0  # required by flow-matching schedulers with dynamic shifting; it moves no count
+    sched.set_timesteps(device="cpu", **kwargs)
+    return len(sched.timesteps)

@@ -108,6 +108,7 @@ def check_mask_values(mask: torch.Tensor) -> float | None:
         return 1.0
     if torch.compiler.is_compiling() or mask.device.type == "meta" or _is_fake(mask):
         return None  # no values to read (meta and fake tensors have none)
+    mask = _functorch_values(mask)
     f32 = mask.to(torch.float32)
     bad = ~torch.isfinite(mask) | (mask < 0) | ~torch.isfinite(f32) | ((mask > 0) & (f32 == 0))
     any_bad, top = torch.stack([bad.any().to(torch.float64), mask.max().to(torch.float64)]).tolist()  # one sync
@@ -115,6 +116,16 @@ def check_mask_values(mask: torch.Tensor) -> float | None:
         raise ValueError("mask must hold finite values >= 0 that are representable in float32 "
                          "(found a negative, NaN, inf, overflowing or underflowing entry)")
     return top
+
+
+def _functorch_values(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under torch.func wrappers: a per-sample mask under ``vmap`` is a BatchedTensor, which
+    has no storage to read; the tensor it wraps holds every sample's values (all of them are checked)."""
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor
+
+    while is_functorch_wrapped_tensor(t):
+        t = get_unwrapped(t)
+    return t
 
 
 def _is_fake(t: torch.Tensor) -> bool:

@@ -84,7 +84,7 @@ def check_real(name: str, value, *, allow_none: bool = False, lo: float | None =
     return value
 
 
-def _check_product(omega: float, max_value: float | None) -> None:
+def check_omega_times_mask(omega: float, max_value: float | None) -> None:
     """``omega * m`` enters every FD logit: beyond float32 range it would turn the output into NaN."""
     if max_value is not None and abs(omega) * max_value > F32_SAFE:
         raise ValueError(f"omega * max(mask) = {omega:.3g} * {max_value:.3g} is beyond float32 range "
@@ -104,7 +104,7 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device, omega: flo
         if mask.device != device:
             raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
         if not torch.compiler.is_compiling():  # a compiled graph must not guard on this per-mask float
-            _check_product(omega, mask.max_value)
+            check_omega_times_mask(omega, mask.max_value)
         return
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, a FasaMask or None, got {type(mask).__name__}")
@@ -123,7 +123,7 @@ def check_mask(mask, *, batch: int, n_img: int, device: torch.device, omega: flo
         raise ValueError(f"mask must be on the same device as q ({device}), got {mask.device}")
     if mask.requires_grad:
         raise ValueError("mask must not require grad: FASA does not differentiate through the mask")
-    _check_product(omega, check_mask_values(mask))
+    check_omega_times_mask(omega, check_mask_values(mask))
 
 
 _NAMES = ("q", "k_p", "k_f", "v_p", "v_f")

@@ -217,6 +217,32 @@ MUTANTS = [
            ("tests/test_adapters_pipeline.py",),
            "a pipeline sharing the model (or num_images_per_prompt > 1) is paired from the installed "
            "pipeline's stale state"),
+    Mutant("adapters-mask-checked-after-float32", "adapters/options.py",
+           (("    max_value = check_mask_values(mask)\n    return mask.to(torch.float32), max_value",
+             "    mask = mask.to(torch.float32)\n    return mask, check_mask_values(mask)"),),
+           ("tests/test_adapters_errors.py",),
+           "the adapters check a float64 mask after rounding it to float32 (1e-50 becomes 'excluded')"),
+    Mutant("adapters-omega-times-mask-unchecked", "adapters/install.py",
+           (("    check_omega_times_mask(omega, mask_max)  #", "    pass  #"),),
+           ("tests/test_adapters_errors.py",),
+           "install_fasa takes omega * max(mask) beyond float32 (NaN images)"),
+    Mutant("mask-check-reads-vmap-wrapper", "freecure_ops/fasa_mask.py",
+           (("    mask = _functorch_values(mask)\n", ""),), ("tests/test_op_registration.py",),
+           "the value check reads a vmapped mask's BatchedTensor (no storage: vmap with a per-sample float mask "
+           "fails)"),
+    Mutant("adapters-unet-processor-stock-on-flux", "adapters/install.py",
+           (('    if block_kind != "unet":\n        return "sdpa" if kind is _flux_attn_processor_type() '
+             'and kind is not None else None\n', ""),), ("tests/test_diffusers_interplay.py",),
+           "a UNet stock processor set on a FLUX layer is reclaimed by FASA's FLUX processor instead of warned "
+           "about"),
+    Mutant("adapters-caller-refused-while-inactive", "adapters/controller.py",
+           (("        if owner is None or caller is owner or not self._acts_at(self.step):",
+             "        if owner is None or caller is owner:"),), ("tests/test_adapters_pipeline.py",),
+           "a direct model call is refused although FASA is disabled (its rows are the stock model's)"),
+    Mutant("adapters-repeated-prompts-refused-while-inactive", "adapters/controller.py",
+           (("per_prompt > 1 and self._acts_from(self.step):", "per_prompt > 1:"),),
+           ("tests/test_adapters_pipeline.py",),
+           "num_images_per_prompt > 1 is refused although FASA acts in no step of the call"),
     # ---- the GPU run's tools --------------------------------------------------------------------------------
     Mutant("bench-rounds-case-major", "bench/runner.py",
            (("    rounds = headline + [c for c in configs if c not in headline]\n", "    rounds = configs\n"),),
@@ -324,6 +350,17 @@ MUTANTS = [
            (("latents=torch.cat([latents, latents])", "latents=torch.cat([latents, -latents])"),),
            PIPELINE_TESTS, "pass 2's FD rows start from other noise than pass 1"),
 
+    Mutant("freecure-reuse-estimate-counts-n-steps", "freecure_ops/pipeline/freecure.py",
+           (("        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, "
+             "sigmas=sigmas)",
+             "        total_steps = num_inference_steps * int(getattr(pipe.scheduler, 'order', 1) or 1)"),),
+           ("tests/test_fd_reuse.py",),
+           "the FD-reuse estimate counts num_inference_steps x order, not the scheduler's loop iterations"),
+    Mutant("freecure-empty-mask-called-a-no-op-in-scale-mode", "freecure_ops/pipeline/freecure.py",
+           (('        if self.mode == "bias":\n            msg = f"{which} {cause}, so FASA has nothing to do',
+             '        if True:\n            msg = f"{which} {cause}, so FASA has nothing to do'),),
+           ("tests/test_freecure_pipeline.py",),
+           "an empty mask in 'scale' mode is reported as 'FASA has nothing to do' (it still attends every FD key)"),
     # ---- the CLI ----------------------------------------------------------------------------------------
     Mutant("cli-omega-ignored", "freecure_ops/cli/generate.py",
            (("omega=args.omega,", "omega=None,"),), CLI_TESTS, "the CLI ignores --omega"),

@@ -107,3 +107,53 @@ def test_numpy_integers_are_layer_and_step_indices(unet):
         assert h.layers == (0, 1)
     with pytest.raises(TypeError, match="layers must hold ints"):
         install_fasa(unet, random_mask((8, 8)), layers=[np.bool_(True)], layout="cfg")
+
+
+_TINY = torch.full((8, 8), 1e-50, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("mask", [
+    _TINY,                                                      # 1e-50 would round to 0 (excluded) in float32
+    torch.full((8, 8), 1e39, dtype=torch.float64),              # beyond float32
+    torch.full((8, 8), -1.0), torch.full((8, 8), float("inf")),
+    torch.ones(8, 8, requires_grad=True),
+    torch.ones(8, 8, dtype=torch.int64),
+    torch.ones(8, 8).to(getattr(torch, "float8_e4m3fn", torch.int8)),  # a float dtype the op does not take
+    torch.full((8, 8), 1e-30, dtype=torch.float64),            # fine in float32: both take it
+    torch.ones(8, 8, dtype=torch.bfloat16),
+])
+def test_install_refuses_exactly_the_masks_the_op_refuses(unet, mask):
+    from freecure_ops import fasa_attention
+
+    q, kf = torch.ones(1, 1, 4, 8), torch.ones(1, 1, 64, 8)
+    try:
+        fasa_attention(q, q, kf, q, kf, mask.reshape(-1), 1.0)
+        op_error = None
+    except (TypeError, ValueError) as e:
+        op_error = type(e)
+    before = dict(unet.attn_processors)
+    if op_error is None:
+        install_fasa(unet, mask, layers=[0], layout="cfg").remove()
+    else:
+        with pytest.raises(op_error, match="^mask"):
+            install_fasa(unet, mask, layers=[0], layout="cfg").remove()
+        with install_fasa(unet, GOOD, layers=[0], layout="cfg") as handle:
+            with pytest.raises(op_error, match="^mask"):
+                handle.set_mask(mask)
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
+
+
+def test_omega_times_mask_beyond_float32_is_refused_at_install_and_set_mask(unet):
+    big = torch.full((8, 8), 1e10)
+    before = dict(unet.attn_processors)
+    with pytest.raises(ValueError, match="^omega \\* max\\(mask\\)"):
+        install_fasa(unet, big, omega=1e30, layers=[0], layout="cfg").remove()
+    assert all(unet.attn_processors[k] is v for k, v in before.items())
+    with install_fasa(unet, GOOD, omega=1e30, layers=[0], layout="cfg") as handle:
+        with pytest.raises(ValueError, match="^omega \\* max\\(mask\\)"):
+            handle.set_mask(big)
+        handle.set_mask(torch.full((8, 8), 1e3))               # 1e33: within float32 range
+        # the prepared masks carry the bound, so the op checks it in every call too (omega set behind the handle)
+        handle.controller.omega = 1e37
+        with pytest.raises(ValueError, match="^omega \\* max\\(mask\\)"):
+            run(unet, unet_inputs(unet, 4, 4, 4))

@@ -90,3 +90,41 @@ def test_num_images_per_prompt_is_refused_not_mispaired(pipe):
         with pytest.raises(ValueError, match="num_images_per_prompt=2"):
             pipe(["a photo of person", "a photo of man"], num_images_per_prompt=2, num_inference_steps=2,
                  height=16, width=24, output_type="pt", generator=torch.Generator().manual_seed(0))
+
+
+def _repeated(pipe, steps=2):
+    return pipe(["a photo of person", "a photo of man"], num_images_per_prompt=2, num_inference_steps=steps,
+                height=16, width=24, output_type="pt", generator=torch.Generator().manual_seed(0)).images
+
+
+def test_callers_are_refused_only_where_fasa_would_act(pipe):
+    """Disabled, or with no FASA step in the call, FASA leaves the stock model's rows: repeated prompts, a
+    sibling pipeline and a direct call then run (and equal the stock model); with a FASA step ahead, repeated
+    prompts are refused at the first forward, before any work."""
+    from diffusers import StableDiffusionPipeline
+
+    sibling = StableDiffusionPipeline(**pipe.components)
+    sibling.set_progress_bar_config(disable=True)
+    latent = torch.randn(4, 4, 8, 12, generator=torch.Generator().manual_seed(1))
+    text = torch.randn(4, 16, 32, generator=torch.Generator().manual_seed(2))
+    stock = _repeated(pipe), _generate(pipe), pipe.unet(latent, 1, encoder_hidden_states=text).sample
+    with install_fasa(pipe, random_mask((16, 24)), layers="all") as handle:
+        handle.enabled = False
+        assert torch.equal(_repeated(pipe), stock[0])
+        assert torch.equal(_generate(sibling), stock[1])
+        assert torch.equal(pipe.unet(latent, 1, encoder_hidden_states=text).sample, stock[2])
+    with install_fasa(pipe, random_mask((16, 24)), layers="all", steps={0, 5}) as handle:
+        assert torch.equal(_generate(pipe), _generate(pipe))   # leaves the counter past step 0
+        assert torch.equal(pipe.unet(latent, 1, encoder_hidden_states=text).sample, stock[2])  # step 3: inactive
+        forwards = []
+        hook = pipe.unet.register_forward_pre_hook(lambda *_: forwards.append(1))  # runs after FASA's pre-hook
+        try:
+            with pytest.raises(ValueError, match="num_images_per_prompt=2"):
+                _repeated(pipe)                                 # step 0 is a FASA step
+            handle.controller.steps = frozenset({5})
+            with pytest.raises(ValueError, match="num_images_per_prompt=2"):
+                _repeated(pipe, steps=6)                        # step 5 is ahead: refused at the first forward
+            assert not forwards
+            assert torch.equal(_repeated(pipe), stock[0])       # 2 steps: step 5 never comes
+        finally:
+            hook.remove()

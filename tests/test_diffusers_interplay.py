@@ -235,6 +235,31 @@ def test_bare_flux_set_attn_processor_with_its_stock_processor_keeps_fasa():
         torch.testing.assert_close(run(model, kw), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("proc", [AttnProcessor2_0, AttnProcessor])
+def test_a_unet_stock_processor_on_flux_layers_is_custom_there(proc):
+    """FASA's FLUX processor reproduces FluxAttnProcessor only: a UNet processor on a FLUX layer is custom
+    (warned and left in place after install, refused without force= at install), not silently replaced."""
+    model = tiny_flux()
+    with install_fasa(model, random_mask((4, 6)), 1.2, layers="all", layout="plain", grid=(4, 6)) as handle:
+        with pytest.warns(UserWarning, match=rf"put {proc.__name__} on 4 FASA self-attention layer.*no longer"):
+            model.set_attn_processor(proc())
+        assert handle.layers == ()
+        assert all(type(b.attn.processor) is proc for b in find_self_attention_blocks(model))
+    with pytest.raises(ValueError, match=f"custom processor {proc.__name__}.*force=True"):
+        install_fasa(model, random_mask((4, 6)), layers="all", layout="plain", grid=(4, 6))
+    install_fasa(model, random_mask((4, 6)), layers="all", layout="plain", grid=(4, 6), force=True).remove()
+    unet = tiny_sd15()
+    unet.set_attn_processor(_flux_processor())                       # and the reverse
+    with pytest.raises(ValueError, match="custom processor FluxAttnProcessor"):
+        install_fasa(unet, random_mask((8, 6)), layers="all", layout="cfg")
+
+
+def _flux_processor():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    return FluxAttnProcessor()
+
+
 def test_attention_slicing_is_followed():
     """enable_attention_slicing puts sliced processors on the FASA layers: said at once, and handle.layers
     follows; disable_attention_slicing (often called as a reset) leaves FASA on."""

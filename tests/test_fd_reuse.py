@@ -263,3 +263,35 @@ def test_stochastic_samplers_are_seeded_and_replayed(pipes, scheduler):
     other = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)(
         PD, fd_prompt=FD, seed=5, output_type="pt", num_inference_steps=3, height=IMAGE, width=IMAGE)
     assert not torch.equal(other.fd_images, a.fd_images)
+
+
+@pytest.mark.parametrize("scheduler,config,steps", [
+    ("PNDMScheduler", dict(skip_prk_steps=True), None),        # N + 1 loop iterations
+    ("PNDMScheduler", dict(skip_prk_steps=True), [0, 5, 9]),   # step 5 exists (the 6th iteration), 9 does not
+    ("HeunDiscreteScheduler", {}, None),                       # 2N - 1
+    ("KDPM2DiscreteScheduler", {}, [1, 8, 9]),                 # 9 exists, not 10
+])
+def test_the_estimate_counts_the_loop_iterations_the_scheduler_runs(pipes, record_spy, scheduler, config, steps):
+    """The record holds one entry per FASA layer and loop iteration (the scheduler's, not num_inference_steps x
+    order): the estimate made before pass 1 is exactly what pass 1 records."""
+    import diffusers
+
+    pipe = BUILDERS["sd1"]()
+    pipe.scheduler = getattr(diffusers, scheduler).from_config(pipe.scheduler.config, **config)
+    fc = FreeCure(pipe, FakeParser(), layers="all", steps=steps, fd_reuse="device")
+    iterations = []
+    out = fc(PD, fd_prompt=FD, seed=0, output_type="pt", num_inference_steps=5, height=IMAGE, width=IMAGE,
+             callback_on_step_end=lambda p, i, t, kw: iterations.append(i) or kw)
+    n_iter = len(iterations) // 2                               # pass 1 and pass 2
+    assert n_iter == (6 if scheduler == "PNDMScheduler" else 9)
+    assert {key[1] for key in record_spy[0]["keys"]} == {i for i in range(n_iter) if steps is None or i in steps}
+    assert record_spy[0]["before"] == out.fd_reuse["estimate_bytes"] > 0
+
+
+def test_the_estimate_follows_a_custom_schedule(pipes, record_spy):
+    """FLUX (a flow-matching scheduler with dynamic shifting) with custom sigmas: 3 iterations, whatever
+    num_inference_steps says."""
+    fc = FreeCure(get(pipes, "flux"), FakeParser(), layers="all", fd_reuse="device")
+    out = fc(PD, fd_prompt=FD, seed=0, output_type="pt", sigmas=[1.0, 0.6, 0.3], **COMMON)
+    assert {key[1] for key in record_spy[0]["keys"]} == {0, 1, 2}
+    assert record_spy[0]["before"] == out.fd_reuse["estimate_bytes"] > 0

@@ -269,6 +269,9 @@ class _NoRun:
     (dict(guidance_scale="7"), TypeError, "guidance_scale"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale"),
     (dict(mask=torch.ones(3, IMAGE, IMAGE)), ValueError, "3 masks"),
+    # float32 would round it to 0 (excluded): fasa_attention refuses it, and so does FreeCure
+    (dict(mask=torch.full((IMAGE, IMAGE), 1e-50, dtype=torch.float64)), ValueError, "^mask must hold"),
+    (dict(mask=torch.ones(IMAGE, IMAGE, requires_grad=True)), ValueError, "^mask must not require grad"),
 ])
 def test_bad_call_arguments_are_refused_before_pass_1(pipes, kw, err, words):
     pipe = get(pipes, "sd1")
@@ -280,6 +283,14 @@ def test_bad_call_arguments_are_refused_before_pass_1(pipes, kw, err, words):
         call["fd"] = {"prompt_embeds": torch.zeros(1, 77, 32)}
     with _NoRun(pipe), pytest.raises(err, match=words):
         FreeCure(pipe, FakeParser(), layers="all")(**call)
+
+
+@pytest.mark.parametrize("omega,value", [(1e30, 1e10), (None, 2e38)])  # None: the preset, 0.5
+def test_omega_times_mask_beyond_float32_is_refused_before_pass_1(pipes, omega, value):
+    pipe = get(pipes, "sd1")
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=omega)
+    with _NoRun(pipe), pytest.raises(ValueError, match="^omega \\* max\\(mask\\)"):
+        fc(PD, fd_prompt=FD, seed=0, mask=torch.full((IMAGE, IMAGE), value), **COMMON)
 
 
 def test_apg_follows_a_custom_schedule(pipes, monkeypatch):
@@ -308,7 +319,7 @@ def test_a_mask_painted_in_alpha_reads_as_on_the_command_line():
     alpha[:2] = 255
     rgba = np.dstack([np.full((8, 8, 3), 255, np.uint8), alpha])
     im = Image.fromarray(rgba, "RGBA")
-    got = _mask_to_tensor(im)
+    got, _ = _mask_to_tensor(im)
     assert torch.equal(got, torch.from_numpy(alpha.astype(np.float32) / 255))
     import tempfile
     from pathlib import Path
@@ -345,3 +356,19 @@ def test_a_plain_baseline_can_share_freecures_noise():
     plain = pipe("a photo of sks man", latents=latents, generator=step_generators(seeds), output_type="pt",
                  **COMMON).images
     assert torch.equal(out.images, plain)
+
+
+def test_an_empty_mask_in_scale_mode_is_not_called_a_no_op(pipes):
+    """"scale" mode excludes no FD key: with an empty mask every FD logit is omega * 0 * s = 0, still attended,
+    so the PD image changes; the empty-mask message says so instead of "nothing to do"."""
+    pipe = get(pipes, "sd1")
+    empty = torch.zeros(IMAGE, IMAGE)
+    with pytest.raises(EmptyMaskError, match="mode 'scale' FASA still acts") as info:
+        FreeCure(pipe, layers="all", mode="scale")(PD, fd_prompt=FD, seed=1, mask=empty, **COMMON)
+    assert "nothing to do" not in str(info.value)
+    fc = FreeCure(pipe, layers="all", omega=2.0, mode="scale", empty_mask="warn")
+    with pytest.warns(FreeCureWarning, match="still acts") as seen:
+        out = fc(PD, fd_prompt=FD, seed=1, mask=empty, output_type="pt", **COMMON)
+    assert not any("nothing to do" in str(w.message) for w in seen)
+    plain = plain_dual_batch(fc, fc.initial_latents(1, IMAGE, IMAGE, torch.Generator().manual_seed(1)))
+    assert (out.images - plain[:1]).abs().max().item() > 1e-3 and close(out.fd_images, plain[1:])

@@ -283,6 +283,31 @@ def test_torch_func_transforms(backend):
         fasa_attention(*x, m, 1.5, backend=backend)  # no dual input: fine inside a dual level
 
 
+@pytest.mark.parametrize("mode,n_txt", [("bias", 0), ("scale", 0), ("bias", 4)])
+def test_vmap_with_a_per_sample_float_mask(mode, n_txt):
+    """vmap over samples that each bring their own soft mask (a BatchedTensor has no storage: the value check
+    reads the tensor it wraps), against the float64 oracle sample by sample."""
+    from fasa_cases import assert_close_to_ref
+
+    x = [torch.stack([t, 0.5 * t.flip(0)]) for t in inputs(seed=25)]  # 2 samples of [B, H, N, D]
+    m = torch.rand(2, B, NF - n_txt, generator=torch.Generator().manual_seed(26))
+    m[0, :, ::3] = 0.0
+    m[1, 0] = 0.0
+
+    def f(*a):
+        return fasa_attention(*a, 1.5, mode=mode, n_txt=n_txt, backend="torch")
+
+    out = torch.func.vmap(f)(*x, m)
+    for i in range(2):
+        assert_close_to_ref(out[i], [t[i] for t in x], m[i], 1.5, mode=mode, n_txt=n_txt)
+    bad = m.clone()
+    bad[1, 1, 2] = float("nan")                                  # one bad value in one sample is refused
+    with pytest.raises(ValueError, match="^mask must hold finite"):
+        torch.func.vmap(f)(*x, bad)
+    with pytest.raises(TypeError, match="vmap.*backend='torch'"):  # the kernel: a clear refusal
+        torch.func.vmap(lambda *a: fasa_attention(*a, 1.5, n_txt=n_txt, backend="triton"))(*x, m)
+
+
 def test_prepared_masks_come_only_from_prepare():
     from freecure_ops import FasaMask
 

@@ -45,8 +45,9 @@ from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attentio
 from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from freecure_ops.adapters.install import install_fasa
 from freecure_ops.adapters.options import (BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask,
-                                           check_real, check_steps)
-from freecure_ops.adapters.presets import preset_blocks
+                                           check_omega_times_mask, check_real, check_steps)
+from freecure_ops.adapters.presets import PRESETS, preset_blocks
+from freecure_ops.adapters.steps import loop_iterations
 from freecure_ops.masks import image_mask
 
 __all__ = ["FreeCure", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches",
@@ -65,7 +66,8 @@ class FreeCureWarning(UserWarning):
 
 
 class EmptyMaskError(ValueError):
-    """The attribute mask made from the FD image is empty: FASA would have nothing to do."""
+    """The attribute mask is empty: FASA would have no attribute to restore (in "bias" mode it would equal
+    plain self-attention; in "scale" mode it would still mix in every FD key, unguided)."""
 
 
 @dataclass
@@ -202,7 +204,8 @@ def _branch_size(kw: Mapping) -> int:
 # images and masks
 # ----------------------------------------------------------------------------------------------------------
 
-def _mask_to_tensor(mask) -> torch.Tensor:
+def _mask_to_tensor(mask) -> tuple[torch.Tensor, float | None]:
+    """The caller's ``mask=`` as a tensor, checked: ``(mask, its largest value)``."""
     try:
         from PIL import Image
     except ImportError:  # pragma: no cover
@@ -218,8 +221,7 @@ def _mask_to_tensor(mask) -> torch.Tensor:
             raise TypeError(f"mask: a numpy mask must be bool, float or uint8, got {mask.dtype}")
     if not isinstance(mask, torch.Tensor):
         raise TypeError(f"mask must be a torch.Tensor, numpy array or PIL image, got {type(mask).__name__}")
-    check_mask(mask)
-    return mask
+    return mask, check_mask(mask)[1]
 
 
 def _to_output_type(pipe, pt: torch.Tensor, output_type: str):
@@ -301,8 +303,9 @@ class FreeCure:
     (default: from the parser's ``labels`` mapping when it has one, else the BiSeNet CelebAMask-HQ table).
     ``vocabulary``: attribute words (:class:`freecure_ops.pipeline.attributes.AttributeVocabulary` or a mapping).
     ``mask_dilate`` / ``mask_feather``: pixels of dilation / Gaussian feathering of the parsed mask.
-    ``empty_mask``: "error" (raise :class:`EmptyMaskError` when parsing finds no attribute pixel) or "warn"
-    (go on; FASA then equals plain self-attention). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
+    ``empty_mask``: "error" (raise :class:`EmptyMaskError` when the mask has no attribute pixel) or "warn"
+    (go on; in "bias" mode FASA then equals plain self-attention, in "scale" mode it still attends every FD
+    key, with logit 0). ``omega``, ``layers``, ``steps``, ``style_fidelity``,
     ``mode``, ``backend``, ``force``: as :func:`freecure_ops.adapters.install_fasa` (None = family preset).
     ``fd_reuse``: "auto" (default), "device", "host" or "off". Pass 1 records the FD keys/values FASA reads
     (FASA layers and steps, the guidance halves whose PD rows get FASA, the model's dtype), the record is
@@ -450,7 +453,11 @@ class FreeCure:
             f"the attribute masks of images {empty} are empty"
         cause = "as given (mask=)" if given else \
             f"after parsing: the parser found no pixel of {attributes} in the FD image"
-        msg = f"{which} {cause}, so FASA has nothing to do there"
+        if self.mode == "bias":
+            msg = f"{which} {cause}, so FASA has nothing to do there (plain self-attention)"
+        else:  # "scale": logit omega * 0 * s = 0, no key excluded
+            msg = (f"{which} {cause}; in mode 'scale' FASA still acts there: every FD key gets logit "
+                   "omega * 0 * s = 0 and is attended, with no attribute to guide it")
         if self.empty_mask == "error" and len(empty) == per.shape[0]:
             fix = "pass a mask with attribute pixels" if given else \
                 "check the parser and its label table, pass mask= yourself"
@@ -485,10 +492,11 @@ class FreeCure:
         return full, template, out_prompts
 
     def plan_fd_reuse(self, n: int, height: int, width: int, num_inference_steps: int, cfg: bool,
-                      calls_per_step: int = 1) -> dict:
+                      calls_per_step: int = 1, *, timesteps=None, sigmas=None) -> dict:
         """The FD-reuse decision of one call, before pass 1: ``{"requested", "choice", "estimate_bytes",
         "halves"}`` (``halves``: the ``uncond`` flags of the recorded guidance halves). ``calls_per_step``: model
-        calls per denoising step (2 for FLUX's true CFG)."""
+        calls per denoising step (2 for FLUX's true CFG). ``timesteps`` / ``sigmas``: the call's custom
+        schedule, if any."""
         pipe = self.pipe
         denoiser, _ = resolve_model(pipe)
         blocks = find_self_attention_blocks(pipe)
@@ -496,8 +504,8 @@ class FreeCure:
         idx = range(len(blocks)) if chosen == "all" else preset_blocks(self.family, blocks) if chosen is None \
             else chosen
         fasa_blocks = [blocks[i] for i in sorted(idx)]
-        order = int(getattr(pipe.scheduler, "order", 1) or 1)
-        total_steps = num_inference_steps * order
+        # the FASA steps the record will hold: the loop iterations the scheduler will run, within steps=
+        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)
         n_steps = total_steps if self.steps is None else len([s for s in self.steps if s < total_steps])
         halves = (True, False) if cfg and self.style_fidelity < 1.0 else (False,)
         vsf = int(pipe.vae_scale_factor)
@@ -544,7 +552,7 @@ class FreeCure:
             mask, label_maps = self.mask_from_fd(fd_pt, attributes)
             self._check_mask_not_empty(mask, attributes if len(attributes) > 1 else attributes[0])
         if record is not None:
-            record.compact(check_mask(mask).to(record.device), self.mode)
+            record.compact(check_mask(mask)[0].to(record.device), self.mode)
         timings["mask"] = time.perf_counter() - t0
         return fd_pt, mask, label_maps
 
@@ -611,7 +619,8 @@ class FreeCure:
             raise ValueError(f"latents must be a tensor with one row per FD prompt ({n}), got "
                              f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
         if mask is not None:
-            mask = _mask_to_tensor(mask)
+            mask, mask_max = _mask_to_tensor(mask)
+            check_omega_times_mask(PRESETS[family].omega if self.omega is None else self.omega, mask_max)
             if mask.dim() == 3 and mask.shape[0] != n:
                 raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
         attributes = self._attributes(fd_kw, attribute_prompt, n)
@@ -623,7 +632,8 @@ class FreeCure:
                              "FASA would have nothing to do; pass mask= or a prompt with attribute words")
         if mask is not None:
             self._check_mask_not_empty(mask, attributes, given=True)
-        reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, _model_calls_per_step(family, common | fd_kw))
+        reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, _model_calls_per_step(family, common | fd_kw),
+                                   timesteps=kwargs.get("timesteps"), sigmas=kwargs.get("sigmas"))
         if reuse["choice"] == "off":
             raise ValueError(f"foundation() keeps the FD keys/values for pass 2, but FD reuse is off "
                              f"({reuse.get('reason')}; estimated {reuse['estimate_bytes'] / 2 ** 30:.2f} GiB): use "
@@ -725,7 +735,8 @@ class FreeCure:
 
         timings = {}
         if mask is not None:
-            mask = _mask_to_tensor(mask)
+            mask, mask_max = _mask_to_tensor(mask)
+            check_omega_times_mask(PRESETS[family].omega if self.omega is None else self.omega, mask_max)
             if mask.dim() == 3 and mask.shape[0] != n:
                 raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
         attributes = self._attributes(pd_kw, attribute_prompt, n)
@@ -766,7 +777,8 @@ class FreeCure:
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
             calls = _model_calls_per_step(family, {**common, **pd_kw})
-            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls)
+            reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls, timesteps=kwargs.get("timesteps"),
+                                       sigmas=kwargs.get("sigmas"))
         else:
             reuse = {"requested": self.fd_reuse, "choice": "off", "estimate_bytes": 0, "halves": (),
                      "reason": "mask given: no pass 1 to record"}
