@@ -47,11 +47,11 @@ class Weights:
 
     def key(self) -> str:
         """The text that names these weights in a batch fingerprint: the path for a local one without a
-        variant (what fingerprints held before Hub references), else the spec, revision, commit and variant."""
+        variant (what fingerprints held before Hub references), else the spec, the commit (a branch, a tag and
+        the commit they point at are the same weights) and the variant."""
         if not self.hub and self.variant is None:
             return str(self.path)
-        return json.dumps(dict(spec=self.spec, revision=self.revision, commit=self.commit, variant=self.variant),
-                          sort_keys=True)
+        return json.dumps(dict(spec=self.spec, commit=self.commit, variant=self.variant), sort_keys=True)
 
 
 def _looks_local(spec: str) -> bool:
@@ -200,9 +200,15 @@ def resolve_model(spec: str, *, revision: str | None = None, variant: str | None
 
                 folder = Path(DiffusionPipeline.download(spec, **kwargs))
         except _lookup_errors() as e:
-            reason = hub_reason(e, offline=offline, kind="folder", repo=spec, revision=revision)
-            raise CLIError(f"{_prefix('--model', spec, '--revision', revision)}: {reason}") from None
-        if not (folder / "model_index.json").is_file():
+            from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
+            if "model_index.json" in str(e) and (not isinstance(e, LocalEntryNotFoundError) and
+                                                 isinstance(e, (EntryNotFoundError, OSError))):
+                folder = None  # the repository (or its cached snapshot) is there, without model_index.json
+            else:
+                reason = hub_reason(e, offline=offline, kind="folder", repo=spec, revision=revision)
+                raise CLIError(f"{_prefix('--model', spec, '--revision', revision)}: {reason}") from None
+        if folder is None or not (folder / "model_index.json").is_file():
             raise CLIError(f"{_prefix('--model', spec, '--revision', revision)}: the Hub repository has no "
                            "model_index.json; it is not a diffusers pipeline")
         ref = Weights(spec, folder, hub=True, revision=revision, commit=_commit(folder) or folder.name,
