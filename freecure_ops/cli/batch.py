@@ -1,7 +1,7 @@
 """``freecure batch``: run a manifest of jobs (:mod:`freecure_ops.manifest`), sharded over processes, resumable.
 The output folder's layout (records, fingerprints, the index) is :mod:`freecure_ops.results`.
 
-    freecure batch --manifest grid.jsonl --model DIR --out runs/grid [--parser-weights 79999_iter.pth ...]
+    freecure batch --manifest grid.jsonl --model DIR_OR_HUB_ID --out runs/grid [--parser-weights 79999_iter.pth ...]
     accelerate launch --multi_gpu --num_processes 8 -m freecure_ops.cli batch --manifest ... --out ...
     torchrun --nproc_per_node 8 -m freecure_ops.cli batch ...
 
@@ -18,7 +18,8 @@ Per job, under ``--out/jobs/<id>/``: ``pd.png`` (the image), ``fd.png`` and ``ma
 ``job.json`` (the record: status, settings that ran, timings, attributes, error). Every file is written
 atomically (temporary file + rename) and ``job.json`` last, so a job counts as complete only when its record
 says ``ok``, its fingerprint (the job, its settings, the model and the size and mtime of each of its files,
-the parser checkpoint's size and mtime, the mask file's bytes) matches and every file
+the parser checkpoint's size and mtime, the mask file's bytes; for a Hub id, of the cached snapshot it resolved
+to, and the commit) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
 changed is redone. A job that raises is recorded with its error and the others go on. A run with jobs to do
 first removes the old results index (it would outlive the records the run deletes); at the end the main
