@@ -244,3 +244,40 @@ def test_batch_with_a_hub_id_fingerprints_the_snapshot(cache, src, tmp_path, cap
         assert main(["eval", "--results", str(out), *extra, "--out", str(tmp_path / "ev2"), "--quiet"]) == 2
         err = capsys.readouterr().err
         assert err.startswith("freecure: error: " + expect) and err.count("\n") == 1, err
+
+
+def test_online_hub_errors_that_diffusers_wraps_are_one_line(cache):
+    """Online, diffusers falls back to the cache and, on a miss, raises "Cannot load model ..." from the Hub's
+    own error: the line names that error (no network here: the exceptions are built)."""
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from freecure_ops.cli.weights import hub_reason
+
+    class ConnectError(Exception):
+        pass
+
+    ConnectError.__module__ = "httpx"
+    wrapped = OSError("Cannot load model org/x: the model is not fully cached locally (...) and an error occurred")
+    wrapped.__cause__ = ConnectError("[Errno -2] Name or service not known")
+    reason = hub_reason(wrapped, offline=None, kind="folder", repo="org/x")
+    assert reason.startswith("the Hub could not be reached ([Errno -2] Name or service not known)"), reason
+    response = SimpleNamespace(headers={}, status_code=404, request=None, url="https://huggingface.co/api/models/x")
+    missing = RepositoryNotFoundError("404 Client Error. Repository Not Found for url: x", response=response)
+    wrapped.__cause__ = missing
+    assert hub_reason(wrapped, offline=None, kind="folder", repo="org/x") == \
+        "not a local folder, and there is no Hub repository org/x (or it is private: log in with hf auth login)"
+
+
+def test_batch_reads_a_hub_models_configs_before_loading(cache, src, tmp_path, capsys, monkeypatch):
+    """The checks that read the model's config files (block count for --layers) read the resolved snapshot."""
+    _no_loading(monkeypatch)
+    man = tmp_path / "m.jsonl"
+    man.write_text(json.dumps({"id": "f", "prompt": PD, "seed": 0, "mask": str(src / "hair.png")}) + "\n")
+    args = ["batch", "--manifest", str(man), "--model", "org/tiny-sd", "--out", str(tmp_path / "o"), *COMMON]
+    assert main(args + ["--layers", "0,99"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("freecure: error: --layers 99: the model has 4 self-attention blocks") and \
+        err.count("\n") == 1, err
+    assert not (tmp_path / "o").exists()
