@@ -281,3 +281,25 @@ def test_batch_reads_a_hub_models_configs_before_loading(cache, src, tmp_path, c
     assert err.startswith("freecure: error: --layers 99: the model has 4 self-attention blocks") and \
         err.count("\n") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_variant_picks_the_variant_weights(cache, src, tmp_path):
+    """A repository with default weights (sd_a) and fp16-variant files (sd_b's weights, saved in float32 under
+    the variant's names): --variant fp16 loads the variant's."""
+    import shutil
+
+    both = tmp_path / "both"
+    shutil.copytree(src / "sd_a", both)
+    tiny_sd_pipe(5).save_pretrained(both, variant="fp16")
+    assert any(".fp16." in p.name for p in both.rglob("*"))
+    commit = cache.add("org/tiny-sd-variants", both)
+    mask = ["--mask", str(src / "hair.png")]
+    runs = {"default": [], "fp16": ["--variant", "fp16"]}
+    for name, extra in runs.items():
+        assert main(_generate("org/tiny-sd-variants", tmp_path / name, *mask, *extra)) == 0
+        w = json.loads((tmp_path / name / "freecure.json").read_text())["weights"]["model"]
+        assert w["commit"] == commit and w.get("variant") == (None if name == "default" else "fp16")
+    for name in ("sd_a", "sd_b"):
+        assert main(_generate(str(src / name), tmp_path / name, *mask)) == 0
+    pd = {k: np.asarray(Image.open(tmp_path / k / "pd.png")) for k in ("default", "fp16", "sd_a", "sd_b")}
+    assert np.array_equal(pd["default"], pd["sd_a"]) and np.array_equal(pd["fp16"], pd["sd_b"])
