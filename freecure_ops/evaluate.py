@@ -51,15 +51,20 @@ def hmean_note(pc, idf) -> str:
 
 
 class ClipScorer:
-    """CLIP image-text similarity x100 with transformers' CLIP from a local folder."""
+    """CLIP image-text similarity x100 with transformers' CLIP (``CLIPModel`` + its processor) from a local
+    folder or a Hugging Face Hub id, resolved by :func:`freecure_ops.hub.load_pretrained` (downloaded at
+    ``revision`` unless ``offline`` / ``HF_HUB_OFFLINE=1``)."""
 
-    def __init__(self, folder, device="cpu"):
+    def __init__(self, folder, device="cpu", *, revision=None, offline=None):
         import torch
         from transformers import AutoProcessor, CLIPModel
 
+        from .hub import load_pretrained
+
         self.device = torch.device(device)
-        self.model = CLIPModel.from_pretrained(str(folder), local_files_only=True).to(self.device).eval()
-        self.processor = AutoProcessor.from_pretrained(str(folder), local_files_only=True)
+        spec = folder if isinstance(folder, str) else str(folder)
+        self.model = load_pretrained(CLIPModel, spec, revision=revision, offline=offline).to(self.device).eval()
+        self.processor = load_pretrained(AutoProcessor, spec, revision=revision, offline=offline)
 
     def __call__(self, images, texts) -> list[float]:
         import torch

@@ -107,18 +107,21 @@ def test_prompt_without_attribute_words_runs_the_plain_pipeline(model_dir, tmp_p
 @pytest.mark.parametrize("case,expect", [
     ("missing_model", "no such folder"),
     ("not_a_pipeline", "no model_index.json"),
-    ("hub_id_not_cached", "could not load the pipeline weights"),
+    ("hub_id_not_cached", "not (completely) in the Hugging Face cache"),
     ("missing_parser", "--parser-weights"),
     ("missing_mask", "--mask"),
     ("no_mask_source", "give --mask PNG or --parser-weights"),
 ])
-def test_generate_errors_are_one_line(case, expect, model_dir, mask_png, tmp_path, capsys):
+def test_generate_errors_are_one_line(case, expect, model_dir, mask_png, tmp_path, capsys, monkeypatch):
     model, extra = str(model_dir), ["--mask", str(mask_png)]
     if case == "missing_model":
         model = str(tmp_path / "nowhere" / "model")
     elif case == "not_a_pipeline":
         model = str(tmp_path)
-    elif case == "hub_id_not_cached":
+    elif case == "hub_id_not_cached":  # an empty cache, offline: nothing is downloaded
+        from hub_cache import HubCache, offline_hub
+
+        offline_hub(monkeypatch, HubCache(tmp_path / "hub").root)
         model = "no-such-org/no-such-model-freecure-test"
     elif case == "missing_parser":
         extra = ["--parser-weights", str(tmp_path / "79999_iter.pth")]

@@ -4,23 +4,26 @@
                       --fd-prompt "a photo of a man with red hair" --parser-weights 79999_iter.pth --out out/
     freecure bench [benchmark options]          # the FASA benchmark (python -m bench)
     freecure manifest --identity alice=woman ... --out grid.jsonl      # the paper's evaluation grid
-    freecure batch --manifest grid.jsonl --model DIR --out runs/grid  # many jobs; resumable; accelerate launch
-    freecure eval --results runs/grid --clip CLIP_DIR --face-model arcface.onnx --reference alice=a.jpg
+    freecure batch --manifest grid.jsonl --model PATH_OR_ID --out runs/grid  # many jobs; resumable
+    freecure eval --results runs/grid --clip PATH_OR_ID --face-model arcface.onnx --reference alice=a.jpg
 
 One module per subcommand (:mod:`.generate`, :mod:`.manifest`, :mod:`.batch`, :mod:`.eval`), each with
 ``add_arguments(subparsers)`` (argparse only: nothing heavy is imported) and ``run(args) -> exit status``,
 over shared modules: :mod:`.errors` (the one-line error), :mod:`.args` (argument types and checks),
-:mod:`.model_files` (a pipeline folder's configs, read without loading), :mod:`.pipeline` (loading and
+:mod:`.weights` (``--model``, ``--parser-weights``, ``--clip``: local paths, or Hub references resolved to the
+cache), :mod:`.model_files` (a pipeline folder's configs, read without loading), :mod:`.pipeline` (loading and
 running a pipeline). The grid library they drive (manifests, the results folder, the scores) lives below, in
 :mod:`freecure_ops.manifest`, :mod:`freecure_ops.grid`, :mod:`freecure_ops.results`,
 :mod:`freecure_ops.evaluate`.
 
-``generate`` loads a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline with ``DiffusionPipeline.from_pretrained(...,
-local_files_only=True)`` (nothing is downloaded), runs :class:`freecure_ops.pipeline.freecure.FreeCure` and
+``generate`` loads a diffusers SD1.x/SD2.x, SDXL or FLUX pipeline (``--model``: a local folder or a Hub id,
+downloaded into the Hugging Face cache unless ``--offline`` / ``HF_HUB_OFFLINE=1``, at ``--revision``, with
+``--variant``; :mod:`.weights` resolves it in the checks), runs :class:`freecure_ops.pipeline.freecure.FreeCure` and
 writes ``pd.png`` (the FreeCure image), ``fd.png`` (the foundation image), ``mask.png`` (the attribute mask)
-and ``freecure.json`` (prompts, attributes, settings, timings) to ``--out``. The PD prompt carries the
+and ``freecure.json`` (prompts, attributes, settings, weights, timings) to ``--out``. The PD prompt carries the
 identity (e.g. a DreamBooth / textual-inversion token), the FD prompt is the same without it. The mask comes
-from ``--mask PNG`` (white = attribute) or from a BiSeNet face parser (``--parser-weights``).
+from ``--mask PNG`` (white = attribute) or from a face parser (``--parser-weights``: a BiSeNet checkpoint file
+or Hub file, or a SegFormer model folder or Hub id).
 
 Every argument is checked before the model (or the parser) is loaded: a bad value, a missing or unreadable
 file, an ``--out`` that cannot be written, a device that does not exist. Exit status: 0 on success, 2 for a

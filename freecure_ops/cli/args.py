@@ -9,12 +9,23 @@ from pathlib import Path
 
 from .errors import CLIError
 
-__all__ = ["DTYPES", "user_path", "layers_arg", "fraction_arg", "check_finite", "real_problem", "read_mask_png",
-           "parser_weights_problem", "parser_weights_error", "pick_device", "interpreting", "torch_dtype",
-           "apg_steps_problem"]
+__all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "fraction_arg", "check_finite",
+           "real_problem", "read_mask_png", "parser_weights_problem", "parser_weights_error", "pick_device",
+           "interpreting", "torch_dtype", "apg_steps_problem"]
 
 #: --dtype choices -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def add_weights_arguments(g) -> None:
+    """``--model``, ``--revision``, ``--variant``, ``--offline`` (generate and batch)."""
+    g.add_argument("--model", required=True,
+                   help="diffusers pipeline: a local folder, or a Hugging Face Hub id (downloaded into the Hugging "
+                        "Face cache on first use), e.g. stabilityai/stable-diffusion-xl-base-1.0")
+    g.add_argument("--revision", help="Hub revision of --model: branch, tag or commit (default: main)")
+    g.add_argument("--variant", help="weights variant, e.g. fp16 (files named *.fp16.*)")
+    g.add_argument("--offline", action="store_true",
+                   help="download nothing: Hub references come from the Hugging Face cache (as HF_HUB_OFFLINE=1)")
 
 
 def user_path(text: str) -> Path:
@@ -95,7 +106,7 @@ def parser_weights_problem(path: Path) -> str | None:
     """What is wrong with ``--parser-weights`` as a file, from its first bytes (None: it may be a checkpoint;
     loading it decides). A text file would otherwise reach torch.load and be blamed on pickled objects."""
     if not path.is_file():
-        return "no such file (the BiSeNet checkpoint, e.g. 79999_iter.pth, is not downloaded for you)"
+        return "no such file (a BiSeNet checkpoint such as 79999_iter.pth, or a Hub file org/name/79999_iter.pth)"
     try:
         with open(path, "rb") as f:
             head = f.read(8)
@@ -110,7 +121,7 @@ def parser_weights_problem(path: Path) -> str | None:
     return f"not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle; it starts with {head!r})"
 
 
-def parser_weights_error(path: Path, e: Exception) -> CLIError:
+def parser_weights_error(path, e: Exception) -> CLIError:
     """A parser checkpoint that failed to load, as one line (torch's own detail spans many lines)."""
     text = " ".join(str(e).split()).removeprefix("path: ")
     text = text.split(" Detail: ")[0]

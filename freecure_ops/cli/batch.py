@@ -1,7 +1,7 @@
 """``freecure batch``: run a manifest of jobs (:mod:`freecure_ops.manifest`), sharded over processes, resumable.
 The output folder's layout (records, fingerprints, the index) is :mod:`freecure_ops.results`.
 
-    freecure batch --manifest grid.jsonl --model DIR --out runs/grid [--parser-weights 79999_iter.pth ...]
+    freecure batch --manifest grid.jsonl --model DIR_OR_HUB_ID --out runs/grid [--parser-weights 79999_iter.pth ...]
     accelerate launch --multi_gpu --num_processes 8 -m freecure_ops.cli batch --manifest ... --out ...
     torchrun --nproc_per_node 8 -m freecure_ops.cli batch ...
 
@@ -18,7 +18,8 @@ Per job, under ``--out/jobs/<id>/``: ``pd.png`` (the image), ``fd.png`` and ``ma
 ``job.json`` (the record: status, settings that ran, timings, attributes, error). Every file is written
 atomically (temporary file + rename) and ``job.json`` last, so a job counts as complete only when its record
 says ``ok``, its fingerprint (the job, its settings, the model and the size and mtime of each of its files,
-the parser checkpoint's size and mtime, the mask file's bytes) matches and every file
+the parser checkpoint's size and mtime, the mask file's bytes; for a Hub id, of the cached snapshot it resolved
+to, and the commit) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
 changed is redone. A job that raises is recorded with its error and the others go on. A run with jobs to do
 first removes the old results index (it would outlive the records the run deletes); at the end the main
@@ -45,11 +46,12 @@ from ..manifest import Job, ManifestError, read_manifest
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
 from ..results import (INDEX, INDEX_CSV, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
                        job_dir, write_index)
-from .args import (apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg, parser_weights_error,
-                   parser_weights_problem, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
+from .args import (add_weights_arguments, apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg,
+                   pick_device, read_mask_png, real_problem, torch_dtype, user_path)
 from .errors import CLIError
 from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
-from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
+from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
+from .weights import Weights, is_local, resolve_model, resolve_parser
 
 __all__ = ["add_arguments", "check_batch_args", "run"]
 #: test hook: a process exits hard (os._exit) while saving its (N+1)-th job, after pd.png and with a
@@ -69,10 +71,12 @@ def add_arguments(sub) -> None:
                                    "...` (one process per GPU) or torchrun.")
     b.add_argument("--manifest", required=True, type=user_path,
                    help="JSONL or CSV, one job per line (freecure manifest)")
-    b.add_argument("--model", required=True, help="local pipeline folder or a Hugging Face id already in the cache")
+    add_weights_arguments(b)
     b.add_argument("--out", required=True, type=user_path,
                    help="output folder (jobs/<id>/..., results.jsonl, results.csv)")
-    b.add_argument("--parser-weights", type=user_path, help="BiSeNet checkpoint for FreeCure jobs without a mask")
+    b.add_argument("--parser-weights", help="face parser for FreeCure jobs without a mask: a BiSeNet checkpoint "
+                                            "(file or Hub file org/name/79999_iter.pth) or a SegFormer model")
+    b.add_argument("--parser-revision", help="Hub revision of --parser-weights (branch, tag or commit)")
     b.add_argument("--steps", type=int, default=DEFAULTS["steps"], help="denoising steps (per job: steps)")
     b.add_argument("--guidance-scale", type=float, help="default: the pipeline's")
     b.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")
@@ -133,7 +137,10 @@ def _where(args, job: Job) -> str:
 
 
 def check_batch_args(args):
-    """Every check that needs no model: returns ``(jobs, device or None)``. Raises CLIError."""
+    """Every check before anything loads: returns ``(jobs, device or None, model, parser)`` (the resolved
+    :class:`~.weights.Weights` of --model and --parser-weights; parser None without it). Hub references resolve
+    once the flags and the manifest's own checks that need no model passed (they may download). Raises
+    CLIError."""
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
@@ -145,18 +152,15 @@ def check_batch_args(args):
     problem = model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
-    multiple = size_multiple(args.model)
-    for flag, v in (("--height", args.height), ("--width", args.width)):
-        if v is not None and (v <= 0 or v % multiple):
-            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
-    blocks = model_blocks(args.model)  # from the config files: None when they cannot be read cheaply
-    problem = layers_problem(args.layers, blocks) if args.layers is not None else None
-    if problem:
-        raise CLIError(f"--layers {problem}")
-    if args.parser_weights is not None:
-        problem = parser_weights_problem(args.parser_weights)
-        if problem:
-            raise CLIError(f"--parser-weights {args.parser_weights}: {problem}")
+    for flag, v in (("--height", args.height), ("--width", args.width)):  # the model's own multiple: below
+        if v is not None and (v <= 0 or v % 8):
+            raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
+    if args.parser_revision is not None and args.parser_weights is None:
+        raise CLIError("--parser-revision is only used with --parser-weights")
+    offline = args.offline or None
+    parser = None
+    if args.parser_weights is not None and is_local(args.parser_weights):  # local files before any download
+        parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline)
     try:
         jobs = read_manifest(args.manifest)
     except ManifestError as e:
@@ -164,6 +168,15 @@ def check_batch_args(args):
     problem = _outside_out_problem(args.out, jobs)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
+    model = resolve_model(args.model, revision=args.revision, variant=args.variant, offline=offline, quiet=args.quiet)
+    multiple = size_multiple(str(model.path))
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % multiple):
+            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
+    blocks = model_blocks(str(model.path))  # from the config files: None when they cannot be read cheaply
+    problem = layers_problem(args.layers, blocks) if args.layers is not None else None
+    if problem:
+        raise CLIError(f"--layers {problem}")
 
     masks_seen: dict[Path, bool] = {}
     refs_seen: dict[Path, str | None] = {}
@@ -210,6 +223,9 @@ def check_batch_args(args):
             raise CLIError(f"{where}: job {job.id!r} has no mask; give it one or pass --parser-weights PTH (the face "
                            "parser that finds the attributes)")
 
+    if args.parser_weights is not None and parser is None:  # a Hub reference: after every other manifest check
+        parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline,
+                                quiet=args.quiet)
     device = None
     if args.device is not None:
         device = pick_device(args.device)
@@ -219,7 +235,18 @@ def check_batch_args(args):
         dev = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
             raise CLIError(f"--backend triton needs a CUDA device (got {dev}); use --backend torch or auto")
-    return jobs, device
+    return jobs, device, model, parser
+
+
+def _parser_identity(parser: Weights | None):
+    """The fingerprint's identity of the parser weights: the file's (size, mtime) or the local folder's files;
+    a Hub SegFormer model's weights download only when it loads, so its identity is its ``config.json`` and
+    the commit (in :meth:`Weights.key`): the commit's files never change."""
+    if parser is None:
+        return None
+    if parser.hub and parser.path.is_dir():
+        return content_identity(parser.path / "config.json")
+    return content_identity(parser.path)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -281,6 +308,7 @@ class _Context:
     device: object
     dtype: object
     parser: object = None
+    weights: dict = field(default_factory=dict)
     run_id: str = ""
     rank: int = 0
     world: int = 1
@@ -325,7 +353,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rec = dict(id=job.id, status="error", method=job.method, job=job.spec(), fingerprint=fp, model=args.model,
-               files=[], warnings=[])
+               weights=ctx.weights, files=[], warnings=[])
     written = []
 
     def save(img, name):
@@ -405,7 +433,7 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
 def run(args) -> int:
     """``freecure batch``: check, shard, run, index. Returns the exit status."""
     try:
-        jobs, device = check_batch_args(args)
+        jobs, device, model, parser_ref = check_batch_args(args)
     except CLIError:
         if not is_main_env():  # every process finds the same problem: rank 0 alone says it
             raise SystemExit(2) from None
@@ -421,9 +449,10 @@ def run(args) -> int:
     dtype = torch_dtype(args.dtype, device)
     dtype_name = str(dtype).replace("torch.", "")
 
-    identities = dict(model=content_identity(args.model), parser=content_identity(args.parser_weights))
-    fps = {j.id: fingerprint(j, _settings(args, j), args.model, dtype_name, args.backend, args.parser_weights,
-                             identities) for j in jobs}
+    identities = dict(model=content_identity(model.path), parser=_parser_identity(parser_ref))
+    parser_key = None if parser_ref is None else parser_ref.key()
+    fps = {j.id: fingerprint(j, _settings(args, j), model.key(), dtype_name, args.backend, parser_key, identities)
+           for j in jobs}
     done_before = {j.id for j in jobs if job_complete(args.out, j.id, fps[j.id])}
     pending = [j for j in jobs if j.id not in done_before]
     if pending and state.is_main_process:  # the old index would outlive the records this run is about to delete
@@ -437,17 +466,14 @@ def run(args) -> int:
     if mine:
         with quiet_libraries(True):  # library notes would repeat per job and break the progress bars
             parser = None
-            if args.parser_weights is not None and any(j.method == "freecure" and j.mask is None for j in mine):
-                from ..pipeline.face_parser import BiSeNetParser
-
-                try:
-                    parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
-                except (ValueError, OSError) as e:
-                    raise parser_weights_error(args.parser_weights, e) from e
-            pipe = load_pipeline(args.model, device, dtype)
+            if parser_ref is not None and any(j.method == "freecure" and j.mask is None for j in mine):
+                parser = load_parser(parser_ref, device, offline=args.offline or None)
+            pipe = load_pipeline(model, device, dtype)
             pipe.set_progress_bar_config(disable=True)
             ctx = _Context(args=args, pipe=pipe, device=device, dtype=dtype, parser=parser, rank=rank, world=world,
-                           run_id=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}")
+                           run_id=time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}",
+                           weights=dict(model=model.record(),
+                                        parser=None if parser_ref is None else parser_ref.record()))
             kill = os.environ.get(KILL_ENV)
             ctx.kill_after = int(kill) if kill else None
             log_dir = Path(args.out) / "logs"

@@ -1,6 +1,6 @@
 """``freecure eval``: score a batch's results (:mod:`freecure_ops.evaluate`) and write the tables.
 
-    freecure eval --results runs/grid --clip clip-vit-large-patch14/ --face-model w600k_r50.onnx \\
+    freecure eval --results runs/grid --clip openai/clip-vit-large-patch14 --face-model w600k_r50.onnx \\
                   --reference alice=refs/alice.jpg --reference bob=refs/bob.jpg
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from ..results import INDEX, read_index
 from .args import pick_device, user_path
 from .errors import CLIError
 from .pipeline import quiet_libraries
+from .weights import is_local, resolve_clip
 
 __all__ = ["add_arguments", "check_eval_args", "run"]
 
@@ -23,9 +24,13 @@ __all__ = ["add_arguments", "check_eval_args", "run"]
 def add_arguments(sub) -> None:
     e = sub.add_parser("eval", help="score a batch's results: PC (CLIP), IF (face embeddings), hMean",
                        description="Prompt consistency, identity fidelity and their harmonic mean per method and "
-                                   "attribute count. Models come from local paths; nothing is downloaded.")
+                                   "attribute count. CLIP is a local folder or a Hub id (downloaded unless offline).")
     e.add_argument("--results", required=True, type=user_path, help="a `freecure batch` output folder (results.jsonl)")
-    e.add_argument("--clip", required=True, type=user_path, help="local CLIP folder (CLIPModel + processor)")
+    e.add_argument("--clip", required=True, help="CLIP (CLIPModel + processor): a local folder or a Hugging Face Hub "
+                                                 "id, e.g. openai/clip-vit-large-patch14")
+    e.add_argument("--clip-revision", help="Hub revision of --clip: branch, tag or commit (default: main)")
+    e.add_argument("--offline", action="store_true",
+                   help="download nothing: a Hub --clip comes from the Hugging Face cache (as HF_HUB_OFFLINE=1)")
     e.add_argument("--face-model", help="ONNX face-recognition model (ArcFace-style), or module:function "
                                         "(face RGB uint8 [h, w, 3] -> embedding)")
     e.add_argument("--reference", action="append", default=[], metavar="ID=IMAGE",
@@ -41,7 +46,8 @@ def add_arguments(sub) -> None:
 
 
 def check_eval_args(args):
-    """Checks before any model loads: returns (references, detector). Raises CLIError."""
+    """Checks before any model loads: returns (references, detector, clip) (``clip``: the resolved
+    :class:`~.weights.Weights`; a Hub id is looked up last). Raises CLIError."""
     from ..face_embed import load_callable, parse_crop
 
     if not args.results.is_dir():
@@ -55,9 +61,9 @@ def check_eval_args(args):
         raise CLIError(f"--results {args.results}: {e}") from None
     if not any(r.get("status") == "ok" for r in rows):
         raise CLIError(f"--results {args.results}: no completed job to score")
-    if not args.clip.is_dir() or not (args.clip / "config.json").is_file():
-        raise CLIError(f"--clip {args.clip}: expected a local CLIP folder with config.json (saved with "
-                       "save_pretrained; nothing is downloaded)")
+    clip = None
+    if is_local(args.clip):  # a Hub id: looked up after the other checks (it may download)
+        clip = resolve_clip(args.clip, revision=args.clip_revision)
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {args.batch_size}")
     try:
@@ -103,13 +109,15 @@ def check_eval_args(args):
                 raise CLIError(f"--results {args.results}: job {r['id']}: reference {r['reference']}: no such file")
     elif refs:
         raise CLIError("--reference is only used with --face-model")
-    return refs, detector
+    if clip is None:
+        clip = resolve_clip(args.clip, revision=args.clip_revision, offline=args.offline or None, quiet=args.quiet)
+    return refs, detector, clip
 
 
 def run(args) -> int:
     from ..face_embed import embedding_size, load_face_embedder
 
-    refs, detector = check_eval_args(args)
+    refs, detector, clip = check_eval_args(args)
     device = pick_device(args.device)
     embed = None
     if args.face_model is not None:
@@ -123,10 +131,13 @@ def run(args) -> int:
                            "a cosine and needs an embedding of at least 2 values")
     try:
         with quiet_libraries(args.quiet):  # transformers' "Loading weights" bar too
-            scorer = ClipScorer(args.clip, device)
+            # a Hub id loads at the commit the checks found: what eval.json records
+            scorer = ClipScorer(args.clip if clip.hub else str(clip.path), device,
+                                revision=clip.commit if clip.hub else None, offline=args.offline or None)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"--clip {args.clip}: could not load CLIP from the folder: {first}") from None
+        where = "the Hugging Face cache" if clip.hub else "the folder"
+        raise CLIError(f"--clip {args.clip}: could not load CLIP from {where}: {first}") from None
     job_rows, summary = evaluate(args.results, scorer, face_model=embed, references=refs, crop=args.face_crop,
                                  detector=detector, device=device, batch_size=args.batch_size,
                                  progress=not args.quiet)
@@ -135,7 +146,8 @@ def run(args) -> int:
     atomic_write_text(out / "eval_jobs.csv", csv_text(job_rows, JOB_COLUMNS))
     atomic_write_text(out / "eval_summary.csv", csv_text(summary, SUMMARY_COLUMNS))
     plot_summary(summary, out / "eval_summary.png")
-    meta = dict(results=str(args.results), clip=str(args.clip), face_model=args.face_model,
+    meta = dict(results=str(args.results), clip=str(args.clip), clip_weights=clip.record(),
+                face_model=args.face_model,
                 face_crop="detector" if detector is not None else args.face_crop, face_detector=args.face_detector,
                 references={k: str(v) for k, v in refs.items()}, pc="100 * cos(CLIP image, CLIP text)",
                 if_="100 * cos(face(generated), face(reference))", hmean="2 * PC * IF / (PC + IF) of the means",

@@ -1,8 +1,9 @@
-"""``freecure generate``: one FreeCure image from a local diffusers pipeline.
+"""``freecure generate``: one FreeCure image from a diffusers pipeline (a local folder or a Hub id).
 
 Writes ``pd.png`` (the FreeCure image), ``fd.png`` (the foundation image), ``mask.png`` (the attribute mask)
 and ``freecure.json`` (prompts, attributes, settings, timings) to ``--out``. Every argument is checked
-before the model (or the parser) is loaded."""
+before the model (or the parser) is loaded; Hub references are resolved (downloaded unless offline) by the
+checks, after every check that needs no weights."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,12 @@ import sys
 import warnings
 
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from .args import (DTYPES, apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg,
-                   parser_weights_error, parser_weights_problem, pick_device, read_mask_png, torch_dtype, user_path)
+from .args import (DTYPES, add_weights_arguments, apg_steps_problem, check_finite, fraction_arg, interpreting,
+                   layers_arg, pick_device, read_mask_png, torch_dtype, user_path)
 from .errors import CLIError, flag_message
 from .model_files import model_path_problem, size_multiple
-from .pipeline import effective_settings, load_pipeline, quiet_libraries, save_mask
+from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
+from .weights import is_local, resolve_model, resolve_parser
 
 __all__ = ["add_arguments", "check_generate_args", "run", "GENERATE_OUTPUTS"]
 
@@ -25,13 +27,15 @@ GENERATE_OUTPUTS = ("pd.png", "fd.png", "mask.png")
 def add_arguments(sub) -> None:
     g = sub.add_parser("generate", help="generate one image with FreeCure",
                        description="Two passes: the FD image, its attribute mask, then PD + FD with FASA.")
-    g.add_argument("--model", required=True, help="local pipeline folder or a Hugging Face id already in the cache")
+    add_weights_arguments(g)
     g.add_argument("--prompt", required=True, help="PD prompt (with the identity, e.g. a DreamBooth token)")
     g.add_argument("--fd-prompt", help="FD prompt (the same without the identity); default: --prompt")
     g.add_argument("--negative-prompt", help="negative prompt for both branches")
     src = g.add_mutually_exclusive_group()
     src.add_argument("--mask", type=user_path, help="attribute mask PNG (white = attribute); skips pass 1")
-    src.add_argument("--parser-weights", type=user_path, help="BiSeNet face-parser checkpoint (e.g. 79999_iter.pth)")
+    src.add_argument("--parser-weights", help="face parser: a BiSeNet checkpoint (79999_iter.pth, or a Hub file "
+                                              "org/name/79999_iter.pth), or a SegFormer model (folder or Hub id)")
+    g.add_argument("--parser-revision", help="Hub revision of --parser-weights (branch, tag or commit)")
     g.add_argument("--omega", type=float, help="FASA strength (default: the model family's preset)")
     g.add_argument("--layers", type=layers_arg, help="'all' or block indices, e.g. 50,51,52 (default: preset)")
     g.add_argument("--style-fidelity", type=float, default=1.0,
@@ -58,7 +62,9 @@ def add_arguments(sub) -> None:
 
 
 def check_generate_args(args):
-    """Every check that needs no model: returns ``(device, dtype, mask array or None)``. Raises CLIError."""
+    """Every check before anything loads: returns ``(device, dtype, mask array or None, model, parser)``
+    (``model``/``parser``: the resolved :class:`~.weights.Weights`, parser None without --parser-weights).
+    Hub references resolve last (they may download). Raises CLIError."""
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     if not -2 ** 63 <= args.seed < 2 ** 64:
@@ -66,10 +72,6 @@ def check_generate_args(args):
     check_finite("--omega", args.omega)
     check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
     check_finite("--guidance-scale", args.guidance_scale, 0.0)
-    multiple = size_multiple(args.model)
-    for flag, v in (("--height", args.height), ("--width", args.width)):
-        if v is not None and (v <= 0 or v % multiple):
-            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
@@ -81,6 +83,9 @@ def check_generate_args(args):
     problem = model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
+    for flag, v in (("--height", args.height), ("--width", args.width)):  # the model's own multiple: below
+        if v is not None and (v <= 0 or v % 8):
+            raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
 
     mask = None
     if args.mask is not None:
@@ -92,14 +97,26 @@ def check_generate_args(args):
             print(f"freecure: warning: {what}; FASA changes nothing", file=sys.stderr)
     elif args.parser_weights is None:
         raise CLIError("give --mask PNG or --parser-weights PTH (the face parser that finds the attributes)")
-    problem = None if args.parser_weights is None else parser_weights_problem(args.parser_weights)
-    if problem:
-        raise CLIError(f"--parser-weights {args.parser_weights}: {problem}")
+    if args.parser_revision is not None and args.parser_weights is None:
+        raise CLIError("--parser-revision is only used with --parser-weights")
 
     device = pick_device(args.device)
     if args.backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         raise CLIError(f"--backend triton needs a CUDA --device (got {device}); use --backend torch or auto")
-    return device, torch_dtype(args.dtype, device), mask
+
+    offline = args.offline or None
+    parser = None
+    if args.parser_weights is not None and is_local(args.parser_weights):  # local files before any download
+        parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline)
+    model = resolve_model(args.model, revision=args.revision, variant=args.variant, offline=offline, quiet=args.quiet)
+    multiple = size_multiple(str(model.path))
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % multiple):
+            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
+    if args.parser_weights is not None and parser is None:
+        parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline,
+                                quiet=args.quiet)
+    return device, torch_dtype(args.dtype, device), mask, model, parser
 
 
 def _versions() -> dict:
@@ -116,26 +133,18 @@ def _versions() -> dict:
 
 
 def run(args) -> int:
-    device, dtype, mask = check_generate_args(args)
+    device, dtype, mask, model, parser_ref = check_generate_args(args)
     with quiet_libraries(args.quiet):
-        return _run_generate(args, device, dtype, mask)
+        return _run_generate(args, device, dtype, mask, model, parser_ref)
 
 
-def _run_generate(args, device, dtype, mask) -> int:
+def _run_generate(args, device, dtype, mask, model, parser_ref) -> int:
     import torch
 
     from ..pipeline.freecure import EmptyMaskError, FreeCure, FreeCureWarning
 
-    parser = None
-    if args.parser_weights is not None:
-        from ..pipeline.face_parser import BiSeNetParser
-
-        try:
-            parser = BiSeNetParser.from_checkpoint(args.parser_weights, device=device)
-        except (ValueError, OSError) as e:
-            raise parser_weights_error(args.parser_weights, e) from e
-
-    pipe = load_pipeline(args.model, device, dtype)
+    parser = None if parser_ref is None else load_parser(parser_ref, device, offline=args.offline or None)
+    pipe = load_pipeline(model, device, dtype)
     if args.quiet:
         pipe.set_progress_bar_config(disable=True)
     try:
@@ -180,7 +189,9 @@ def _run_generate(args, device, dtype, mask) -> int:
     if out.mask is not None:
         save_mask(out.mask, args.out / "mask.png")
         written.append("mask.png")
-    meta = dict(model=args.model, family=fc.family, prompt=args.prompt, fd_prompt=call["fd_prompt"],
+    meta = dict(model=args.model, weights=dict(model=model.record(),
+                                               parser=None if parser_ref is None else parser_ref.record()),
+                family=fc.family, prompt=args.prompt, fd_prompt=call["fd_prompt"],
                 attributes=out.attributes, fasa_applied=out.fasa_applied, template_prompts=out.template_prompts,
                 **effective_settings(fc, pipe, args, device, dtype, call), apg=args.apg,
                 gamma=args.gamma if args.apg else None, steps=args.steps, seed=args.seed,

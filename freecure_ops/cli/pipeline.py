@@ -1,5 +1,5 @@
-"""The diffusers pipeline as ``generate`` and ``batch`` use it: loading it (local files only), keeping the
-libraries quiet, the settings that actually ran, saving the attribute mask."""
+"""The diffusers pipeline as ``generate`` and ``batch`` use it: loading it (and the face parser) from what
+:mod:`.weights` resolved, keeping the libraries quiet, the settings that actually ran, saving the attribute mask."""
 from __future__ import annotations
 
 import warnings
@@ -8,30 +8,44 @@ from pathlib import Path
 
 from ..outputs import atomic_write
 from .errors import CLIError
-from .model_files import model_path_problem
 
-__all__ = ["load_pipeline", "quiet_libraries", "effective_settings", "save_mask"]
+__all__ = ["load_pipeline", "load_parser", "quiet_libraries", "effective_settings", "save_mask"]
 
 
-def load_pipeline(model: str, device, dtype):
-    """``DiffusionPipeline.from_pretrained(..., local_files_only=True)`` on ``device``; CLIError naming
+def load_pipeline(model, device, dtype):
+    """``DiffusionPipeline.from_pretrained`` of the resolved ``--model`` (:class:`~.weights.Weights`: a local
+    folder, or the snapshot folder of a Hub id that the checks resolved) on ``device``; CLIError naming
     ``--model`` when it cannot load."""
     from diffusers import DiffusionPipeline
 
-    problem = model_path_problem(model)
-    if problem:
-        raise CLIError(f"--model {model}: {problem}")
-    path = Path(model).expanduser()
+    kwargs = {} if model.variant is None else {"variant": model.variant}
     try:
         with warnings.catch_warnings():  # torch_dtype: understood by every diffusers >= 0.32 (newer ones prefer dtype)
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(str(path) if path.exists() else model, local_files_only=True,
-                                                     torch_dtype=dtype)
-    except (OSError, ValueError) as e:  # EnvironmentError, missing files, not in the cache
-        where = "folder" if path.exists() else "Hugging Face cache (downloads are off: local_files_only=True)"
+            pipe = DiffusionPipeline.from_pretrained(str(model.path), local_files_only=True, torch_dtype=dtype,
+                                                     **kwargs)
+    except (OSError, ValueError) as e:  # EnvironmentError, missing files, a variant it does not have
+        where = f"the Hugging Face cache ({model.path})" if model.hub else "the folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CLIError(f"--model {model}: could not load the pipeline weights from the local {where}: {first}") from e
+        raise CLIError(f"--model {model.spec}: could not load the pipeline weights from {where}: {first}") from e
     return pipe.to(device)
+
+
+def load_parser(parser, device, offline=None):
+    """The face parser of the resolved ``--parser-weights`` (:class:`~.weights.Weights`) on ``device``
+    (:func:`freecure_ops.pipeline.parsers.load_face_parser`: a checkpoint file -> BiSeNet, a model -> SegFormer;
+    a Hub SegFormer id loads at the commit the checks found). CLIError naming ``--parser-weights``."""
+    from ..pipeline.parsers import load_face_parser
+    from .args import parser_weights_error
+
+    if parser.hub and parser.path.is_dir():  # a SegFormer id: its weights come now, at the checked commit
+        spec, revision = parser.spec, parser.commit
+    else:
+        spec, revision = str(parser.path), None
+    try:
+        return load_face_parser(spec, revision=revision, offline=offline, device=device)
+    except (ValueError, OSError) as e:
+        raise parser_weights_error(parser.spec, e) from e
 
 
 @contextmanager
@@ -57,6 +71,10 @@ def quiet_libraries(quiet: bool):
     for lib in libs:
         lib.set_verbosity_error()
         lib.disable_progress_bar()
+    from huggingface_hub import utils as hf_utils  # download bars (a Hub model's weights)
+
+    hub_bars = not hf_utils.are_progress_bars_disabled()
+    hf_utils.disable_progress_bars()
     try:
         yield
     finally:
@@ -64,6 +82,8 @@ def quiet_libraries(quiet: bool):
             lib.set_verbosity(level)
             if bars:
                 lib.enable_progress_bar()
+        if hub_bars:
+            hf_utils.enable_progress_bars()
 
 
 def effective_settings(fc, pipe, args, device, dtype, call) -> dict:
