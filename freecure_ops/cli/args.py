@@ -163,3 +163,11 @@ def torch_dtype(name: str | None, device):
     import torch
 
     return getattr(torch, DTYPES[name or ("fp16" if device.type == "cuda" else "fp32")])
+
+
+def empty_mask_effect(mode: str) -> str:
+    """What FASA does with an empty attribute mask, in the words of ``--mode``: nothing in "bias" mode (every
+    FD key excluded: plain self-attention), while "scale" mode still attends every FD key with logit 0."""
+    if mode == "bias":
+        return "FASA would change nothing"
+    return "--mode scale would still attend every FD key (logit omega * 0 * s = 0), guided by no attribute"

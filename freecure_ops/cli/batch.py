@@ -46,8 +46,8 @@ from ..manifest import Job, ManifestError, read_manifest
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
 from ..results import (INDEX, INDEX_CSV, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
                        job_dir, write_index)
-from .args import (add_weights_arguments, apg_steps_problem, check_finite, fraction_arg, interpreting, layers_arg,
-                   pick_device, read_mask_png, real_problem, torch_dtype, user_path)
+from .args import (add_weights_arguments, apg_steps_problem, check_finite, empty_mask_effect, fraction_arg,
+                   interpreting, layers_arg, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
 from .errors import CLIError
 from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
@@ -217,8 +217,9 @@ def check_batch_args(args):
                 except CLIError as e:
                     raise CLIError(f"{where}: {str(e).replace('--mask ', 'mask ', 1)}") from None
             if not masks_seen[job.mask] and s["empty_mask"] == "error":
-                raise CLIError(f"{where}: mask {job.mask} is empty (no attribute pixel); FASA would change nothing "
-                               "(set empty_mask to warn, or --empty-mask warn, to run anyway)")
+                raise CLIError(f"{where}: mask {job.mask} is empty (no attribute pixel); "
+                               f"{empty_mask_effect(s['mode'])} (set empty_mask to warn, or --empty-mask warn, to "
+                               "run anyway)")
         elif args.parser_weights is None:
             raise CLIError(f"{where}: job {job.id!r} has no mask; give it one or pass --parser-weights PTH (the face "
                            "parser that finds the attributes)")

@@ -11,8 +11,8 @@ import sys
 import warnings
 
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from .args import (DTYPES, add_weights_arguments, apg_steps_problem, check_finite, fraction_arg, interpreting,
-                   layers_arg, pick_device, read_mask_png, torch_dtype, user_path)
+from .args import (DTYPES, add_weights_arguments, apg_steps_problem, check_finite, empty_mask_effect, fraction_arg,
+                   interpreting, layers_arg, pick_device, read_mask_png, torch_dtype, user_path)
 from .errors import CLIError, flag_message
 from .model_files import model_path_problem, size_multiple
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
@@ -93,8 +93,8 @@ def check_generate_args(args):
         if not (mask > 0).any():
             what = f"--mask {args.mask}: the mask is empty (all black / fully transparent: no attribute pixel)"
             if args.empty_mask == "error":
-                raise CLIError(what + "; FASA would change nothing. Pass --empty-mask warn to run anyway")
-            print(f"freecure: warning: {what}; FASA changes nothing", file=sys.stderr)
+                raise CLIError(f"{what}; {empty_mask_effect(args.mode)}. Pass --empty-mask warn to run anyway")
+            print(f"freecure: warning: {what}; {empty_mask_effect(args.mode)}", file=sys.stderr)
     elif args.parser_weights is None:
         raise CLIError("give --mask PNG or --parser-weights PTH (the face parser that finds the attributes)")
     if args.parser_revision is not None and args.parser_weights is None:
