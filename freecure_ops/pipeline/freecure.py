@@ -443,6 +443,14 @@ class FreeCure:
             return masks[0], maps[0]
         return torch.stack([m.float() for m in masks]), torch.stack(maps)
 
+    def _given_mask(self, mask, n: int) -> torch.Tensor:
+        """A caller's ``mask=`` as a checked float32 tensor for ``n`` images; omega x its max within float32."""
+        mask, mask_max = _mask_to_tensor(mask)
+        check_omega_times_mask(PRESETS[self.family].omega if self.omega is None else self.omega, mask_max)
+        if mask.dim() == 3 and mask.shape[0] != n:
+            raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
+        return mask
+
     def _check_mask_not_empty(self, mask: torch.Tensor, attributes, *, given: bool = False) -> None:
         """``empty_mask`` policy for a mask with no pixel > 0 (``given``: the caller's ``mask=``, not parsed)."""
         per = mask.reshape(mask.shape[0], -1) if mask.dim() == 3 else mask.reshape(1, -1)
@@ -587,20 +595,8 @@ class FreeCure:
             if key in kwargs:
                 raise TypeError(f"foundation() runs the FD branch only and takes no {key}=: give the FD conditioning "
                                 "as prompt= / fd=, and the PD inputs to the pipeline of pass 2")
-        if kwargs.get("num_images_per_prompt", 1) not in (1, None):
-            raise ValueError("num_images_per_prompt must be 1: pass a list of prompts or call again with another seed")
-        kwargs.pop("num_images_per_prompt", None)
-        if seed is not None and generator is not None:
-            raise ValueError("pass seed= or generator=, not both")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
-        if fd is not None and not isinstance(fd, Mapping):
-            raise TypeError(f"fd must be a mapping of pipeline keyword arguments, got {type(fd).__name__}")
-        fd_kw = dict(fd or {})
-        if prompt is not None:
-            if "prompt" in fd_kw:
-                raise ValueError("prompt given twice: as prompt= and in fd")
-            fd_kw["prompt"] = prompt
+        _check_rows_and_seed(kwargs, seed, generator)
+        fd_kw = _branch_kwargs("fd", fd, prompt)
         for key in BRANCH_KEYS:
             if key in kwargs:
                 fd_kw.setdefault(key, kwargs.pop(key))
@@ -619,10 +615,7 @@ class FreeCure:
             raise ValueError(f"latents must be a tensor with one row per FD prompt ({n}), got "
                              f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
         if mask is not None:
-            mask, mask_max = _mask_to_tensor(mask)
-            check_omega_times_mask(PRESETS[family].omega if self.omega is None else self.omega, mask_max)
-            if mask.dim() == 3 and mask.shape[0] != n:
-                raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
+            mask = self._given_mask(mask, n)
         attributes = self._attributes(fd_kw, attribute_prompt, n)
         if mask is None and attributes is None:
             raise ValueError("cannot tell which attributes to mask: the FD conditioning has no text prompt; pass "
@@ -675,23 +668,10 @@ class FreeCure:
             check_real("gamma", gamma, lo=0.0, hi=1.0)
             if not 0.0 < gamma <= 1.0:
                 raise ValueError(f"gamma must be in (0, 1], got {gamma}")
-        if kwargs.get("num_images_per_prompt", 1) not in (1, None):
-            raise ValueError("num_images_per_prompt must be 1: pass a list of prompts (one PD/FD pair each) or call "
-                             "again with another seed")
-        kwargs.pop("num_images_per_prompt", None)
-        if seed is not None and generator is not None:
-            raise ValueError("pass seed= or generator=, not both")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+        _check_rows_and_seed(kwargs, seed, generator)
 
         # ---- branch kwargs
-        if pd is not None and not isinstance(pd, Mapping):
-            raise TypeError(f"pd must be a mapping of pipeline keyword arguments, got {type(pd).__name__}")
-        pd_kw = dict(pd or {})
-        if prompt is not None:
-            if "prompt" in pd_kw:
-                raise ValueError("prompt given twice: as prompt= and in pd")
-            pd_kw["prompt"] = prompt
+        pd_kw = _branch_kwargs("pd", pd, prompt)
         if not pd_kw:
             raise ValueError("no PD conditioning: pass prompt= or pd={...} (pipeline kwargs of the personalized "
                              "branch)")
@@ -735,10 +715,7 @@ class FreeCure:
 
         timings = {}
         if mask is not None:
-            mask, mask_max = _mask_to_tensor(mask)
-            check_omega_times_mask(PRESETS[family].omega if self.omega is None else self.omega, mask_max)
-            if mask.dim() == 3 and mask.shape[0] != n:
-                raise ValueError(f"mask holds {mask.shape[0]} masks [n, H, W] for {n} prompts")
+            mask = self._given_mask(mask, n)
         attributes = self._attributes(pd_kw, attribute_prompt, n)
         if mask is None and attributes is None:
             raise ValueError("cannot tell which attributes to mask: the PD conditioning has no text prompt; pass "
@@ -841,6 +818,29 @@ class FreeCure:
         return FreeCureOutput(images=pd_out, fd_images=fd_images, mask=mask, label_maps=label_maps,
                               attributes=attributes or [], template_prompts=template_prompts, timings=timings,
                               fd_reuse={k: v for k, v in reuse.items() if k != "halves"})
+
+
+def _check_rows_and_seed(kwargs: dict, seed, generator) -> None:
+    """One image per prompt (``num_images_per_prompt`` is taken out of ``kwargs``), and at most one noise source."""
+    if kwargs.pop("num_images_per_prompt", 1) not in (1, None):
+        raise ValueError("num_images_per_prompt must be 1: pass a list of prompts (one PD/FD pair each) or call again "
+                         "with another seed")
+    if seed is not None and generator is not None:
+        raise ValueError("pass seed= or generator=, not both")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}")
+
+
+def _branch_kwargs(name: str, kw, prompt) -> dict:
+    """One branch's pipeline kwargs: the mapping ``kw`` (``pd=`` / ``fd=``) with ``prompt`` added."""
+    if kw is not None and not isinstance(kw, Mapping):
+        raise TypeError(f"{name} must be a mapping of pipeline keyword arguments, got {type(kw).__name__}")
+    out = dict(kw or {})
+    if prompt is not None:
+        if "prompt" in out:
+            raise ValueError(f"prompt given twice: as prompt= and in {name}")
+        out["prompt"] = prompt
+    return out
 
 
 def _known(vocabulary) -> str:
