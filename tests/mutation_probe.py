@@ -245,14 +245,20 @@ MUTANTS = [
            MASK_TESTS + VALIDATION_TESTS, "a prepared mask on another device than q is not refused"),
 
     # ---- the torch backend ------------------------------------------------------------------------------
-    Mutant("torch-omega-ignored", "freecure_ops/torch_backend.py",
-           (("p.omega * mask_rows, torch.full_like", "mask_rows, torch.full_like"),
-            ("p.omega * rows, torch.full_like", "rows, torch.full_like")),
-           BACKEND_TESTS, "torch backend, bias mode: omega dropped from the FD bias"),
+    Mutant("torch-omega-ignored", "freecure_ops/torch_fold.py",
+           (("torch.where(valid, omega * value, torch.full_like", "torch.where(valid, value, torch.full_like"),),
+           BACKEND_TESTS, "torch backend, bias mode: omega dropped from the folded FD bias column"),
+    Mutant("torch-pad-logit-finite-small", "freecure_ops/torch_fold.py",
+           (("PAD_LOGIT = -1e30", "PAD_LOGIT = -1e3"),), ("tests/test_torch_fold.py",),
+           "torch backend: padding slots of per-row masks get weight where every real logit is very negative"),
+    Mutant("torch-padding-values-kept", "freecure_ops/torch_fold.py",
+           (("            v_live = torch.where(keep, v_live, v_live.new_zeros(()))\n", ""),),
+           ("tests/test_torch_fold.py",),
+           "torch backend: padding slots keep the V they read (NaN from an excluded key: 0 * NaN)"),
     Mutant("torch-text-rows-see-fd", "freecure_ops/torch_backend.py",
            (("txt = _attend(q[:, :, :p.n_txt], k_p, v_p, bias[:, :p.n_p]", "txt = _attend(q[:, :, :p.n_txt], k, v, bias"),
-            ("txt = _attend(q32[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], bias[:, :p.n_p]",
-             "txt = _attend(q32[:, :, :p.n_txt], k, v, bias")),
+            ("txt = _attend(q[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], pd_bias",
+             "txt = _attend(q[:, :, :p.n_txt], k, v, bias")),
            BACKEND_TESTS, "torch backend, FLUX: text query rows attend to FD image keys"),
 
     # ---- validation -------------------------------------------------------------------------------------
