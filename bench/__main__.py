@@ -2,8 +2,9 @@
 at real model shapes.
 
 On CUDA: every provider at full size, fp16 and bf16, four mask coverages, then the end-to-end step.
-On CPU: torch providers at reduced sizes in fp32 plus an interpreter correctness run of the kernel
-(about a minute on 2 cores); kernel timings need CUDA.
+On CPU: the torch backend (fasa[torch]) against sdpa_bias, sdpa_gather and the authors' code at reduced sizes
+in fp32, hair masks and the full mask, plus an interpreter correctness run of the kernel (about 2 minutes on
+a 2-core machine); kernel timings need CUDA.
 """
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ DEFAULT_COVERAGES = (0.10, 0.25, 0.50, 1.00)
 TIMING_CUDA = {"warmup_ms": 20.0, "rep_ms": 60.0}
 TIMING_CUDA_QUICK = {"warmup_ms": 5.0, "rep_ms": 15.0}
 TIMING_CPU = {"cpu_max_reps": 5, "cpu_budget_s": 0.3}
+# The CPU main job: what it times by default (the rest on request), and what a run took on the project's
+# 2-core machine (bench/results/cpu/), which the README quotes.
+CPU_PROVIDERS = ("fasa", "fasa[torch]", "sdpa_bias", "sdpa_gather", "authors")
+CPU_MASKS = ("hair", "full")
+DEFAULT_OUT = "bench_out"
 TIMING_CPU_QUICK = {"cpu_max_reps": 2, "cpu_budget_s": 0.0}
 
 
@@ -84,13 +90,16 @@ def parse_args(argv=None, prog=None):
                     help="comma list from fp16,bf16,fp32 (default: fp16,bf16 on CUDA, fp32 on CPU)")
     ap.add_argument("--coverages", type=_coverages, default=None,
                     help="mask coverages, fractions or percents (default: 10,25,50,100)")
-    ap.add_argument("--masks", type=lambda s: _csv_list(s, MASK_KINDS, "mask kind"), default=list(MASK_KINDS),
+    ap.add_argument("--masks", type=lambda s: _csv_list(s, MASK_KINDS, "mask kind"), default=None,
                     help="mask kinds from hair (blobs touching most rows), band (eyes/glasses), full (every token) "
-                         "(default: all; hair and band at each coverage, full once)")
+                         f"(default: all on CUDA, {','.join(CPU_MASKS)} on CPU; hair and band at each coverage, "
+                         "full once)")
     ap.add_argument("--providers", type=lambda s: _csv_list(s, PROVIDERS, "provider"), default=None,
-                    help=f"comma list from {','.join(PROVIDERS)} (default: all; on CPU flex is skipped unless named)")
-    ap.add_argument("--out", type=_out_dir, default=".",
-                    help="folder for table.txt, bench.csv, bench.png (default: the current folder); checked first")
+                    help=f"comma list from {','.join(PROVIDERS)} (default: all on CUDA, "
+                         f"{','.join(CPU_PROVIDERS)} on CPU; on CPU flex runs only when named; quote fasa[torch] "
+                         "in a shell)")
+    ap.add_argument("--out", type=_out_dir, default=DEFAULT_OUT,
+                    help=f"folder for table.txt, bench.csv, bench.png (default: ./{DEFAULT_OUT}); checked first")
     ap.add_argument("--quick", action="store_true",
                     help="smoke run: first dtype only, coverages 25,100 unless given, short timing")
     ap.add_argument("--full-size", action="store_true", help="on CPU, run the real (not reduced) shapes")
@@ -112,7 +121,8 @@ def main(argv=None, prog=None) -> int:
     coverages = args.coverages or ([0.25, 1.0] if args.quick else list(DEFAULT_COVERAGES))
     if args.quick:
         dtypes = dtypes[:1]
-    providers = args.providers or list(PROVIDERS)
+    providers = args.providers or list(PROVIDERS if cuda else CPU_PROVIDERS)
+    masks = args.masks or list(MASK_KINDS if cuda else CPU_MASKS)
     cases = cases_for(args.models)
     if not cuda and not args.full_size:
         cases = [reduced(c) for c in cases]
@@ -123,7 +133,7 @@ def main(argv=None, prog=None) -> int:
         torch.backends.cudnn.allow_tf32 = False
 
     env = versions()
-    out_dir = args.out or Path(__file__).resolve().parent / "results" / report.device_slug(env["device"])
+    out_dir = args.out
     say = lambda s="": print(s, flush=True)  # noqa: E731
     stack = (f"driver {env['driver'] or '-'}, torch {env['torch']}, triton {env['triton']}, "
              f"CUDA {env['cuda'] or '-'}")
@@ -137,8 +147,11 @@ def main(argv=None, prog=None) -> int:
         if torch.float32 in dtypes:
             say("# dtype fp32: CPU fp16/bf16 SDPA is slow and says nothing about GPU behaviour.")
     say(f"# cases: {', '.join(c.name for c in cases)}; dtypes: {', '.join(dtype_name(d) for d in dtypes)}; "
-        f"masks: {', '.join(args.masks)}; coverages: {', '.join(f'{c:.0%}' for c in coverages)}; "
+        f"masks: {', '.join(masks)}; coverages: {', '.join(f'{c:.0%}' for c in coverages)}; "
         f"providers: {', '.join(providers)}")
+    if not cuda:
+        say("# CPU timings: medians of at most 5 calls; on a machine shared with other jobs expect +-20% noise.")
+        say("# ratios: 'vs bias' = sdpa_bias time / this row's time; 'x fasa' = this row's time / fasa[torch] time.")
     say("# Every provider is checked against a high-precision oracle (float64 on CPU, fp32 on CUDA) before it is"
         " timed; FLOPs count attended keys only: 4*B*H*D*(Nq*Np + (Nq-n_txt)*nnz).")
 
@@ -162,7 +175,7 @@ def main(argv=None, prog=None) -> int:
         report.write_csv(so_far, out_dir / "bench.csv")
         (out_dir / "table.txt").write_text(header + report.format_table(so_far) + "\n")
 
-    rows += run(cases, dtypes, coverages, providers, device, timing=timing, log=say, seed=args.seed, masks=args.masks,
+    rows += run(cases, dtypes, coverages, providers, device, timing=timing, log=say, seed=args.seed, masks=masks,
                 allow_cpu_flex="flex" in (args.providers or ()),
                 on_progress=lambda got: progress(done + got))
     skips = {}
