@@ -246,13 +246,13 @@ MUTANTS = [
 
     # ---- the torch backend ------------------------------------------------------------------------------
     Mutant("torch-omega-ignored", "freecure_ops/torch_fold.py",
-           (("torch.where(valid, omega * value, torch.full_like", "torch.where(valid, value, torch.full_like"),),
+           (("    value = omega * fd_value[:, :n_slots]", "    value = fd_value[:, :n_slots]"),),
            BACKEND_TESTS, "torch backend, bias mode: omega dropped from the folded FD bias column"),
     Mutant("torch-pad-logit-finite-small", "freecure_ops/torch_fold.py",
            (("PAD_LOGIT = -1e30", "PAD_LOGIT = -1e3"),), ("tests/test_torch_fold.py",),
            "torch backend: padding slots of per-row masks get weight where every real logit is very negative"),
     Mutant("torch-padding-values-kept", "freecure_ops/torch_fold.py",
-           (("            v_live = torch.where(keep, v_live, v_live.new_zeros(()))\n", ""),),
+           (("torch.where(keep, _gather(v_img, index), v_img.new_zeros(()))", "_gather(v_img, index)"),),
            ("tests/test_torch_fold.py",),
            "torch backend: padding slots keep the V they read (NaN from an excluded key: 0 * NaN)"),
     Mutant("torch-text-rows-see-fd", "freecure_ops/torch_backend.py",
