@@ -325,7 +325,7 @@ def prepare_sdpa_fold(p: Problem, *, allow_cpu: bool = False) -> Prepared:
     if p.device.type != "cuda" and not allow_cpu:  # allow_cpu: the tests check its arithmetic on the CPU
         raise Skip("a CUDA provider (flash/cuDNN in fp16/bf16); on the CPU fasa[torch] is this path")
     c = p.case
-    d, width = c.head_dim, folded_width(c.head_dim)
+    d, width = c.head_dim, folded_width(c.head_dim, "cuda")
     m = prepare_fasa_mask(p.mask)
     nnz = int(m.fd_count[0])  # one host read, once per layer (the adapters' prepared mask)
     idx = m.fd_index[0, :nnz].long() + c.n_txt
