@@ -124,6 +124,9 @@ def plot(rows: list, path, title: str = "") -> Path | None:
                              if r["provider"] == prov and r["mask"] in (kind, "full"))
                 if pts:
                     ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[prov], lw=1.2)
+        ax.set_yscale("log", base=2)  # ratios: 2x faster and 2x slower are equally far from 1
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_title(f"{label} ({dtype})", fontsize=8)
         ax.set_xlim(0, 1.05)
         ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
@@ -136,7 +139,9 @@ def plot(rows: list, path, title: str = "") -> Path | None:
     for ax in axes[-1, :]:
         ax.set_xlabel("mask coverage", fontsize=7)
     handles = [matplotlib.lines.Line2D([], [], color=colors[p], label=p) for p in providers]
-    handles += [matplotlib.lines.Line2D([], [], color="k", ls=st, label=f"{k} mask") for k, st in MASK_STYLE.items()]
+    kinds = {r["mask"] for r in timed}
+    handles += [matplotlib.lines.Line2D([], [], color="k", ls=st, label=f"{k} mask (full mask at 100%)")
+                for k, st in MASK_STYLE.items() if k in kinds]
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
