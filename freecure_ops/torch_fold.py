@@ -4,8 +4,8 @@
 scale 1, no ``attn_mask``) of ``q' = [scale * q, 1, 0...]`` against ``k'_j = [k_j, b_j, 0...]`` with
 ``b_j = 0`` on PD keys and ``omega * m_j`` on FD keys, V zero-padded alike, all to a width of ``D + 1``,
 rounded up to a multiple of 8 off the CPU (what SDPA's CUDA flash and cuDNN kernels need). The CPU flash
-kernel takes any width, and there the round-up costs: 1024 x 1280 keys, one thread, fp32, median of 7 on the
-shared 2-core dev machine: 11.1 ms at width 41 against 12.7 ms at 48, 18.1 ms at 65 against 22.5 ms at 72.
+kernel takes any width, and there the round-up would only add work (width 48 instead of 41 at D = 40 is 17%
+more per key; 72 instead of 65 at D = 64, 11%).
 With no mask, SDPA may take its flash kernel (CPU; on CUDA flash or
 cuDNN in fp16/bf16, which this float32 path does not feed). Scaling q instead of dividing ``omega * m`` by
 ``scale`` keeps the column within float32 whatever the scale.
