@@ -282,6 +282,20 @@ def test_fastest_variant_keeps_the_fastest_that_agrees():
         fastest_variant({"broken": broken}, p, {"cpu_max_reps": 1, "cpu_budget_s": 0.0})
 
 
+def test_provider_whose_pinned_variants_all_fail_is_timed_as_sdpa_picks(monkeypatch):
+    import bench.providers as prov
+
+    def pinned_broken(p):
+        prepared = prov.prepare_sdpa_bias(p)
+        prepared.variants = {"cudnn": lambda: (_ for _ in ()).throw(RuntimeError("no cuDNN here"))}
+        return prepared
+
+    monkeypatch.setitem(prov.PREPARE, "sdpa_bias", pinned_broken)
+    row, = run([TINY[0]], [torch.float32], [1.0], ["sdpa_bias"], "cpu", masks=["full"],
+               timing={"cpu_max_reps": 1, "cpu_budget_s": 0.0}, log=lambda s: None)
+    assert row["status"] == "ok" and row["ms"] > 0 and "no pinned SDPA backend ran" in row["note"]
+
+
 def test_torch_backend_is_the_baseline_without_the_kernel():
     rows = [{**r, "dtype": "fp32", "device": "cpu"} for r in _fake_rows() if r["provider"] != "fasa"]
     rows.insert(0, {**rows[0], "provider": "fasa[torch]", "ms": 0.125, "status": "ok"})
