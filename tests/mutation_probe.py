@@ -283,9 +283,8 @@ MUTANTS = [
            (("w = tl.full([BLOCK_N], omega, dtype=tl.float32)", "w = tl.full([BLOCK_N], 2.0 * omega, dtype=tl.float32)"),),
            ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
            "kernel: mask=None read as all 2 instead of all ones (the oracle reads None on its own)"),
-    Mutant("torch-mask-none-not-ones", "freecure_ops/torch_backend.py",
-           (("return torch.ones(1, p.n_img, device=device, dtype=dtype)",
-             "return torch.full((1, p.n_img), 2.0, device=device, dtype=dtype)"),),
+    Mutant("torch-mask-none-not-ones", "freecure_ops/torch_fold.py",  # the forward's "bias" path
+           (("column = torch.full((1, 1, k_img.shape[2]), omega,", "column = torch.full((1, 1, k_img.shape[2]), 2 * omega,"),),
            ("tests/test_fasa_identities.py", "tests/test_fasa_kernel.py"),
            "torch backend: mask=None read as all 2 instead of all ones"),
 
