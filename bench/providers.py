@@ -8,14 +8,20 @@ run pays on every call (concatenating K/V, the attention itself) is inside the c
 name           computes  how
 =============  ========  ======================================================================================
 fasa           FASA      ``freecure_ops.fasa_attention(backend="triton")``: the fused kernel through the public API
+fasa[torch]    FASA      ``freecure_ops.fasa_attention(backend="torch")``: the CPU path (live keys gathered, bias
+                         folded into a head-dim column, SDPA with no mask, float32), prepared mask
 authors        FASA      the authors' released FASA (``attn_batch``): einsum scores in the input dtype, the FD part
                          biased (-inf outside the mask), one softmax over ``[PD, FD]`` in the input dtype, einsum
 reference      FASA      ``freecure_ops.fasa_reference`` in the input dtype: the float64-capable oracle, eager
                          (float32 softmax, checks), slower than ``authors``: timed for the record, no target
 sdpa_bias      FASA      SDPA over ``[PD; FD]`` keys with a broadcast ``[1, 1, 1, Nk]`` additive bias (FLUX: text
                          rows in a second SDPA call over PD keys)
+                         On CUDA timed under the efficient and the cuDNN SDPA backends; the faster is kept
 sdpa_gather    FASA      the same compaction as the kernel with stock ops: gather the live FD keys (the prepared
                          mask's list), SDPA with the bias over ``Np + nnz`` keys
+sdpa_fold      FASA      CUDA only: gather the live FD keys and fold ``omega * m / scale`` into one extra head-dim
+                         column (``q' = [q, 1]``), zero-padded to a multiple of 8: SDPA in the input dtype with no
+                         mask (flash / cuDNN eligible). On the CPU ``fasa[torch]`` is this path
 flex           FASA      compiled ``flex_attention`` over ``[PD; FD]`` keys with a score_mod (bias) and a block mask
 sdpa_dense     dense     SDPA over pre-concatenated ``[PD; FD image]`` K/V with no mask: the same work unmasked
 sdpa_pd        pd        SDPA over the PD keys alone: the cost floor
@@ -36,9 +42,10 @@ from .masks import case_mask
 from .measure import timed_once_ms
 from .shapes import Case
 
-PROVIDERS = ("fasa", "authors", "reference", "sdpa_bias", "sdpa_gather", "flex", "sdpa_dense", "sdpa_pd")
-TARGETS = {"fasa": "fasa", "authors": "fasa", "reference": "fasa", "sdpa_bias": "fasa", "sdpa_gather": "fasa",
-           "flex": "fasa", "sdpa_dense": "dense", "sdpa_pd": "pd"}
+PROVIDERS = ("fasa", "fasa[torch]", "authors", "reference", "sdpa_bias", "sdpa_gather", "sdpa_fold", "flex",
+             "sdpa_dense", "sdpa_pd")
+TARGETS = {"fasa": "fasa", "fasa[torch]": "fasa", "authors": "fasa", "reference": "fasa", "sdpa_bias": "fasa",
+           "sdpa_gather": "fasa", "sdpa_fold": "fasa", "flex": "fasa", "sdpa_dense": "dense", "sdpa_pd": "pd"}
 # The reference materializes [B, H, Nq, Np + Nf] fp32 scores (and a few copies): above this many bytes of
 # fp32 scores it runs in query chunks (same math, bounded memory) and the row says so.
 REFERENCE_MAX_SCORE_BYTES = 4 * 2**30
@@ -163,6 +170,7 @@ class Prepared:
     fn: object            # () -> [B, H, Nq, D]
     note: str = ""        # shown in the table and CSV
     build_ms: float | None = None  # one-off build cost reported separately (flex block mask)
+    variants: dict | None = None   # {label: fn}: alternatives of fn (SDPA backends); the runner keeps the fastest
 
 
 def _fd_img(p: Problem):
@@ -213,6 +221,19 @@ def prepare_fasa(p: Problem) -> Prepared:
     return Prepared(fn, "public API, backend=triton, prepared mask", build_ms)
 
 
+def prepare_fasa_torch(p: Problem) -> Prepared:
+    from freecure_ops import fasa_attention, prepare_fasa_mask
+
+    holder = {}
+    prepare_fasa_mask(p.mask)  # warm
+    build_ms = timed_once_ms(lambda: holder.setdefault("mask", prepare_fasa_mask(p.mask)), p.device)
+    args = (p.q, p.k_p, p.k_f, p.v_p, p.v_f, holder["mask"], p.omega)
+
+    def fn():
+        return fasa_attention(*args, scale=p.scale, n_txt=p.case.n_txt, backend="torch")
+    return Prepared(fn, "public API, backend=torch, prepared mask", build_ms)
+
+
 def prepare_reference(p: Problem) -> Prepared:
     c = p.case
     score_bytes = c.batch * c.heads * c.n_q * (c.n_p + c.n_f) * 4
@@ -249,7 +270,22 @@ def _sdpa_fasa(p: Problem, kv, bias, note: str) -> Prepared:
 
 def prepare_sdpa_bias(p: Problem) -> Prepared:
     kv, fd_start, note = _joint_kv(p)
-    return _sdpa_fasa(p, kv, _bias_row(p, fd_start), note)
+    prepared = _sdpa_fasa(p, kv, _bias_row(p, fd_start), note)
+    if p.device.type == "cuda":  # a float mask goes to the efficient or the cuDNN kernel: time both
+        prepared.variants = cuda_sdpa_variants(prepared.fn)
+    return prepared
+
+
+def cuda_sdpa_variants(fn) -> dict:
+    """``fn`` pinned to SDPA's efficient and to its cuDNN backend (``torch.nn.attention.sdpa_kernel``)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def pinned(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return fn()
+        return run
+    return {"mem_efficient": pinned(SDPBackend.EFFICIENT_ATTENTION), "cudnn": pinned(SDPBackend.CUDNN_ATTENTION)}
 
 
 def prepare_sdpa_gather(p: Problem) -> Prepared:
@@ -276,6 +312,48 @@ def prepare_sdpa_gather(p: Problem) -> Prepared:
     prepared = _sdpa_fasa(p, kv, bias, f"gather {idx.numel()} live FD keys in the call")
     prepared.build_ms = build_ms
     return prepared
+
+
+def prepare_sdpa_fold(p: Problem, *, allow_cpu: bool = False) -> Prepared:
+    """The torch backend's fold in the input dtype, for CUDA's flash and cuDNN kernels: the live FD image keys
+    (the prepared mask's list) gathered next to the PD keys, ``omega * m / scale`` in one extra head-dim column
+    against a column of ones in q, head dim zero-padded to a multiple of 8, SDPA with no mask. In fp16/bf16 the
+    column is rounded: the benchmark's masks are 0/1, so only ``/ scale`` rounds (a relative 2^-9 in bf16)."""
+    from freecure_ops import prepare_fasa_mask
+    from freecure_ops.torch_fold import folded_width
+
+    if p.device.type != "cuda" and not allow_cpu:  # allow_cpu: the tests check its arithmetic on the CPU
+        raise Skip("a CUDA provider (flash/cuDNN in fp16/bf16); on the CPU fasa[torch] is this path")
+    c = p.case
+    d, width = c.head_dim, folded_width(c.head_dim, "cuda")
+    m = prepare_fasa_mask(p.mask)
+    nnz = int(m.fd_count[0])  # one host read, once per layer (the adapters' prepared mask)
+    idx = m.fd_index[0, :nnz].long() + c.n_txt
+    column = torch.zeros(c.n_p + nnz, device=p.device)
+    column[c.n_p:] = p.omega * m.fd_value[0, :nnz] / p.scale
+    column = column.to(p.dtype)
+
+    def pad(t, extra=None):
+        """``t`` ``[B, H, N, D]`` widened to ``width`` with ``extra`` (broadcast ``[N]``) in column D."""
+        out = t.new_zeros(*t.shape[:3], width)
+        out[..., :d] = t
+        if extra is not None:
+            out[..., d] = extra
+        return out
+
+    def fn():
+        q = pad(p.q, 1.0)
+        k = pad(torch.cat([p.k_p, p.k_f.index_select(2, idx)], dim=2), column)
+        v = pad(torch.cat([p.v_p, p.v_f.index_select(2, idx)], dim=2))
+        if c.n_txt == 0:
+            out = F.scaled_dot_product_attention(q, k, v, scale=p.scale)
+        else:
+            txt = F.scaled_dot_product_attention(q[:, :, :c.n_txt], k[:, :, :c.n_p], v[:, :, :c.n_p], scale=p.scale)
+            img = F.scaled_dot_product_attention(q[:, :, c.n_txt:], k, v, scale=p.scale)
+            out = torch.cat([txt, img], dim=2)
+        return out[..., :d]
+    return Prepared(fn, f"gather {nnz} live FD keys, head dim {d} -> {width}, no mask"
+                    + (", 2 SDPA calls (text, image)" if c.n_txt else ""))
 
 
 def prepare_authors(p: Problem) -> Prepared:
@@ -370,9 +448,10 @@ def prepare_flex(p: Problem, *, allow_cpu: bool = False) -> Prepared:
     return Prepared(fn, f"{kv_note}; first call {compile_ms / 1e3:.1f} s", build_ms)
 
 
-PREPARE = {"fasa": prepare_fasa, "authors": prepare_authors, "reference": prepare_reference,
-           "sdpa_bias": prepare_sdpa_bias, "sdpa_gather": prepare_sdpa_gather, "flex": prepare_flex,
-           "sdpa_dense": prepare_sdpa_dense, "sdpa_pd": prepare_sdpa_pd}
+PREPARE = {"fasa": prepare_fasa, "fasa[torch]": prepare_fasa_torch, "authors": prepare_authors,
+           "reference": prepare_reference, "sdpa_bias": prepare_sdpa_bias, "sdpa_gather": prepare_sdpa_gather,
+           "sdpa_fold": prepare_sdpa_fold, "flex": prepare_flex, "sdpa_dense": prepare_sdpa_dense,
+           "sdpa_pd": prepare_sdpa_pd}
 
 
 # ------------------------------------------------------------------------------------- SDPA backend log

@@ -1,5 +1,6 @@
 """Output: a fixed-width table (stdout and table.txt), a CSV with the device and versions on every row,
-and a PNG of TFLOP/s per case, one bar per provider."""
+and a PNG: one small panel per model shape, speedup over ``sdpa_bias`` against mask coverage, one line per
+provider."""
 from __future__ import annotations
 
 import csv
@@ -10,14 +11,14 @@ COLUMNS = ["device", "driver", "torch", "triton", "cuda", "model", "case", "labe
            "n_txt", "n_img",
            "grid", "layers", "dtype", "mask", "coverage", "nnz", "live_keys", "fd_tiles",
            "provider", "status", "ms", "tflops",
-           "flops", "peak_mib", "x_fasa", "max_err", "tol", "sdpa_backend", "build_ms", "target", "note"]
+           "flops", "peak_mib", "x_fasa", "vs_bias", "max_err", "tol", "sdpa_backend", "build_ms", "target", "note"]
 
 TABLE = [  # (header, key, format)
     ("case", "label", "{}"), ("dtype", "dtype", "{}"), ("mask", "mask", "{}"), ("cov", "coverage", "{:.0%}"),
     ("live keys", "live_keys", "{:.1%}"), ("fd tiles", "fd_tiles", "{:.0%}"), ("provider", "provider", "{}"),
     ("status", "status", "{}"),
     ("ms", "ms", "{:.4g}"), ("TFLOP/s", "tflops", "{:.3g}"), ("peak MiB", "peak_mib", "{:.4g}"),
-    ("x fasa", "x_fasa", "{:.2f}"), ("max err", "max_err", "{:.1e}"), ("info", "info", "{}"),
+    ("x fasa", "x_fasa", "{:.2f}"), ("vs bias", "vs_bias", "{:.2f}"), ("max err", "max_err", "{:.1e}"), ("info", "info", "{}"),
     ("target", "target", "{}"),
 ]
 
@@ -33,7 +34,7 @@ def _info(r: dict) -> str:
     if r.get("sdpa_backend"):
         return r["sdpa_backend"]
     if r.get("build_ms") is not None:
-        return f"{'mask' if r['provider'] == 'fasa' else 'block mask'} {r['build_ms']:.3g} ms"
+        return f"{'mask' if r['provider'].startswith('fasa') else 'block mask'} {r['build_ms']:.3g} ms"
     if (r.get("note") or "").startswith("Triton interpreter"):
         return "interpreter, not timed"
     if r["provider"] == "reference" and "chunked" in (r.get("note") or ""):
@@ -89,10 +90,14 @@ def read_csv(path) -> list:
         return list(csv.DictReader(f))
 
 
+MASK_STYLE = {"hair": "-", "band": "--"}  # the full mask is the x = 100% point of both
+
+
 def plot(rows: list, path, title: str = "") -> Path | None:
-    """TFLOP/s (attended keys only) per case and coverage, one bar per provider, one panel per dtype.
-    Returns None when there is nothing timed or matplotlib is missing."""
-    timed = [r for r in rows if r["status"] == "ok" and r.get("tflops")]
+    """One small panel per (dtype, model shape): x = mask coverage, y = speedup over ``sdpa_bias`` (its time /
+    the provider's; > 1 is faster), one line per provider, solid for hair masks, dashed for bands. Returns
+    None when nothing has a ratio to plot or matplotlib is missing."""
+    timed = [r for r in rows if r["status"] == "ok" and r.get("vs_bias")]
     if not timed:
         return None
     try:
@@ -102,32 +107,46 @@ def plot(rows: list, path, title: str = "") -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    dtypes = list(dict.fromkeys(r["dtype"] for r in timed))
-    providers = list(dict.fromkeys(r["provider"] for r in timed))
-    groups = list(dict.fromkeys((r["label"], r["mask"], r["coverage"]) for r in timed))
-    fig, axes = plt.subplots(len(dtypes), 1, figsize=(max(8, 0.55 * len(groups) * len(providers) / 3), 4.2 * len(dtypes)),
-                             squeeze=False)
-    width = 0.8 / len(providers)
-    for ax, dt in zip(axes[:, 0], dtypes):
-        for j, prov in enumerate(providers):
-            xs, ys = [], []
-            for i, g in enumerate(groups):
-                r = next((r for r in timed if r["dtype"] == dt and r["provider"] == prov
-                          and (r["label"], r["mask"], r["coverage"]) == g), None)
-                if r:
-                    xs.append(i + (j - (len(providers) - 1) / 2) * width)
-                    ys.append(r["tflops"])
-            ax.bar(xs, ys, width, label=prov)
-        ax.set_xticks(range(len(groups)))
-        ax.set_xticklabels([f"{lab}\n{kind} {cov:.0%}" for lab, kind, cov in groups], fontsize=7, rotation=60,
-                           ha="right")
-        ax.set_ylabel(f"{dt}: TFLOP/s (attended keys)")
-        ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7, ncol=len(providers))
+    panels = list(dict.fromkeys((r["dtype"], r["label"]) for r in timed))
+    providers = [p for p in dict.fromkeys(r["provider"] for r in timed) if p != "sdpa_bias"]
+    colors = {p: f"C{i}" for i, p in enumerate(providers)}
+    n_cols = min(4, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(3.3 * n_cols, 2.6 * n_rows + 0.6), squeeze=False)
+    for ax, (dtype, label) in zip(axes.flat, panels):
+        mine = [r for r in timed if (r["dtype"], r["label"]) == (dtype, label)]
+        ax.axhline(1.0, color="grey", lw=0.8)
+        for prov in providers:
+            for kind, style in MASK_STYLE.items():
+                if not any(r["provider"] == prov and r["mask"] == kind for r in mine) and kind != "hair":
+                    continue  # no band rows: the full-mask point is on the hair line already
+                pts = sorted((float(r["coverage"]), float(r["vs_bias"])) for r in mine
+                             if r["provider"] == prov and r["mask"] in (kind, "full"))
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o", ms=3, color=colors[prov], lw=1.2)
+        ax.set_yscale("log", base=2)  # ratios: 2x faster and 2x slower are equally far from 1
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:.3g}"))
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_title(f"{label} ({dtype})", fontsize=8)
+        ax.set_xlim(0, 1.05)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.PercentFormatter(1.0))
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("x sdpa_bias (higher = faster)", fontsize=7)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("mask coverage", fontsize=7)
+    handles = [matplotlib.lines.Line2D([], [], color=colors[p], label=p) for p in providers]
+    kinds = {r["mask"] for r in timed}
+    handles += [matplotlib.lines.Line2D([], [], color="k", ls=st, label=f"{k} mask (full mask at 100%)")
+                for k, st in MASK_STYLE.items() if k in kinds]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=7, frameon=False)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path

@@ -73,7 +73,8 @@ def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows
                           return_lse=return_lse)
         return res if return_lse else (res, None)
     p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
-    res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse)
+    packed = None if fd_index is None else (fd_index, fd_value, fd_count)
+    res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse, packed=packed)
     out, lse = res if return_lse else (res, None)
     layout = _empty_out(q)
     if out.stride() != layout.stride():

@@ -1,17 +1,22 @@
-"""FASA with stock PyTorch: SDPA over [PD; FD] keys with a per-key additive bias broadcast as [B, 1, 1, Nk].
+"""FASA with stock PyTorch, for CPUs and machines without Triton: one SDPA call with no attention mask.
 
-For CPUs and machines without Triton. Nothing of size [B, H, Nq, Nk] is built, except by SDPA's own math
-fallback and by the chunked LSE path (``return_lse=True``), which materializes one query chunk at a time.
+"bias" mode (:mod:`.torch_fold`): the live FD keys are gathered from the prepared mask's packed list next to
+the PD keys, and ``omega * m`` is folded into one extra head-dim column, so SDPA runs unmasked (its flash
+kernel on the CPU) over ``Np + nnz`` keys instead of ``Np + Nimg``. Excluded FD keys and FD text keys are never
+gathered, so NaN/inf stored there cannot reach the output. "scale" mode (no exclusion) attends over
+``[PD; FD image]`` with ``omega * m`` folded into the FD keys, also unmasked. Under a torch.func transform
+(vmap) "bias" mode keeps the dense path: SDPA over ``[PD; FD image]`` with a per-key additive bias
+``[1|B, 1, 1, Nk]`` (-inf on excluded keys, whose K/V are zeroed), the path the backward also differentiates.
+Nothing of size [B, H, Nq, Nk] is built, except by SDPA's own math fallback and by the chunked LSE path
+(``return_lse=True``), which materializes one query chunk at a time.
 
 Precision: the attention runs in float32 whatever the input dtype (float64 inputs, accepted here for
-``torch.autograd.gradcheck``, run in float64), and the output is cast back to q's dtype once. SDPA needs its additive mask in q's dtype, and in fp16/bf16 that rounds ``omega * m`` (bf16 keeps 8
-bits: an error of up to 0.04 in a logit of 10) or overflows it (fp16 past 65504); folding the "scale" mode
-factor into fp16/bf16 keys rounds it the same way. The float32 copies of q and the concatenated K/V cost
-memory of the same order as the concatenation itself, and they keep this path within the accuracy rule the
-Triton kernel meets (``max|out - ref64| <= 2 * max|same_dtype_eager - ref64| + floor``).
-
-Excluded FD keys (``m == 0`` in "bias" mode) get weight exactly 0 *and* their K/V entries are replaced by
-zeros, so NaN/inf there never reach the output (``0 * NaN`` would).
+``torch.autograd.gradcheck``, run in float64), and the output is cast back to q's dtype once. In fp16/bf16 the
+folded column ``omega * m`` (or an additive mask) would be rounded (bf16 keeps 8 bits: an error of up to 0.04
+in a logit of 10) or overflow (fp16 past 65504); folding the "scale" mode factor into fp16/bf16 keys rounds
+it the same way. The float32 copies cost memory of the same order as the gathered K/V themselves, and they
+keep this path within the accuracy rule the Triton kernel meets
+(``max|out - ref64| <= 2 * max|same_dtype_eager - ref64| + floor``).
 """
 from __future__ import annotations
 
@@ -19,7 +24,10 @@ import contextlib
 
 import torch
 import torch.nn.functional as F
+from torch._C._functorch import peek_interpreter_stack
 
+from .fasa_mask import pack_live_keys
+from .torch_fold import folded_qkv
 from .validation import FasaProblem
 
 _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
@@ -69,13 +77,16 @@ def _fd_keys_values_bias(k_f, v_f, rows, p: FasaProblem):
 
 
 def _attend(q, k, v, bias, scale, return_lse):
-    """softmax(scale * q k^T + bias) v in q's dtype with bias [1|B, Nk]; optionally also the LSE (natural log)."""
+    """softmax(scale * q k^T + bias) v in q's dtype with bias [1|B, Nk] or None; optionally also the LSE
+    (natural log)."""
     if not return_lse:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :], scale=scale)
+        mask = None if bias is None else bias[:, None, None, :]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     outs, lses = [], []
     for start in range(0, max(q.shape[2], 1), _LSE_CHUNK):  # one (empty) chunk for zero rows (n_txt == Nq)
         s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:start + _LSE_CHUNK], k) * scale
-        s = s + bias[:, None, None, :]
+        if bias is not None:
+            s = s + bias[:, None, None, :]
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(s - lse[..., None]), v))
         lses.append(lse)
@@ -95,25 +106,46 @@ def joint_keys(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem):
     return q.to(acc), k, v, bias
 
 
-def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False):
+def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False, packed=None):
     """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs).
-    Autocast is off inside: it would run SDPA in fp16/bf16 and round ``omega * m`` (module docstring)."""
+    ``mask``: the mask rows (or None); ``packed``: its ``(fd_index, fd_value, fd_count)`` when the caller has
+    them (a prepared mask), else they are derived here. Autocast is off inside: it would run SDPA in
+    fp16/bf16 and round ``omega * m`` (module docstring)."""
     with no_autocast(q.device):
-        return _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
+        if p.mode == "bias" and peek_interpreter_stack() is None:
+            return _fasa_folded(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed)
+        return _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
 
 
-def _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool):
+def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, packed):
+    """"bias" mode over the PD keys and the gathered live FD image keys, bias folded (:mod:`.torch_fold`)."""
+    acc = acc_dtype(q.dtype)
+    if rows is not None and packed is None:
+        packed = pack_live_keys(rows)
+    qf, kf, vf = folded_qkv(q, k_p, v_p, k_f[:, :, p.n_txt:], v_f[:, :, p.n_txt:], packed, p.omega, p.scale, acc)
+    res = _text_and_image(qf, kf, vf, None, 1.0, p, return_lse)
+    d = q.shape[-1]
+    if return_lse:
+        return res[0][..., :d].to(q.dtype), res[1]
+    return res[..., :d].to(q.dtype)
+
+
+def _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool):
     q32, k, v, bias = joint_keys(q, k_p, k_f, v_p, v_f, mask, p)
-    if p.n_txt == 0:
-        res = _attend(q32, k, v, bias, p.scale, return_lse)
-    else:
-        # FLUX joint sequence: text query rows see PD keys only; image rows see PD keys and FD image keys.
-        txt = _attend(q32[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], bias[:, :p.n_p], p.scale, return_lse)
-        img = _attend(q32[:, :, p.n_txt:], k, v, bias, p.scale, return_lse)
-        if return_lse:
-            res = torch.cat([txt[0], img[0]], dim=2), torch.cat([txt[1], img[1]], dim=2)
-        else:
-            res = torch.cat([txt, img], dim=2)
+    res = _text_and_image(q32, k, v, None if p.mode == "scale" else bias, p.scale, p, return_lse)
     if return_lse:
         return res[0].to(q.dtype), res[1]
     return res.to(q.dtype)
+
+
+def _text_and_image(q, k, v, bias, scale, p: FasaProblem, return_lse: bool):
+    """Attention over ``[PD keys; FD keys]`` (``bias`` per key or None); in the FLUX joint sequence the text
+    query rows see the first ``Np`` keys (PD) only."""
+    if p.n_txt == 0:
+        return _attend(q, k, v, bias, scale, return_lse)
+    pd_bias = None if bias is None else bias[:, :p.n_p]
+    txt = _attend(q[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], pd_bias, scale, return_lse)
+    img = _attend(q[:, :, p.n_txt:], k, v, bias, scale, return_lse)
+    if return_lse:
+        return torch.cat([txt[0], img[0]], dim=2), torch.cat([txt[1], img[1]], dim=2)
+    return torch.cat([txt, img], dim=2)

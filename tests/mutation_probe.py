@@ -271,14 +271,20 @@ MUTANTS = [
            MASK_TESTS + VALIDATION_TESTS, "a prepared mask on another device than q is not refused"),
 
     # ---- the torch backend ------------------------------------------------------------------------------
-    Mutant("torch-omega-ignored", "freecure_ops/torch_backend.py",
-           (("p.omega * mask_rows, torch.full_like", "mask_rows, torch.full_like"),
-            ("p.omega * rows, torch.full_like", "rows, torch.full_like")),
-           BACKEND_TESTS, "torch backend, bias mode: omega dropped from the FD bias"),
+    Mutant("torch-omega-ignored", "freecure_ops/torch_fold.py",
+           (("    value = omega * fd_value[:, :n_slots]", "    value = fd_value[:, :n_slots]"),),
+           BACKEND_TESTS, "torch backend, bias mode: omega dropped from the folded FD bias column"),
+    Mutant("torch-pad-logit-finite-small", "freecure_ops/torch_fold.py",
+           (("PAD_LOGIT = -1e30", "PAD_LOGIT = -1e3"),), ("tests/test_torch_fold.py",),
+           "torch backend: padding slots of per-row masks get weight where every real logit is very negative"),
+    Mutant("torch-padding-values-kept", "freecure_ops/torch_fold.py",
+           (("torch.where(keep, _gather(v_img, index), v_img.new_zeros(()))", "_gather(v_img, index)"),),
+           ("tests/test_torch_fold.py",),
+           "torch backend: padding slots keep the V they read (NaN from an excluded key: 0 * NaN)"),
     Mutant("torch-text-rows-see-fd", "freecure_ops/torch_backend.py",
            (("txt = _attend(q[:, :, :p.n_txt], k_p, v_p, bias[:, :p.n_p]", "txt = _attend(q[:, :, :p.n_txt], k, v, bias"),
-            ("txt = _attend(q32[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], bias[:, :p.n_p]",
-             "txt = _attend(q32[:, :, :p.n_txt], k, v, bias")),
+            ("txt = _attend(q[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], pd_bias",
+             "txt = _attend(q[:, :, :p.n_txt], k, v, bias")),
            BACKEND_TESTS, "torch backend, FLUX: text query rows attend to FD image keys"),
 
     # ---- validation -------------------------------------------------------------------------------------
@@ -303,9 +309,8 @@ MUTANTS = [
            (("w = tl.full([BLOCK_N], omega, dtype=tl.float32)", "w = tl.full([BLOCK_N], 2.0 * omega, dtype=tl.float32)"),),
            ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
            "kernel: mask=None read as all 2 instead of all ones (the oracle reads None on its own)"),
-    Mutant("torch-mask-none-not-ones", "freecure_ops/torch_backend.py",
-           (("return torch.ones(1, p.n_img, device=device, dtype=dtype)",
-             "return torch.full((1, p.n_img), 2.0, device=device, dtype=dtype)"),),
+    Mutant("torch-mask-none-not-ones", "freecure_ops/torch_fold.py",  # the forward's "bias" path
+           (("column = torch.full((1, 1, k_img.shape[2]), omega,", "column = torch.full((1, 1, k_img.shape[2]), 2 * omega,"),),
            ("tests/test_fasa_identities.py", "tests/test_fasa_kernel.py"),
            "torch backend: mask=None read as all 2 instead of all ones"),
 

@@ -182,7 +182,7 @@ TINY = [Case("sd15", "tiny-sd", 2, 2, 40, (6, 8), omega=0.5),
 @pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
 def test_providers_agree_on_a_tiny_case(case, device):
     dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16]
-    providers = [p for p in PROVIDERS if device == "cuda" or p not in ("fasa", "flex")]
+    providers = [p for p in PROVIDERS if device == "cuda" or p not in ("fasa", "flex", "sdpa_fold")]
     rows = run([case], dtypes, [0.25, 1.0], providers, device,
                timing={"cpu_max_reps": 1, "cpu_budget_s": 0.0, "warmup_ms": 1.0, "rep_ms": 2.0})
     assert len(rows) == len(dtypes) * 2 * len(providers)
@@ -245,6 +245,85 @@ def test_disagreeing_provider_is_failed_not_timed(monkeypatch):
     bad, good = rows
     assert bad["status"] == "FAIL" and bad["ms"] is None and bad["max_err"] > bad["tol"]
     assert good["status"] == "ok"
+
+
+@pytest.mark.parametrize("case", TINY, ids=lambda c: c.name)
+@pytest.mark.parametrize("coverage", [0.25, 1.0])
+def test_fold_providers_agree_with_the_oracle(case, coverage):
+    # fasa[torch] and the CUDA provider sdpa_fold (its arithmetic, run here in fp32) against the float64 oracle.
+    import bench.providers as prov
+
+    p = make_problem(case, torch.float32, coverage, "cpu", seed=3)
+    for prep in (PREPARE["fasa[torch]"](p), prov.prepare_sdpa_fold(p, allow_cpu=True)):
+        out = prep.fn()
+        assert out.shape == p.q.shape
+        assert (out.double() - oracle(p, "fasa")).abs().max() < 1e-5, prep.note
+    with pytest.raises(Skip, match="CUDA"):
+        PREPARE["sdpa_fold"](p)
+
+
+def test_fastest_variant_keeps_the_fastest_that_agrees():
+    from bench.runner import fastest_variant
+
+    p = make_problem(TINY[0], torch.float32, 0.25, "cpu")
+    right = PREPARE["sdpa_bias"](p).fn
+
+    def slow():
+        time.sleep(0.02)
+        return right()
+
+    def broken():
+        raise RuntimeError("no kernel for this shape")
+
+    variants = {"slow": slow, "wrong": lambda: right() + 1, "broken": broken, "fast": right}
+    fn, note = fastest_variant(variants, p, {"cpu_max_reps": 2, "cpu_budget_s": 0.0})
+    assert fn is right and note.startswith("kept fast (slow ") and "wrong disagrees" in note and "broken:" in note
+    with pytest.raises(RuntimeError, match="no kernel"):
+        fastest_variant({"broken": broken}, p, {"cpu_max_reps": 1, "cpu_budget_s": 0.0})
+
+
+def test_provider_whose_pinned_variants_all_fail_is_timed_as_sdpa_picks(monkeypatch):
+    import bench.providers as prov
+
+    def pinned_broken(p):
+        prepared = prov.prepare_sdpa_bias(p)
+        prepared.variants = {"cudnn": lambda: (_ for _ in ()).throw(RuntimeError("no cuDNN here"))}
+        return prepared
+
+    monkeypatch.setitem(prov.PREPARE, "sdpa_bias", pinned_broken)
+    row, = run([TINY[0]], [torch.float32], [1.0], ["sdpa_bias"], "cpu", masks=["full"],
+               timing={"cpu_max_reps": 1, "cpu_budget_s": 0.0}, log=lambda s: None)
+    assert row["status"] == "ok" and row["ms"] > 0 and "no pinned SDPA backend ran" in row["note"]
+
+
+def test_torch_backend_is_the_baseline_without_the_kernel():
+    rows = [{**r, "dtype": "fp32", "device": "cpu"} for r in _fake_rows() if r["provider"] != "fasa"]
+    rows.insert(0, {**rows[0], "provider": "fasa[torch]", "ms": 0.125, "status": "ok"})
+    annotate(rows)
+    by = {r["provider"]: r for r in rows}
+    assert by["fasa[torch]"]["x_fasa"] == 1.0 and by["sdpa_bias"]["x_fasa"] == pytest.approx(1.6)
+    assert by["fasa[torch]"]["vs_bias"] == pytest.approx(1.6) and by["sdpa_bias"]["vs_bias"] == 1.0
+    assert by["sdpa_bias"]["target"] == ">=1.4x ok" and by["authors"]["target"] == ""
+    by["fasa[torch]"]["ms"] = 0.16
+    annotate(rows)
+    assert by["sdpa_bias"]["target"] == ">=1.4x MISS"
+
+
+def test_plot_is_one_small_panel_per_shape(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    rows = []
+    for label in ("sd15 4096 8x40", "sd15 1024 8x80", "sdxl 1024 20x64", "flux 512+4096 24x128", "sdxl 4096 10x64"):
+        for kind, cov in (("hair", 0.1), ("hair", 0.25), ("hair", 0.5), ("band", 0.25), ("full", 1.0)):
+            for prov, ms in (("fasa", 1.0), ("sdpa_bias", 2.0), ("sdpa_gather", 1.5), ("authors", 9.0)):
+                rows.append({**_fake_rows()[0], "label": label, "case": label, "mask": kind, "coverage": cov,
+                             "provider": prov, "ms": ms * (1 + cov), "status": "ok"})
+    annotate(rows)
+    png = report.plot(rows, tmp_path / "bench.png", title="t")
+    height, width = imread(png).shape[:2]
+    assert width <= 1400 and height <= 700  # 4 + 1 panels, not 80 bar groups in a row
+    assert report.plot([{**r, "vs_bias": None} for r in rows], tmp_path / "none.png") is None
 
 
 def test_sdpa_backend_is_logged():
@@ -335,7 +414,7 @@ def test_main_smoke_run(tmp_path, capsys):
     from bench.__main__ import main
 
     rc = main(["--models", "sd15", "--coverages", "25", "--providers", "fasa,sdpa_bias,sdpa_pd", "--quick",
-               "--no-e2e", "--no-kernel-check", "--out", str(tmp_path)])
+               "--masks", "hair,band,full", "--no-e2e", "--no-kernel-check", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 0
     rows = list(csv.DictReader(open(tmp_path / "bench.csv")))
@@ -344,12 +423,36 @@ def test_main_smoke_run(tmp_path, capsys):
     assert [m for _, m in first] == ["hair", "band", "full"] and len({c for c, _ in first}) == 1
     assert {r["provider"] for r in rows} == {"fasa", "sdpa_bias", "sdpa_pd"}
     # 5 SD1.5 cases (4 shapes + the B=4 batch) x (hair 25%, band 25%, full)
-    assert (tmp_path / "table.txt").read_text().count("sdpa_bias") == 15
+    text = (tmp_path / "table.txt").read_text()
+    assert sum(" sdpa_bias " in line for line in text.splitlines() if not line.startswith("#")) == 15
+    assert text.splitlines()[-1].startswith("# done in ")  # the run's length, with the caveats on top
+    if not torch.cuda.is_available():
+        assert "KERNEL TIMINGS NEED CUDA" in text and "REDUCED" in text and "CPU ratios say nothing about GPUs" in text
     assert all(r["device"] and r["torch"] and r["triton"] for r in rows)
     if not torch.cuda.is_available():
         assert "KERNEL TIMINGS NEED CUDA" in out and "REDUCED" in out and "fp32" in out
         assert all(r["status"] == "skip" for r in rows if r["provider"] == "fasa")
     assert all(r["status"] == "ok" for r in rows if r["provider"] != "fasa")
+
+
+def test_cpu_defaults_and_named_output_folder(tmp_path, monkeypatch):
+    from bench.__main__ import CPU_MASKS, CPU_PROVIDERS, DEFAULT_OUT, main, parse_args
+
+    assert str(parse_args([]).out) == DEFAULT_OUT == "bench_out"  # never the current folder itself
+    assert "fasa[torch]" in CPU_PROVIDERS and "sdpa_bias" in CPU_PROVIDERS and CPU_MASKS == ("hair", "full")
+    if torch.cuda.is_available():
+        return
+    monkeypatch.chdir(tmp_path)
+    from dataclasses import replace
+
+    monkeypatch.setattr("bench.__main__.reduced", lambda c: replace(TINY[0], name=c.name))
+    assert main(["--models", "sd15", "--quick", "--no-e2e", "--no-kernel-check"]) == 0
+    rows = list(csv.DictReader(open(tmp_path / DEFAULT_OUT / "bench.csv")))
+    assert {r["provider"] for r in rows} == set(CPU_PROVIDERS) and {r["mask"] for r in rows} == {"hair", "full"}
+    torch_rows = [r for r in rows if r["provider"] == "fasa[torch]"]
+    assert torch_rows and all(r["status"] == "ok" and float(r["x_fasa"]) == 1.0 for r in torch_rows)
+    assert all(r["vs_bias"] for r in rows if r["status"] == "ok")
+    assert "vs bias" in (tmp_path / DEFAULT_OUT / "table.txt").read_text()
 
 
 def test_cli_rejects_unknown_names():

@@ -1,0 +1,120 @@
+"""The "bias"-mode keys of the PyTorch backend: the live FD keys gathered, their bias folded into the head dim.
+
+``softmax_j(scale * q.k_j + omega * m_j)`` over the PD keys and the live FD keys is plain attention (SDPA
+scale 1, no ``attn_mask``) of ``q' = [scale * q, 1, 0...]`` against ``k'_j = [k_j, b_j, 0...]`` with
+``b_j = 0`` on PD keys and ``omega * m_j`` on FD keys, V zero-padded alike, all to a width of ``D + 1``,
+rounded up to a multiple of 8 off the CPU (what SDPA's CUDA flash and cuDNN kernels need). The CPU flash
+kernel takes any width, and there the round-up would only add work (width 48 instead of 41 at D = 40 is 17%
+more per key; 72 instead of 65 at D = 64, 11%).
+With no mask, SDPA may take its flash kernel (CPU; on CUDA flash or
+cuDNN in fp16/bf16, which this float32 path does not feed). Scaling q instead of dividing ``omega * m`` by
+``scale`` keeps the column within float32 whatever the scale.
+
+Only live keys are read: the prepared mask's packed list (``fd_index``, ``fd_value``, ``fd_count``) is gathered
+up to the largest live count of its rows. A row with fewer live keys gets padding slots: K and V zero and
+the column ``PAD_LOGIT`` = -1e30. Its weight is ``exp(-1e30 - M)`` with ``M`` the running maximum of the row,
+at least its largest PD logit: float32 ``exp`` is exactly 0 below -104, so the weight is exactly 0 whenever
+some PD logit of the row exceeds -1e30 + 104 (any input whose logits are not themselves near float32
+overflow). A finite value, unlike -inf, gives no ``-inf - (-inf)`` in a kernel that meets a key block of
+padding alone first: that block's terms are rescaled by ``exp(-1e30 - M) = 0`` when a real key arrives.
+Padding slots point at the row's first live key (never an excluded key, whose K/V may hold NaN) and are
+overwritten with zeros by ``torch.where``; a row with no live key at all, while another row has some, is
+the one case that reads an excluded key, and ``where`` drops it (its NaN cannot propagate through ``where``).
+
+How many slots to gather is data: on the CPU it is read from ``fd_count`` for free (host memory, no
+device to wait for). On another device that read would be a device sync per call, so there all ``Nimg``
+slots are gathered (the excluded ones as padding): right, never faster than the dense bias. The CUDA fast
+path is the Triton kernel; this backend is for CPUs.
+"""
+from __future__ import annotations
+
+import torch
+
+PAD_LOGIT = -1e30  # the folded column of a padding slot (see the module docstring)
+ALIGN = 8          # head-dim multiple that SDPA's flash and cuDNN backends need on CUDA
+
+
+def folded_width(head_dim: int, device: torch.device | str = "cuda") -> int:
+    """``D + 1`` (the bias column), rounded up to a multiple of ``ALIGN`` except on the CPU (module docstring)."""
+    align = 1 if torch.device(device).type == "cpu" else ALIGN
+    return -(-(head_dim + 1) // align) * align
+
+
+def live_slots(fd_count: torch.Tensor, n_img: int) -> tuple[int, bool]:
+    """``(L, padded)``: how many slots of the packed list to gather (the largest live count of the rows) and
+    whether some row has fewer live keys than that. Read on the host only for a CPU mask (module docstring)."""
+    if fd_count.device.type != "cpu":
+        return n_img, True
+    counts = fd_count.numpy()  # host memory: no op, no sync
+    top = int(counts.max())
+    return top, bool(int(counts.min()) < top)
+
+
+def _gather(t_img: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``t_img[b, :, index[b or 0]]``: ``[B, H, L, D]`` from ``t_img`` ``[B, H, Nimg, D]`` and ``index`` ``[R, L]``."""
+    if index.shape[0] == 1:
+        return t_img.index_select(2, index[0])  # int32 indices are fine here
+    b, h, _, d = t_img.shape
+    return t_img.gather(2, index.long()[:, None, :, None].expand(b, h, index.shape[1], d))
+
+
+def folded_qkv(q, k_p, v_p, k_img, v_img, packed, omega: float, scale: float, dtype: torch.dtype):
+    """``(q', k', v')`` in ``dtype`` for SDPA with ``scale=1`` and no mask: keys ``[PD; live FD]``, width
+    :func:`folded_width` on q's device. ``packed``: ``(fd_index, fd_value, fd_count)`` of the mask (rows ``[1|B, Nimg]``), or
+    None for the all-ones mask (every FD image key live, bias ``omega``). The first ``Np`` keys are PD keys."""
+    b, h, n_q, d = q.shape
+    n_p = k_p.shape[2]
+    width = folded_width(d, q.device)
+    if packed is None:
+        k_live, v_live = k_img, v_img
+        column = torch.full((1, 1, k_img.shape[2]), omega, dtype=dtype, device=q.device)
+    else:
+        k_live, v_live, column = _live_keys(k_img, v_img, packed, omega, dtype)
+    n_k = n_p + k_live.shape[2]
+    # q' as [B, Nq, H, W] memory: SDPA's output follows q's layout, and the op returns [B, Nq, H, D] memory
+    qf = _widened(q, n_q, width, dtype, queries=True)
+    qf[..., :d] = q
+    qf[..., :d] *= scale  # in dtype: q * scale in fp16/bf16 would round the product
+    qf[..., d] = 1.0
+    kf = _widened(q, n_k, width, dtype)
+    kf[:, :, :n_p, :d] = k_p
+    kf[:, :, n_p:, :d] = k_live
+    kf[:, :, :n_p, d] = 0.0
+    kf[:, :, n_p:, d] = column
+    vf = _widened(q, n_k, width, dtype, zero_from=d)
+    vf[:, :, :n_p, :d] = v_p
+    vf[:, :, n_p:, :d] = v_live
+    return qf, kf, vf
+
+
+def _live_keys(k_img, v_img, packed, omega: float, dtype):
+    """``(k_live, v_live, column [R, 1, L])``: the gathered live keys/values and their folded bias; padding
+    slots (rows with fewer live keys than the longest) zeroed, with the column ``PAD_LOGIT``."""
+    fd_index, fd_value, fd_count = packed
+    n_slots, padded = live_slots(fd_count, k_img.shape[2])
+    index = fd_index[:, :n_slots]
+    value = omega * fd_value[:, :n_slots].to(dtype)
+    if not padded:  # every row has exactly n_slots live keys (always so for a shared mask)
+        return _gather(k_img, index), _gather(v_img, index), value[:, None, :]
+    slots = torch.arange(n_slots, device=fd_count.device, dtype=fd_count.dtype)
+    valid = slots[None, :] < fd_count[:, None]                       # [R, L]
+    index = torch.where(valid, index, index[:, :1])  # the row's first listed key: a live one if it has any
+    keep = valid[:, None, :, None]
+    k_live = torch.where(keep, _gather(k_img, index), k_img.new_zeros(()))
+    v_live = torch.where(keep, _gather(v_img, index), v_img.new_zeros(()))
+    return k_live, v_live, torch.where(valid, value, torch.full_like(value, PAD_LOGIT))[:, None, :]
+
+
+def _widened(q, n: int, width: int, dtype, zero_from: int | None = None, queries: bool = False) -> torch.Tensor:
+    """An uninitialized ``[B, H, n, width]`` buffer (``queries``: laid out as ``[B, n, H, width]`` memory) whose
+    columns from ``zero_from`` (default: past the bias column) are zero: the caller writes the rest (every
+    buffer here is written once, never cleared first)."""
+    b, h, _, d = q.shape
+    if queries:
+        out = torch.empty((b, n, h, width), dtype=dtype, device=q.device).transpose(1, 2)
+    else:
+        out = torch.empty((b, h, n, width), dtype=dtype, device=q.device)
+    start = d + 1 if zero_from is None else zero_from
+    if start < width:
+        out[..., start:].zero_()
+    return out
