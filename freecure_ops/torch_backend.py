@@ -1,10 +1,13 @@
-"""FASA with stock PyTorch, for CPUs and machines without Triton: one SDPA call with no attention mask.
+"""FASA with stock PyTorch, for CPUs and machines without Triton: one SDPA call per query block kind.
 
 "bias" mode (:mod:`.torch_fold`): the live FD keys are gathered from the prepared mask's packed list next to
-the PD keys, and ``omega * m`` is folded into one extra head-dim column, so SDPA runs unmasked (its flash
-kernel on the CPU) over ``Np + nnz`` keys instead of ``Np + Nimg``. Excluded FD keys and FD text keys are never
-gathered, so NaN/inf stored there cannot reach the output. "scale" mode (no exclusion) attends over
-``[PD; FD image]`` with ``omega * m`` folded into the FD keys, also unmasked. Under a torch.func transform
+the PD keys, so SDPA runs over ``Np + nnz`` keys instead of ``Np + Nimg``. On the CPU the bias ``omega * m``
+goes in as an additive ``[1|B, 1, 1, Nk]`` mask: the CPU flash kernel takes one at no measurable cost, and
+there the folded form below was slower (it copies q and widens every row; bench/results/cpu). On other devices
+``omega * m`` is folded into one extra head-dim column so that SDPA runs unmasked (CUDA's flash and cuDNN
+kernels take no mask). Excluded FD keys and FD text keys are never gathered, so NaN/inf stored there cannot
+reach the output. "scale" mode (no exclusion) attends over ``[PD; FD image]`` with ``omega * m`` folded into
+the FD keys, unmasked. Under a torch.func transform
 (vmap) "bias" mode keeps the dense path: SDPA over ``[PD; FD image]`` with a per-key additive bias
 ``[1|B, 1, 1, Nk]`` (-inf on excluded keys, whose K/V are zeroed), the path the backward also differentiates.
 Nothing of size [B, H, Nq, Nk] is built, except by SDPA's own math fallback and by the chunked LSE path
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch._C._functorch import peek_interpreter_stack
 
 from .fasa_mask import pack_live_keys
-from .torch_fold import folded_qkv
+from .torch_fold import folded_qkv, gathered_kv
 from .validation import FasaProblem
 
 _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
@@ -117,12 +120,26 @@ def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = F
         return _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
 
 
+def folds_bias(device: torch.device) -> bool:
+    """Whether "bias" mode folds ``omega * m`` into the head dim (unmasked SDPA) rather than passing it as an
+    additive mask: everywhere but the CPU (module docstring)."""
+    return device.type != "cpu"
+
+
 def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, packed):
-    """"bias" mode over the PD keys and the gathered live FD image keys, bias folded (:mod:`.torch_fold`)."""
+    """"bias" mode over the PD keys and the gathered live FD image keys (:mod:`.torch_fold`): the bias as a
+    mask on the CPU, folded into the head dim elsewhere."""
     acc = acc_dtype(q.dtype)
     if rows is not None and packed is None:
         packed = pack_live_keys(rows)
-    qf, kf, vf = folded_qkv(q, k_p, v_p, k_f[:, :, p.n_txt:], v_f[:, :, p.n_txt:], packed, p.omega, p.scale, acc)
+    k_img, v_img = k_f[:, :, p.n_txt:], v_f[:, :, p.n_txt:]
+    if not folds_bias(q.device):
+        k, v, bias = gathered_kv(k_p, v_p, k_img, v_img, packed, p.omega, acc)
+        res = _text_and_image(q.to(acc), k, v, bias, p.scale, p, return_lse)
+        if return_lse:
+            return res[0].to(q.dtype), res[1]
+        return res.to(q.dtype)
+    qf, kf, vf = folded_qkv(q, k_p, v_p, k_img, v_img, packed, p.omega, p.scale, acc)
     res = _text_and_image(qf, kf, vf, None, 1.0, p, return_lse)
     d = q.shape[-1]
     if return_lse:

@@ -87,6 +87,22 @@ def folded_qkv(q, k_p, v_p, k_img, v_img, packed, omega: float, scale: float, dt
     return qf, kf, vf
 
 
+def gathered_kv(k_p, v_p, k_img, v_img, packed, omega: float, dtype):
+    """``(k, v, bias)`` in ``dtype``: keys/values ``[PD; live FD]`` and the per-key bias ``[R, Np + L]`` (0 on PD
+    keys, ``omega * m`` on live FD keys, ``PAD_LOGIT`` on padding slots) for SDPA with an additive mask, the
+    CPU's form of the same attention (the backend's module docstring says why)."""
+    if packed is None:
+        k_live, v_live = k_img, v_img
+        column = torch.full((1, 1, k_img.shape[2]), omega, dtype=dtype, device=k_img.device)
+    else:
+        k_live, v_live, column = _live_keys(k_img, v_img, packed, omega, dtype)
+    k = torch.cat([k_p.to(dtype), k_live.to(dtype)], dim=2)
+    v = torch.cat([v_p.to(dtype), v_live.to(dtype)], dim=2)
+    column = column[:, 0, :]
+    bias = torch.cat([column.new_zeros(column.shape[0], k_p.shape[2]), column], dim=1)
+    return k, v, bias
+
+
 def _live_keys(k_img, v_img, packed, omega: float, dtype):
     """``(k_live, v_live, column [R, 1, L])``: the gathered live keys/values and their folded bias; padding
     slots (rows with fewer live keys than the longest) zeroed, with the column ``PAD_LOGIT``."""

@@ -1,11 +1,14 @@
 """The PyTorch backend's "bias" path (freecure_ops/torch_fold.py): live FD keys gathered from the packed list,
-omega*m folded into a head-dim column, one unmasked SDPA call. Against the float64 oracle with the rounding
-floor rule (fasa_cases.assert_close_to_ref), on the cases the fold makes special: per-row masks with different
-live counts (padding slots), a row with no live key, NaN in every excluded key, FLUX text rows, odd head dims."""
+then one SDPA call with ``omega*m`` as an additive mask (the CPU's form) or folded into a head-dim column with
+no mask (the form off the CPU). Every test runs both forms on the CPU (the ``form`` fixture). Against the
+float64 oracle with the rounding floor rule (fasa_cases.assert_close_to_ref), on the cases the gather makes
+special: per-row masks with different live counts (padding slots), a row with no live key, NaN in every
+excluded key, FLUX text rows, odd head dims."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import freecure_ops.torch_backend as backend
 import freecure_ops.torch_fold as fold
 from fasa_cases import assert_close_to_ref, make_inputs, to64
 from freecure_ops import fasa_attention, fasa_reference, prepare_fasa_mask
@@ -43,6 +46,14 @@ class SdpaOps(TorchDispatchMode):
         if "scaled_dot_product" in func.overloadpacket.__name__:
             self.names.append(func.overloadpacket.__name__)
         return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture(autouse=True, params=["mask", "fold"])
+def form(request, monkeypatch):
+    """The bias as an additive mask (what the CPU runs) or folded into the head dim (what other devices run)."""
+    if request.param == "fold":
+        monkeypatch.setattr(backend, "folds_bias", lambda device: True)
+    return request.param
 
 
 @pytest.fixture
@@ -104,13 +115,15 @@ def test_empty_mask_is_attention_over_pd_alone(shared, sdpa_calls):
     assert (out.double() - ref).abs().max() < 1e-5
 
 
-def test_one_unmasked_sdpa_call_over_pd_and_live_keys(sdpa_calls):
+def test_one_sdpa_call_over_pd_and_live_keys(sdpa_calls, form):
     n_img = 64
     q, k_p, k_f, v_p, v_f = make_inputs(2, 2, 40, 40, n_img, 40, torch.float32, "cpu", seed=4)
     mask = uneven_mask(n_img, [11, 23], seed=4)
     out = fasa_attention(q, k_p, k_f, v_p, v_f, prepare_fasa_mask(mask), 0.5, backend="torch")
-    # padded to the largest live count, no mask: SDPA's flash kernel
-    assert sdpa_calls == [(40 + 23, None, "_scaled_dot_product_flash_attention_for_cpu")]
+    # padded to the largest live count; a per-key mask [rows, 1, 1, keys] or none: SDPA's flash kernel
+    [(n_k, attn_mask, op)] = sdpa_calls
+    assert (n_k, op) == (40 + 23, "_scaled_dot_product_flash_attention_for_cpu")
+    assert attn_mask is None if form == "fold" else attn_mask.shape == (2, 1, 1, 40 + 23)
     assert_close_to_ref(out, (q, k_p, k_f, v_p, v_f), mask, 0.5)
     sdpa_calls.clear()  # a shared mask: exactly its live keys, no padding
     fasa_attention(q, k_p, k_f, v_p, v_f, prepare_fasa_mask(mask[1]), 0.5, backend="torch")
