@@ -220,16 +220,18 @@ def _fasa_fwd_kernel(
             nxt = (t + 1) * BLOCK_N + offs_n
             live_nxt = nxt < n_live
             keys_nxt = tl.load(idx_base + nxt, mask=live_nxt, other=0)
+            if BINARY:
+                vals_nxt = vals
+            else:
+                vals_nxt = tl.load(val_base + nxt, mask=live_nxt, other=0.0)
             rows = N_TXT + keys
             qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
                          HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
             # logit = s + omega * m (omega arrives times log2(e)); the padding past the live keys is excluded.
             if BINARY:
                 qk = tl.where(live[None, :], qk + bias, float("-inf"))
-                vals_nxt = vals
             else:
                 qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float("-inf"))
-                vals_nxt = tl.load(val_base + nxt, mask=live_nxt, other=0.0)
             if HAS_TXT:  # text query rows see PD keys only
                 qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
             acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1,

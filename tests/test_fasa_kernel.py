@@ -410,3 +410,16 @@ def test_launcher_picks_variants(device):
     assert grid[0] == 6 and merge is not None and meta["BINARY"] and meta["SPLIT_KV"] and meta["WRITE_LSE"]
     _, _, meta, _, _, _ = launch_plan(*inputs, bool_mask, mode="scale", binary=True, **kw)
     assert not meta["BINARY"]  # "scale" mode reads every key's value
+
+
+def test_tile_sweep_launches_every_variant(device):
+    # The GPU sweep times these variants; each must launch through the sweep's own compile step (here in
+    # the interpreter on a tiny case), and split-KV is offered exactly for grids under one wave.
+    from bench.shapes import Case
+    from bench.tile_sweep import VARIANTS, compile_one, variants_for
+
+    assert set(VARIANTS) == {"float", "binary", "split", "split-bin"}
+    assert variants_for(128, 132) == tuple(VARIANTS) and variants_for(396, 132) == ("float", "binary")
+    tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
+    for variant in VARIANTS:
+        assert compile_one((tiny, ((16, 16, 1, 1), variant)), device=device) == "", variant
