@@ -4,10 +4,11 @@ For every distinct self-attention shape (bench.shapes, B=1 per guidance half plu
 25% hair mask (the typical attribute) and the full mask: time ``fasa_fwd`` with each candidate
 (BLOCK_M, BLOCK_N, num_warps, num_stages), the tile table's own choice included, after checking each result
 against the table's (a config that cannot compile on this GPU, e.g. too much shared memory, is reported,
-not fatal). Each config runs in the kernel's variants: ``float`` (the FD loop loads each live key's mask
-value) and ``binary`` (one scalar bias: these masks are binary, so this is what a launch with a prepared
-mask gets), and, where the table's grid is under one wave of programs at 3 per SM, ``split`` and
-``split-bin`` (PD and FD keys in separate programs, merged by LSE). The output says, per case, the default
+not fatal). The kernel's variants: ``binary`` (one scalar bias per mask row: these masks are binary, so this
+is what a launch with a prepared mask gets) with every config; ``float`` (the FD loop loads each live key's
+mask value) at the table's config; where the table's grid is under one wave of programs at 3 per SM,
+``split-bin`` with every config and ``split`` at the table's config (PD and FD keys in separate programs,
+merged by LSE). The output says, per case, the default
 launch's time (table config, binary loop, no split), the best time with its config and variant, their
 ratio, and the best time of each variant: a ratio well above 1 is a change to make in
 ``kernels/fasa_fwd.py`` (``tile_config``, or where the launcher turns split-KV on).
@@ -67,6 +68,17 @@ def distinct_cases():
             seen.add(key)
             out.append(c)
     return sorted(out, key=lambda c: -attention_weight(c))
+
+
+def timed_pairs(table: tuple, programs: int, sm_count: int) -> list:
+    """(config, variant) pairs to time for one case, the default launch first: every config with the binary
+    loop (alone and, under one wave, split), the float loops at the table's config only (binary vs float is
+    one comparison; the tiles that suit split-KV are not those that suit one program per query block)."""
+    variants = variants_for(programs, sm_count)
+    configs = tuple(dict.fromkeys((table,) + CANDIDATES))
+    pairs = [(cfg, v) for v in (DEFAULT_VARIANT, "split-bin") if v in variants for cfg in configs]
+    pairs[1:1] = [(table, v) for v in ("float", "split") if v in variants]
+    return pairs
 
 
 def compile_jobs(cases, configs_for) -> list:
@@ -163,11 +175,8 @@ def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dic
         return tile_config(d0 + d1, 2, case.n_q, case.heads, case.batch, sms)
 
     def timed(case):
-        """(config, variant) pairs to time, the default launch first."""
         table = table_config(case)
-        variants = variants_for(triton.cdiv(case.n_q, table[0]) * case.heads * case.batch, sms)
-        order = (DEFAULT_VARIANT,) + tuple(v for v in variants if v != DEFAULT_VARIANT)
-        return [(cfg, v) for cfg in dict.fromkeys((table,) + CANDIDATES) for v in order]
+        return timed_pairs(table, -(-case.n_q // table[0]) * case.heads * case.batch, sms)
 
     cases = distinct_cases()
     # Compiling may take at most 60% of the budget: the rest is for the timings (and the cache misses).

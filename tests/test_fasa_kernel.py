@@ -416,10 +416,16 @@ def test_tile_sweep_launches_every_variant(device):
     # The GPU sweep times these variants; each must launch through the sweep's own compile step (here in
     # the interpreter on a tiny case), and split-KV is offered exactly for grids under one wave.
     from bench.shapes import Case
-    from bench.tile_sweep import VARIANTS, compile_one, variants_for
+    from bench.tile_sweep import CANDIDATES, VARIANTS, compile_one, timed_pairs, variants_for
 
     assert set(VARIANTS) == {"float", "binary", "split", "split-bin"}
     assert variants_for(128, 132) == tuple(VARIANTS) and variants_for(396, 132) == ("float", "binary")
+    table = (64, 64, 4, 3)
+    small, big = timed_pairs(table, 128, 132), timed_pairs(table, 1024, 132)
+    assert small[0] == big[0] == (table, "binary")  # the default launch first
+    assert {v for _, v in small} == set(VARIANTS) and {v for _, v in big} == {"binary", "float"}
+    assert {c for c, v in small if v == "split-bin"} == set(CANDIDATES) | {table}
+    assert len(set(small)) == len(small) and len(set(big)) == len(big)
     tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
     for variant in VARIANTS:
         assert compile_one((tiny, ((16, 16, 1, 1), variant)), device=device) == "", variant
