@@ -7,7 +7,16 @@ One program per (query block, head, batch). Online softmax in fp32 in the log2 d
      so the work follows the mask's coverage, not the number of key tiles it touches. "scale" mode (and
      "bias" with no mask): every FD image key in order, the mask applied in registers.
 Every loop is branch-free, with its addresses known one iteration ahead, so Triton software-pipelines the
-K/V loads of both loops. Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
+K/V loads of both loops.
+
+Two variants, compile-time switches the launcher sets (the GPU tile sweep, bench/tile_sweep.py, times them
+against the default; results are the same function):
+  * BINARY: every live key of a mask row has the same value (a bool mask, recorded by the prepared mask):
+    the packed FD loop adds one scalar bias and loads no per-key values (fewer instructions and registers
+    per FD tile, bench/COMPILE.md). Chosen from the prepared mask's ``binary``.
+  * SPLIT_KV: two programs per query block, one over the PD keys and one over the FD keys, each writing an
+    fp32 partial output and LSE, merged by ``_merge_kernel``: twice the programs for grids under one wave.
+    Off unless asked for (``split_kv=True``) until GPU timings say where it pays. Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
 inputs and a prepared mask (``freecure_ops.prepare_fasa_mask``); it imports nothing from the rest of the
 package and checks only what the launch itself needs.
 """
