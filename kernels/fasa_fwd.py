@@ -4,8 +4,10 @@ One program per (query block, head, batch). Online softmax in fp32 in the log2 d
   1. PD keys: plain attention; full tiles carry no masking, a final partial tile masks its tail.
   2. FD image keys (from ``n_txt`` on). "bias" mode with a mask: the loop walks the prepared list of live
      keys (m > 0), ``ceil(nnz / BLOCK_N)`` tiles, gathering their K/V rows; excluded keys are never loaded,
-     so the work follows the mask's coverage, not the number of key tiles it touches. "scale" mode (and
-     "bias" with no mask): every FD image key in order, the mask applied in registers.
+     so the work follows the mask's coverage, not the number of key tiles it touches. Its full tiles carry
+     no bound checks (the masked gathers cost about a third of the loop's instructions, bench/COMPILE.md);
+     the partial one comes last. "scale" mode (and "bias" with no mask): every FD image key in order, the
+     mask applied in registers.
 Every loop is branch-free, with its addresses known one iteration ahead, so Triton software-pipelines the
 K/V loads of both loops.
 
@@ -97,6 +99,29 @@ def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, rows, row_ok, offs_d0, offs_d1
                         BLOCK_D0 + BLOCK_D1 > HEAD_DIM, DOT_DTYPE)
         acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
     return acc0, acc1, l_i, m_new
+
+
+@triton.jit
+def _fd_packed_tile(acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, rows, live, vals, offs_m, offs_d0, offs_d1,
+                    skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM: tl.constexpr,
+                    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BINARY: tl.constexpr,
+                    HAS_TXT: tl.constexpr, CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                    EMPTY_ROWS: tl.constexpr):
+    """One tile of gathered live FD keys (k_f/v_f rows ``rows``): logit = s + omega * m (omega arrives times
+    log2(e); ``vals`` is the scalar bias when BINARY, else the keys' mask values). CHECK_N: the tile may
+    hold padding past the live keys (``live`` false), which is never loaded and is excluded."""
+    qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
+                 HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE)
+    if BINARY:
+        qk = qk + vals
+    else:
+        qk = qk + (omega * vals)[None, :]
+    if CHECK_N:
+        qk = tl.where(live[None, :], qk, float("-inf"))
+    if HAS_TXT:  # text query rows see PD keys only
+        qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
+    return _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1, svf_n, svf_d,
+                       HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE, EMPTY_ROWS)
 
 
 @triton.jit
@@ -214,7 +239,10 @@ def _fasa_fwd_kernel(
         idx_base = FD_INDEX + off_b * sm_b
         val_base = FD_VALUE + off_b * sm_b
         n_live = tl.load(FD_COUNT + off_b * sc_b)
-        n_tiles = tl.where(has_img_rows, tl.cdiv(n_live, BLOCK_N), 0)
+        # Full tiles (every key live) carry no bound checks; the one partial tile, if any, comes last.
+        n_full = tl.where(has_img_rows, n_live // BLOCK_N, 0)
+        has_tail = has_img_rows & (n_full * BLOCK_N < n_live)
+        n_tiles = n_full + has_tail.to(tl.int32)
         live = offs_n < n_live
         keys = tl.load(idx_base + offs_n, mask=live, other=0)
         if BINARY:
@@ -225,7 +253,7 @@ def _fasa_fwd_kernel(
             vals = bias
         else:
             vals = tl.load(val_base + offs_n, mask=live, other=0.0)
-        for t in range(0, n_tiles):
+        for t in range(0, n_full):
             nxt = (t + 1) * BLOCK_N + offs_n
             live_nxt = nxt < n_live
             keys_nxt = tl.load(idx_base + nxt, mask=live_nxt, other=0)
@@ -233,20 +261,17 @@ def _fasa_fwd_kernel(
                 vals_nxt = vals
             else:
                 vals_nxt = tl.load(val_base + nxt, mask=live_nxt, other=0.0)
-            rows = N_TXT + keys
-            qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
-                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
-            # logit = s + omega * m (omega arrives times log2(e)); the padding past the live keys is excluded.
-            if BINARY:
-                qk = tl.where(live[None, :], qk + bias, float("-inf"))
-            else:
-                qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float("-inf"))
-            if HAS_TXT:  # text query rows see PD keys only
-                qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
-            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1,
-                                               svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                               DOT_DTYPE, IEEE, SPLIT_KV)
-            keys, vals, live = keys_nxt, vals_nxt, live_nxt
+            acc0, acc1, l_i, m_i = _fd_packed_tile(
+                acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
+                skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                BINARY, HAS_TXT, False, DOT_DTYPE, IEEE, SPLIT_KV)
+            keys, vals = keys_nxt, vals_nxt
+        if has_tail:  # its indices were read ahead by the last full tile (or before the loop)
+            live = n_full * BLOCK_N + offs_n < n_live
+            acc0, acc1, l_i, m_i = _fd_packed_tile(
+                acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
+                skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                BINARY, HAS_TXT, True, DOT_DTYPE, IEEE, SPLIT_KV)
     else:
         # "scale" mode (every FD image key counts, logit = omega * m * s), or "bias" mode with no mask
         # (m = 1 everywhere: logit = s + omega): all FD image keys in order.

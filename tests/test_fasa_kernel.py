@@ -429,3 +429,22 @@ def test_tile_sweep_launches_every_variant(device):
     tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
     for variant in VARIANTS:
         assert compile_one((tiny, ((16, 16, 1, 1), variant)), device=device) == "", variant
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_packed_fd_loop_full_and_partial_tiles(binary, device):
+    # The packed FD loop runs its full tiles without bound checks and the partial one last: live-key counts
+    # of 0, 1, one tile exactly, two tiles exactly and two tiles plus one (16-key tiles), one per mask row,
+    # with every excluded key NaN.
+    counts = (0, 1, 16, 32, 33)
+    b, h, d, n_img, n_txt = len(counts), 2, 40, 45, 3
+    clean = make_inputs(b, h, 21, 17, n_txt + n_img, d, torch.float16, device, layout="bnhd", seed=11)
+    mask = torch.zeros(b, n_img, device=device)
+    gen = torch.Generator().manual_seed(12)
+    for row, n in enumerate(counts):
+        mask[row, torch.randperm(n_img, generator=gen)[:n].to(device)] = 1.0 if binary else 0.5 + row / 4
+    pm = prepare_fasa_mask(mask)
+    assert pm.binary == binary and pm.fd_count.tolist() == list(counts)
+    out = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5, mode="bias",
+                   n_txt=n_txt, block_m=16, block_n=16)
+    assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
