@@ -5,7 +5,7 @@ One program per (query block, head, batch). Online softmax in fp32 in the log2 d
   2. FD image keys (from ``n_txt`` on). "bias" mode with a mask: the loop walks the prepared list of live
      keys (m > 0), ``ceil(nnz / BLOCK_N)`` tiles, gathering their K/V rows; excluded keys are never loaded,
      so the work follows the mask's coverage, not the number of key tiles it touches. Its full tiles carry
-     no bound checks (the masked gathers cost about a third of the loop's instructions, bench/COMPILE.md);
+     no bound checks (the masked gathers cost a fifth to a third of the loop's instructions, COMPILE.md);
      the partial one comes last. "scale" mode (and "bias" with no mask): every FD image key in order, the
      mask applied in registers.
 Every loop is branch-free, with its addresses known one iteration ahead, so Triton software-pipelines the
