@@ -13,6 +13,12 @@ wheel's ptxas and reads the results:
              the loop); want 2: the PD loop and the FD loop
   buffers    depth of the K/V shared-memory ring of those loops
   wgmma      Hopper tensor-core MMAs present
+  fd_instr   SASS instructions in the FD key loop's body (its cost per FD key tile)
+  ctas       programs per SM by registers, warps and shared memory (occupancy)
+  merge_regs / merge_spill   split-KV's merge kernel (0: no split)
+
+Cases named ``-bin`` take the binary-mask FD loop, ``-split`` the split-KV launch; compare each with the
+case of the same name without the suffix.
 
 Run it (``python -m freecure_ops.bench.compile_report``) under the Triton at hand; under another Triton, put
 that one first on the path: ``pip install --target /tmp/t36 triton==3.6.0`` then
@@ -48,11 +54,14 @@ class CompileCase:
     pairs: int = 1            # PD rows per call (one image per guidance half)
     lse: bool = False         # the adapters never ask for the LSE
     layout: str = "diffusers"  # or "strided_d": a non-unit head-dim stride (the unaligned fallback)
+    binary: bool = False      # the binary-mask FD loop (one scalar bias, no per-key value loads)
+    split: bool = False       # the split-KV launch (PD and FD keys in separate programs, then a merge)
 
     @property
     def name(self) -> str:
         txt = f"-txt{self.n_txt}" if self.n_txt else ""
         extra = ("-lse" if self.lse else "") + ("" if self.layout == "diffusers" else f"-{self.layout}")
+        extra += ("-bin" if self.binary else "") + ("-split" if self.split else "")
         return f"{self.dtype}-d{self.head_dim}-{self.mode}{txt}-{self.heads}h-{self.grid[0]}x{self.grid[1]}{extra}"
 
 
@@ -72,6 +81,20 @@ CASES = (
     CompileCase("fp16", 111, heads=2, grid=(16, 16)),
     CompileCase("fp16", 64, heads=2, grid=(16, 16), layout="strided_d"),
 )
+# The kernel variants the GPU tile sweep times: the binary FD loop on every model's "bias" case (against the
+# float loop above), split-KV on the grids under one wave of programs (SD1.5 1024/256, SDXL 1024 at B=1) and
+# on a FLUX joint sequence (text rows), with and without the binary loop.
+VARIANT_CASES = (
+    CompileCase("fp16", 40, binary=True), CompileCase("fp16", 64, heads=10, binary=True),
+    CompileCase("bf16", 72, binary=True), CompileCase("fp16", 80, grid=(32, 32), binary=True),
+    CompileCase("bf16", 128, n_txt=512, heads=24, binary=True), CompileCase("fp16", 160, grid=(16, 16), binary=True),
+    CompileCase("fp16", 80, grid=(32, 32), split=True), CompileCase("fp16", 80, grid=(32, 32), binary=True, split=True),
+    CompileCase("fp16", 160, grid=(16, 16), binary=True, split=True),
+    CompileCase("bf16", 64, heads=20, grid=(32, 32), binary=True, split=True),
+    CompileCase("fp16", 128, "scale", n_txt=64, heads=4, grid=(16, 16), split=True),
+    CompileCase("fp16", 128, n_txt=64, heads=4, grid=(16, 16), binary=True, split=True, lse=True),
+)
+CASES = CASES + VARIANT_CASES
 
 
 def _qkv(case: CompileCase, dtype):
@@ -91,15 +114,12 @@ def _qkv(case: CompileCase, dtype):
 
 
 def compile_case(case: CompileCase, config: tuple | None = None):
-    """(Triton's CompiledKernel, tile config, ALIGN) for ``case``, built through the launcher's own plan with the
-    tile table's config (or ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
-
+    """(Triton's CompiledKernel, tile config, ALIGN, the merge kernel's CompiledKernel or None) for ``case``,
+    built through the launcher's own plan with the tile table's config (or ``config``: BLOCK_M, BLOCK_N,
+    num_warps, num_stages)."""
     from freecure_ops import prepare_fasa_mask
-    from freecure_ops.kernels.fasa_fwd import _fasa_fwd_kernel, head_dim_split, launch_plan, tile_config
+    from freecure_ops.kernels.fasa_fwd import (_fasa_fwd_kernel, _merge_kernel, head_dim_split, launch_plan,
+                                               tile_config)
 
     dtype = DTYPES[case.dtype]
     q, k_p, k_f, v_p, v_f = _qkv(case, dtype)
@@ -107,30 +127,65 @@ def compile_case(case: CompileCase, config: tuple | None = None):
     mask = prepare_fasa_mask(torch.arange(n_img) % 4 == 0)
     d0, d1 = head_dim_split(case.head_dim)
     config = config or tile_config(d0 + d1, q.element_size(), q.shape[2], case.heads, case.pairs)
-    _, args, meta, _, _ = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=case.head_dim ** -0.5, omega=1.5,
-                                mode=case.mode, n_txt=case.n_txt, return_lse=case.lse, config=config,
-                                interpret=False)
+    _, args, meta, _, _, merge = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=case.head_dim ** -0.5, omega=1.5,
+                                             mode=case.mode, n_txt=case.n_txt, return_lse=case.lse, config=config,
+                                             interpret=False, binary=case.binary, split_kv=case.split)
+    merged = None if merge is None else _compile(_merge_kernel, merge[1], merge[2])
+    return _compile(_fasa_fwd_kernel, args, meta), config, meta["ALIGN"], merged
+
+
+def _compile(kernel, args, meta):
+    """Compile ``kernel`` for sm_90 with the specialization Triton's launcher would give ``args``."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
     target = GPUTarget("cuda", 90, 32)
     backend = make_backend(target)
-    kernel = _fasa_fwd_kernel
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     bound, specialization, options = binder(*args, **meta)
     options, signature, constexprs, attrs = kernel._pack_args(backend, meta, bound, specialization, options)
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target,
-                              options=options.__dict__)
-    return compiled, config, meta["ALIGN"]
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int]:
+def _cuobjdump(cubin: bytes, *flags) -> str:
     import triton
 
     tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
+        return subprocess.run([tool, *flags, f.name], capture_output=True, text=True, check=True).stdout
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    usage = _cuobjdump(cubin, "--dump-resource-usage")
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def _last_loop_instructions(sass: str) -> int:
+    """SASS instructions in the body of the kernel's last loop (from a backward branch's target to the branch;
+    the trailing ``BRA`` to itself is not a loop): the FD key loop, whose cost is per FD key tile."""
+    last = None
+    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", sass):
+        at, target = int(m.group(1), 16), int(m.group(2), 16)
+        if target < at:
+            last = (target, at)
+    return 0 if last is None else (last[1] - last[0]) // 16 + 1  # sm_90 instructions are 16 bytes
+
+
+# sm_90 per-SM limits: 64K registers allocated per warp in units of 256, 64 warps, 32 blocks, 228 KB shared
+# memory of which 1 KB is reserved per block.
+SM_REGS, SM_WARPS, SM_BLOCKS, SM_SMEM, SMEM_RESERVED = 65536, 64, 32, 233472, 1024
+
+
+def ctas_per_sm(regs: int, warps: int, shared: int) -> int:
+    """Programs that fit on one SM at once (occupancy by registers, warps and shared memory)."""
+    per_warp = -(-regs * 32 // 256) * 256
+    by_regs = (SM_REGS // per_warp) // warps
+    by_smem = SM_SMEM // (shared + SMEM_RESERVED)
+    return min(by_regs, SM_WARPS // warps, SM_BLOCKS, by_smem)
 
 
 def _pipelined_loops(ttgir: str) -> tuple[int, int]:
@@ -162,22 +217,30 @@ class Report:
     pipelined: int
     buffers: int
     wgmma: bool
+    fd_instr: int     # SASS instructions per FD key tile (the last loop's body)
+    ctas: int         # programs per SM (registers, warps, shared memory)
+    merge_regs: int   # split-KV's merge kernel: registers (0: no merge)
+    merge_spill: int
 
 
 def report(case: CompileCase, config: tuple | None = None) -> Report:
-    kernel, config, align = compile_case(case, config)
+    kernel, config, align, merge = compile_case(case, config)
     regs, spill = _resource_usage(kernel.asm["cubin"])
     loops, depth = _pipelined_loops(kernel.asm["ttgir"])
     ld16 = len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", kernel.asm["ptx"]))
+    fd_instr = _last_loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+    merge_regs, merge_spill = (0, 0) if merge is None else _resource_usage(merge.asm["cubin"])
     return Report(case.name, "x".join(map(str, config)), align, kernel.metadata.shared, regs, spill, ld16,
-                  loops, depth, "wgmma" in kernel.asm["ptx"])
+                  loops, depth, "wgmma" in kernel.asm["ptx"], fd_instr,
+                  ctas_per_sm(regs, config[2], kernel.metadata.shared), merge_regs, merge_spill)
 
 
 def table(reports) -> str:
     import triton
 
     head = f"FASA kernel, sm_90 offline compile, Triton {triton.__version__}, torch {torch.__version__}\n"
-    cols = ("case", "config", "align", "shared", "regs", "spill", "ld16", "pipelined", "buffers", "wgmma")
+    cols = ("case", "config", "align", "shared", "regs", "spill", "ld16", "pipelined", "buffers", "wgmma",
+            "fd_instr", "ctas", "merge_regs", "merge_spill")
     rows = [cols] + [tuple(str(getattr(r, c)) for c in cols) for r in reports]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     return head + "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows) + "\n"

@@ -4,8 +4,14 @@ For every distinct self-attention shape (bench.shapes, B=1 per guidance half plu
 25% hair mask (the typical attribute) and the full mask: time ``fasa_fwd`` with each candidate
 (BLOCK_M, BLOCK_N, num_warps, num_stages), the tile table's own choice included, after checking each result
 against the table's (a config that cannot compile on this GPU, e.g. too much shared memory, is reported,
-not fatal). The output says, per case, the table's time, the best time and config, and their ratio: a ratio
-well above 1 is a change to make in ``kernels/fasa_fwd.py::tile_config``.
+not fatal). The kernel's variants: ``binary`` (one scalar bias per mask row: these masks are binary, so this
+is what a launch with a prepared mask gets) with every config; ``float`` (the FD loop loads each live key's
+mask value) at the table's config; where the table's grid is under one wave of programs at 3 per SM,
+``split-bin`` with every config and ``split`` at the table's config (PD and FD keys in separate programs,
+merged by LSE). The output says, per case, the default
+launch's time (table config, binary loop, no split), the best time with its config and variant, their
+ratio, and the best time of each variant: a ratio well above 1 is a change to make in
+``kernels/fasa_fwd.py`` (``tile_config``, or where the launcher turns split-KV on).
 
     python -m freecure_ops.bench.tile_sweep [--out DIR] [--budget-s S] [--compile-workers N]
 
@@ -37,7 +43,19 @@ CANDIDATES = (  # (BLOCK_M, BLOCK_N, num_warps, num_stages); shared memory and s
     (128, 32, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3),
 )
 FIELDS = ["device", "torch", "triton", "cuda", "case", "head_dim", "batch", "mask", "live_keys", "config",
-          "table", "ms", "status", "note"]
+          "variant", "table", "ms", "status", "note"]
+# fasa_fwd keyword arguments per variant; "binary" with split off is the default launch for a binary mask.
+VARIANTS = {"float": dict(binary=False), "binary": dict(binary=True), "split": dict(binary=False, split_kv=True),
+            "split-bin": dict(binary=True, split_kv=True)}
+DEFAULT_VARIANT = "binary"
+SPLIT_BELOW_PROGRAMS_PER_SM = 3  # split-KV is timed where the table's grid has fewer programs than SMs x this
+
+
+def variants_for(programs: int, sm_count: int) -> tuple:
+    """The variants worth timing for a grid of ``programs``: split-KV only under one wave."""
+    if programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
+        return tuple(VARIANTS)
+    return ("float", "binary")
 
 
 def distinct_cases():
@@ -52,9 +70,21 @@ def distinct_cases():
     return sorted(out, key=lambda c: -attention_weight(c))
 
 
+def timed_pairs(table: tuple, programs: int, sm_count: int) -> list:
+    """(config, variant) pairs to time for one case, the default launch first: every config with the binary
+    loop (alone and, under one wave, split), the float loops at the table's config only (binary vs float is
+    one comparison; the tiles that suit split-KV are not those that suit one program per query block)."""
+    variants = variants_for(programs, sm_count)
+    configs = tuple(dict.fromkeys((table,) + CANDIDATES))
+    pairs = [(cfg, v) for v in (DEFAULT_VARIANT, "split-bin") if v in variants for cfg in configs]
+    pairs[1:1] = [(table, v) for v in ("float", "split") if v in variants]
+    return pairs
+
+
 def compile_jobs(cases, configs_for) -> list:
-    """(case, config) pairs, one per distinct compiled kernel: cases of one head dim and text/no-text layout
-    specialize alike (every other size they pass is a multiple of 16), so the first such case stands for all."""
+    """(case, (config, variant)) pairs, one per distinct compiled kernel: cases of one head dim and
+    text/no-text layout specialize alike (every other size they pass is a multiple of 16), so the first such
+    case stands for all."""
     seen, jobs = set(), []
     for case in cases:
         for cfg in configs_for(case):
@@ -76,14 +106,16 @@ def _problem(case, device: str):
 
 
 def compile_one(job, device: str = "cuda") -> str:
-    """Compile the kernel of one (case, config) by launching it once; "" or the error's first line."""
+    """Compile the kernel of one (case, (config, variant)) by launching it once; "" or the error's first line."""
     from freecure_ops.kernels.fasa_fwd import fasa_fwd
 
-    case, (bm, bn, warps, stages) = job
+    case, cfg = job
+    (bm, bn, warps, stages), variant = cfg if isinstance(cfg[0], tuple) else (cfg, DEFAULT_VARIANT)
     try:
         p, mask = _problem(case, device)
         fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, scale=p.scale, omega=p.omega, mode="bias",
-                 n_txt=case.n_txt, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages)
+                 n_txt=case.n_txt, block_m=bm, block_n=bn, num_warps=warps, num_stages=stages,
+                 **VARIANTS[variant])
         if device == "cuda":
             torch.cuda.synchronize()
         return ""
@@ -142,10 +174,13 @@ def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dic
         d0, d1 = head_dim_split(case.head_dim)
         return tile_config(d0 + d1, 2, case.n_q, case.heads, case.batch, sms)
 
+    def timed(case):
+        table = table_config(case)
+        return timed_pairs(table, -(-case.n_q // table[0]) * case.heads * case.batch, sms)
+
     cases = distinct_cases()
     # Compiling may take at most 60% of the budget: the rest is for the timings (and the cache misses).
-    precompile(compile_jobs(cases, lambda c: dict.fromkeys((table_config(c),) + CANDIDATES)), workers,
-               time.perf_counter() + 0.6 * budget_s, log=log)
+    precompile(compile_jobs(cases, timed), workers, time.perf_counter() + 0.6 * budget_s, log=log)
     rows = []
     for case in cases:
         table = table_config(case)
@@ -157,20 +192,21 @@ def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dic
             mask = prepare_fasa_mask(p.mask)
             kw = dict(scale=p.scale, omega=p.omega, mode="bias", n_txt=case.n_txt)
             want = fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, **kw)
-            for cfg in dict.fromkeys((table,) + CANDIDATES):
+            assert mask.binary, "the sweep's masks are binary: the default launch takes the binary loop"
+            for cfg, variant in timed(case):
                 row = {**env, "case": case.name, "head_dim": case.head_dim, "batch": case.batch, "mask": kind,
                        "live_keys": round(float(case_mask(case.grid, cov, 0, kind)[1]), 4),
-                       "config": "x".join(map(str, cfg)), "table": cfg == table, "ms": None, "status": "",
-                       "note": ""}
+                       "config": "x".join(map(str, cfg)), "variant": variant,
+                       "table": cfg == table and variant == DEFAULT_VARIANT, "ms": None, "status": "", "note": ""}
                 bm, bn, warps, stages = cfg
 
                 def fn():
                     return fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, block_m=bm, block_n=bn,
-                                    num_warps=warps, num_stages=stages, **kw)
+                                    num_warps=warps, num_stages=stages, **VARIANTS[variant], **kw)
                 try:
                     err = (fn().float() - want.float()).abs().max().item()
                     if not err <= 2e-3:  # same math, another tiling: fp16 rounding of the output only
-                        row.update(status="FAIL", note=f"max diff {err:.2e} vs the table's config")
+                        row.update(status="FAIL", note=f"max diff {err:.2e} vs the default launch")
                     else:
                         row.update(ms=do_bench(fn, warmup=10, rep=30, return_mode="median"), status="ok")
                 except Exception as e:  # e.g. OutOfResources: shared memory over the limit
@@ -183,8 +219,9 @@ def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dic
 
 
 def summary(rows: list[dict]) -> str:
-    lines = [f"{'case':16s} {'mask':5s} {'table config':13s} {'table ms':>9s} {'best config':13s} {'best ms':>9s} "
-             f"{'table/best':>10s}"]
+    """Per case and mask: the default launch, the best (config + variant), their ratio, each variant's best."""
+    lines = [f"{'case':16s} {'mask':5s} {'table config':13s} {'table ms':>9s} {'best config':23s} {'best ms':>9s} "
+             f"{'table/best':>10s}" + "".join(f" {v:>9s}" for v in VARIANTS)]
     groups = {}
     for r in rows:
         groups.setdefault((r["case"], r["mask"]), []).append(r)
@@ -195,8 +232,13 @@ def summary(rows: list[dict]) -> str:
         if table is None or best is None:
             lines.append(f"{case:16s} {kind:5s} (no timing: {', '.join(sorted({r['status'] for r in group}))})")
             continue
-        lines.append(f"{case:16s} {kind:5s} {table['config']:13s} {table['ms']:9.4f} {best['config']:13s} "
-                     f"{best['ms']:9.4f} {table['ms'] / best['ms']:10.2f}")
+        per_variant = ""
+        for v in VARIANTS:
+            ms = [r["ms"] for r in ok if r.get("variant", DEFAULT_VARIANT) == v]
+            per_variant += f" {min(ms):9.4f}" if ms else f" {'-':>9s}"
+        label = f"{best['config']}:{best.get('variant', DEFAULT_VARIANT)}"
+        lines.append(f"{case:16s} {kind:5s} {table['config']:13s} {table['ms']:9.4f} {label:23s} "
+                     f"{best['ms']:9.4f} {table['ms'] / best['ms']:10.2f}{per_variant}")
     return "\n".join(lines) + "\n"
 
 

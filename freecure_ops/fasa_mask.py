@@ -27,10 +27,12 @@ class FasaMask:
     per row the indices of the live keys (``rows > 0``) in ascending order, then padding. ``fd_value``:
     float32 ``[R, Nimg]``, the mask value of each listed key (0 in the padding). ``fd_count``: int32 ``[R]``,
     the number of live keys per row. ``max_value``: the largest mask value (a float read when the mask was
-    checked; None when it was not read, e.g. prepared while tracing), which bounds ``omega * m``.
+    checked; None when it was not read, e.g. prepared while tracing), which bounds ``omega * m``. ``binary``:
+    True when every live value is the same (a bool mask, or a float mask whose check found it so): the
+    kernel's FD loop then adds one scalar bias instead of loading each key's value.
     """
 
-    __slots__ = ("rows", "fd_index", "fd_value", "fd_count", "max_value")
+    __slots__ = ("rows", "fd_index", "fd_value", "fd_count", "max_value", "binary")
 
     def __init__(self, *args, **kwargs):
         # The kernel gathers K/V rows at fd_index: parts that do not agree would read out of bounds.
@@ -39,11 +41,11 @@ class FasaMask:
 
     @classmethod
     def _from_parts(cls, rows: torch.Tensor, fd_index: torch.Tensor, fd_value: torch.Tensor,
-                    fd_count: torch.Tensor, max_value: float | None = None) -> "FasaMask":
+                    fd_count: torch.Tensor, max_value: float | None = None, binary: bool = False) -> "FasaMask":
         """The parts as :func:`pack_checked_mask` derives them (internal: nothing is checked here)."""
         self = object.__new__(cls)
         for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count),
-                            ("max_value", max_value)):
+                            ("max_value", max_value), ("binary", bool(binary))):
             object.__setattr__(self, name, value)
         return self
 
@@ -51,7 +53,8 @@ class FasaMask:
         raise AttributeError("FasaMask is immutable: prepare a new one with prepare_fasa_mask")
 
     def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its parts
-        return FasaMask._from_parts, (self.rows, self.fd_index, self.fd_value, self.fd_count, self.max_value)
+        return FasaMask._from_parts, (self.rows, self.fd_index, self.fd_value, self.fd_count, self.max_value,
+                                      self.binary)
 
     @property
     def n_rows(self) -> int:
@@ -104,18 +107,27 @@ def check_mask_values(mask: torch.Tensor) -> float | None:
     graph (and sync the host in every compiled call). Compiled callers prepare their masks outside the
     compiled region (:func:`prepare_fasa_mask`, once), or accept unchecked values: there a negative or NaN
     entry excludes its key like 0, and +inf gives a non-finite output."""
+    return _check_values(mask)[0]
+
+
+def _check_values(mask: torch.Tensor) -> tuple[float | None, bool]:
+    """:func:`check_mask_values`, and whether every live value equals the largest (a binary mask), read in the
+    same sync (False where the values were not read)."""
     if mask.dtype == torch.bool:
-        return 1.0
+        return 1.0, True
     if torch.compiler.is_compiling() or mask.device.type == "meta" or _is_fake(mask):
-        return None  # no values to read (meta and fake tensors have none)
+        return None, False  # no values to read (meta and fake tensors have none)
     mask = _functorch_values(mask)
     f32 = mask.to(torch.float32)
     bad = ~torch.isfinite(mask) | (mask < 0) | ~torch.isfinite(f32) | ((mask > 0) & (f32 == 0))
-    any_bad, top = torch.stack([bad.any().to(torch.float64), mask.max().to(torch.float64)]).tolist()  # one sync
+    top = mask.max()
+    other = (mask > 0) & (mask != top)
+    any_bad, top, any_other = torch.stack([bad.any().to(torch.float64), top.to(torch.float64),
+                                           other.any().to(torch.float64)]).tolist()  # one sync
     if any_bad:
         raise ValueError("mask must hold finite values >= 0 that are representable in float32 "
                          "(found a negative, NaN, inf, overflowing or underflowing entry)")
-    return top
+    return top, not any_other
 
 
 def _functorch_values(t: torch.Tensor) -> torch.Tensor:
@@ -154,7 +166,7 @@ def prepare_fasa_mask(mask) -> FasaMask:
     if isinstance(mask, FasaMask):
         return mask
     mask = _check_raw(mask)
-    return pack_checked_mask(mask, check_mask_values(mask))
+    return pack_checked_mask(mask, *_check_values(mask))
 
 
 def raw_mask_rows(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -163,8 +175,11 @@ def raw_mask_rows(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> tor
     return mask.detach().to(dtype, copy=True).reshape(-1, mask.shape[-1]).contiguous()
 
 
-def pack_checked_mask(mask: torch.Tensor, max_value: float | None = None) -> FasaMask:
+def pack_checked_mask(mask: torch.Tensor, max_value: float | None = None, binary: bool | None = None) -> FasaMask:
     """:func:`prepare_fasa_mask` for a raw mask already checked (no host sync); ``max_value``: what the check
-    returned."""
+    returned; ``binary``: every live value is equal (None: known only for a bool mask; a caller that knows it,
+    e.g. of a resized bool mask, may say True)."""
     rows = raw_mask_rows(mask)
-    return FasaMask._from_parts(rows, *pack_live_keys(rows), max_value)
+    if binary is None:
+        binary = mask.dtype == torch.bool
+    return FasaMask._from_parts(rows, *pack_live_keys(rows), max_value, binary)

@@ -4,10 +4,21 @@ One program per (query block, head, batch). Online softmax in fp32 in the log2 d
   1. PD keys: plain attention; full tiles carry no masking, a final partial tile masks its tail.
   2. FD image keys (from ``n_txt`` on). "bias" mode with a mask: the loop walks the prepared list of live
      keys (m > 0), ``ceil(nnz / BLOCK_N)`` tiles, gathering their K/V rows; excluded keys are never loaded,
-     so the work follows the mask's coverage, not the number of key tiles it touches. "scale" mode (and
-     "bias" with no mask): every FD image key in order, the mask applied in registers.
+     so the work follows the mask's coverage, not the number of key tiles it touches. Its full tiles carry
+     no bound checks (the masked gathers cost a fifth to a third of the loop's instructions, COMPILE.md);
+     the partial one comes last. "scale" mode (and "bias" with no mask): every FD image key in order, the
+     mask applied in registers.
 Every loop is branch-free, with its addresses known one iteration ahead, so Triton software-pipelines the
-K/V loads of both loops. Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
+K/V loads of both loops.
+
+Two variants, compile-time switches the launcher sets (the GPU tile sweep, bench/tile_sweep.py, times them
+against the default; results are the same function):
+  * BINARY: every live key of a mask row has the same value (a bool mask, recorded by the prepared mask):
+    the packed FD loop adds one scalar bias and loads no per-key values (fewer instructions and registers
+    per FD tile, bench/COMPILE.md). Chosen from the prepared mask's ``binary``.
+  * SPLIT_KV: two programs per query block, one over the PD keys and one over the FD keys, each writing an
+    fp32 partial output and LSE, merged by ``_merge_kernel``: twice the programs for grids under one wave.
+    Off unless asked for (``split_kv=True``) until GPU timings say where it pays. Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
 inputs and a prepared mask (``freecure_ops.prepare_fasa_mask``); it imports nothing from the rest of the
 package and checks only what the launch itself needs.
 """
@@ -67,11 +78,17 @@ def _scores(q0, q1, k_base, rows, row_ok, offs_d0, offs_d1, stride_n, stride_d, 
 @triton.jit
 def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, rows, row_ok, offs_d0, offs_d1, stride_n, stride_d,
                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
-                CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    """Fold one tile of log2-domain logits [M, N] and its values into the online-softmax state."""
+                CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMPTY_ROWS: tl.constexpr):
+    """Fold one tile of log2-domain logits [M, N] and its values into the online-softmax state.
+    EMPTY_ROWS: a row may have seen only -inf logits so far (a split program's FD part: FLUX text rows), so
+    its running max stays -inf; it is shifted by 0 instead, keeping p and alpha at 0 rather than NaN."""
     m_new = tl.maximum(m_i, tl.max(qk, 1))
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(qk - m_new[:, None])
+    if EMPTY_ROWS:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_ref = m_new
+    alpha = tl.math.exp2(m_i - m_ref)
+    p = tl.math.exp2(qk - m_ref[:, None])
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(DOT_DTYPE)
     v0 = _load_rows(v_base, rows, row_ok, offs_d0, stride_n, stride_d, HEAD_DIM, CHECK_N,
@@ -82,6 +99,29 @@ def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, rows, row_ok, offs_d0, offs_d1
                         BLOCK_D0 + BLOCK_D1 > HEAD_DIM, DOT_DTYPE)
         acc1 = acc1 * alpha[:, None] + _dot(p, v1, IEEE)
     return acc0, acc1, l_i, m_new
+
+
+@triton.jit
+def _fd_packed_tile(acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, rows, live, vals, offs_m, offs_d0, offs_d1,
+                    skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM: tl.constexpr,
+                    BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BINARY: tl.constexpr,
+                    HAS_TXT: tl.constexpr, CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                    EMPTY_ROWS: tl.constexpr):
+    """One tile of gathered live FD keys (k_f/v_f rows ``rows``): logit = s + omega * m (omega arrives times
+    log2(e); ``vals`` is the scalar bias when BINARY, else the keys' mask values). CHECK_N: the tile may
+    hold padding past the live keys (``live`` false), which is never loaded and is excluded."""
+    qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
+                 HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE)
+    if BINARY:
+        qk = qk + vals
+    else:
+        qk = qk + (omega * vals)[None, :]
+    if CHECK_N:
+        qk = tl.where(live[None, :], qk, float("-inf"))
+    if HAS_TXT:  # text query rows see PD keys only
+        qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
+    return _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1, svf_n, svf_d,
+                       HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE, EMPTY_ROWS)
 
 
 @triton.jit
@@ -104,13 +144,14 @@ def _fasa_fwd_kernel(
     svp_b, svp_h, svp_n, svp_d,
     skf_b, skf_h, skf_n, skf_d,
     svf_b, svf_h, svf_n, svf_d,
-    so_b, so_h, so_n, so_d,
+    so_b, so_h, so_n, so_d, so_p, sl_p,
     sm_b, sc_b,
     H, NQ, NP, NF, N_TXT,
     qk_scale, omega,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
     SCALE_MODE: tl.constexpr, FD_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TXT: tl.constexpr,
+    BINARY: tl.constexpr, SPLIT_KV: tl.constexpr,
     WRITE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Head dim D = BLOCK_D0 (+ BLOCK_D1 when SPLIT_D), powers of two, the last part zero-padded: 80 = 64 + 16
@@ -128,7 +169,15 @@ def _fasa_fwd_kernel(
         skf_b, skf_h, skf_n = _aligned(skf_b, ALIGN), _aligned(skf_h, ALIGN), _aligned(skf_n, ALIGN)
         svf_b, svf_h, svf_n = _aligned(svf_b, ALIGN), _aligned(svf_h, ALIGN), _aligned(svf_n, ALIGN)
         so_b, so_h, so_n = _aligned(so_b, ALIGN), _aligned(so_h, ALIGN), _aligned(so_n, ALIGN)
-    pid_m = tl.program_id(0)
+        so_p = _aligned(so_p, ALIGN)
+    if SPLIT_KV:
+        # Split-KV: two programs per query block, part 0 over the PD keys, part 1 over the FD keys. Each
+        # writes its normalized partial output and LSE (fp32); _merge_kernel combines them by LSE.
+        pid_m = tl.program_id(0) // 2
+        part = tl.program_id(0) % 2
+    else:
+        pid_m = tl.program_id(0)
+        part = 0
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,14 +202,18 @@ def _fasa_fwd_kernel(
     kp_base = KP + off_b * skp_b + off_h * skp_h
     vp_base = VP + off_b * svp_b + off_h * svp_h
     np_full = (NP // BLOCK_N) * BLOCK_N
+    pd_tail = np_full < NP
+    if SPLIT_KV:  # the FD part skips the PD keys
+        np_full = tl.where(part == 0, np_full, 0)
+        pd_tail = pd_tail & (part == 0)
     for start_n in range(0, np_full, BLOCK_N):
         cols = start_n + offs_n
         qk = _scores(q0, q1, kp_base, cols, cols < NP, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
                      HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE)
         acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vp_base, cols, cols < NP, offs_d0, offs_d1,
                                            svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,
-                                           DOT_DTYPE, IEEE)
-    if np_full < NP:
+                                           DOT_DTYPE, IEEE, SPLIT_KV)
+    if pd_tail:
         cols = np_full + offs_n
         ok = cols < NP
         qk = _scores(q0, q1, kp_base, cols, ok, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
@@ -168,7 +221,7 @@ def _fasa_fwd_kernel(
         qk = tl.where(ok[None, :], qk, float("-inf"))
         acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vp_base, cols, ok, offs_d0, offs_d1,
                                            svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                           DOT_DTYPE, IEEE)
+                                           DOT_DTYPE, IEEE, SPLIT_KV)
 
     # 2. FD image keys (rows N_TXT + j of k_f/v_f for mask entry j). Query blocks made only of text rows have
     #    nothing to do here: their FD loop runs zero times.
@@ -176,6 +229,8 @@ def _fasa_fwd_kernel(
     vf_base = VF + off_b * svf_b + off_h * svf_h
     n_img = NF - N_TXT
     has_img_rows = pid_m * BLOCK_M + BLOCK_M > N_TXT
+    if SPLIT_KV:  # the PD part skips the FD keys
+        has_img_rows = has_img_rows & (part == 1)
     if FD_PACKED:
         # "bias" mode: only live keys (m > 0) can contribute. FD_INDEX lists them per mask row, FD_VALUE holds
         # their mask values, FD_COUNT their number: the loop runs ceil(nnz / BLOCK_N) tiles, gathering K/V
@@ -184,26 +239,39 @@ def _fasa_fwd_kernel(
         idx_base = FD_INDEX + off_b * sm_b
         val_base = FD_VALUE + off_b * sm_b
         n_live = tl.load(FD_COUNT + off_b * sc_b)
-        n_tiles = tl.where(has_img_rows, tl.cdiv(n_live, BLOCK_N), 0)
+        # Full tiles (every key live) carry no bound checks; the one partial tile, if any, comes last.
+        n_full = tl.where(has_img_rows, n_live // BLOCK_N, 0)
+        has_tail = has_img_rows & (n_full * BLOCK_N < n_live)
+        n_tiles = n_full + has_tail.to(tl.int32)
         live = offs_n < n_live
         keys = tl.load(idx_base + offs_n, mask=live, other=0)
-        vals = tl.load(val_base + offs_n, mask=live, other=0.0)
-        for t in range(0, n_tiles):
+        if BINARY:
+            # Every live key of this mask row has the same value (a bool mask): one scalar bias, read once
+            # (entry 0 is the first live key's value; unused when the row has none), and no per-key value
+            # loads in the loop.
+            bias = omega * tl.load(val_base)
+            vals = bias
+        else:
+            vals = tl.load(val_base + offs_n, mask=live, other=0.0)
+        for t in range(0, n_full):
             nxt = (t + 1) * BLOCK_N + offs_n
             live_nxt = nxt < n_live
             keys_nxt = tl.load(idx_base + nxt, mask=live_nxt, other=0)
-            vals_nxt = tl.load(val_base + nxt, mask=live_nxt, other=0.0)
-            rows = N_TXT + keys
-            qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
-                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
-            # logit = s + omega * m (omega arrives times log2(e)); the padding past the live keys is excluded.
-            qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float("-inf"))
-            if HAS_TXT:  # text query rows see PD keys only
-                qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
-            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1,
-                                               svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                               DOT_DTYPE, IEEE)
-            keys, vals, live = keys_nxt, vals_nxt, live_nxt
+            if BINARY:
+                vals_nxt = vals
+            else:
+                vals_nxt = tl.load(val_base + nxt, mask=live_nxt, other=0.0)
+            acc0, acc1, l_i, m_i = _fd_packed_tile(
+                acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
+                skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                BINARY, HAS_TXT, False, DOT_DTYPE, IEEE, SPLIT_KV)
+            keys, vals = keys_nxt, vals_nxt
+        if has_tail:  # its indices were read ahead by the last full tile (or before the loop)
+            live = n_full * BLOCK_N + offs_n < n_live
+            acc0, acc1, l_i, m_i = _fd_packed_tile(
+                acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
+                skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                BINARY, HAS_TXT, True, DOT_DTYPE, IEEE, SPLIT_KV)
     else:
         # "scale" mode (every FD image key counts, logit = omega * m * s), or "bias" mode with no mask
         # (m = 1 everywhere: logit = s + omega): all FD image keys in order.
@@ -227,17 +295,59 @@ def _fasa_fwd_kernel(
                 qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
             acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, ok, offs_d0, offs_d1,
                                                svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                               DOT_DTYPE, IEEE)
-    if COUNT_TILES:  # introspection: FD key tiles this program visited
-        tl.store(VISITED + (off_b * H + off_h) * tl.num_programs(0) + pid_m, n_tiles)
+                                               DOT_DTYPE, IEEE, SPLIT_KV)
+    if COUNT_TILES:  # introspection: FD key tiles this program visited (the FD part's, under split-KV)
+        at = VISITED + (off_b * H + off_h) * tl.cdiv(NQ, BLOCK_M) + pid_m
+        if SPLIT_KV:
+            tl.store(at, n_tiles, mask=part == 1)
+        else:
+            tl.store(at, n_tiles)
 
-    o_base = OUT + off_b * so_b + off_h * so_h
-    _store_rows(o_base, offs_m, offs_d0, so_n, so_d, NQ, acc0 / l_i[:, None], HEAD_DIM)
+    o_base = OUT + off_b * so_b + off_h * so_h + part * so_p
+    if SPLIT_KV:
+        # A part that saw no key (the FD part of text rows, an empty mask) writes 0 and LSE -inf: weight 0 in
+        # the merge, where acc / 0 would be a NaN that 0 * NaN keeps.
+        l_div = tl.where(l_i > 0, l_i, 1.0)
+    else:
+        l_div = l_i
+    _store_rows(o_base, offs_m, offs_d0, so_n, so_d, NQ, acc0 / l_div[:, None], HEAD_DIM)
     if SPLIT_D:
-        _store_rows(o_base, offs_m, offs_d1, so_n, so_d, NQ, acc1 / l_i[:, None], HEAD_DIM)
+        _store_rows(o_base, offs_m, offs_d1, so_n, so_d, NQ, acc1 / l_div[:, None], HEAD_DIM)
     if WRITE_LSE:
-        lse = (m_i + tl.math.log2(l_i)) * 0.6931471805599453  # back to natural log
-        tl.store(LSE + ((off_b * H + off_h) * NQ + offs_m), lse, mask=offs_m < NQ)
+        lse = (m_i + tl.math.log2(l_div)) * 0.6931471805599453  # back to natural log
+        if SPLIT_KV:
+            lse = tl.where(l_i > 0, lse, float("-inf"))
+        tl.store(LSE + part * sl_p + ((off_b * H + off_h) * NQ + offs_m), lse, mask=offs_m < NQ)
+
+
+@triton.jit
+def _merge_kernel(PART, PLSE, OUT, LSE, sp_b, sp_h, sp_p, sl_p, so_b, so_h, so_n, H, NQ,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Split-KV's second step: out = sum over the two parts of exp(lse_part - lse) * out_part, lse the
+    log-sum-exp of the parts' LSEs. Part 0 (PD keys) always has a finite LSE; part 1 may be -inf (weight 0).
+    Partial outputs are fp32 [2, B, H, NQ, HEAD_DIM], contiguous; their LSEs fp32 [2, B, H, NQ]."""
+    pid_m = tl.program_id(0)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_ok = offs_m < NQ
+    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    lse_at = PLSE + (off_b * H + off_h) * NQ + offs_m
+    lse0 = tl.load(lse_at, mask=row_ok, other=0.0)
+    lse1 = tl.load(lse_at + sl_p, mask=row_ok, other=float("-inf"))
+    top = tl.maximum(lse0, lse1)
+    w0 = tl.exp(lse0 - top)
+    w1 = tl.exp(lse1 - top)
+    total = w0 + w1
+    at = PART + off_b * sp_b + off_h * sp_h + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
+    o0 = tl.load(at, mask=ok, other=0.0)
+    o1 = tl.load(at + sp_p, mask=ok, other=0.0)
+    o = (o0 * (w0 / total)[:, None] + o1 * (w1 / total)[:, None])
+    o_at = OUT + off_b * so_b + off_h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
+    tl.store(o_at, o.to(OUT.dtype.element_ty), mask=ok)
+    if WRITE_LSE:
+        tl.store(LSE + (off_b * H + off_h) * NQ + offs_m, top + tl.log(total), mask=row_ok)
 
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported: fixed from then on.
@@ -343,11 +453,16 @@ _ARG_NAMES = ("q", "k_p", "v_p", "k_f", "v_f")
 
 
 def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
-                return_lse: bool, config: tuple, interpret: bool, visited: torch.Tensor | None = None):
-    """(grid, positional args, keyword args, out, lse) of the kernel launch for validated inputs and a tile
-    config ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs (``lse`` is None unless asked
-    for). Also what the offline compile check feeds to Triton's own specialization, so that it compiles
-    exactly what a launch gets. Kept lean: it runs on every call (host cost, see the README)."""
+                return_lse: bool, config: tuple, interpret: bool, visited: torch.Tensor | None = None,
+                binary: bool = False, split_kv: bool = False):
+    """(grid, positional args, keyword args, out, lse, merge) of the kernel launch for validated inputs and a
+    tile config ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs (``lse`` is None unless
+    asked for). ``binary``: the FD loop adds one scalar bias per mask row (valid only when every live value
+    of each mask row is equal; "bias" mode with a mask, else ignored). ``split_kv``: PD and FD keys in
+    separate programs writing fp32 partials; ``merge`` is then the (grid, args, keyword args) of
+    ``_merge_kernel``, which writes ``out``/``lse``, else None. Also what the offline compile check feeds to
+    Triton's own specialization, so that it compiles exactly what a launch gets. Kept lean: it runs on every
+    call (host cost, see the README)."""
     batch, heads, n_q, head_dim = q.shape
     tensors = (q, k_p, v_p, k_f, v_f)
     strides = [t.stride() for t in tensors]
@@ -357,21 +472,39 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     bm, bn, warps, stages = config
     out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else None
-    grid = (_cdiv(n_q, bm), heads, batch)
-    if visited is not None and (visited.dtype != torch.int32 or tuple(visited.shape) != (batch, heads, grid[0])
+    m_blocks = _cdiv(n_q, bm)
+    grid = (2 * m_blocks if split_kv else m_blocks, heads, batch)
+    if visited is not None and (visited.dtype != torch.int32 or tuple(visited.shape) != (batch, heads, m_blocks)
                                 or not visited.is_contiguous()):
-        raise ValueError(f"visited must be a contiguous int32 tensor of shape {(batch, heads, grid[0])}")
+        raise ValueError(f"visited must be a contiguous int32 tensor of shape {(batch, heads, m_blocks)}")
     packed = mode == "bias" and mask is not None  # "scale" mode excludes no key: nothing to pack
     rows = q if mask is None else mask.rows  # an unread placeholder pointer when there is no mask
     row_stride = 0 if mask is None or mask.rows.shape[0] == 1 else mask.rows.stride(0)
     # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.
     dot_dtype = tl.float32 if (interpret and q.dtype == torch.bfloat16) else _DOT_DTYPES[q.dtype]
-    out_strides = (n_q * heads * head_dim, head_dim, heads * head_dim, 1)  # out's [B, Nq, H, D] memory
+    merge = None
+    if split_kv:
+        # fp32 partials [part, B, H, Nq, D] and their LSEs [part, B, H, Nq]; strides are multiples of D, so
+        # the alignment proved for out holds for them.
+        part = torch.empty(2, batch, heads, n_q, head_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(2, batch, heads, n_q, device=q.device, dtype=torch.float32)
+        o_ptr, l_ptr = part, part_lse
+        o_strides = (*part.stride()[1:], part.stride(0), part_lse.stride(0))
+        block_d = max(16, triton.next_power_of_2(head_dim))
+        merge_bm = 32 if interpret else max(16, min(128, 8192 // block_d))
+        merge = ((_cdiv(n_q, merge_bm), heads, batch),
+                 (part, part_lse, out, out if lse is None else lse, part.stride(1), part.stride(2),
+                  part.stride(0), part_lse.stride(0), n_q * heads * head_dim, head_dim, heads * head_dim,
+                  heads, n_q),
+                 dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_bm, WRITE_LSE=return_lse, num_warps=4))
+    else:
+        o_ptr, l_ptr = out, out if lse is None else lse
+        o_strides = (n_q * heads * head_dim, head_dim, heads * head_dim, 1, 0, 0)  # out's [B, Nq, H, D] memory
     args = (
         *tensors, rows,
         mask.fd_index if packed else rows, mask.fd_value if packed else rows, mask.fd_count if packed else rows,
-        out, out if lse is None else lse, out if visited is None else visited,
-        *strides[0], *strides[1], *strides[2], *strides[3], *strides[4], *out_strides,
+        o_ptr, l_ptr, out if visited is None else visited,
+        *strides[0], *strides[1], *strides[2], *strides[3], *strides[4], *o_strides,
         row_stride, 0 if row_stride == 0 else 1,
         heads, n_q, k_p.shape[2], k_f.shape[2], n_txt,
         scale * LOG2E, omega if mode == "scale" else omega * LOG2E,
@@ -380,24 +513,31 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
         BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems(tensors, strides, head_dim, out, q.element_size()),
         SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, HAS_TXT=n_txt > 0,
-        WRITE_LSE=return_lse, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages,
+        BINARY=packed and binary, SPLIT_KV=split_kv,
+        WRITE_LSE=return_lse or split_kv, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype,
+        IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
-    return grid, args, meta, out, lse
+    return grid, args, meta, out, lse, merge
 
 
 def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mode: str, n_txt: int,
              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
-             num_warps: int | None = None, num_stages: int | None = None, visited: torch.Tensor | None = None):
+             num_warps: int | None = None, num_stages: int | None = None, visited: torch.Tensor | None = None,
+             binary: bool | None = None, split_kv: bool = False):
     """Launch the kernel on validated inputs.
 
     ``mask``: None (every FD image key has m = 1), or a prepared mask: any object with ``rows`` (float32
     ``[R, Nimg]``, R = 1 shared or B), ``fd_index`` (int32 ``[R, Nimg]``, live keys first), ``fd_value``
     (float32 ``[R, Nimg]``) and ``fd_count`` (int32 ``[R]``), all contiguous on q's device
-    (``freecure_ops.prepare_fasa_mask`` builds one).
+    (``freecure_ops.prepare_fasa_mask`` builds one), and optionally ``binary`` (True: every live value of a
+    mask row is equal, as in a bool mask).
     Returns ``out`` laid out as ``[B, Nq, H, D]`` memory viewed as ``[B, H, Nq, D]`` (so that
     ``out.transpose(1, 2).reshape(B, Nq, H * D)`` is free) and, if asked, the fp32 LSE ``[B, H, Nq]``.
     ``block_m``/``block_n``/``num_warps``/``num_stages`` override the tile table (tests, sweeps).
+    ``binary``: None takes the mask's ``binary`` (absent: False); False forces the per-key value loop; True
+    asserts a binary mask (a caller that knows; wrong results if it is not).
+    ``split_kv``: PD and FD keys in separate programs, merged by LSE in a second launch (more programs for
+    grids under one wave; the GPU tile sweep says where it pays).
     ``visited``: an int32 tensor ``[B, H, cdiv(Nq, BLOCK_M)]`` that receives the FD key tiles each program
     visited (introspection).
     """
@@ -411,8 +551,12 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
         config = tile_config(d0 + d1, q.element_size(), n_q, heads, batch, sms)
     if block_m or block_n or num_warps or num_stages:
         config = tuple(o or c for o, c in zip((block_m, block_n, num_warps, num_stages), config))
-    grid, args, meta, out, lse = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode,
-                                             n_txt=n_txt, return_lse=return_lse, config=config, interpret=interpret,
-                                             visited=visited)
+    if binary is None:
+        binary = bool(getattr(mask, "binary", False))
+    grid, args, meta, out, lse, merge = launch_plan(
+        q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt, return_lse=return_lse,
+        config=config, interpret=interpret, visited=visited, binary=binary, split_kv=split_kv)
     _fasa_fwd_kernel[grid](*args, **meta)
+    if merge is not None:
+        _merge_kernel[merge[0]](*merge[1], **merge[2])
     return (out, lse) if return_lse else out

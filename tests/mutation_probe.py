@@ -68,17 +68,8 @@ PACKED_TESTS = ("tests/test_fasa_mask.py", "tests/test_fasa_kernel.py")
 COMPILE_TESTS = ("tests/test_kernel_compile.py",)  # offline sm_90 compile: ~45 s per changed kernel, no GPU
 
 K = "kernels/fasa_fwd.py"
-# The packed FD loop's gathers, both CHECK_N=True (K alone would be masked anyway by the tl.where on ``live``).
-_PACKED_BODY = (
-    "            qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,\n"
-    "                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)\n"
-    "            # logit = s + omega * m (omega arrives times log2(e)); the padding past the live keys is excluded.\n"
-    "            qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float(\"-inf\"))\n"
-    "            if HAS_TXT:  # text query rows see PD keys only\n"
-    "                qk = tl.where((offs_m >= N_TXT)[:, None], qk, float(\"-inf\"))\n"
-    "            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1,\n"
-    "                                               svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,\n"
-)
+# The packed FD loop's partial (last) tile: its gathers and its exclusion of the padding past the live keys.
+_PACKED_TAIL = "BINARY, HAS_TXT, True, DOT_DTYPE, IEEE, SPLIT_KV)"
 MUTANTS = [
     # ---- the kernel and its launcher ---------------------------------------------------------------------
     Mutant("kernel-fp16-accumulation", K,
@@ -112,8 +103,9 @@ MUTANTS = [
            (("qk = tl.where((mvals > 0)[None, :], qk + (omega * mvals)[None, :], float(\"-inf\"))",
              "qk = qk + (omega * mvals)[None, :]"),
             ("qk = tl.where(live[None, :], qk + (omega * vals)[None, :], float(\"-inf\"))",
-             "qk = qk + (omega * vals)[None, :]")),
-           KERNEL_TESTS, "bias mode: FD keys with m == 0 are attended with bias 0 instead of excluded"),
+             "qk = qk + (omega * vals)[None, :]"),
+            ("qk = tl.where(live[None, :], qk, float(\"-inf\"))", "qk = qk")),
+           KERNEL_TESTS, "bias mode: the padding past the live keys (zero K/V) is attended instead of excluded"),
     Mutant("kernel-scale-mode-as-bias", K,
            (("SCALE_MODE=(mode == \"scale\")", "SCALE_MODE=False"), ("SCALE_MODE=mode == \"scale\"", "SCALE_MODE=False")),
            KERNEL_TESTS, "\"scale\" mode computed as \"bias\" mode"),
@@ -130,23 +122,43 @@ MUTANTS = [
            (("IEEE=(q.dtype == torch.float32)", "IEEE=False"), ("IEEE=q.dtype == torch.float32", "IEEE=False")),
            ("tests/test_numerics_floor.py",), "fp32 dots in TF32 on the compiled path"),
     Mutant("kernel-no-normalization", K,
-           (("acc0 / l_i[:, None]", "acc0"),),
+           (("acc0 / l_i[:, None]", "acc0"), ("acc0 / l_div[:, None]", "acc0")),
            KERNEL_TESTS, "output not divided by the softmax row sum"),
 
     # ---- the packed "bias"-mode FD loop, the alignment hints, the tile table -----------------------------
     Mutant("kernel-packed-visits-all-tiles", K,
-           (("n_tiles = tl.where(has_img_rows, tl.cdiv(n_live, BLOCK_N), 0)",
-             "n_tiles = tl.where(has_img_rows, tl.cdiv(n_img, BLOCK_N), 0)"),),
-           MASK_TESTS, "packed loop runs ceil(Nimg / BLOCK_N) tiles, not ceil(nnz / BLOCK_N) (right answer, "
-           "wasted work: the visited count shows it)"),
+           (("n_full = tl.where(has_img_rows, n_live // BLOCK_N, 0)",
+             "n_full = tl.where(has_img_rows, n_img // BLOCK_N, 0)"),),
+           MASK_TESTS, "packed loop runs Nimg // BLOCK_N full tiles, not nnz // BLOCK_N (wasted work the "
+           "visited count shows, and unchecked gathers of the padding)"),
     Mutant("kernel-text-blocks-visit-fd", K,
-           (("n_tiles = tl.where(has_img_rows, tl.cdiv(n_live, BLOCK_N), 0)", "n_tiles = tl.cdiv(n_live, BLOCK_N)"),),
+           (("n_full = tl.where(has_img_rows, n_live // BLOCK_N, 0)", "n_full = n_live // BLOCK_N"),),
            MASK_TESTS, "FLUX: query blocks made only of text rows still walk the FD keys (right answer, wasted "
            "work)"),
     Mutant("kernel-packed-no-row-mask", K,
-           ((_PACKED_BODY, _PACKED_BODY.replace("SPLIT_D, True,", "SPLIT_D, False,")),),
-           PACKED_TESTS, "packed loop: K/V rows gathered with no row mask (CHECK_N False: the padding lanes "
-           "of the last tile load FD key 0, excluded or not, and 0 * NaN reaches the output)"),
+           ((_PACKED_TAIL, _PACKED_TAIL.replace("True", "False")),),
+           PACKED_TESTS, "packed loop: the partial tile's K/V rows gathered with no row mask and its padding not "
+           "excluded (CHECK_N False: the padding lanes load FD key 0, excluded or not, and 0 * NaN reaches the "
+           "output)"),
+    Mutant("kernel-packed-tail-dropped", K,
+           (("        if has_tail:  #", "        if has_tail & False:  #"),),
+           PACKED_TESTS, "packed loop: the partial tile of live keys is never run (the last nnz % BLOCK_N keys "
+           "are dropped)"),
+    Mutant("kernel-binary-bias-of-row-0", K,
+           (("bias = omega * tl.load(val_base)", "bias = omega * tl.load(FD_VALUE)"),),
+           ("tests/test_fasa_kernel.py",), "binary loop: every batch entry takes mask row 0's value"),
+    Mutant("kernel-binary-ignored", K,
+           (("BINARY=packed and binary,", "BINARY=False,"),),
+           ("tests/test_fasa_kernel.py",), "the launcher never takes the binary loop"),
+    Mutant("kernel-split-empty-rows-unguarded", K,
+           (('m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)', "m_ref = m_new"),),
+           ("tests/test_fasa_kernel.py",), "split-KV: FLUX text rows' FD part computes exp2(-inf + inf) = NaN"),
+    Mutant("kernel-split-empty-part-divides-by-0", K,
+           (("l_div = tl.where(l_i > 0, l_i, 1.0)", "l_div = l_i"),),
+           ("tests/test_fasa_kernel.py",), "split-KV: an FD part with no key writes 0 / 0 (NaN) as its output"),
+    Mutant("kernel-split-merge-drops-fd", K,
+           (("o = (o0 * (w0 / total)[:, None] + o1 * (w1 / total)[:, None])", "o = o0 * (w0 / total)[:, None]"),),
+           ("tests/test_fasa_kernel.py",), "split-KV: the merge leaves out the FD part"),
     Mutant("kernel-packed-prefetch-current-tile", K,
            (("nxt = (t + 1) * BLOCK_N + offs_n", "nxt = t * BLOCK_N + offs_n"),),
            PACKED_TESTS, "packed loop: the index prefetch reads the current tile, not the next (tile 0 twice, "
@@ -254,6 +266,10 @@ MUTANTS = [
            "the sweep's precompile repeats kernels that cases of one head dim share"),
 
     # ---- the prepared mask ------------------------------------------------------------------------------
+    Mutant("prepare-float-mask-always-binary", "freecure_ops/fasa_mask.py",
+           (("return top, not any_other", "return top, True"),),
+           ("tests/test_fasa_kernel.py::test_prepared_mask_records_binary",),
+           "a float mask with unequal live values is recorded binary (the kernel would use one value per row)"),
     Mutant("pack-unstable-order", "freecure_ops/fasa_mask.py",
            (("dim=1, stable=True)", "dim=1, stable=False)"),),
            MASK_TESTS, "pack_live_keys: live keys first but not in key order (unstable sort)"),

@@ -13,6 +13,8 @@ from freecure_ops.kernels import fasa_fwd
 from freecure_ops.kernels.fasa_fwd import check_launch_limits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# Kernel variants the GPU tile sweep times against the default launch (fasa_fwd's binary / split_kv).
+VARIANTS = {"binary": dict(binary=True), "split": dict(split_kv=True), "split-binary": dict(binary=True, split_kv=True)}
 
 
 def run_triton(inputs, mask, omega, **kw):
@@ -235,16 +237,18 @@ def _in_sea(t: torch.Tensor, guard) -> torch.Tensor:
     return view
 
 
-@pytest.mark.parametrize("mode,mask_kind,shared,n_txt,d,layout", [
-    ("bias", "soft", False, 0, 40, "bnhd"),
-    ("bias", "binary", True, 13, 72, "bnhd"),
-    ("bias", "soft", False, 7, 80, "strided_d"),
-    ("bias", None, False, 0, 160, "bhnd"),
-    ("scale", "soft", True, 0, 40, "bnhd"),
-    ("scale", "binary", False, 13, 64, "strided_d"),
+@pytest.mark.parametrize("mode,mask_kind,shared,n_txt,d,layout,variant", [
+    ("bias", "soft", False, 0, 40, "bnhd", {}),
+    ("bias", "binary", True, 13, 72, "bnhd", {}),
+    ("bias", "soft", False, 7, 80, "strided_d", {}),
+    ("bias", None, False, 0, 160, "bhnd", {}),
+    ("scale", "soft", True, 0, 40, "bnhd", {}),
+    ("scale", "binary", False, 13, 64, "strided_d", {}),
+    ("bias", "bool", False, 13, 40, "bnhd", VARIANTS["split-binary"]),
+    ("scale", "soft", True, 7, 72, "bnhd", VARIANTS["split"]),
 ])
 @pytest.mark.parametrize("block_n", [16, 32])
-def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, block_n, device):
+def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, variant, block_n, device):
     # Every input and every array of the prepared mask sits in a sea of values that poison the output when
     # read: NaN for q/k/v and the mask values, index -1 (a gather one row before k_f/v_f, into the NaN sea
     # or a poisoned FLUX text row), count -5 (no FD tiles: a wrong result). Sizes are multiples of no tile.
@@ -260,9 +264,9 @@ def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, bl
     if mask is not None:
         pm = prepare_fasa_mask(mask)
         prepared = FasaMask._from_parts(_in_sea(pm.rows, float("nan")), _in_sea(pm.fd_index, -1),
-                            _in_sea(pm.fd_value, float("nan")), _in_sea(pm.fd_count, -5))
+                            _in_sea(pm.fd_value, float("nan")), _in_sea(pm.fd_count, -5), binary=pm.binary)
     out = fasa_fwd(q, k_p, k_f, v_p, v_f, prepared, scale=d ** -0.5, omega=1.5, mode=mode, n_txt=n_txt,
-                   block_m=16, block_n=block_n)
+                   block_m=16, block_n=block_n, **variant)
     assert torch.isfinite(out).all(), "a read left its tensor"
     assert_close_to_ref(out, inputs, mask, 1.5, mode=mode, n_txt=n_txt)
 
@@ -306,3 +310,141 @@ def test_interpreter_converts_one_element_scalars_under_any_numpy():
     if needs:  # arrays of more than one element still refuse, as before
         with pytest.raises(TypeError):
             scope.attrs["__index__"](Scalar(np.array([1, 2])))
+
+
+# ---- kernel variants the GPU tile sweep times: the binary-mask FD loop and the split-KV launch ----------
+
+
+def _poison_excluded(inputs, mask, n_txt, mode):
+    """Copies of the inputs whose FD keys outside the computation (FD text keys; in "bias" mode m == 0)
+    hold NaN: a read of any of them poisons the output."""
+    q, k_p, k_f, v_p, v_f = inputs
+    k_f, v_f = k_f.clone(), v_f.clone()
+    b, n_f = k_f.shape[0], k_f.shape[2]
+    out_of_play = torch.zeros(b, n_f, dtype=torch.bool, device=k_f.device)
+    out_of_play[:, :n_txt] = True
+    if mode == "bias" and mask is not None:
+        out_of_play[:, n_txt:] = (mask == 0).expand(b, n_f - n_txt)
+    for t in (k_f, v_f):
+        t.masked_fill_(out_of_play[:, None, :, None], float("nan"))
+    return q, k_p, k_f, v_p, v_f
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("d,n_txt,kind,shared,mode,dtype", [
+    (40, 0, "bool", False, "bias", torch.float16),     # per-row masks
+    (72, 13, "binary", True, "bias", torch.bfloat16),  # FLUX text rows; 13 splits a query tile
+    (111, 7, "bool", False, "bias", torch.float32),    # unaligned head dim
+    (40, 5, "soft", False, "scale", torch.float16),    # "scale" mode: split only (nothing is packed)
+    (72, 0, None, False, "bias", torch.float16),       # no mask: every FD image key at m = 1
+])
+def test_variants_match_reference_and_skip_excluded_keys(variant, d, n_txt, kind, shared, mode, dtype, device):
+    # Odd token counts (Nq 45, Np 39, Nimg 51), excluded and FD text keys NaN; the LSE is checked too, as
+    # split-KV merges it from the two parts.
+    b, h, n_img = 2, 2, 51
+    clean = make_inputs(b, h, 45, 39, n_txt + n_img, d, dtype, device, layout="bnhd", seed=d + n_txt)
+    mask = None if kind is None else make_mask(kind, b, n_img, device, shared=shared)
+    pm = None if mask is None else prepare_fasa_mask(mask)
+    if kind in ("bool", "binary"):
+        assert pm.binary
+    out, lse = fasa_fwd(*_poison_excluded(clean, mask, n_txt, mode), pm, scale=d ** -0.5, omega=1.5, mode=mode,
+                        n_txt=n_txt, return_lse=True, block_m=16, block_n=16, **VARIANTS[variant])
+    assert_close_to_ref(out, clean, mask, 1.5, mode=mode, n_txt=n_txt)
+    _, lse64 = fasa_reference(*[to64(t) for t in clean], to64(mask), 1.5, mode=mode, n_txt=n_txt, return_lse=True)
+    assert (lse.double() - lse64).abs().max() < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_variants_with_empty_mask_rows(variant, device):
+    # Row 0 of the mask is empty (plain attention over PD; split-KV's FD part sees no key and must weigh 0,
+    # not NaN), row 1 has one live key; every other FD key is NaN.
+    b, h, d, n_img, n_txt = 2, 2, 40, 37, 9
+    clean = make_inputs(b, h, 30, 23, n_txt + n_img, d, torch.float16, device, seed=5)
+    mask = torch.zeros(b, n_img, dtype=torch.bool, device=device)
+    mask[1, 20] = True
+    out = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), prepare_fasa_mask(mask), scale=d ** -0.5,
+                   omega=1.5, mode="bias", n_txt=n_txt, block_m=16, block_n=16, **VARIANTS[variant])
+    assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
+
+
+def test_binary_loop_reads_each_rows_first_live_value(device):
+    # Forced on a mask that is not binary, the binary loop must give the mask whose live values are each
+    # row's first live value: it is really taken, and reads the value of its own row (rows differ).
+    b, h, d, n_img = 2, 2, 32, 41
+    inputs = make_inputs(b, h, 33, 29, n_img, d, torch.float32, device, seed=8)
+    mask = make_mask("soft", b, n_img, device)
+    pm = prepare_fasa_mask(mask)
+    assert not pm.binary
+    first = pm.fd_value[:, :1]
+    assert (first[0] != first[1]).all()
+    as_binary = torch.where(mask > 0, first, torch.zeros_like(mask))
+    out = fasa_fwd(*inputs, pm, scale=d ** -0.5, omega=1.5, mode="bias", n_txt=0, block_m=16, block_n=16,
+                   binary=True)
+    assert_close_to_ref(out, inputs, as_binary, 1.5)
+    assert (out - fasa_fwd(*inputs, pm, scale=d ** -0.5, omega=1.5, mode="bias", n_txt=0)).abs().max() > 1e-3
+
+
+def test_prepared_mask_records_binary(device):
+    from freecure_ops.fasa_mask import pack_checked_mask
+
+    assert prepare_fasa_mask(torch.tensor([True, False, True], device=device)).binary
+    assert prepare_fasa_mask(torch.tensor([[0.0, 2.5, 2.5], [2.5, 0.0, 0.0]], device=device)).binary
+    assert prepare_fasa_mask(torch.zeros(4, device=device)).binary
+    assert not prepare_fasa_mask(torch.tensor([0.0, 1.0, 0.5], device=device)).binary
+    assert not pack_checked_mask(torch.ones(3, device=device)).binary  # unread values: not assumed
+    assert pack_checked_mask(torch.ones(3, device=device), 1.0, True).binary  # a caller that knows
+    import copy
+
+    assert copy.deepcopy(prepare_fasa_mask(torch.ones(3, dtype=torch.bool, device=device))).binary
+
+
+def test_launcher_picks_variants(device):
+    from freecure_ops.kernels.fasa_fwd import launch_plan
+
+    inputs = make_inputs(1, 2, 45, 39, 51, 40, torch.float16, device)
+    kw = dict(scale=0.1, omega=1.5, n_txt=0, return_lse=False, config=(16, 16, 4, 2), interpret=True)
+    bool_mask = prepare_fasa_mask(make_mask("bool", 1, 51, device))
+    grid, _, meta, _, _, merge = launch_plan(*inputs, bool_mask, mode="bias", **kw)
+    assert grid[0] == 3 and merge is None and not meta["BINARY"] and not meta["SPLIT_KV"]
+    grid, _, meta, _, _, merge = launch_plan(*inputs, bool_mask, mode="bias", binary=True, split_kv=True, **kw)
+    assert grid[0] == 6 and merge is not None and meta["BINARY"] and meta["SPLIT_KV"] and meta["WRITE_LSE"]
+    _, _, meta, _, _, _ = launch_plan(*inputs, bool_mask, mode="scale", binary=True, **kw)
+    assert not meta["BINARY"]  # "scale" mode reads every key's value
+
+
+def test_tile_sweep_launches_every_variant(device):
+    # The GPU sweep times these variants; each must launch through the sweep's own compile step (here in
+    # the interpreter on a tiny case), and split-KV is offered exactly for grids under one wave.
+    from bench.shapes import Case
+    from bench.tile_sweep import CANDIDATES, VARIANTS, compile_one, timed_pairs, variants_for
+
+    assert set(VARIANTS) == {"float", "binary", "split", "split-bin"}
+    assert variants_for(128, 132) == tuple(VARIANTS) and variants_for(396, 132) == ("float", "binary")
+    table = (64, 64, 4, 3)
+    small, big = timed_pairs(table, 128, 132), timed_pairs(table, 1024, 132)
+    assert small[0] == big[0] == (table, "binary")  # the default launch first
+    assert {v for _, v in small} == set(VARIANTS) and {v for _, v in big} == {"binary", "float"}
+    assert {c for c, v in small if v == "split-bin"} == set(CANDIDATES) | {table}
+    assert len(set(small)) == len(small) and len(set(big)) == len(big)
+    tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
+    for variant in VARIANTS:
+        assert compile_one((tiny, ((16, 16, 1, 1), variant)), device=device) == "", variant
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_packed_fd_loop_full_and_partial_tiles(binary, device):
+    # The packed FD loop runs its full tiles without bound checks and the partial one last: live-key counts
+    # of 0, 1, one tile exactly, two tiles exactly and two tiles plus one (16-key tiles), one per mask row,
+    # with every excluded key NaN.
+    counts = (0, 1, 16, 32, 33)
+    b, h, d, n_img, n_txt = len(counts), 2, 40, 45, 3
+    clean = make_inputs(b, h, 21, 17, n_txt + n_img, d, torch.float16, device, layout="bnhd", seed=11)
+    mask = torch.zeros(b, n_img, device=device)
+    gen = torch.Generator().manual_seed(12)
+    for row, n in enumerate(counts):
+        mask[row, torch.randperm(n_img, generator=gen)[:n].to(device)] = 1.0 if binary else 0.5 + row / 4
+    pm = prepare_fasa_mask(mask)
+    assert pm.binary == binary and pm.fd_count.tolist() == list(counts)
+    out = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5, mode="bias",
+                   n_txt=n_txt, block_m=16, block_n=16)
+    assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)

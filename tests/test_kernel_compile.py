@@ -61,3 +61,33 @@ def test_every_model_head_dim_and_mode_is_covered():
         assert {(d, "bias"), (d, "scale")} <= fast, f"head dim {d} lacks a compile case"
     assert {c.dtype for c in CASES if _fast_path(c)} == {"fp16", "bf16"}
     assert any(c.n_txt and c.mode == "bias" for c in CASES) and any(c.lse for c in CASES)
+
+
+def _float_twin(case):
+    """The same launch with the float FD loop and no split."""
+    from dataclasses import replace
+
+    return replace(case, binary=False, split=False)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.binary and not c.split], ids=lambda c: c.name)
+def test_binary_fd_loop_is_cheaper_than_the_float_loop(case, reports):
+    # The binary loop drops the per-key mask-value loads and the per-key bias: fewer instructions per FD key
+    # tile and no more registers than the float loop of the same launch (which must be among the cases).
+    r, f = reports[case.name], reports[_float_twin(case).name]
+    assert r["fd_instr"] < f["fd_instr"], (r["fd_instr"], f["fd_instr"])
+    assert r["regs"] <= f["regs"] and r["ctas"] >= f["ctas"]
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.split], ids=lambda c: c.name)
+def test_split_kv_compiles_both_steps(case, reports):
+    r = reports[case.name]
+    assert r["merge_regs"] > 0 and r["merge_spill"] == 0
+
+
+def test_variants_are_covered():
+    binary = {c.head_dim for c in CASES if c.binary and not c.split and _fast_path(c)}
+    assert binary >= {40, 64, 72, 80, 128, 160}
+    assert all(_float_twin(c) in CASES for c in CASES if c.binary and not c.split)
+    split = [c for c in CASES if c.split]
+    assert any(c.n_txt for c in split) and any(c.lse for c in split) and any(c.mode == "scale" for c in split)
