@@ -82,6 +82,9 @@ class FasaController:
         ``omega * max(mask)`` in every call as it does for any prepared mask."""
         self._mask = mask
         self._mask_max = max_value
+        # every live value equal (a bool or 0/c mask): the kernel's scalar-bias FD loop; one read at set time
+        self._binary = max_value is not None and mask.device.type != "meta" and \
+            not bool(((mask > 0) & (mask != max_value)).any())
         self._cache: dict = {}
 
     def drop_masks(self) -> None:
@@ -114,7 +117,8 @@ class FasaController:
 
     def _prepare(self, h: int, w: int, device: torch.device) -> FasaMask:
         rows = resize_mask_to_grid(self._mask, h, w).to(device=device, dtype=torch.float32)
-        return pack_checked_mask(rows, self._mask_max)  # nearest resizing: max(rows) <= the mask's max
+        # nearest resizing keeps values: max(rows) <= the mask's max, and a binary mask stays binary
+        return pack_checked_mask(rows, self._mask_max, self._binary)
 
     # ---- steps and the current forward ------------------------------------------------------------------
     def reset(self) -> None:

@@ -71,14 +71,16 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     if not torch.compiler.is_compiling():
         _check_transforms((q, k_p, k_f, v_p, v_f), backend)
     rows = fd_index = fd_value = fd_count = None
+    # the kernel's scalar-bias FD loop: every live value equal (a prepared mask knows; a raw one if it is bool)
+    binary = mask.binary if isinstance(mask, FasaMask) else isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
     if isinstance(mask, FasaMask):
         rows, fd_index, fd_value, fd_count = mask.rows, mask.fd_index, mask.fd_value, mask.fd_count
     elif mask is not None:
         rows = raw_mask_rows(mask, torch.float64 if q.dtype == torch.float64 else torch.float32)
         if backend == "triton" and p.mode == "bias":  # the kernel walks the packed list of live keys
             fd_index, fd_value, fd_count = pack_live_keys(rows)
-    args = (q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, p.scale, p.omega, p.mode, p.n_txt, backend,
-            return_lse)
+    args = (q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary, p.scale, p.omega, p.mode, p.n_txt,
+            backend, return_lse)
     out, lse = _op.fasa_run(*args) if _plain_eager(q, k_p, k_f, v_p, v_f) else torch.ops.freecure_ops.fasa(*args)
     return (out, lse) if return_lse else out
 

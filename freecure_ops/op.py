@@ -62,13 +62,14 @@ def _launcher():
 
 
 def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
-             fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], scale: float,
-             omega: float, mode: str, n_txt: int, backend: str, return_lse: bool):
+             fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], binary: bool,
+             scale: float, omega: float, mode: str, n_txt: int, backend: str, return_lse: bool):
     """FASA on validated inputs (see the module docstring): ``(out, lse)``, ``lse`` None unless asked for.
-    ``backend``: "torch" or "triton", resolved."""
+    ``binary``: every live value of each mask row is equal (the kernel's scalar-bias FD loop). ``backend``:
+    "torch" or "triton", resolved."""
     if backend == "triton":
         mask = None if rows is None else SimpleNamespace(rows=rows, fd_index=fd_index, fd_value=fd_value,
-                                                         fd_count=fd_count)
+                                                         fd_count=fd_count, binary=binary)
         res = _launcher()(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
                           return_lse=return_lse)
         return res if return_lse else (res, None)
@@ -83,12 +84,13 @@ def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows
 
 
 def fasa_impl(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
-              fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], scale: float,
-              omega: float, mode: str, n_txt: int, backend: str, return_lse: bool) -> Tuple[Tensor, Tensor]:
+              fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], binary: bool,
+              scale: float, omega: float, mode: str, n_txt: int, backend: str,
+              return_lse: bool) -> Tuple[Tensor, Tensor]:
     """The registered op's implementation: :func:`fasa_run` with an empty LSE when none is asked for (an op
     returns tensors)."""
-    out, lse = fasa_run(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, scale, omega, mode, n_txt,
-                        backend, return_lse)
+    out, lse = fasa_run(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary, scale, omega, mode,
+                        n_txt, backend, return_lse)
     return out, _empty_lse(q, False) if lse is None else lse
 
 
@@ -98,13 +100,13 @@ fasa_op = torch.library.custom_op(OP_NAME, mutates_args=())(fasa_impl)
 
 
 @fasa_op.register_fake
-def _fasa_fake(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, scale, omega, mode, n_txt, backend,
-               return_lse):
+def _fasa_fake(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary, scale, omega, mode, n_txt,
+               backend, return_lse):
     return _empty_out(q), _empty_lse(q, return_lse)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k_p, k_f, v_p, v_f, rows, _, _, _, scale, omega, mode, n_txt, _, return_lse = inputs
+    q, k_p, k_f, v_p, v_f, rows, _, _, _, _, scale, omega, mode, n_txt, _, return_lse = inputs
     ctx.save_for_backward(q, k_p, k_f, v_p, v_f, rows)
     ctx.problem = (scale, omega, mode, n_txt)
     ctx.return_lse = return_lse
@@ -117,7 +119,7 @@ def _backward(ctx, g_out, g_lse):
     if g_out is None:
         g_out = _empty_out(q).zero_()
     grads = fasa_torch_backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse if ctx.return_lse else None, p)
-    return (*grads, None, None, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None, None, None)
 
 
 fasa_op.register_autograd(_backward, setup_context=_setup_context)

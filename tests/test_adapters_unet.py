@@ -246,3 +246,18 @@ def test_triton_backend_in_interpreter():
     mask = soft_mask((8, 4))
     with install_fasa(unet, mask, 1.5, layers=[0, 9], backend="triton", style_fidelity=0.5, layout="cfg") as handle:
         _check_layerwise(unet, handle, kw, mask, 1.5, "cfg", sf=0.5, tol=1e-4)
+
+
+def test_a_binary_mask_reaches_the_kernel_as_binary():
+    """Masks whose live values are all equal (bool, or 0 and one value) are prepared as binary for every layer
+    grid (the kernel's scalar-bias FD loop); a soft mask is not."""
+    from test_adapters_helpers import tiny_sd15
+
+    from freecure_ops.adapters import install_fasa
+
+    unet = tiny_sd15()
+    for mask, binary in ((torch.ones(8, 6, dtype=torch.bool), True), (torch.full((8, 6), 0.5), True),
+                         (torch.linspace(0, 1, 48).reshape(8, 6), False)):
+        with install_fasa(unet, mask, 1.5, layers="all", layout="cfg") as handle:
+            prepared = handle.controller.mask_for(4, 3, torch.device("cpu"), 1, "test")
+            assert prepared.binary is binary

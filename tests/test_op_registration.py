@@ -40,9 +40,12 @@ def test_opcheck(backend):
     """Schema, fake tensor (shapes, strides, dtypes of both outputs), autograd registration, AOT dispatch."""
     q, k_p, k_f, v_p, v_f = inputs(requires_grad=True)
     m = prepare_fasa_mask(masks()["float"])
-    for args in [(m.rows, m.fd_index, m.fd_value, m.fd_count, 0.3, 1.5, "bias", 0, backend, True),
-                 (None, None, None, None, 0.3, 0.7, "scale", 3, backend, False)]:
-        rows = args[0] if args[7] == 0 else None
+    binary = prepare_fasa_mask(masks()["bool"])
+    for args in [(m.rows, m.fd_index, m.fd_value, m.fd_count, False, 0.3, 1.5, "bias", 0, backend, True),
+                 (binary.rows, binary.fd_index, binary.fd_value, binary.fd_count, True, 0.3, 1.5, "bias", 0,
+                  backend, False),
+                 (None, None, None, None, False, 0.3, 0.7, "scale", 3, backend, False)]:
+        rows = args[0] if args[8] == 0 else None
         res = torch.library.opcheck(torch.ops.freecure_ops.fasa.default, (q, k_p, k_f, v_p, v_f, rows, *args[1:]))
         assert all(v == "SUCCESS" for v in res.values()), res
 
@@ -321,3 +324,24 @@ def test_tensor_omega_under_compile_is_a_clear_error():
     fn = torch.compile(lambda w: fasa_attention(*x, None, w, backend="torch"), fullgraph=True, backend="eager")
     with pytest.raises(Exception, match="pass a Python float"):
         fn(torch.tensor(1.5))
+
+
+def test_the_op_hands_the_kernel_the_masks_binary_flag(monkeypatch):
+    """A bool mask (raw or prepared) and a float mask whose live values are equal reach the kernel as binary
+    (its scalar-bias FD loop), a soft mask does not; the results meet the reference either way."""
+    import freecure_ops.op as op
+    from fasa_cases import assert_close_to_ref
+
+    seen, launcher = [], op._launcher()
+    monkeypatch.setattr(op, "_launcher", lambda: lambda *a, **kw: (seen.append(a[5].binary), launcher(*a, **kw))[1])
+    x = inputs()
+    g = torch.Generator().manual_seed(3)
+    hard = torch.rand(B, NF, generator=g) > 0.5
+    soft = masks()["float"]
+    cases = [(hard, True), (prepare_fasa_mask(hard), True), (prepare_fasa_mask(2.0 * hard.float()), True),
+             (soft, False), (prepare_fasa_mask(soft), False)]
+    for mask, binary in cases:
+        out = fasa_attention(*x, mask, 1.5, backend="triton")
+        assert seen.pop() is binary
+        rows = mask.rows if hasattr(mask, "rows") else mask.float()
+        assert_close_to_ref(out, x, rows, 1.5)
