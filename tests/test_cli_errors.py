@@ -222,7 +222,7 @@ def test_bench_help_and_out(tmp_path, files):
     results = _run_all([[FREECURE, "bench", "--help"],
                         [FREECURE, "bench", "--out", str(files / "a_file"), "--quick"]], tmp_path)
     rc, out, err = results[0]
-    assert rc == 0 and out.startswith("usage: freecure bench") and "default: the current folder" in " ".join(
+    assert rc == 0 and out.startswith("usage: freecure bench") and "(default: ./bench_out)" in " ".join(
         out.split())
     rc, out, err = results[1]
     assert rc == 2 and "--out" in err and "not a folder" in err
