@@ -27,7 +27,7 @@ from freecure_ops.adapters.fd_reuse import FdRecord
 from freecure_ops.adapters.install import FasaHandle, install_fasa
 from freecure_ops.adapters.options import check_real
 
-__all__ = ["Foundation"]
+__all__ = ["Foundation", "step_generators"]
 
 
 class _Everything:
@@ -35,6 +35,12 @@ class _Everything:
 
     def __contains__(self, name) -> bool:
         return True
+
+
+def step_generators(seeds: list[int]) -> list:
+    """One CPU generator per image row of a pipeline call (diffusers draws the per-step noise of row i from
+    generator i; CPU generators give the same noise on every device)."""
+    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
 
 @dataclass(eq=False)
@@ -62,6 +68,7 @@ class Foundation:
     attributes: list = field(default_factory=list)
     fd_reuse: dict = field(default_factory=dict)
     timings: dict = field(default_factory=dict)
+    _released: bool = field(default=False, init=False, repr=False)
 
     @property
     def n_images(self) -> int:
@@ -78,7 +85,7 @@ class Foundation:
 
     def generators(self) -> list:
         """Fresh per-image generators of the per-step noise, as pass 1 had them (one CPU generator per image)."""
-        return [torch.Generator(device="cpu").manual_seed(s) for s in self.step_seeds]
+        return step_generators(self.step_seeds)
 
     def release(self) -> None:
         """Free the recorded keys/values (the object cannot be applied afterwards)."""
@@ -94,7 +101,7 @@ class Foundation:
         acts only in pass 2: sweep it without rerunning pass 1); ``backend`` and ``force`` (replace custom
         self-attention processors, e.g. InstantID's plain ``AttnProcessor`` copies) default to the settings
         the record was made with. Everything else is fixed by the record."""
-        if getattr(self, "_released", False):
+        if self._released:
             raise ValueError("this Foundation was released: run the foundation pass again")
         denoiser, family = resolve_model(pipe)
         if family != self.family:

@@ -40,7 +40,7 @@ from .attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attribut
                                      template_prompt)
 
 from .apg import TEXT_KEYS, apg_steps, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
-from .foundation import Foundation
+from .foundation import Foundation, step_generators
 from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from freecure_ops.adapters.install import install_fasa
@@ -891,12 +891,6 @@ def _draw_seeds(generator, n: int) -> list[int]:
     if generator is not None:
         return [int(x) for x in torch.randint(high, (n,), generator=generator, device=generator.device)]
     return [int(x) for x in torch.randint(high, (n,))]
-
-
-def step_generators(seeds: list[int]) -> list:
-    """One CPU generator per image row of a pipeline call (diffusers draws the per-step noise of row i from
-    generator i; CPU generators give the same noise on every device)."""
-    return [torch.Generator(device="cpu").manual_seed(s) for s in seeds]
 
 
 def _default_steps(pipe) -> int:
