@@ -535,16 +535,16 @@ class FreeCure:
                 info["reason"] = "asked" if self.fd_reuse == "off" else "does not fit the budgets"
         return info
 
-    def _pass1(self, common: Mapping, fd_kw: Mapping, latents, step_seeds, attributes, mask, record, timings):
+    def _pass1(self, common: Mapping, fd_kw: Mapping, latents, step_seeds, attributes, mask, record, timings,
+               cfg: bool):
         """Pass 1: the FD rows alone from ``latents`` (recording into ``record`` when given), then the mask from
-        the FD images unless ``mask`` is given. Returns ``(FD images as "pt", mask, label maps)``."""
+        the FD images unless ``mask`` is given. ``cfg``: whether the call batches classifier-free guidance.
+        Returns ``(FD images as "pt", mask, label maps)``."""
         pipe = self.pipe
-        layout = "cfg" if uses_cfg(pipe, self.family, check_real(
-            "guidance_scale", common.get("guidance_scale", default_guidance_scale(pipe)))) else "plain"
         t0 = time.perf_counter()
         rec_handle = None
         if record is not None:
-            rec_handle = self._install(torch.ones(1, 1), layout)
+            rec_handle = self._install(torch.ones(1, 1), "cfg" if cfg else "plain")
             rec_handle.controller.fd_record, rec_handle.controller.fd_role = record, "record"
         try:
             with _progress_label(pipe, "pass1"):
@@ -634,7 +634,8 @@ class FreeCure:
         latents, step_seeds = self.noise(n, height, width, seed=seed, generator=generator, latents=latents)
         record = FdRecord(reuse["choice"], torch.device(pipe._execution_device), reuse["halves"])
         timings = {}
-        fd_pt, mask, label_maps = self._pass1(common, fd_kw, latents, step_seeds, attributes, mask, record, timings)
+        fd_pt, mask, label_maps = self._pass1(common, fd_kw, latents, step_seeds, attributes, mask, record, timings,
+                                              cfg)
         reuse["bytes"] = record.nbytes()
         return self._foundation(record, latents, step_seeds, mask, height, width, n_steps,
                                 images=_to_output_type(pipe, fd_pt, output_type), label_maps=label_maps,
@@ -771,7 +772,7 @@ class FreeCure:
         fd_images = label_maps = None
         if mask is None:
             fd_pt, mask, label_maps = self._pass1(common, fd_kw, latents, step_seeds, attributes, None, record,
-                                                  timings)
+                                                  timings, cfg)
             fd_images = _to_output_type(pipe, fd_pt, output_type)
             if record is not None:
                 reuse["bytes"] = record.nbytes()
