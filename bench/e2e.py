@@ -1,10 +1,20 @@
-"""One denoising step end to end (GPU only): the full-size SDXL UNet, and the FLUX.1-dev transformer at full
+"""End-to-end measurements. ``python -m freecure_ops.bench.e2e [--device cuda|cpu] [--what step,generation]``.
+
+**generation** (CPU or CUDA): whole FreeCure generations on an SD1.5-shaped ``StableDiffusionPipeline`` with
+random weights (:func:`build_sd15_pipeline`; CUDA: SD1.5's widths at 512 px, fp16; CPU: a quarter of the widths
+at 192 px, fp32, so that a run takes minutes on 2 cores), three ways with the same seed, steps and mask
+(:func:`whole_generation`): ``authors`` (two full dual-batch passes, FASA computed eagerly the authors' way: 4
+branch-passes), ``recompute`` (``FreeCure(fd_reuse="off")``: 3) and ``reuse`` (``fd_reuse="device"``: 2). It
+reports median wall seconds, the ratios to ``reuse``, the seconds spent in the denoiser, and the branch-passes
+counted from the denoiser's forward batch sizes; ``e2e_generation.csv`` / ``.txt``.
+
+**step** (CUDA only): one denoising step: the full-size SDXL UNet, and the FLUX.1-dev transformer at full
 width with fewer blocks, random weights built directly on the GPU. Three variants per model:
 
 - ``stock``: the unmodified model on the dual batch (PD and FD rows), i.e. FreeCure's batch without FASA;
 - ``fasa``: ``freecure_ops.adapters.install_fasa`` on the preset layers (Triton kernel);
-- ``eager``: the same adapters with the attention computed the authors' way (``fasa_reference``: eager,
-  materialized scores), i.e. the structure of the reference code.
+- ``eager``: the same adapters with the attention computed the authors' way (:func:`authors_fasa`: eager,
+  materialized scores, input-dtype softmax), i.e. the structure of the reference code.
 
 FLUX is measured at (1 double + 2 single) and (2 double + 4 single) blocks; the full 19 + 38 estimate is
 ``t(1,2) + 18 * (t(2,4) - t(1,2))`` (the blocks' cost is linear in their count; embedders counted once).
@@ -493,16 +503,18 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
                    warmup=None, dtype=None, log=print) -> list:
     """Whole FreeCure generations three ways (:func:`whole_generation`) on :func:`build_sd15_pipeline`, written
     to ``out_dir/e2e_generation.csv`` and ``.txt``. Defaults: CPU: the quarter-width SD1.5-shaped UNet at
-    256 px, 4 steps, 3 timed rounds after 1 warm-up, fp32; CUDA: SD1.5's widths at 512 px, 20 steps, 5 rounds
-    after 1 warm-up, fp16. Returns the rows (without images)."""
+    192 px, 3 steps, 3 timed rounds, no warm-up round (the plain generation before the rounds runs the denoiser
+    first, nothing compiles on CPU, and a warm-up round would cost as much as a timed one), fp32; CUDA: SD1.5's
+    widths at 512 px, 20 steps, 5 rounds after 1 warm-up round (Triton compiles there), fp16. Returns the rows
+    (without images)."""
     device = torch.device(device)
     cuda = device.type == "cuda"
     widths = tuple(widths or (SD15_WIDTHS if cuda else CPU_WIDTHS))
     heads = heads or (SD15_HEADS if cuda else CPU_HEADS)
-    image = image or (512 if cuda else 256)
-    steps = steps or (20 if cuda else 4)
+    image = image or (512 if cuda else 192)
+    steps = steps or (20 if cuda else 3)
     repeats = repeats or (5 if cuda else 3)
-    warmup = 1 if warmup is None else warmup
+    warmup = (1 if cuda else 0) if warmup is None else warmup
     dtype = dtype or (torch.float16 if cuda else torch.float32)
     import diffusers
 
@@ -704,16 +716,19 @@ def main(argv=None) -> int:
     ap.add_argument("--image", type=int, default=None, help="generation: image side in pixels (multiple of 64)")
     ap.add_argument("--steps", type=int, default=None, help="generation: denoising steps")
     ap.add_argument("--repeats", type=int, default=None, help="generation: timed rounds (median)")
-    ap.add_argument("--warmup", type=int, default=None, help="generation: untimed rounds first (default 1)")
+    ap.add_argument("--warmup", type=int, default=None, help="generation: untimed rounds first (default: CUDA 1, CPU 0)")
     args = ap.parse_args(argv)
     what = {w.strip() for w in args.what.split(",") if w.strip()}
     if not what or what - {"step", "generation"}:
         ap.error(f"--what takes step and/or generation, got {args.what!r}")
-    device = torch.device(args.device)
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cuda", "cpu"):
+        ap.error(f"--device must be cuda or cpu, got {args.device!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available here (use --device cpu)")
-    if device.type not in ("cuda", "cpu"):
-        ap.error(f"--device must be cuda or cpu, got {args.device!r}")
     if args.image is not None and (args.image < 64 or args.image % 64):
         ap.error("--image must be a multiple of 64 (8x VAE down-sampling, 3 UNet down-samplings)")
     widths = None
