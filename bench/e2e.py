@@ -2,7 +2,7 @@
 
 **generation** (CPU or CUDA): whole FreeCure generations on an SD1.5-shaped ``StableDiffusionPipeline`` with
 random weights (:func:`build_sd15_pipeline`; CUDA: SD1.5's widths at 512 px, fp16; CPU: a quarter of the widths
-at 192 px, fp32, so that a run takes minutes on 2 cores), three ways with the same seed, steps and mask
+at 128 px, fp32, so that a run takes minutes on 2 shared cores), three ways with the same seed, steps and mask
 (:func:`whole_generation`): ``authors`` (two full dual-batch passes, FASA computed eagerly the authors' way: 4
 branch-passes), ``recompute`` (``FreeCure(fd_reuse="off")``: 3) and ``reuse`` (``fd_reuse="device"``: 2). It
 reports median wall seconds, the ratios to ``reuse``, the seconds spent in the denoiser, and the branch-passes
@@ -299,7 +299,8 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
     generation divided by the rows of one plain single-branch generation, counted by a forward pre-hook in
     every timed run; the row holds the first count and ``counts_agree`` whether every run counted the same),
     ``forwards`` and ``rows`` (of the denoiser, one run), ``peak_mib`` (CUDA only), ``fd_reuse`` (the choice
-    FreeCure reported), ``pd`` (the PD image of the last run, ``[1, 3, H, W]`` float in [0, 1]), ``mask``
+    FreeCure reported), ``cpu_s`` (median process CPU seconds, all threads: less sensitive than the wall
+    clock to other processes on a shared CPU), ``pd`` (the PD image of the last run, ``[1, 3, H, W]`` float in [0, 1]), ``mask``
     (the attribute mask used), ``plain_pd`` (the PD prompt's image without FreeCure, in the first row only)."""
     from freecure_ops.pipeline.freecure import FreeCure
 
@@ -354,7 +355,7 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
         for variant in variants:
             log(f"# e2e warm-up {r + 1}/{warmup}: {variant}")
             runs[variant]()
-    got = {v: {"s": [], "den": [], "bp": [], "fw": [], "rows": [], "peak": []} for v in variants}
+    got = {v: {"s": [], "cpu": [], "den": [], "bp": [], "fw": [], "rows": [], "peak": []} for v in variants}
     last = {}
     for r in range(repeats):
         for variant in variants:
@@ -362,15 +363,16 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
             sync()
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 out = runs[variant]()
                 sync()
-                s = time.perf_counter() - t0
+                s, cpu = time.perf_counter() - t0, time.process_time() - c0
             finally:
                 counter.remove()
             g = got[variant]
             g["s"].append(s)
+            g["cpu"].append(cpu)
             g["den"].append(counter.seconds())
             g["bp"].append(counter.rows / plain.rows)
             g["fw"].append(counter.forwards)
@@ -383,7 +385,8 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
     for variant in variants:
         g, out = got[variant], last[variant]
         s, den = statistics.median(g["s"]), statistics.median(g["den"])
-        rows.append({"variant": variant, "s": s, "s_runs": g["s"], "denoiser_s": den,
+        rows.append({"variant": variant, "s": s, "s_runs": g["s"], "cpu_s": statistics.median(g["cpu"]),
+                     "denoiser_s": den,
                      "denoiser_share": den / s if s > 0 else None,
                      "branch_passes": g["bp"][0], "counts_agree": len(set(g["bp"])) == 1,
                      "forwards": g["fw"][0], "rows": g["rows"][0],
@@ -495,7 +498,8 @@ def machine_info(device) -> dict:
 
 GEN_COLUMNS = ["device", "cpu", "cores", "threads", "python", "torch", "diffusers", "transformers", "model", "image",
                "latent", "dtype", "steps", "fasa_layers", "mask_coverage", "warmup", "repeats", "variant",
-               "s", "s_runs", "x_reuse", "denoiser_s", "denoiser_share", "branch_passes", "counts_agree",
+               "s", "s_runs", "x_reuse", "cpu_s", "cpu_x_reuse", "denoiser_s", "denoiser_share", "branch_passes",
+               "counts_agree",
                "forwards", "rows", "fd_reuse", "pd_max_diff_vs_reuse", "peak_mib"]
 
 
@@ -503,7 +507,7 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
                    warmup=None, dtype=None, log=print) -> list:
     """Whole FreeCure generations three ways (:func:`whole_generation`) on :func:`build_sd15_pipeline`, written
     to ``out_dir/e2e_generation.csv`` and ``.txt``. Defaults: CPU: the quarter-width SD1.5-shaped UNet at
-    192 px, 3 steps, 3 timed rounds, no warm-up round (the plain generation before the rounds runs the denoiser
+    128 px, 3 steps, 5 timed rounds, no warm-up round (the plain generation before the rounds runs the denoiser
     first, nothing compiles on CPU, and a warm-up round would cost as much as a timed one), fp32; CUDA: SD1.5's
     widths at 512 px, 20 steps, 5 rounds after 1 warm-up round (Triton compiles there), fp16. Returns the rows
     (without images)."""
@@ -511,9 +515,9 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
     cuda = device.type == "cuda"
     widths = tuple(widths or (SD15_WIDTHS if cuda else CPU_WIDTHS))
     heads = heads or (SD15_HEADS if cuda else CPU_HEADS)
-    image = image or (512 if cuda else 192)
+    image = image or (512 if cuda else 128)
     steps = steps or (20 if cuda else 3)
-    repeats = repeats or (5 if cuda else 3)
+    repeats = repeats or 5
     warmup = (1 if cuda else 0) if warmup is None else warmup
     dtype = dtype or (torch.float16 if cuda else torch.float32)
     import diffusers
@@ -542,10 +546,10 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
                     "dtype": str(dtype).replace("torch.", ""), "steps": steps, "fasa_layers": fasa_layers,
                     "mask_coverage": float((mask > 0).float().mean()) if mask is not None else None,
                     "warmup": warmup, "repeats": repeats,
-                    **{k: r[k] for k in ("variant", "s", "denoiser_s", "denoiser_share", "branch_passes",
+                    **{k: r[k] for k in ("variant", "s", "cpu_s", "denoiser_s", "denoiser_share", "branch_passes",
                                          "counts_agree", "forwards", "rows", "fd_reuse", "peak_mib")},
                     "s_runs": " ".join(f"{x:.3f}" for x in r["s_runs"]),
-                    "x_reuse": r["s"] / reuse["s"],
+                    "x_reuse": r["s"] / reuse["s"], "cpu_x_reuse": r["cpu_s"] / reuse["cpu_s"],
                     "pd_max_diff_vs_reuse": float((r["pd"] - reuse["pd"]).abs().max())})
     write_generation(out, Path(out_dir), log)
     return out
@@ -572,17 +576,20 @@ def write_generation(rows: list, out_dir: Path, log=print) -> None:
              f"timing: median of {r0['repeats']} interleaved rounds after {r0['warmup']} warm-up round(s); "
              "wall seconds of the whole generation (text encoding, both passes, parser, VAE decodes)",
              "",
-             "variant    branch-passes  s (median)  runs                  x reuse  denoiser s  share  "
+             "variant    branch-passes  s (median)  runs                  x reuse  cpu s    denoiser s  share  "
              "fd_reuse  PD max diff vs reuse"]
     for r in rows:
         lines.append(f"{r['variant']:<10} {fmt(r['branch_passes'], '{:g}'):<14} {fmt(r['s'], '{:.2f}'):<11} "
-                     f"{r['s_runs']:<21} {fmt(r['x_reuse'], '{:.2f}'):<8} {fmt(r['denoiser_s'], '{:.2f}'):<11} "
+                     f"{r['s_runs']:<21} {fmt(r['x_reuse'], '{:.2f}'):<8} {fmt(r['cpu_s'], '{:.1f}'):<8} "
+                     f"{fmt(r['denoiser_s'], '{:.2f}'):<11} "
                      f"{fmt(r['denoiser_share'], '{:.0%}'):<6} {str(r['fd_reuse']):<9} "
                      f"{fmt(r['pd_max_diff_vs_reuse'], '{:.1e}')}")
     by = {r["variant"]: r for r in rows}
     if "reuse" in by:
         ratios = [f"{v}/reuse = {by[v]['s'] / by['reuse']['s']:.2f}" for v in ("authors", "recompute") if v in by]
-        lines += ["", "ratios (median wall time): " + ", ".join(ratios)]
+        cpu = [f"{v}/reuse = {by[v]['cpu_s'] / by['reuse']['cpu_s']:.2f}" for v in ("authors", "recompute") if v in by]
+        lines += ["", "ratios (median wall time): " + ", ".join(ratios),
+                  "for reference, ratios of median process CPU seconds: " + ", ".join(cpu)]
     if not all(r["counts_agree"] for r in rows):
         lines.append("WARNING: the branch-pass count differed between runs of a variant")
     text = "\n".join(lines)
