@@ -208,7 +208,8 @@ def _variants(model, inputs, mask, layout, install_fasa, device, timing, log, mo
                 rows.append({"variant": "eager", "ms": None, "peak_mib": None,
                              "note": "the adapters' attention call could not be redirected to eager attention"})
             else:
-                measure_one("eager", "install_fasa + the authors' eager FASA in FASA layers" + (f"; {note}" if note else ""))
+                measure_one("eager", "install_fasa + the authors' eager FASA in FASA layers"
+                            + (f"; {note}" if note else ""))
     finally:
         handle.remove()
     return rows
@@ -300,9 +301,10 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
     every timed run; the row holds the first count and ``counts_agree`` whether every run counted the same),
     ``forwards`` and ``rows`` (of the denoiser, one run), ``peak_mib`` (CUDA only), ``fd_reuse`` (the choice
     FreeCure reported), ``cpu_s`` (median process CPU seconds, all threads: less sensitive than the wall
-    clock to other processes on a shared CPU), ``pd`` (the PD image of the last run, ``[1, 3, H, W]`` float in [0, 1]), ``mask``
-    (the attribute mask used), ``plain_pd`` (the PD prompt's image without FreeCure, in the first row only)."""
-    from freecure_ops.pipeline.freecure import FreeCure
+    clock to other processes on a shared CPU), ``pd`` (the PD image of the last run, ``[1, 3, H, W]`` float
+    in [0, 1]), ``mask`` (the attribute mask used), ``plain_pd`` (the PD prompt's image without FreeCure, in
+    the first row only)."""
+    from freecure_ops.pipeline.freecure import FreeCure, step_generators
 
     device = torch.device(device)
     call = dict(call)
@@ -312,12 +314,12 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise ValueError(f"unknown variants {unknown}; known: {VARIANTS}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats} and {warmup}")
 
     def authors():
         fc = FreeCure(pipe, parser, fd_reuse="off", **fc_kwargs)
         lat, seeds = fc.noise(1, *fc._size(call), seed=seed)
-        from freecure_ops.pipeline.freecure import step_generators
-
         both = pipe([prompt, fd_prompt], latents=torch.cat([lat, lat]), generator=step_generators(seeds + seeds),
                     output_type="pt", **call).images
         mask, _ = fc.mask_from_fd(both[1:], [fc._attributes({"prompt": prompt}, None, 1)[0]])
@@ -343,8 +345,6 @@ def whole_generation(pipe, parser, prompt: str, fd_prompt: str, call: dict, *, d
     try:
         fc = FreeCure(pipe, parser, **fc_kwargs)
         lat, seeds = fc.noise(1, *fc._size(call), seed=seed)
-        from freecure_ops.pipeline.freecure import step_generators
-
         plain_pd = pipe(prompt, latents=lat, generator=step_generators(seeds), output_type="pt", **call).images
     finally:
         plain.remove()
@@ -723,7 +723,8 @@ def main(argv=None) -> int:
     ap.add_argument("--image", type=int, default=None, help="generation: image side in pixels (multiple of 64)")
     ap.add_argument("--steps", type=int, default=None, help="generation: denoising steps")
     ap.add_argument("--repeats", type=int, default=None, help="generation: timed rounds (median)")
-    ap.add_argument("--warmup", type=int, default=None, help="generation: untimed rounds first (default: CUDA 1, CPU 0)")
+    ap.add_argument("--warmup", type=int, default=None,
+                    help="generation: untimed rounds first (default: CUDA 1, CPU 0)")
     args = ap.parse_args(argv)
     what = {w.strip() for w in args.what.split(",") if w.strip()}
     if not what or what - {"step", "generation"}:

@@ -64,6 +64,8 @@ def test_whole_generation_counts_branch_passes_and_images_agree():
 def test_whole_generation_rejects_unknown_variants():
     with pytest.raises(ValueError, match="unknown variants"):
         _tiny_generation(variants=("authors", "fastest"), repeats=1, warmup=0)
+    with pytest.raises(ValueError, match="repeats"):
+        _tiny_generation(repeats=0, warmup=0)
 
 
 @pytest.mark.parametrize("n_txt, per_row", [(0, False), (0, True), (3, False)])
