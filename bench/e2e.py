@@ -565,6 +565,7 @@ def write_generation(rows: list, out_dir: Path, log=print) -> None:
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in GEN_COLUMNS})
     r0 = rows[0]
+    runs_w = max(8, *(len(r["s_runs"]) for r in rows))
     fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
     lines = [f"# whole FreeCure generation, three ways (python -m freecure_ops.bench.e2e)",
              f"machine: {r0['device']}; CPU {r0['cpu']}, {r0['cores']} cores, {r0['threads']} torch threads",
@@ -576,11 +577,11 @@ def write_generation(rows: list, out_dir: Path, log=print) -> None:
              f"timing: median of {r0['repeats']} interleaved rounds after {r0['warmup']} warm-up round(s); "
              "wall seconds of the whole generation (text encoding, both passes, parser, VAE decodes)",
              "",
-             "variant    branch-passes  s (median)  runs                  x reuse  cpu s    denoiser s  share  "
+             f"variant    branch-passes  s (median)  {'runs (s)':<{runs_w}} x reuse  cpu s    denoiser s  share  "
              "fd_reuse  PD max diff vs reuse"]
     for r in rows:
         lines.append(f"{r['variant']:<10} {fmt(r['branch_passes'], '{:g}'):<14} {fmt(r['s'], '{:.2f}'):<11} "
-                     f"{r['s_runs']:<21} {fmt(r['x_reuse'], '{:.2f}'):<8} {fmt(r['cpu_s'], '{:.1f}'):<8} "
+                     f"{r['s_runs']:<{runs_w}} {fmt(r['x_reuse'], '{:.2f}'):<8} {fmt(r['cpu_s'], '{:.1f}'):<8} "
                      f"{fmt(r['denoiser_s'], '{:.2f}'):<11} "
                      f"{fmt(r['denoiser_share'], '{:.0%}'):<6} {str(r['fd_reuse']):<9} "
                      f"{fmt(r['pd_max_diff_vs_reuse'], '{:.1e}')}")
