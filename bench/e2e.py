@@ -2,7 +2,7 @@
 
 **generation** (CPU or CUDA): whole FreeCure generations on an SD1.5-shaped ``StableDiffusionPipeline`` with
 random weights (:func:`build_sd15_pipeline`; CUDA: SD1.5's widths at 512 px, fp16; CPU: a quarter of the widths
-at 128 px, fp32, so that a run takes minutes on 2 shared cores), three ways with the same seed, steps and mask
+at 256 px, fp32, so that a run takes minutes on 2 shared cores), three ways with the same seed, steps and mask
 (:func:`whole_generation`): ``authors`` (two full dual-batch passes, FASA computed eagerly the authors' way: 4
 branch-passes), ``recompute`` (``FreeCure(fd_reuse="off")``: 3) and ``reuse`` (``fd_reuse="device"``: 2). It
 reports median wall seconds, the ratios to ``reuse``, the seconds spent in the denoiser, and the branch-passes
@@ -507,7 +507,7 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
                    warmup=None, dtype=None, log=print) -> list:
     """Whole FreeCure generations three ways (:func:`whole_generation`) on :func:`build_sd15_pipeline`, written
     to ``out_dir/e2e_generation.csv`` and ``.txt``. Defaults: CPU: the quarter-width SD1.5-shaped UNet at
-    128 px, 3 steps, 5 timed rounds, no warm-up round (the plain generation before the rounds runs the denoiser
+    256 px, 3 steps, 5 timed rounds, no warm-up round (the plain generation before the rounds runs the denoiser
     first, nothing compiles on CPU, and a warm-up round would cost as much as a timed one), fp32; CUDA: SD1.5's
     widths at 512 px, 20 steps, 5 rounds after 1 warm-up round (Triton compiles there), fp16. Returns the rows
     (without images)."""
@@ -515,7 +515,7 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
     cuda = device.type == "cuda"
     widths = tuple(widths or (SD15_WIDTHS if cuda else CPU_WIDTHS))
     heads = heads or (SD15_HEADS if cuda else CPU_HEADS)
-    image = image or (512 if cuda else 128)
+    image = image or (512 if cuda else 256)
     steps = steps or (20 if cuda else 3)
     repeats = repeats or 5
     warmup = (1 if cuda else 0) if warmup is None else warmup
