@@ -507,8 +507,9 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
                    warmup=None, dtype=None, log=print) -> list:
     """Whole FreeCure generations three ways (:func:`whole_generation`) on :func:`build_sd15_pipeline`, written
     to ``out_dir/e2e_generation.csv`` and ``.txt``. Defaults: CPU: the quarter-width SD1.5-shaped UNet at
-    256 px, 3 steps, 5 timed rounds, no warm-up round (the plain generation before the rounds runs the denoiser
-    first, nothing compiles on CPU, and a warm-up round would cost as much as a timed one), fp32; CUDA: SD1.5's
+    256 px, 3 steps, 9 timed rounds (other jobs on a shared CPU slow single runs 5-25x), no warm-up round
+    (the plain generation before the rounds runs the denoiser first, nothing compiles on CPU, and a warm-up
+    round would cost as much as a timed one), fp32; CUDA: SD1.5's
     widths at 512 px, 20 steps, 5 rounds after 1 warm-up round (Triton compiles there), fp16. Returns the rows
     (without images)."""
     device = torch.device(device)
@@ -517,7 +518,7 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
     heads = heads or (SD15_HEADS if cuda else CPU_HEADS)
     image = image or (512 if cuda else 256)
     steps = steps or (20 if cuda else 3)
-    repeats = repeats or 5
+    repeats = repeats or (5 if cuda else 9)
     warmup = (1 if cuda else 0) if warmup is None else warmup
     dtype = dtype or (torch.float16 if cuda else torch.float32)
     import diffusers
