@@ -8,7 +8,7 @@
 #      at 10/25/50% and the full mask, every provider (fasa, authors, reference, sdpa_bias, sdpa_gather,
 #      flex, sdpa_dense, sdpa_pd), each case at 25% hair and full first, heaviest shape (FLUX) first,
 #   5. the host cost per call (our Python work; and whole calls with Triton's launch),
-#   6. the end-to-end denoising step with what time is left.
+#   6. the end-to-end denoising step, then whole FreeCure generations three ways, with what time is left.
 # Each step has its own time limit; the benchmark and the sweep rewrite their CSVs as they go, so a limit
 # keeps what was measured. Everything lands in "$OUT" (the device tool's output folder; default
 # bench/results/gpu-run), 8 files in one folder:
@@ -95,6 +95,7 @@ if [ "$t" -gt 30 ]; then
   echo "== e2e rc=$? at $(elapsed)" >> "$OUT/bench.log"
   [ -f /tmp/e2e/e2e.csv ] && cp /tmp/e2e/e2e.csv "$OUT/"
   [ -f /tmp/e2e/e2e.txt ] && cat /tmp/e2e/e2e.txt >> "$OUT/bench.log"
+  [ -f /tmp/e2e/e2e_generation.csv ] && cp /tmp/e2e/e2e_generation.csv "$OUT/"   # whole generations, 3 ways
 else
   echo "== e2e skipped: only ${t} s left" >> "$OUT/bench.log"
 fi
