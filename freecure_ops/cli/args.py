@@ -7,7 +7,9 @@ import argparse
 import math
 from pathlib import Path
 
+from ..outputs import output_dir_problem
 from .errors import CLIError
+from .model_files import model_path_problem
 
 __all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "fraction_arg", "check_finite",
            "real_problem", "read_mask_png", "parser_weights_problem", "parser_weights_error", "pick_device",
@@ -171,3 +173,25 @@ def empty_mask_effect(mode: str) -> str:
     if mode == "bias":
         return "FASA would change nothing"
     return "--mode scale would still attend every FD key (logit omega * 0 * s = 0), guided by no attribute"
+
+
+def check_run_flags(args) -> None:
+    """The checks ``generate`` and ``batch`` share, before anything loads (each adds its own): the output
+    folder, the numbers, the model reference, the size's multiple of 8 (the model's own multiple is checked
+    once its config is read) and a parser revision without parser weights."""
+    problem = output_dir_problem(args.out)
+    if problem:
+        raise CLIError(f"--out {args.out}: {problem}")
+    if args.steps < 1:
+        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    check_finite("--omega", args.omega)
+    check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
+    check_finite("--guidance-scale", args.guidance_scale, 0.0)
+    problem = model_path_problem(args.model)
+    if problem:
+        raise CLIError(f"--model {args.model}: {problem}")
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % 8):
+            raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
+    if args.parser_revision is not None and args.parser_weights is None:
+        raise CLIError("--parser-revision is only used with --parser-weights")

@@ -43,13 +43,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..manifest import Job, ManifestError, read_manifest
-from ..outputs import atomic_write, atomic_write_text, output_dir_problem
+from ..outputs import atomic_write, atomic_write_text
 from ..results import (INDEX, INDEX_CSV, OUTPUT_FILES, RECORD, content_identity, fingerprint, index_row, job_complete,
                        job_dir, write_index)
-from .args import (add_weights_arguments, apg_steps_problem, check_finite, empty_mask_effect, fraction_arg,
+from .args import (add_weights_arguments, apg_steps_problem, check_run_flags, empty_mask_effect, fraction_arg,
                    interpreting, layers_arg, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
 from .errors import CLIError
-from .model_files import layers_problem, model_blocks, model_path_problem, size_multiple
+from .model_files import layers_problem, model_blocks, size_multiple
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
 from .weights import Weights, is_local, resolve_model, resolve_parser
 
@@ -141,22 +141,7 @@ def check_batch_args(args):
     :class:`~.weights.Weights` of --model and --parser-weights; parser None without it). Hub references resolve
     once the flags and the manifest's own checks that need no model passed (they may download). Raises
     CLIError."""
-    problem = output_dir_problem(args.out)
-    if problem:
-        raise CLIError(f"--out {args.out}: {problem}")
-    if args.steps < 1:
-        raise CLIError(f"--steps must be >= 1, got {args.steps}")
-    check_finite("--omega", args.omega)
-    check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
-    check_finite("--guidance-scale", args.guidance_scale, 0.0)
-    problem = model_path_problem(args.model)
-    if problem:
-        raise CLIError(f"--model {args.model}: {problem}")
-    for flag, v in (("--height", args.height), ("--width", args.width)):  # the model's own multiple: below
-        if v is not None and (v <= 0 or v % 8):
-            raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
-    if args.parser_revision is not None and args.parser_weights is None:
-        raise CLIError("--parser-revision is only used with --parser-weights")
+    check_run_flags(args)
     offline = args.offline or None
     parser = None
     if args.parser_weights is not None and is_local(args.parser_weights):  # local files before any download

@@ -11,10 +11,10 @@ import sys
 import warnings
 
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from .args import (DTYPES, add_weights_arguments, apg_steps_problem, check_finite, empty_mask_effect, fraction_arg,
-                   interpreting, layers_arg, pick_device, read_mask_png, torch_dtype, user_path)
+from .args import (DTYPES, add_weights_arguments, apg_steps_problem, check_run_flags, empty_mask_effect,
+                   fraction_arg, interpreting, layers_arg, pick_device, read_mask_png, torch_dtype, user_path)
 from .errors import CLIError, flag_message
-from .model_files import model_path_problem, size_multiple
+from .model_files import size_multiple
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
 from .weights import is_local, resolve_model, resolve_parser
 
@@ -65,27 +65,14 @@ def check_generate_args(args):
     """Every check before anything loads: returns ``(device, dtype, mask array or None, model, parser)``
     (``model``/``parser``: the resolved :class:`~.weights.Weights`, parser None without --parser-weights).
     Hub references resolve last (they may download). Raises CLIError."""
-    if args.steps < 1:
-        raise CLIError(f"--steps must be >= 1, got {args.steps}")
+    check_run_flags(args)
     if not -2 ** 63 <= args.seed < 2 ** 64:
         raise CLIError(f"--seed must fit a 64-bit integer, got {args.seed}")
-    check_finite("--omega", args.omega)
-    check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
-    check_finite("--guidance-scale", args.guidance_scale, 0.0)
-    problem = output_dir_problem(args.out)
-    if problem:
-        raise CLIError(f"--out {args.out}: {problem}")
     if args.apg_template is not None and not args.apg:
         raise CLIError("--apg-template is only used with --apg")
     problem = apg_steps_problem(args.steps, args.gamma) if args.apg else None
     if problem:
         raise CLIError(f"--apg with --gamma {args.gamma} and --steps {args.steps} {problem}: raise --gamma or --steps")
-    problem = model_path_problem(args.model)
-    if problem:
-        raise CLIError(f"--model {args.model}: {problem}")
-    for flag, v in (("--height", args.height), ("--width", args.width)):  # the model's own multiple: below
-        if v is not None and (v <= 0 or v % 8):
-            raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
 
     mask = None
     if args.mask is not None:
@@ -97,8 +84,6 @@ def check_generate_args(args):
             print(f"freecure: warning: {what}; {empty_mask_effect(args.mode)}", file=sys.stderr)
     elif args.parser_weights is None:
         raise CLIError("give --mask PNG or --parser-weights PTH (the face parser that finds the attributes)")
-    if args.parser_revision is not None and args.parser_weights is None:
-        raise CLIError("--parser-revision is only used with --parser-weights")
 
     device = pick_device(args.device)
     if args.backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):

@@ -443,6 +443,18 @@ class FreeCure:
             return masks[0], maps[0]
         return torch.stack([m.float() for m in masks]), torch.stack(maps)
 
+    def _call_shape(self, kwargs: Mapping, n: int, latents, branch: str):
+        """``(height, width, common kwargs with the size, loop steps, guidance scale, whether CFG is batched)``
+        of a call of ``n`` images; ``latents``, when given, must hold one row per ``branch`` prompt."""
+        pipe = self.pipe
+        height, width = self._size(kwargs)
+        gs = check_real("guidance_scale", kwargs.get("guidance_scale", default_guidance_scale(pipe)))
+        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != n):
+            raise ValueError(f"latents must be a tensor with one row per {branch} prompt ({n}), got "
+                             f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
+        return (height, width, {**kwargs, "height": height, "width": width}, _step_count(pipe, kwargs), gs,
+                uses_cfg(pipe, self.family, gs))
+
     def _given_mask(self, mask, n: int) -> torch.Tensor:
         """A caller's ``mask=`` as a checked float32 tensor for ``n`` images; omega x its max within float32."""
         mask, mask_max = _mask_to_tensor(mask)
@@ -606,14 +618,7 @@ class FreeCure:
             if key in kwargs:
                 raise ValueError(f"{key!r} is given both as a common argument and in fd")
         n = _branch_size(fd_kw)
-        height, width = self._size(kwargs)
-        common = {**kwargs, "height": height, "width": width}
-        n_steps = _step_count(pipe, kwargs)
-        gs = check_real("guidance_scale", kwargs.get("guidance_scale", default_guidance_scale(pipe)))
-        cfg = uses_cfg(pipe, family, gs)
-        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != n):
-            raise ValueError(f"latents must be a tensor with one row per FD prompt ({n}), got "
-                             f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
+        height, width, common, n_steps, gs, cfg = self._call_shape(kwargs, n, latents, "FD")
         if mask is not None:
             mask = self._given_mask(mask, n)
         attributes = self._attributes(fd_kw, attribute_prompt, n)
@@ -705,14 +710,7 @@ class FreeCure:
         n = _branch_size(pd_kw)
         if _branch_size(fd_kw) != n:
             raise ValueError(f"PD conditioning holds {n} prompts but FD holds {_branch_size(fd_kw)}")
-        height, width = self._size(kwargs)
-        common = {**kwargs, "height": height, "width": width}
-        n_steps = _step_count(pipe, kwargs)
-        gs = check_real("guidance_scale", kwargs.get("guidance_scale", default_guidance_scale(pipe)))
-        cfg = uses_cfg(pipe, family, gs)
-        if latents is not None and (not isinstance(latents, torch.Tensor) or latents.shape[0] != n):
-            raise ValueError(f"latents must be a tensor with one row per PD prompt ({n}), got "
-                             f"{type(latents).__name__}{tuple(getattr(latents, 'shape', ()))}")
+        height, width, common, n_steps, gs, cfg = self._call_shape(kwargs, n, latents, "PD")
 
         timings = {}
         if mask is not None:
