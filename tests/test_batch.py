@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from freecure_ops.cli import main
-from tiny_pipes import IMAGE, _clip_tokenizer, tiny_sd_pipe
+from tiny_pipes import IMAGE, tiny_clip, tiny_sd_pipe
 
 FREECURE = str(Path(sys.executable).with_name("freecure"))
 FACE = 16          # the ONNX face model's input side
@@ -71,22 +71,6 @@ def _onnx_face_model(path: Path, seed=0) -> np.ndarray:
     return w
 
 
-def _tiny_clip(folder: Path):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tok = _clip_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
-                                      eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=IMAGE, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    ip = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
-
-
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     """Model, masks, reference images, the grid manifest (2 identities x 2 prompts x baseline/FreeCure = 8 jobs
@@ -106,7 +90,7 @@ def assets(tmp_path_factory):
         if r["method"] == "freecure":
             r["mask"] = "hair.png"
     (root / "grid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    _tiny_clip(root / "clip")
+    tiny_clip(root / "clip")
     w = _onnx_face_model(root / "face.onnx")
     return dict(root=root, rows=rows, W=w)
 

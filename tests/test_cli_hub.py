@@ -17,30 +17,13 @@ from PIL import Image
 
 from freecure_ops.cli import main
 from hub_cache import HubCache, offline_hub
-from tiny_pipes import IMAGE, _clip_tokenizer, tiny_sd_pipe
+from tiny_pipes import IMAGE, tiny_clip, tiny_sd_pipe
 
 FREECURE = str(Path(sys.executable).with_name("freecure"))
 PD = "a photo of sks man with red hair"
 FD = "a photo of man with red hair"
 COMMON = ["--steps", "2", "--height", str(IMAGE), "--width", str(IMAGE), "--layers", "all", "--quiet",
           "--device", "cpu"]
-
-
-def _tiny_clip(folder: Path) -> Path:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tok = _clip_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
-                                      eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=IMAGE, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).eval().save_pretrained(folder)
-    ip = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
-    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
-    return folder
 
 
 def _tiny_segformer(folder: Path) -> Path:
@@ -69,7 +52,7 @@ def src(tmp_path_factory):
         tiny_sd_pipe(seed).save_pretrained(root / name)
     torch.save({"w": torch.zeros(2)}, root / "79999_iter.pth")
     _tiny_segformer(root / "segformer")
-    _tiny_clip(root / "clip")
+    tiny_clip(root / "clip")
     m = np.zeros((IMAGE, IMAGE), np.uint8)
     m[: IMAGE // 2] = 255
     Image.fromarray(m, mode="L").save(root / "hair.png")

@@ -10,7 +10,7 @@ from hub_cache import HubCache, offline_hub
 from freecure_ops import hub
 from freecure_ops.hub import WeightsNotFoundError, is_offline, pretrained_kwargs, resolve_file, split_file_spec
 from freecure_ops.pipeline.face_parser import BiSeNet, BiSeNetParser
-from tiny_pipes import IMAGE, _clip_tokenizer, tiny_sd_pipe
+from tiny_pipes import IMAGE, tiny_clip, tiny_sd_pipe
 
 SIZE = 64
 
@@ -29,26 +29,8 @@ def files(tmp_path_factory):
     for name, seed in (("sd_a", 0), ("sd_b", 5)):
         tiny_sd_pipe(seed).save_pretrained(root / name)
         out[name] = root / name
-    out["clip"] = _tiny_clip(root / "clip")
+    out["clip"] = tiny_clip(root / "clip")
     return out
-
-
-def _tiny_clip(folder):
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
-    tok = _clip_tokenizer()
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                      num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
-                                      eos_token_id=1, pad_token_id=1),
-                     vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=IMAGE, patch_size=8),
-                     projection_dim=8)
-    CLIPModel(cfg).save_pretrained(folder)
-    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": IMAGE},
-                                                     crop_size={"height": IMAGE, "width": IMAGE}),
-                  tokenizer=tok).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -112,6 +112,25 @@ def tiny_flux_pipe(seed=0):
                                 tokenizer_2=t5_tok, transformer=transformer))
 
 
+def tiny_clip(folder):
+    """A tiny CLIPModel and its processor (text side on this file's tokenizer) saved to ``folder``: the CLIP
+    the eval and Hub tests load by folder or Hub id."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tok = _clip_tokenizer()
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=len(tok), hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                      num_attention_heads=2, max_position_embeddings=12, bos_token_id=0,
+                                      eos_token_id=1, pad_token_id=1),
+                     vision_config=dict(hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=IMAGE, patch_size=8),
+                     projection_dim=8)
+    CLIPModel(cfg).eval().save_pretrained(folder)
+    ip = CLIPImageProcessor(size={"shortest_edge": IMAGE}, crop_size={"height": IMAGE, "width": IMAGE})
+    CLIPProcessor(image_processor=ip, tokenizer=tok).save_pretrained(folder)
+    return folder
+
+
 BUILDERS = {"sd1": tiny_sd_pipe, "sdxl": tiny_sdxl_pipe, "flux": tiny_flux_pipe}
 
 
