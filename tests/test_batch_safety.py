@@ -113,12 +113,12 @@ def test_eval_reports_a_job_whose_record_is_gone_instead_of_scoring_it(killed_re
     eval checks the record and reports a as stale; b (untouched) is scored."""
     import csv
 
-    from test_batch import _tiny_clip
+    from tiny_pipes import tiny_clip
 
     root, out, old_index = killed_rerun
     for name, data in old_index.items():
         (out / name).write_bytes(data)
-    _tiny_clip(root / "clip")
+    tiny_clip(root / "clip")
     ev = root / "ev"
     assert main(["eval", "--results", str(out), "--clip", str(root / "clip"), "--out", str(ev), "--device", "cpu",
                  "--quiet"]) == 0
