@@ -52,11 +52,17 @@ def record_fd_rows(ctl: FasaController, k: torch.Tensor, v: torch.Tensor, grid: 
     """Pass 1 (FD rows only): keep the image keys/values ``[n, H, Nimg, D]`` of the guidance halves whose PD
     rows will get FASA in pass 2."""
     rec = ctl.fd_record
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        rec.note_grid(ctl.latent_hw)
     for start, n, uncond in half_plan(ctl, k.shape[0]):
         if uncond not in rec.halves:
             continue
         rows = slice(start, start + n)
-        rec.put(layer, ctl.step, uncond, k[rows, :, n_txt:], v[rows, :, n_txt:], grid)
+        if compiling:  # filed under the step by the compiled wrapper's eager hook (FdRecord.flush)
+            rec.stash(layer, uncond, k[rows, :, n_txt:], v[rows, :, n_txt:], grid)
+        else:
+            rec.put(layer, ctl.step, uncond, k[rows, :, n_txt:], v[rows, :, n_txt:], grid)
 
 
 def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stock,
@@ -75,7 +81,10 @@ def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: tor
         if sf == 1.0:
             parts.append(stock(rows))
             continue
-        k_f, v_f, mask = rec.get(layer, ctl.step, uncond, n_txt, q.device, grid)
+        if torch.compiler.is_compiling():  # put in place by the compiled wrapper's eager hook (FdRecord.stage)
+            k_f, v_f, mask = rec.staged(layer, uncond)
+        else:
+            k_f, v_f, mask = rec.get(layer, ctl.step, uncond, n_txt, q.device, grid)
         res = fasa_attention(q[rows], k[rows], k_f, v[rows], v_f, mask, ctl.omega, scale=scale, mode=ctl.mode,
                              n_txt=n_txt, backend=ctl.backend)
         if sf > 0.0:

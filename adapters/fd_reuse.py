@@ -15,6 +15,14 @@ excluded by the torch backend).
 
 The record is an explicit object owned by :class:`.freecure.FreeCure` and handed to the FASA controller of
 one pass (``controller.fd_record`` / ``controller.fd_role``); nothing global.
+
+A ``torch.compile``'d model keeps FD reuse with no graph break and no recompilation from step to step: the
+step-keyed bookkeeping stays in eager Python around the compiled call. In pass 1 the traced processors only
+hand their FD keys/values to :meth:`FdRecord.stash` (graph outputs to dynamo), and the compiled wrapper's
+eager forward hook files them under the step with :meth:`FdRecord.flush`. In pass 2 the wrapper's eager
+pre-hook puts this forward's entries in place with :meth:`FdRecord.stage` (checking batch, grid and
+entries, as the eager path does at each layer), and the traced processors read them with
+:meth:`FdRecord.staged`: the same shapes every step, so the compiled code guards on nothing that changes.
 """
 from __future__ import annotations
 
@@ -59,6 +67,9 @@ class FdRecord:
         self._last = None
         self._inflight: dict = {}    # key -> (k, v, event): host-to-device copies started ahead of use
         self._copy_stream = None
+        self.latent_hw = None        # the grid the model was called with in pass 1 (UNet latent / FLUX tokens)
+        self._stash: dict = {}       # (layer, uncond) -> (k, v, grid) of the compiled forward in flight (pass 1)
+        self._staged: dict = {}      # (layer, uncond) -> (k, v, mask) of the compiled forward to come (pass 2)
 
     # ---- pass 1 ----------------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -105,6 +116,23 @@ class FdRecord:
             self._order[self._last] = key
         self._last = key
         self.entries[key] = [self._store(k), self._store(v), tuple(grid)]
+
+    def stash(self, layer: str, uncond: bool, k: torch.Tensor, v: torch.Tensor, grid) -> None:
+        """Pass 1 in a compiled forward: keep this layer's FD keys/values until :meth:`flush` (no step index and
+        no copy inside the compiled code; dynamo makes them outputs of the graph)."""
+        self._stash[(layer, uncond)] = (k, v, tuple(grid))
+
+    def flush(self, step: int, latent_hw) -> None:
+        """After a compiled forward of pass 1 (eager): file what its layers stashed under ``step``."""
+        stash, self._stash = self._stash, {}
+        if stash:
+            self.note_grid(latent_hw)
+        for (layer, uncond), (k, v, grid) in stash.items():
+            self.put(layer, step, uncond, k, v, grid)
+
+    def note_grid(self, latent_hw) -> None:
+        if latent_hw is not None:
+            self.latent_hw = tuple(latent_hw)
 
     # ---- after pass 1 -----------------------------------------------------------------------------------
     def compact(self, mask: torch.Tensor, mode: str = "bias") -> None:
@@ -186,6 +214,27 @@ class FdRecord:
             k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
         return k, v, self.masks[grid]
 
+    def stage(self, step: int, batch: int, latent_hw, n_txt: int, device, style_fidelity: float) -> None:
+        """Before a compiled forward of pass 2 (eager): put the entries this forward's FASA layers read in place
+        for :meth:`staged`, after the checks the eager path makes at each layer (batch, grid, what was recorded).
+        With ``style_fidelity`` 1 the unconditional rows keep plain attention and read nothing."""
+        self._staged = {}
+        if self.latent_hw is not None and latent_hw is not None and tuple(latent_hw) != self.latent_hw:
+            (h, w), (rh, rw) = latent_hw, self.latent_hw
+            raise ValueError(f"FD reuse: pass 2 runs the model on a {h}x{w} grid but the foundation pass ran "
+                             f"{rh}x{rw}: give both the same height and width")
+        layers = list(self.heads)
+        plan = self.replay_plan(batch, layers[0] if layers else "the model")
+        for layer in layers:
+            for _, _, uncond in plan:
+                if uncond and style_fidelity == 1.0:
+                    continue
+                self._staged[(layer, uncond)] = self.get(layer, step, uncond, n_txt, device)
+
+    def staged(self, layer: str, uncond: bool) -> tuple[torch.Tensor, torch.Tensor, FasaMask]:
+        """In a compiled forward of pass 2: ``(k_f, v_f, mask)`` that :meth:`stage` put in place for this layer."""
+        return self._staged[(layer, uncond)]
+
     def _start_copy(self, key, device) -> None:
         """Copy one pinned entry to ``device`` on a side stream (overlapping the attention in flight)."""
         if key is None or key in self._inflight or key not in self.entries:
@@ -222,6 +271,8 @@ class FdRecord:
         self._inflight = {}
         self._order = {}
         self._last = None
+        self._stash = {}
+        self._staged = {}
 
     def __len__(self) -> int:
         return len(self.entries)

@@ -8,7 +8,8 @@ bare FLUX transformer with neither falls back to reading ``img_ids``, one host s
 Under ``torch.compile`` the model's hooks are traced into its graph. There they skip the bookkeeping (which
 attaches step counters and reads pipeline properties: eager work) and read the gate the controller decided
 outside the compiled region (:class:`.controller.FasaController`); a compiled model's ``OptimizedModule``
-wrapper gets :func:`eager_pre_hook`, which does the bookkeeping eagerly before the compiled call.
+wrapper gets :func:`eager_pre_hook` and :func:`eager_post_hook`, which do the bookkeeping eagerly around the
+compiled call (with FD reuse: staging the recorded keys/values, filing the new ones).
 """
 from __future__ import annotations
 
@@ -28,10 +29,35 @@ def _start(ctl) -> bool:
     return ctl.begin_forward()
 
 
-def eager_pre_hook(ctl):
-    """For the ``OptimizedModule`` of a compiled model: runs eagerly before each compiled forward."""
+def _call_grid(ctl, family: str, args, kwargs) -> tuple[tuple[int, int] | None, int]:
+    """(grid, text tokens) of a model call, from shapes and Python state: the UNet's latent size, or FLUX's
+    image-token grid (given at install or by the pipeline; None when neither told it) and text length."""
+    if family == "flux":
+        text = _arg(args, kwargs, 1, "encoder_hidden_states")
+        n_txt = int(text.shape[1]) if isinstance(text, torch.Tensor) else 0
+        return (ctl.grid if ctl.grid is not None else ctl.pipeline_grid), n_txt
+    sample = _arg(args, kwargs, 0, "sample")
+    return (int(sample.shape[-2]), int(sample.shape[-1])), 0
+
+
+def eager_pre_hook(ctl, family: str):
+    """For the ``OptimizedModule`` of a compiled model: runs eagerly before each compiled forward. Starts the
+    controller's forward; in pass 2 of FD reuse it puts the recorded keys/values of this step in place."""
     def hook(module, args, kwargs):
-        ctl.begin_forward()
+        if not ctl.begin_forward() or ctl.fd_role != "replay":
+            return
+        x = _arg(args, kwargs, 0, "hidden_states" if family == "flux" else "sample")
+        grid, n_txt = _call_grid(ctl, family, args, kwargs)
+        ctl.fd_record.stage(ctl.step, int(x.shape[0]), grid, n_txt, x.device, ctl.style_fidelity)
+    return hook
+
+
+def eager_post_hook(ctl, family: str):
+    """For the ``OptimizedModule`` of a compiled model: runs eagerly after each compiled forward. In pass 1 of
+    FD reuse it files the keys/values the layers stashed under the step."""
+    def hook(module, args, kwargs, output):
+        if ctl.fd_role == "record":
+            ctl.fd_record.flush(ctl.step, _call_grid(ctl, family, args, kwargs)[0])
     return hook
 
 

@@ -10,7 +10,7 @@ import torch
 from . import diffusers_helpers
 from .controller import FasaController
 from .discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
-from .hooks import eager_pre_hook, flux_pre_hook, unet_pre_hook
+from .hooks import eager_post_hook, eager_pre_hook, flux_pre_hook, unet_pre_hook
 from .options import (BACKENDS, LAYOUTS, MODES, check_bool, check_choice, check_grid, check_layers, check_mask,
                       check_omega_times_mask, check_real, check_steps)
 from .presets import PRESETS, preset_blocks
@@ -342,8 +342,9 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     hook_fn = flux_pre_hook(controller) if family == "flux" else unet_pre_hook(controller)
     hooks = [denoiser.register_forward_pre_hook(hook_fn, with_kwargs=True)]
     wrapper = compiled_wrapper(model)
-    if wrapper is not None:  # torch.compile(model): the bookkeeping runs eagerly before each compiled forward
-        hooks.append(wrapper.register_forward_pre_hook(eager_pre_hook(controller), with_kwargs=True))
+    if wrapper is not None:  # torch.compile(model): the bookkeeping runs eagerly around each compiled forward
+        hooks.append(wrapper.register_forward_pre_hook(eager_pre_hook(controller, family), with_kwargs=True))
+        hooks.append(wrapper.register_forward_hook(eager_post_hook(controller, family), with_kwargs=True))
     for b, _, ours in installed:
         b.attn.set_processor(ours)
     handle = FasaHandle(denoiser, family, controller, installed, hooks)

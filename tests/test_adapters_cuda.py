@@ -119,3 +119,23 @@ def test_freecure_fd_reuse_host_equals_device_on_cuda():
     assert out["host"].fd_reuse["choice"] == "host"
     assert torch.equal(out["host"].images, out["device"].images)
     assert (out["off"].images - out["device"].images).abs().max().item() <= 1e-4
+
+
+def test_compiled_fd_reuse_host_and_device_on_cuda():
+    """A compiled UNet (Triton kernel inside) keeps FD reuse with both placements: the recorded keys/values
+    staged in eager hooks around the compiled call (pinned host: copied on the side stream) give the eager
+    reusing path's images. aot_eager: Inductor's compile time would not fit gpu_check.sh's test budget."""
+    from freecure_ops.pipeline.freecure import FreeCure
+    from tiny_pipes import IMAGE, FakeParser, tiny_sd_pipe
+
+    pipe = tiny_sd_pipe().to("cuda")
+    call = dict(fd_prompt="a photo of man with red hair", seed=0, output_type="pt", num_inference_steps=3,
+                height=IMAGE, width=IMAGE)
+    eager = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse="device")(
+        "a photo of sks man with red hair", **call)
+    pipe.unet = torch.compile(pipe.unet, fullgraph=True, backend="aot_eager")
+    for placement in ("device", "host"):
+        out = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse=placement)(
+            "a photo of sks man with red hair", **call)
+        assert out.fd_reuse["choice"] == placement
+        torch.testing.assert_close(out.images, eager.images, rtol=1e-3, atol=1e-3)

@@ -1,5 +1,6 @@
 """torch.compile of tiny SD1.5-, SDXL- and FLUX-shaped models carrying FASA: no graph break, compiled models
-accepted by install_fasa and FreeCure, the same images as eager, and no recompilation on a second generation.
+accepted by install_fasa and FreeCure (keeping FD reuse, in foundations too, and APG), the same images as
+eager, and no recompilation on a second generation.
 
 Compiles use the "aot_eager" backend (dynamo + AOTAutograd: everything that can break a graph, recompile or
 disagree with the op's fake implementation), fullgraph=True; Inductor on CPU costs minutes per tiny model
@@ -73,29 +74,107 @@ def test_compiled_bare_flux_without_grid_says_what_to_pass():
 
 # ---- FreeCure and install_fasa on compiled pipelines ------------------------------------------------------------
 
+def uncompile(pipe):
+    attr = "transformer" if hasattr(pipe, "transformer") else "unet"
+    setattr(pipe, attr, getattr(pipe, attr)._orig_mod)
+
+
 @pytest.mark.parametrize("family", ["sd1", "sdxl", "flux"])
-def test_freecure_on_a_compiled_pipeline_matches_eager_and_never_recompiles(family):
+def test_freecure_on_a_compiled_pipeline_keeps_fd_reuse_matches_eager_and_never_recompiles(family):
+    """A compiled model keeps FD reuse ("auto" picks the device, as eager): pass 1 runs the FD rows alone and
+    pass 2 the PD rows alone, each one graph (fullgraph=True: no break), the same images as the eager
+    reusing path, and a second generation compiles nothing."""
     pipe = BUILDERS[family]()
-    # a compiled model takes fd_reuse="off" under "auto": compare with the eager recomputing path
-    eager = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse="off")(PD, fd_prompt=FD, seed=0, output_type="pt",
-                                                                   **COMMON)
+    eager = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse="device")(PD, fd_prompt=FD, seed=0,
+                                                                                   output_type="pt", **COMMON)
+    recompute = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, fd_reuse="off")(PD, fd_prompt=FD, seed=0,
+                                                                                     output_type="pt", **COMMON)
+    rows = []
+
+    def count_rows(module, args, kwargs):
+        rows.append((args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))).shape[0])
+
+    denoiser = pipe.transformer if family == "flux" else pipe.unet
+    with denoiser.register_forward_pre_hook(count_rows, with_kwargs=True):
+        pipe(PD, num_inference_steps=2, height=IMAGE, width=IMAGE, output_type="pt")   # one plain branch
+    plain_rows, rows[:] = sum(rows), []
     wrapper = compile_denoiser(pipe)
     fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)   # accepted: the denoiser is an OptimizedModule
+    counting = wrapper.register_forward_pre_hook(count_rows, with_kwargs=True)
     torch._dynamo.reset()
     counters.clear()
     first = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
+    counting.remove()
+    assert first.fd_reuse["choice"] == "device" and first.fd_reuse["bytes"] > 0
+    assert sum(rows) == 2 * plain_rows  # 2 branch-passes: FD rows in pass 1, PD rows in pass 2 (not 3 or 4)
     n_graphs = graphs()
-    assert n_graphs <= 2  # pass 1 (FD only, FASA not installed) and pass 2 (PD + FD, FASA on)
+    assert n_graphs == 2  # pass 1 (FD rows, recording) and pass 2 (PD rows, replaying)
     second = fc(PD, fd_prompt=FD, seed=0, output_type="pt", **COMMON)
     assert graphs() == n_graphs, "the second generation recompiled"
     for out in (first, second):
         torch.testing.assert_close(out.images, eager.images, rtol=0, atol=1e-6)
         torch.testing.assert_close(out.fd_images, eager.fd_images, rtol=0, atol=1e-6)
+        torch.testing.assert_close(out.images, recompute.images, rtol=0, atol=2e-5)
     assert not torch.allclose(first.images, first.fd_images)
     # FreeCure removed FASA again: the model inside is stock, the wrapper carries no hook of ours
     inner = wrapper._orig_mod
-    assert not hasattr(inner, "_freecure_fasa_handle") and not wrapper._forward_pre_hooks
+    assert not hasattr(inner, "_freecure_fasa_handle")
+    assert not wrapper._forward_pre_hooks and not wrapper._forward_hooks
     assert not any(type(p).__name__.startswith("Fasa") for p in inner.attn_processors.values())
+
+
+def test_a_foundation_moves_between_eager_and_compiled_pipelines():
+    """Recorded eagerly and replayed compiled, recorded compiled and replayed eagerly: the same image."""
+    pipe = BUILDERS["sdxl"]()
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)
+    eager_found = fc.foundation(FD, seed=0, **COMMON)
+    eager = eager_found.run(pipe, prompt=PD, output_type="pt").images
+    compile_denoiser(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    replayed = eager_found.run(pipe, prompt=PD, output_type="pt").images
+    compiled_found = fc.foundation(FD, seed=0, **COMMON)
+    assert graphs() == 2
+    uncompile(pipe)
+    from_compiled = compiled_found.run(pipe, prompt=PD, output_type="pt").images
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(from_compiled, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(height=2 * IMAGE, width=2 * IMAGE), "pass 2 runs the model on a 16x16 grid but the foundation pass ran 8x8"),
+    (dict(prompt=[PD, PD]), "batch holds 4 rows"),
+])
+def test_a_compiled_pass_2_that_does_not_match_is_refused_in_one_line(kwargs, match):
+    """The checks the eager path makes at each layer run in the compiled wrapper's eager hook, so a mismatch is
+    the same ValueError, raised before the compiled call (not a dynamo error from inside the trace)."""
+    pipe = BUILDERS["sdxl"]()
+    found = FreeCure(pipe, FakeParser(), layers="all", omega=2.0).foundation(FD, seed=0, **COMMON)
+    compile_denoiser(pipe)
+    torch._dynamo.reset()
+    kw = {"prompt": PD, "output_type": "latent", "num_inference_steps": 2, "height": IMAGE, "width": IMAGE, **kwargs}
+    with found.apply(pipe), pytest.raises(ValueError, match=match):
+        pipe(**kw, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("family", ["sd1", "flux"])
+def test_apg_on_a_compiled_pipeline_compiles_once_and_matches_eager(family):
+    """APG's inversion and re-denoising call the compiled model once per step with the same shapes: one more
+    graph in the first generation (FASA is removed by then), none in the second."""
+    pipe = BUILDERS[family]()
+    common = dict(COMMON, num_inference_steps=4)
+    eager = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)(PD, fd_prompt=FD, seed=0, apg=True,
+                                                                  output_type="pt", **common)
+    compile_denoiser(pipe)
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)
+    torch._dynamo.reset()
+    counters.clear()
+    first = fc(PD, fd_prompt=FD, seed=0, apg=True, output_type="pt", **common)
+    assert graphs() == 3  # pass 1, pass 2, APG
+    second = fc(PD, fd_prompt=FD, seed=0, apg=True, output_type="pt", **common)
+    assert graphs() == 3, "the second generation recompiled"
+    for out in (first, second):
+        torch.testing.assert_close(out.images, eager.images, rtol=0, atol=1e-6)
 
 
 def test_install_fasa_accepts_compiled_models_and_pipelines():

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
+from freecure_ops.adapters.discovery import find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FdRecord
 from freecure_ops.adapters.install import FasaHandle, install_fasa
 from freecure_ops.adapters.options import check_real
@@ -107,9 +107,6 @@ class Foundation:
         if family != self.family:
             raise ValueError(f"the foundation pass ran a {self.family} model, {type(pipe).__name__} holds a {family} "
                              "model: FASA reads keys/values of the same architecture")
-        if compiled_wrapper(pipe) is not None:
-            raise ValueError("FASA reading a foundation record runs in eager Python: apply it to the model before "
-                             "torch.compile, or run the compiled pipeline through FreeCure(..., fd_reuse='off')")
         blocks = {b.name: b for b in find_self_attention_blocks(pipe)}
         layers = []
         for name, (heads, head_dim) in self.record.heads.items():

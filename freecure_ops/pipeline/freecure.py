@@ -41,7 +41,7 @@ from .attributes import (BISENET_ATTRIBUTE_LABELS, attribute_mask, find_attribut
 
 from .apg import TEXT_KEYS, apg_steps, apply_apg, default_guidance_scale, pipeline_family, uses_cfg
 from .foundation import Foundation, step_generators
-from freecure_ops.adapters.discovery import compiled_wrapper, find_self_attention_blocks, resolve_model
+from freecure_ops.adapters.discovery import find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FD_REUSE_CHOICES, FdRecord, choose_placement, estimate_record_bytes
 from freecure_ops.adapters.install import install_fasa
 from freecure_ops.adapters.options import (BACKENDS, MODES, check_bool, check_choice, check_layers, check_mask,
@@ -313,7 +313,8 @@ class FreeCure:
     on the device when its estimated size fits ``fd_reuse_budget`` (bytes; default half the free GPU memory,
     or a quarter of the host memory for a CPU model), else in pinned host memory (GPU models, up to half the
     host memory), else recomputes the FD rows in pass 2 ("off": both branches in one batch, as without
-    reuse). Reuse needs pass 1: with ``mask=`` (pass 1 skipped) it is off; a compiled model takes "off" too.
+    reuse). Reuse needs pass 1: with ``mask=`` (pass 1 skipped) it is off. A ``torch.compile``'d model keeps
+    it (the record's bookkeeping runs in eager hooks around the compiled forward: no graph break).
     """
 
     def __init__(self, pipe, parser: Callable | None = None, *, omega=None, layers=None, steps=None,
@@ -355,9 +356,6 @@ class FreeCure:
                                             or fd_reuse_budget < 0):
             raise ValueError(f"fd_reuse_budget must be None or an int >= 0 (bytes), got {fd_reuse_budget!r}")
         self.fd_reuse_budget = fd_reuse_budget
-        if fd_reuse in ("device", "host") and compiled_wrapper(pipe) is not None:
-            raise ValueError(f"fd_reuse={fd_reuse!r} does not work with a compiled model (the record is kept in "
-                             "eager Python); use fd_reuse='off' or 'auto'")
 
     def __repr__(self):
         return f"FreeCure({type(self.pipe).__name__}, family={self.family!r}, omega={self.omega}, layers={self.layers})"
@@ -537,14 +535,10 @@ class FreeCure:
         estimate = estimate_record_bytes(fasa_blocks, self.family, latent_hw, n_stages, n_steps, n,
                                          len(halves) * calls_per_step, itemsize)
         info = {"requested": self.fd_reuse, "estimate_bytes": int(estimate), "halves": halves}
-        if self.fd_reuse == "auto" and compiled_wrapper(pipe) is not None:
-            info.update(choice="off", reason="compiled model")
-        else:
-            choice = choose_placement(self.fd_reuse, estimate, torch.device(pipe._execution_device),
-                                      self.fd_reuse_budget)
-            info["choice"] = choice
-            if choice == "off":
-                info["reason"] = "asked" if self.fd_reuse == "off" else "does not fit the budgets"
+        choice = choose_placement(self.fd_reuse, estimate, torch.device(pipe._execution_device), self.fd_reuse_budget)
+        info["choice"] = choice
+        if choice == "off":
+            info["reason"] = "asked" if self.fd_reuse == "off" else "does not fit the budgets"
         return info
 
     def _pass1(self, common: Mapping, fd_kw: Mapping, latents, step_seeds, attributes, mask, record, timings,
