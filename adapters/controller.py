@@ -13,6 +13,7 @@ import torch
 from freecure_ops.fasa_mask import FasaMask, pack_checked_mask
 from freecure_ops.masks import resize_mask_to_grid
 
+from .discovery import compiled_wrapper
 from .steps import SchedulerStepCounter
 
 
@@ -51,6 +52,7 @@ class FasaController:
         self.grid_error = None
         self.fd_record = None               # FD reuse (:mod:`.fd_reuse`): the record of this FreeCure call
         self.fd_role = None                 # None, "record" (pass 1, FD rows only) or "replay" (pass 2, PD rows)
+        self.compiled_wrapper = None        # weakref to the OptimizedModule carrying our eager hooks, if any
         self.set_mask(mask, mask_max)
         sched = None if scheduler_of is None else scheduler_of()
         if sched is not None:
@@ -180,8 +182,21 @@ class FasaController:
         compiled and then runs no eager hook. A count of 0 is a ``set_timesteps``: a denoising loop starts, which
         the FD record of a FreeCure pass keeps (pass 1) or checks against what it kept (pass 2)."""
         if self.counter.count == 0 and self.fd_record is not None and self.fd_role is not None:
+            self._check_compiled_after_install()
             self.fd_record.begin_generation(self.counter.scheduler, replay=self.fd_role == "replay")
         self._decide(self.counter.count, strict=False)
+
+    def _check_compiled_after_install(self) -> None:
+        """FD reuse keeps its step-keyed bookkeeping in eager hooks on the compiled wrapper, which exist only
+        when the model was compiled before FASA was installed: refused here, when the loop starts, instead of
+        failing inside the traced forward."""
+        owner = None if self._owner is None else self._owner()
+        wrapper = None if owner is None else compiled_wrapper(owner)
+        ours = None if self.compiled_wrapper is None else self.compiled_wrapper()
+        if wrapper is not None and wrapper is not ours:
+            raise ValueError("FD reuse: the model was compiled after FASA was installed, so the record's eager "
+                             "bookkeeping around the compiled call is missing: compile the model first, then "
+                             "run FreeCure / Foundation.apply on the pipeline holding the compiled model")
 
     def begin_forward(self) -> bool:
         """Called by the model's pre-hook when the forward runs eagerly: take the step index of the denoising

@@ -343,6 +343,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     hooks = [denoiser.register_forward_pre_hook(hook_fn, with_kwargs=True)]
     wrapper = compiled_wrapper(model)
     if wrapper is not None:  # torch.compile(model): the bookkeeping runs eagerly around each compiled forward
+        controller.compiled_wrapper = weakref.ref(wrapper)
         hooks.append(wrapper.register_forward_pre_hook(eager_pre_hook(controller, family), with_kwargs=True))
         hooks.append(wrapper.register_forward_hook(eager_post_hook(controller, family), with_kwargs=True))
     for b, _, ours in installed:

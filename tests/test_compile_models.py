@@ -207,3 +207,14 @@ def test_gating_by_step_when_the_model_is_compiled_after_install():
     assert not torch.allclose(eager, stock)
     torch.testing.assert_close(first, eager, rtol=0, atol=1e-6)
     torch.testing.assert_close(second, eager, rtol=0, atol=1e-6)
+
+
+def test_compiling_after_a_foundation_is_applied_is_refused_when_the_loop_starts():
+    """Compiled after apply: no eager hooks around the compiled call carry the record's bookkeeping, so the
+    run is refused in one line at set_timesteps, before any forward (not a dynamo error from the trace)."""
+    pipe = BUILDERS["sd1"]()
+    found = FreeCure(pipe, FakeParser(), layers="all", omega=2.0).foundation(FD, seed=0, **COMMON)
+    with found.apply(pipe):
+        compile_denoiser(pipe)
+        with pytest.raises(ValueError, match="compiled after FASA was installed"):
+            pipe(PD, latents=found.latents, output_type="latent", **COMMON)
