@@ -178,7 +178,7 @@ def _main_args(root, out, *extra):
 
 
 @pytest.mark.parametrize("extra,expect", [
-    (["--layers", "0,99"], "--layers holds block indices [99]"),
+    (["--layers", "0,99"], "--layers 99: the model has 4 self-attention blocks"),
     (["--no-layers"], "pass --layers all"),
 ])
 def test_model_dependent_errors_name_the_flag(files, tmp_path, capsys, extra, expect):

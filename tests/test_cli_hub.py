@@ -253,12 +253,18 @@ def test_online_hub_errors_that_diffusers_wraps_are_one_line(cache):
         "not a local folder, and there is no Hub repository org/x (or it is private: log in with hf auth login)"
 
 
-def test_batch_reads_a_hub_models_configs_before_loading(cache, src, tmp_path, capsys, monkeypatch):
-    """The checks that read the model's config files (block count for --layers) read the resolved snapshot."""
+@pytest.mark.parametrize("command", ["batch", "generate"])
+def test_a_hub_models_configs_are_read_before_loading(cache, src, tmp_path, capsys, monkeypatch, command):
+    """The checks that read the model's config files (block count for --layers) read the resolved snapshot,
+    in batch and generate alike, before any weights load."""
     _no_loading(monkeypatch)
-    man = tmp_path / "m.jsonl"
-    man.write_text(json.dumps({"id": "f", "prompt": PD, "seed": 0, "mask": str(src / "hair.png")}) + "\n")
-    args = ["batch", "--manifest", str(man), "--model", "org/tiny-sd", "--out", str(tmp_path / "o"), *COMMON]
+    if command == "batch":
+        man = tmp_path / "m.jsonl"
+        man.write_text(json.dumps({"id": "f", "prompt": PD, "seed": 0, "mask": str(src / "hair.png")}) + "\n")
+        what = ["--manifest", str(man)]
+    else:
+        what = ["--prompt", PD, "--mask", str(src / "hair.png")]
+    args = [command, *what, "--model", "org/tiny-sd", "--out", str(tmp_path / "o"), *COMMON]
     assert main(args + ["--layers", "0,99"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("freecure: error: --layers 99: the model has 4 self-attention blocks") and \
