@@ -49,7 +49,7 @@ from ..results import (INDEX, INDEX_CSV, OUTPUT_FILES, RECORD, content_identity,
 from .args import (add_weights_arguments, apg_steps_problem, check_run_flags, empty_mask_effect, fraction_arg,
                    interpreting, layers_arg, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
 from .errors import CLIError
-from .model_files import layers_problem, model_blocks, size_multiple
+from .model_files import check_model_flags, layers_problem
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
 from .weights import Weights, is_local, resolve_model, resolve_parser
 
@@ -154,14 +154,7 @@ def check_batch_args(args):
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
     model = resolve_model(args.model, revision=args.revision, variant=args.variant, offline=offline, quiet=args.quiet)
-    multiple = size_multiple(str(model.path))
-    for flag, v in (("--height", args.height), ("--width", args.width)):
-        if v is not None and (v <= 0 or v % multiple):
-            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
-    blocks = model_blocks(str(model.path))  # from the config files: None when they cannot be read cheaply
-    problem = layers_problem(args.layers, blocks) if args.layers is not None else None
-    if problem:
-        raise CLIError(f"--layers {problem}")
+    multiple, blocks = check_model_flags(args, model.path)
 
     masks_seen: dict[Path, bool] = {}
     refs_seen: dict[Path, str | None] = {}

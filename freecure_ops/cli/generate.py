@@ -14,7 +14,7 @@ from ..outputs import atomic_write, atomic_write_text, output_dir_problem
 from .args import (DTYPES, add_weights_arguments, apg_steps_problem, check_run_flags, empty_mask_effect,
                    fraction_arg, interpreting, layers_arg, pick_device, read_mask_png, torch_dtype, user_path)
 from .errors import CLIError, flag_message
-from .model_files import layers_problem, model_blocks, size_multiple
+from .model_files import check_model_flags
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
 from .weights import is_local, resolve_model, resolve_parser
 
@@ -94,14 +94,7 @@ def check_generate_args(args):
     if args.parser_weights is not None and is_local(args.parser_weights):  # local files before any download
         parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline)
     model = resolve_model(args.model, revision=args.revision, variant=args.variant, offline=offline, quiet=args.quiet)
-    multiple = size_multiple(str(model.path))
-    for flag, v in (("--height", args.height), ("--width", args.width)):
-        if v is not None and (v <= 0 or v % multiple):
-            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
-    blocks = model_blocks(str(model.path))  # from the config files: None when they cannot be read cheaply
-    problem = layers_problem(args.layers, blocks) if args.layers is not None else None
-    if problem:
-        raise CLIError(f"--layers {problem}")
+    check_model_flags(args, model.path)
     if args.parser_weights is not None and parser is None:
         parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline,
                                 quiet=args.quiet)

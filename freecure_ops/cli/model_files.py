@@ -7,7 +7,9 @@ import json
 import os
 from pathlib import Path
 
-__all__ = ["model_path_problem", "size_multiple", "model_blocks", "layers_problem"]
+from .errors import CLIError
+
+__all__ = ["model_path_problem", "size_multiple", "model_blocks", "layers_problem", "check_model_flags"]
 
 
 def model_path_problem(model: str) -> str | None:
@@ -116,3 +118,18 @@ def layers_problem(layers, model_info) -> str | None:
     if bad:
         return f"{','.join(map(str, bad))}: the model has {total} self-attention blocks (0..{total - 1})"
     return None
+
+
+def check_model_flags(args, model_path) -> tuple[int, int | None]:
+    """``--height`` / ``--width`` / ``--layers`` against the resolved model's config files, before anything
+    loads. Returns the size granularity (pixels) and the self-attention block count (None when the configs
+    cannot be read cheaply)."""
+    multiple = size_multiple(str(model_path))
+    for flag, v in (("--height", args.height), ("--width", args.width)):
+        if v is not None and (v <= 0 or v % multiple):
+            raise CLIError(f"{flag} must be a positive multiple of {multiple} (pixels), got {v}")
+    blocks = model_blocks(str(model_path))
+    problem = layers_problem(args.layers, blocks) if args.layers is not None else None
+    if problem:
+        raise CLIError(f"--layers {problem}")
+    return multiple, blocks
