@@ -283,6 +283,8 @@ def _bad_manifests(root: Path, tmp: Path) -> dict:
         "omega_beyond_float32": ("m.jsonl", j({**good, "omega": 1e308}), "line 1: omega must be within float32 range"),
         "guidance_beyond_float32": ("m.jsonl", j({**good, "settings": {"guidance_scale": 1e300}}),
                                     "line 1: guidance_scale must be within float32 range"),
+        "height_off_grid": ("m.jsonl", j(good, {**good, "id": "b", "height": 20}),
+                            "line 2: height must be a multiple of 8 (pixels), got 20"),
         "apg_zero_steps": ("m.jsonl", j({**good, "apg": True, "steps": 1}),
                            "line 1: apg with gamma 0.5 and steps 1 runs int(gamma * steps) = int(0.5 * 1) = 0 APG"),
     }
