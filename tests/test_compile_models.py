@@ -123,6 +123,23 @@ def test_freecure_on_a_compiled_pipeline_keeps_fd_reuse_matches_eager_and_never_
     assert not any(type(p).__name__.startswith("Fasa") for p in inner.attn_processors.values())
 
 
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+def test_compiled_fd_reuse_with_both_guidance_halves_and_per_image_masks(mode):
+    """style_fidelity < 1 (the unconditional PD rows read the record too), two images with their own masks,
+    both modes ("scale" keeps every key): the compiled reusing path equals the eager one."""
+    pipe = BUILDERS["sdxl"]()
+    prompts = [PD, "a photo of sks woman with red hair"]
+    call = dict(fd_prompt=[FD, "a photo of woman with red hair"], seed=0, output_type="pt", **COMMON)
+    settings = dict(layers="all", omega=2.0, style_fidelity=0.5, mode=mode)
+    eager = FreeCure(pipe, FakeParser(), fd_reuse="device", **settings)(prompts, **call)
+    compile_denoiser(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    out = FreeCure(pipe, FakeParser(), **settings)(prompts, **call)
+    assert out.fd_reuse["choice"] == "device" and graphs() == 2
+    torch.testing.assert_close(out.images, eager.images, rtol=0, atol=1e-6)
+
+
 def test_a_foundation_moves_between_eager_and_compiled_pipelines():
     """Recorded eagerly and replayed compiled, recorded compiled and replayed eagerly: the same image."""
     pipe = BUILDERS["sdxl"]()
