@@ -81,7 +81,10 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
             fd_index, fd_value, fd_count = pack_live_keys(rows)
     args = (q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary, p.scale, p.omega, p.mode, p.n_txt,
             backend, return_lse)
-    out, lse = _op.fasa_run(*args) if _plain_eager(q, k_p, k_f, v_p, v_f) else torch.ops.freecure_ops.fasa(*args)
+    if _plain_eager(q, k_p, k_f, v_p, v_f):  # the prepared mask itself too: its cache spares per-call work
+        out, lse = _op.fasa_run(*args, prepared=mask if isinstance(mask, FasaMask) else None)
+    else:
+        out, lse = torch.ops.freecure_ops.fasa(*args)
     return (out, lse) if return_lse else out
 
 

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch._C._functorch import peek_interpreter_stack
 
 from .fasa_mask import pack_live_keys
-from .torch_fold import folded_qkv, gathered_kv
+from .torch_fold import folded_qkv, gathered_kv, prepared_kv
 from .validation import FasaProblem
 
 _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
@@ -79,17 +79,22 @@ def _fd_keys_values_bias(k_f, v_f, rows, p: FasaProblem):
     return k_img, v_img, bias
 
 
+def _key_mask(bias):
+    """A per-key bias ``[1|B, Nk]`` as SDPA's ``[1|B, 1, 1, Nk]`` mask (a cached one already has that shape)."""
+    return bias if bias is None or bias.dim() == 4 else bias[:, None, None, :]
+
+
 def _attend(q, k, v, bias, scale, return_lse):
-    """softmax(scale * q k^T + bias) v in q's dtype with bias [1|B, Nk] or None; optionally also the LSE
-    (natural log)."""
+    """softmax(scale * q k^T + bias) v in q's dtype with bias [1|B, Nk] (or [1|B, 1, 1, Nk]) or None;
+    optionally also the LSE (natural log)."""
+    mask = _key_mask(bias)
     if not return_lse:
-        mask = None if bias is None else bias[:, None, None, :]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     outs, lses = [], []
     for start in range(0, max(q.shape[2], 1), _LSE_CHUNK):  # one (empty) chunk for zero rows (n_txt == Nq)
         s = torch.einsum("bhqd,bhkd->bhqk", q[:, :, start:start + _LSE_CHUNK], k) * scale
-        if bias is not None:
-            s = s + bias[:, None, None, :]
+        if mask is not None:
+            s = s + mask
         lse = torch.logsumexp(s, dim=-1)
         outs.append(torch.einsum("bhqk,bhkd->bhqd", torch.exp(s - lse[..., None]), v))
         lses.append(lse)
@@ -109,14 +114,15 @@ def joint_keys(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem):
     return q.to(acc), k, v, bias
 
 
-def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False, packed=None):
+def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = False, packed=None, prepared=None):
     """FASA (SPEC.md) on validated inputs; output in q's dtype, LSE in float32 (float64 for float64 inputs).
     ``mask``: the mask rows (or None); ``packed``: its ``(fd_index, fd_value, fd_count)`` when the caller has
-    them (a prepared mask), else they are derived here. Autocast is off inside: it would run SDPA in
-    fp16/bf16 and round ``omega * m`` (module docstring)."""
+    them (a prepared mask), else they are derived here; ``prepared``: the :class:`~freecure_ops.FasaMask`
+    itself when the caller has it (eager calls), whose cache then holds the gather index and the bias.
+    Autocast is off inside: it would run SDPA in fp16/bf16 and round ``omega * m`` (module docstring)."""
     with no_autocast(q.device):
         if p.mode == "bias" and peek_interpreter_stack() is None:
-            return _fasa_folded(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed)
+            return _fasa_folded(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed, prepared)
         return _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
 
 
@@ -126,14 +132,18 @@ def folds_bias(device: torch.device) -> bool:
     return device.type != "cpu"
 
 
-def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, packed):
+def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, packed, prepared=None):
     """"bias" mode over the PD keys and the gathered live FD image keys (:mod:`.torch_fold`): the bias as a
     mask on the CPU, folded into the head dim elsewhere."""
     acc = acc_dtype(q.dtype)
+    fold = folds_bias(q.device)
+    if prepared is not None and not fold:  # the index and bias come from the mask's cache
+        k, v, bias = prepared_kv(k_p, v_p, k_f, v_f, prepared, p.n_txt, p.omega, acc)
+        return _finish(_text_and_image(q.to(acc), k, v, bias, p.scale, p, return_lse), q.dtype, return_lse)
     if rows is not None and packed is None:
         packed = pack_live_keys(rows)
     k_img, v_img = k_f[:, :, p.n_txt:], v_f[:, :, p.n_txt:]
-    if not folds_bias(q.device):
+    if not fold:
         k, v, bias = gathered_kv(k_p, v_p, k_img, v_img, packed, p.omega, acc)
         res = _text_and_image(q.to(acc), k, v, bias, p.scale, p, return_lse)
         if return_lse:
@@ -145,6 +155,13 @@ def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, 
     if return_lse:
         return res[0][..., :d].to(q.dtype), res[1]
     return res[..., :d].to(q.dtype)
+
+
+def _finish(res, dtype: torch.dtype, return_lse: bool):
+    """The attention's output in ``dtype`` (and its LSE, as computed)."""
+    if return_lse:
+        return res[0].to(dtype), res[1]
+    return res.to(dtype)
 
 
 def _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool):
@@ -160,7 +177,7 @@ def _text_and_image(q, k, v, bias, scale, p: FasaProblem, return_lse: bool):
     query rows see the first ``Np`` keys (PD) only."""
     if p.n_txt == 0:
         return _attend(q, k, v, bias, scale, return_lse)
-    pd_bias = None if bias is None else bias[:, :p.n_p]
+    pd_bias = None if bias is None else bias[..., :p.n_p]
     txt = _attend(q[:, :, :p.n_txt], k[:, :, :p.n_p], v[:, :, :p.n_p], pd_bias, scale, return_lse)
     img = _attend(q[:, :, p.n_txt:], k, v, bias, scale, return_lse)
     if return_lse:

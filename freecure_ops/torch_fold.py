@@ -103,6 +103,59 @@ def gathered_kv(k_p, v_p, k_img, v_img, packed, omega: float, dtype):
     return k, v, bias
 
 
+def prepared_kv(k_p, v_p, k_f, v_f, mask, n_txt: int, omega: float, dtype):
+    """:func:`gathered_kv` for a prepared mask (a :class:`~freecure_ops.FasaMask`), with what depends on the
+    mask alone (the gather index, the bias) built once and kept on the mask: per call, only the gather of
+    K/V and their concatenation with the PD keys. Gathers from ``k_f``/``v_f`` themselves (the index is
+    offset by ``n_txt``); with every FD image key live (a full mask) nothing is gathered at all."""
+    index, keep = mask.cached(("gather", n_txt), lambda: _prepared_index(mask, n_txt))
+    bias = mask.cached(("bias", k_p.shape[2], omega, dtype), lambda: _prepared_bias(mask, k_p.shape[2], omega, dtype))
+    k = torch.cat([k_p.to(dtype), _take(k_f, index, keep, n_txt).to(dtype)], dim=2)
+    v = torch.cat([v_p.to(dtype), _take(v_f, index, keep, n_txt).to(dtype)], dim=2)
+    return k, v, bias
+
+
+def _prepared_index(mask, n_txt: int):
+    """``(index, keep)``: the long index into the FD keys (``n_txt`` included) of the slots to gather, ``[L]``
+    for a shared mask or ``[B, 1, L, 1]`` for per-row masks, None when the slots are every FD image key in
+    order; ``keep`` ``[B, 1, L, 1]``: False on padding slots (None: no padding). Padding as in :func:`_live_keys`."""
+    n_slots, padded = live_slots(mask.fd_count, mask.n_img)
+    index, keep = mask.fd_index[:, :n_slots], None
+    if padded:
+        slots = torch.arange(n_slots, device=index.device, dtype=mask.fd_count.dtype)
+        valid = slots[None, :] < mask.fd_count[:, None]
+        index = torch.where(valid, index, index[:, :1])  # the row's first listed key: a live one if it has any
+        keep = valid[:, None, :, None]
+    elif n_slots == mask.n_img:  # every row lists every key, ascending: the identity
+        return None, None
+    index = index.long() + n_txt
+    return (index[0], keep) if index.shape[0] == 1 else (index[:, None, :, None], keep)
+
+
+def _prepared_bias(mask, n_p: int, omega: float, dtype) -> torch.Tensor:
+    """The additive SDPA mask ``[R, 1, 1, Np + L]`` of :func:`gathered_kv`: 0 on PD keys, ``omega * m`` on live
+    FD keys, ``PAD_LOGIT`` on padding slots."""
+    n_slots, padded = live_slots(mask.fd_count, mask.n_img)
+    column = omega * mask.fd_value[:, :n_slots].to(dtype)
+    if padded:
+        slots = torch.arange(n_slots, device=column.device, dtype=mask.fd_count.dtype)
+        column = torch.where(slots[None, :] < mask.fd_count[:, None], column, torch.full_like(column, PAD_LOGIT))
+    bias = torch.cat([column.new_zeros(column.shape[0], n_p), column], dim=1)
+    return bias[:, None, None, :]
+
+
+def _take(t: torch.Tensor, index, keep, n_txt: int) -> torch.Tensor:
+    """The FD slots of ``t`` ``[B, H, Nf, D]`` that :func:`_prepared_index` lists, padding zeroed."""
+    if index is None:
+        return t[:, :, n_txt:]
+    if index.dim() == 1:
+        out = t.index_select(2, index)
+    else:
+        b, h, _, d = t.shape
+        out = t.gather(2, index.expand(b, h, index.shape[2], d))
+    return out if keep is None else torch.where(keep, out, t.new_zeros(()))
+
+
 def _live_keys(k_img, v_img, packed, omega: float, dtype):
     """``(k_live, v_live, column [R, 1, L])``: the gathered live keys/values and their folded bias; padding
     slots (rows with fewer live keys than the longest) zeroed, with the column ``PAD_LOGIT``."""
