@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch._C._functorch import peek_interpreter_stack
 
 from .fasa_mask import pack_live_keys
-from .torch_fold import folded_qkv, gathered_kv, prepared_kv
+from .torch_fold import as_dtype, folded_qkv, gathered_kv, prepared_kv
 from .validation import FasaProblem
 
 _LSE_CHUNK = 1024  # query rows per chunk when the LSE is asked for
@@ -42,6 +42,16 @@ def no_autocast(device: torch.device):
     if device.type in ("cpu", "cuda"):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def autocast_on(device: torch.device) -> bool:
+    """Whether autocast is on for ``device`` (a per-call check far cheaper than entering :func:`no_autocast`)."""
+    if device.type not in ("cpu", "cuda"):
+        return False
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except TypeError:  # a torch without the per-device query: take no_autocast every time, as safe
+        return True
 
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -120,10 +130,16 @@ def fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool = F
     them (a prepared mask), else they are derived here; ``prepared``: the :class:`~freecure_ops.FasaMask`
     itself when the caller has it (eager calls), whose cache then holds the gather index and the bias.
     Autocast is off inside: it would run SDPA in fp16/bf16 and round ``omega * m`` (module docstring)."""
-    with no_autocast(q.device):
-        if p.mode == "bias" and peek_interpreter_stack() is None:
-            return _fasa_folded(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed, prepared)
-        return _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
+    if autocast_on(q.device):
+        with no_autocast(q.device):
+            return _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed, prepared)
+    return _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed, prepared)
+
+
+def _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool, packed, prepared):
+    if p.mode == "bias" and peek_interpreter_stack() is None:
+        return _fasa_folded(q, k_p, k_f, v_p, v_f, mask, p, return_lse, packed, prepared)
+    return _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
 
 
 def folds_bias(device: torch.device) -> bool:
@@ -139,7 +155,7 @@ def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, 
     fold = folds_bias(q.device)
     if prepared is not None and not fold:  # the index and bias come from the mask's cache
         k, v, bias = prepared_kv(k_p, v_p, k_f, v_f, prepared, p.n_txt, p.omega, acc)
-        return _finish(_text_and_image(q.to(acc), k, v, bias, p.scale, p, return_lse), q.dtype, return_lse)
+        return _finish(_text_and_image(as_dtype(q, acc), k, v, bias, p.scale, p, return_lse), q.dtype, return_lse)
     if rows is not None and packed is None:
         packed = pack_live_keys(rows)
     k_img, v_img = k_f[:, :, p.n_txt:], v_f[:, :, p.n_txt:]
@@ -160,8 +176,8 @@ def _fasa_folded(q, k_p, k_f, v_p, v_f, rows, p: FasaProblem, return_lse: bool, 
 def _finish(res, dtype: torch.dtype, return_lse: bool):
     """The attention's output in ``dtype`` (and its LSE, as computed)."""
     if return_lse:
-        return res[0].to(dtype), res[1]
-    return res.to(dtype)
+        return as_dtype(res[0], dtype), res[1]
+    return as_dtype(res, dtype)
 
 
 def _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool):
