@@ -114,4 +114,7 @@ def _plain_eager(*tensors) -> bool:
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return False
     grad = torch.is_grad_enabled()
-    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
+    for t in tensors:  # a plain loop: all() over a generator costs a microsecond more per call
+        if type(t) is not torch.Tensor or (grad and t.requires_grad):
+            return False
+    return True

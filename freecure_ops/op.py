@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .torch_backend import acc_dtype, fasa_torch
+from .torch_backend import acc_dtype, fasa_prepared, fasa_torch, takes_prepared
 from .torch_backward import fasa_torch_backward
 from .validation import FasaProblem
 
@@ -75,10 +75,13 @@ def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows
         res = _launcher()(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
                           return_lse=return_lse)
         return res if return_lse else (res, None)
-    p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
-    packed = None if fd_index is None else (fd_index, fd_value, fd_count)
-    res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse, packed=packed, prepared=prepared)
-    out, lse = res if return_lse else (res, None)
+    if prepared is not None and mode == "bias" and n_txt == 0 and not return_lse and takes_prepared(q.device):
+        out, lse = fasa_prepared(q, k_p, k_f, v_p, v_f, prepared, scale, omega), None  # the common eager call
+    else:
+        p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
+        packed = None if fd_index is None else (fd_index, fd_value, fd_count)
+        res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse, packed=packed, prepared=prepared)
+        out, lse = res if return_lse else (res, None)
     if out.stride() != _out_strides(q):
         out = _empty_out(q).copy_(out)
     return out, None if lse is None else lse.contiguous()
@@ -86,8 +89,8 @@ def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows
 
 def _out_strides(q: Tensor) -> tuple:
     """The strides of :func:`_empty_out` (``[B, Nq, H, D]`` memory), without allocating it. Dims of size 1
-    take the strides ``new_empty`` gives them (empty dims count as 1, as there)."""
-    _, h, n, d = (max(s, 1) for s in q.shape)
+    take the strides ``new_empty`` gives them (validated inputs have no empty dim)."""
+    _, h, n, d = q.shape
     return (n * h * d, d, h * d, 1)
 
 

@@ -142,6 +142,21 @@ def _fasa_torch(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool, p
     return _fasa_dense(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
 
 
+def takes_prepared(device: torch.device) -> bool:
+    """Whether :func:`fasa_prepared` may run a "bias"-mode call on ``device``: the additive-mask form (the
+    CPU), autocast off, no torch.func transform (vmap takes the dense path)."""
+    return not folds_bias(device) and peek_interpreter_stack() is None and not autocast_on(device)
+
+
+def fasa_prepared(q, k_p, k_f, v_p, v_f, mask, scale: float, omega: float):
+    """:func:`fasa_torch` for the common eager call, in one step: "bias" mode, a prepared mask (its cache holds
+    the gather index and the bias), no text tokens, no LSE, where :func:`takes_prepared`. Output in q's dtype."""
+    acc = acc_dtype(q.dtype)
+    k, v, bias = prepared_kv(k_p, v_p, k_f, v_f, mask, 0, omega, acc)
+    out = F.scaled_dot_product_attention(as_dtype(q, acc), k, v, attn_mask=bias, scale=scale)
+    return as_dtype(out, q.dtype)
+
+
 def folds_bias(device: torch.device) -> bool:
     """Whether "bias" mode folds ``omega * m`` into the head dim (unmasked SDPA) rather than passing it as an
     additive mask: everywhere but the CPU (module docstring)."""
