@@ -13,6 +13,10 @@ the FD keys, unmasked. Under a torch.func transform
 Nothing of size [B, H, Nq, Nk] is built, except by SDPA's own math fallback and by the chunked LSE path
 (``return_lse=True``), which materializes one query chunk at a time.
 
+Per-call cost: with a prepared mask in an eager call (``fasa_run`` gets the ``FasaMask`` itself), the gather
+index and the bias come from the mask's cache (:func:`.torch_fold.prepared_kv`), and the common call ("bias",
+no text tokens, no LSE, CPU, no autocast, no transform) is :func:`fasa_prepared`: the gather, one SDPA call.
+
 Precision: the attention runs in float32 whatever the input dtype (float64 inputs, accepted here for
 ``torch.autograd.gradcheck``, run in float64), and the output is cast back to q's dtype once. In fp16/bf16 the
 folded column ``omega * m`` (or an additive mask) would be rounded (bf16 keeps 8 bits: an error of up to 0.04
