@@ -18,6 +18,7 @@ import torch
 __all__ = ["FasaMask", "prepare_fasa_mask"]
 
 MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CACHE_MAX = 16  # derived entries kept per prepared mask (a few per dtype and omega in a real model)
 
 
 class FasaMask:
@@ -30,9 +31,13 @@ class FasaMask:
     checked; None when it was not read, e.g. prepared while tracing), which bounds ``omega * m``. ``binary``:
     True when every live value is the same (a bool mask, or a float mask whose check found it so): the
     kernel's FD loop then adds one scalar bias instead of loading each key's value.
+
+    What the PyTorch backend derives from the mask alone (the gather index, the additive bias per dtype and
+    omega) is kept in a small private cache on the mask: the parts never change, so it is never stale, and
+    every call that reuses the mask skips rebuilding it (:func:`cached`).
     """
 
-    __slots__ = ("rows", "fd_index", "fd_value", "fd_count", "max_value", "binary")
+    __slots__ = ("rows", "fd_index", "fd_value", "fd_count", "max_value", "binary", "_cache")
 
     def __init__(self, *args, **kwargs):
         # The kernel gathers K/V rows at fd_index: parts that do not agree would read out of bounds.
@@ -45,9 +50,21 @@ class FasaMask:
         """The parts as :func:`pack_checked_mask` derives them (internal: nothing is checked here)."""
         self = object.__new__(cls)
         for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count),
-                            ("max_value", max_value), ("binary", bool(binary))):
+                            ("max_value", max_value), ("binary", bool(binary)), ("_cache", {})):
             object.__setattr__(self, name, value)
         return self
+
+    def cached(self, key, build):
+        """``build()``, computed once per ``key`` for this mask (internal: tensors derived from the parts alone,
+        e.g. the PyTorch backend's gather index and bias). Bounded: a caller cycling through many keys (an
+        omega schedule) clears it rather than growing it."""
+        cache = self._cache
+        value = cache.get(key)
+        if value is None:
+            if len(cache) >= _CACHE_MAX:
+                cache.clear()
+            value = cache[key] = build()
+        return value
 
     def __setattr__(self, name, value):
         raise AttributeError("FasaMask is immutable: prepare a new one with prepare_fasa_mask")

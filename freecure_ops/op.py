@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from .torch_backend import acc_dtype, fasa_torch
+from .torch_backend import acc_dtype, fasa_prepared, fasa_torch, takes_prepared
 from .torch_backward import fasa_torch_backward
 from .validation import FasaProblem
 
@@ -63,24 +63,35 @@ def _launcher():
 
 def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
              fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], binary: bool,
-             scale: float, omega: float, mode: str, n_txt: int, backend: str, return_lse: bool):
+             scale: float, omega: float, mode: str, n_txt: int, backend: str, return_lse: bool, prepared=None):
     """FASA on validated inputs (see the module docstring): ``(out, lse)``, ``lse`` None unless asked for.
     ``binary``: every live value of each mask row is equal (the kernel's scalar-bias FD loop). ``backend``:
-    "torch" or "triton", resolved."""
+    "torch" or "triton", resolved. ``prepared``: the :class:`~freecure_ops.FasaMask` the four mask tensors
+    come from, when the caller has it (eager calls; the op itself takes tensors only): the PyTorch path
+    then reuses what it derived from the mask in earlier calls."""
     if backend == "triton":
         mask = None if rows is None else SimpleNamespace(rows=rows, fd_index=fd_index, fd_value=fd_value,
                                                          fd_count=fd_count, binary=binary)
         res = _launcher()(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
                           return_lse=return_lse)
         return res if return_lse else (res, None)
-    p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
-    packed = None if fd_index is None else (fd_index, fd_value, fd_count)
-    res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse, packed=packed)
-    out, lse = res if return_lse else (res, None)
-    layout = _empty_out(q)
-    if out.stride() != layout.stride():
-        out = layout.copy_(out)
+    if prepared is not None and mode == "bias" and n_txt == 0 and not return_lse and takes_prepared(q.device):
+        out, lse = fasa_prepared(q, k_p, k_f, v_p, v_f, prepared, scale, omega), None  # the common eager call
+    else:
+        p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
+        packed = None if fd_index is None else (fd_index, fd_value, fd_count)
+        res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse, packed=packed, prepared=prepared)
+        out, lse = res if return_lse else (res, None)
+    if out.stride() != _out_strides(q):
+        out = _empty_out(q).copy_(out)
     return out, None if lse is None else lse.contiguous()
+
+
+def _out_strides(q: Tensor) -> tuple:
+    """The strides of :func:`_empty_out` (``[B, Nq, H, D]`` memory), without allocating it. Dims of size 1
+    take the strides ``new_empty`` gives them (validated inputs have no empty dim)."""
+    _, h, n, d = q.shape
+    return (n * h * d, d, h * d, 1)
 
 
 def fasa_impl(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],

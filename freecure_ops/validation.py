@@ -145,19 +145,9 @@ def _check_tensors(tensors, allowed_dtypes) -> None:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}: all tensors must share one device")
 
 
-def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
-                      allowed_dtypes=KERNEL_DTYPES) -> FasaProblem:
-    """Validate a FASA call; returns its sizes. Raises before anything is computed."""
-    tensors = (q, k_p, k_f, v_p, v_f)
-    # Fast path first (this runs on every call): the precise per-argument messages come from the slow path.
-    dtype = getattr(q, "dtype", None)
-    device = getattr(q, "device", None)
-    if dtype not in allowed_dtypes:
-        _check_tensors(tensors, allowed_dtypes)
-    for t in tensors:
-        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != dtype or t.device != device:
-            _check_tensors(tensors, allowed_dtypes)
-
+def _check_shapes(tensors) -> None:
+    """The slow, precise path of the shape checks: raise the first problem, naming the argument."""
+    q, k_p, k_f, v_p, v_f = tensors
     batch, heads, n_q, head_dim = q.shape
     for name, t in zip(_NAMES, tensors):
         b, h, _, d = t.shape
@@ -178,6 +168,31 @@ def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
     for name, n, t in (("q", n_q, q), ("k_p", n_p, k_p), ("k_f", n_f, k_f)):
         if n < 1:
             raise ValueError(f"{name} must hold at least one token, got shape {tuple(t.shape)}")
+
+
+def check_fasa_inputs(q, k_p, k_f, v_p, v_f, mask, omega, *, scale, mode, n_txt,
+                      allowed_dtypes=KERNEL_DTYPES) -> FasaProblem:
+    """Validate a FASA call; returns its sizes. Raises before anything is computed."""
+    tensors = (q, k_p, k_f, v_p, v_f)
+    # Fast path first (this runs on every call): the precise per-argument messages come from the slow path.
+    dtype = getattr(q, "dtype", None)
+    device = getattr(q, "device", None)
+    if dtype not in allowed_dtypes:
+        _check_tensors(tensors, allowed_dtypes)
+    for t in tensors:
+        if not isinstance(t, torch.Tensor) or t.dim() != 4 or t.dtype != dtype or t.device != device:
+            _check_tensors(tensors, allowed_dtypes)
+
+    batch, heads, n_q, head_dim = q_shape = q.shape
+    kp_shape, kf_shape = k_p.shape, k_f.shape
+    n_p, n_f = kp_shape[2], kf_shape[2]
+    # Fast path (every call): one comparison per tensor; the precise messages come from _check_shapes.
+    if not (kp_shape == (batch, heads, n_p, head_dim) and v_p.shape == kp_shape
+            and kf_shape == (batch, heads, n_f, head_dim) and v_f.shape == kf_shape
+            and 1 <= head_dim <= MAX_HEAD_DIM and batch >= 1 and heads >= 1 and n_q >= 1 and n_p >= 1
+            and n_f >= 1):
+        _check_shapes(tensors)
+        raise AssertionError(f"_check_shapes passed shapes the fast check refused: {q_shape}")  # unreachable
 
     if type(n_txt) is not int:  # numpy and other integers are welcome; bools and floats are not
         if isinstance(n_txt, bool) or type(n_txt).__name__ == "bool_" or not isinstance(n_txt, numbers.Integral):
