@@ -411,8 +411,9 @@ PROMPT = "a photo of sks man with red hair"
 FD_PROMPT = "a photo of a man with red hair"
 
 
-def _clip_tokenizer(max_length: int = 77):
-    """A CLIP BPE tokenizer over an in-memory vocabulary of :data:`TEXT_WORDS` (no download)."""
+def word_tokenizer(max_length: int = 77):
+    """A CLIP BPE tokenizer over an in-memory vocabulary of :data:`TEXT_WORDS` (no download). The tests' tiny
+    pipelines use it too."""
     from transformers import CLIPTokenizer
 
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
@@ -442,7 +443,7 @@ def build_sd15_pipeline(widths=CPU_WIDTHS, heads=CPU_HEADS, *, device="cpu", dty
 
     from .configs import SD15_UNET
 
-    tok = _clip_tokenizer()
+    tok = word_tokenizer()
     torch.manual_seed(seed)
     groups = math.gcd(32, *widths)
     with torch.device(device):
@@ -556,15 +557,20 @@ def run_generation(out_dir, *, device="cpu", widths=None, heads=None, image=None
     return out
 
 
-def write_generation(rows: list, out_dir: Path, log=print) -> None:
+def _write_csv(path: Path, rows: list, columns) -> None:
+    """``rows`` as CSV with ``columns`` (None written as an empty cell), the folder created."""
     import csv
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "e2e_generation.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=GEN_COLUMNS, extrasaction="ignore")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in GEN_COLUMNS})
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+def write_generation(rows: list, out_dir: Path, log=print) -> None:
+    _write_csv(out_dir / "e2e_generation.csv", rows, GEN_COLUMNS)
     r0 = rows[0]
     runs_w = max(8, *(len(r["s_runs"]) for r in rows))
     fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
@@ -687,14 +693,7 @@ E2E_COLUMNS = ["device", "torch", "triton", "diffusers", "model", "blocks", "dty
 
 
 def _write(rows: list, out_dir: Path, log) -> None:
-    import csv
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with open(out_dir / "e2e.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=E2E_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in E2E_COLUMNS})
+    _write_csv(out_dir / "e2e.csv", rows, E2E_COLUMNS)
     fmt = lambda v, f: "-" if v is None else f.format(v)  # noqa: E731
     lines = ["model  blocks        dtype     variant  ms/step   peak MiB  x stock  note"]
     for r in rows:

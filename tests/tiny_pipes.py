@@ -5,28 +5,13 @@ from __future__ import annotations
 
 import torch
 
-WORDS = ("a", "photo", "of", "person", "man", "woman", "sks", "with", "red", "blue", "hair", "eyes", "and",
-         "glasses", "smiling", "wearing", "hat", "the")
+from freecure_ops.bench.e2e import TEXT_WORDS as WORDS, word_tokenizer
+
 IMAGE = 16  # image side in pixels; the VAEs downsample by 2 -> 8x8 latents
 
 
 def _clip_tokenizer():
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    merges = []
-    for w in WORDS:
-        # BPE merges (and their pieces) that assemble each word from its characters, left to right
-        parts = list(w[:-1]) + [w[-1] + "</w>"]
-        for p in parts:
-            vocab.setdefault(p, len(vocab))
-        piece = parts[0]
-        for nxt in parts[1:]:
-            if (piece, nxt) not in merges:
-                merges.append((piece, nxt))
-            piece += nxt
-            vocab.setdefault(piece, len(vocab))
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=12)
+    return word_tokenizer(max_length=12)
 
 
 def _clip_text(hidden=16, projection=None, seed=0):
