@@ -1,7 +1,9 @@
 from setuptools import setup
 
-# The top-level folders kernels/ and adapters/ install under the freecure_ops namespace: PyPI already has
-# packages named "kernels" (used by diffusers) and "adapters", which must never be shadowed.
+# The top-level folders kernels/, adapters/ and bench/ install inside freecure_ops (package_dir below). PyPI has
+# packages of those names (Hugging Face's "kernels", which transformers imports; AdapterHub's "adapters"), so the
+# folders carry no __init__.py and never shadow them, not even from the checkout root; each folder's package
+# module is its _package.py, found by freecure_ops/subpackages.py.
 setup(
     name="freecure-ops",
     version="0.1.0",
@@ -37,9 +39,10 @@ setup(
         "batch": ["accelerate>=0.26", "diffusers>=0.42", "huggingface_hub", "Pillow", "tqdm"],
         # freecure eval: transformers' CLIP for PC, onnxruntime for ONNX face-recognition models (IF), the plot
         "eval": ["transformers>=4.40", "huggingface_hub", "onnxruntime>=1.16", "Pillow", "matplotlib"],
-        # peft: the LoRA interplay tests; onnx: the tests write a tiny face model
+        # peft: the LoRA interplay tests; onnx: the tests write a tiny face model; setuptools: the packaging tests
+        # build a wheel and an sdist offline (>= 70.1 builds wheels without the "wheel" package)
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "huggingface_hub",
-                 "sentencepiece",
+                 "sentencepiece", "setuptools>=70.1",
                  "matplotlib", "peft", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14"],
     },
 )

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import __name__ as _pkg  # noqa: F401  (the package __init__ sets TRITON_INTERPRET first)
+from . import __name__ as _pkg  # noqa: F401  (the package module sets TRITON_INTERPRET first)
 
 import torch  # noqa: E402
 

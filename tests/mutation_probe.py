@@ -10,14 +10,11 @@ changing the kernel, the backends, the validation, the adapters, the pipeline or
 below current (a mutant whose text no longer exists is reported as STALE: update its text, don't drop it).
 
 How it works. The working tree (tracked and untracked, not ignored files) is copied to a scratch folder per
-worker. The installed package is an editable install that maps ``freecure_ops`` to *this* checkout (and
-``freecure_ops.kernels`` / ``.adapters`` / ``.bench`` to the top-level folders), so the scratch copy gets
-``freecure_ops/kernels``, ``freecure_ops/adapters`` and ``freecure_ops/bench`` as symlinks to its own
-top-level folders, and pytest runs from the scratch root with it first on ``PYTHONPATH``: the editable
-finder comes after the path finder on ``sys.meta_path``, so the scratch copy is what gets imported (checked
-before every run: the probe refuses to run if ``freecure_ops.kernels.fasa_fwd`` resolves elsewhere). For
-each mutant one text replacement is applied to the scratch copy, the mutant's tests run with ``-x``, and the
-file is restored. The unmutated selection must pass first (baseline), so a kill is the mutant's doing.
+worker, and pytest runs from the scratch root with it first on ``PYTHONPATH``: ``freecure_ops`` is then the
+scratch copy's, and its finder (freecure_ops/subpackages.py) takes ``freecure_ops.kernels`` / ``.adapters`` /
+``.bench`` from the folders beside it, the scratch copy's too (checked before every run: the probe refuses to
+run if ``freecure_ops.kernels.fasa_fwd`` resolves elsewhere). For each mutant one text replacement is applied
+to the scratch copy, the mutant's tests run with ``-x``, and the file is restored. The unmutated selection must pass first (baseline), so a kill is the mutant's doing.
 
 Each mutant: (name, file, [(old, new), ...] alternatives (the first ``old`` found is replaced, every
 occurrence), tests, description, equivalent). ``equivalent``: None, or why the mutant cannot be told
@@ -42,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGE_LINKS = {"freecure_ops/kernels": "../kernels", "freecure_ops/adapters": "../adapters",
-                 "freecure_ops/bench": "../bench"}
 
 
 @dataclass(frozen=True)
@@ -433,9 +428,6 @@ def make_scratch(root: Path) -> Path:
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, target)
-    for link, to in PACKAGE_LINKS.items():
-        if not (dst / link).exists():
-            os.symlink(to, dst / link)
     return dst
 
 

@@ -43,12 +43,13 @@ def layer(module: str) -> int | None:
 
 def modules():
     for folder, package in FOLDERS.items():
+        # a top-level folder's package module is its _package.py (freecure_ops/subpackages.py says why)
+        package_modules = {ROOT / folder / "__init__.py", ROOT / folder / "_package.py"}
         for path in sorted((ROOT / folder).rglob("*.py")):
-            rel = path.relative_to(ROOT / folder).with_suffix("")
-            parts = [p for p in rel.parts if p != "__init__"]
-            name = ".".join([package, *parts])
-            is_pkg = path.name == "__init__.py"
-            yield name, path, is_pkg
+            is_pkg = path.name == "__init__.py" or path in package_modules
+            rel = path.relative_to(ROOT / folder)
+            parts = rel.parent.parts if is_pkg else rel.with_suffix("").parts
+            yield ".".join([package, *parts]), path, is_pkg
 
 
 def imports(name: str, path: Path, is_pkg: bool):

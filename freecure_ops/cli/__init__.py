@@ -2,7 +2,7 @@
 
     freecure generate --model PATH_OR_ID --prompt "a photo of sks man with red hair" \\
                       --fd-prompt "a photo of a man with red hair" --parser-weights 79999_iter.pth --out out/
-    freecure bench [benchmark options]          # the FASA benchmark (python -m bench)
+    freecure bench [benchmark options]          # the FASA benchmark (python -m freecure_ops.bench)
     freecure manifest --identity alice=woman ... --out grid.jsonl      # the paper's evaluation grid
     freecure batch --manifest grid.jsonl --model PATH_OR_ID --out runs/grid  # many jobs; resumable
     freecure eval --results runs/grid --clip PATH_OR_ID --face-model arcface.onnx --reference alice=a.jpg

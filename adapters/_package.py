@@ -1,4 +1,4 @@
-"""diffusers adapters (installed as ``freecure_ops.adapters``): drop-in FASA for SD1.x/SD2.x, SDXL and FLUX.
+"""``freecure_ops.adapters``: drop-in FASA for SD1.x/SD2.x, SDXL and FLUX.
 
     handle = install_fasa(pipe, mask)   # pipe.unet / pipe.transformer, presets from .presets
     images = pipe(...)                  # batch per guidance half: [PD_1..PD_n, FD_1..FD_n]
@@ -7,6 +7,9 @@
 Only self-attention is touched (``attn1`` of UNet transformer blocks, the joint attention of FLUX blocks);
 processors hold no math: PD rows go through :func:`freecure_ops.fasa_attention`, FD rows through the stock
 attention.
+
+This is the package module (an ``__init__.py`` would shadow PyPI's ``adapters`` from the checkout root: see
+``freecure_ops/subpackages.py``).
 """
 from .discovery import SelfAttentionBlock, find_self_attention_blocks
 from .install import FasaHandle, install_fasa
