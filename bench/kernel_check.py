@@ -25,7 +25,8 @@ def interpreter_status() -> str | None:
 
     if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
         if "triton" in sys.modules:
-            return "triton was imported before TRITON_INTERPRET=1 could be set; run `python -m freecure_ops.bench` afresh"
+            return ("triton was imported before TRITON_INTERPRET=1 could be set; "
+                    "run `python -m freecure_ops.bench` afresh")
         return "TRITON_INTERPRET=1 is not set"
     return None
 
