@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from pathlib import Path
 
@@ -25,7 +26,7 @@ MARK = "throwaway distribution"
 # Run with ``python -m shadow_probe``: for each name, where ``import <name>`` and ``find_spec(<name>)`` lead, and
 # where ``freecure_ops.<name>`` comes from, one "key=value" line each.
 PROBE = """
-import importlib, importlib.util, sys
+import importlib, importlib.util
 for name in {names!r}:
     module = importlib.import_module(name)
     print(f"{{name}}.import={{module.__file__}}")
@@ -47,13 +48,13 @@ def throwaway_site(site: Path) -> Path:
         pkg = site / name
         pkg.mkdir(parents=True)
         (pkg / "__init__.py").write_text(f"MARK = {MARK!r}\n")
-        (pkg / "__main__.py").write_text("import sys\nfrom . import MARK\nprint(MARK, __file__)\n")
-        (pkg / "writer.py").write_text("from pathlib import Path\n\n\ndef write(cmd, basename, filename):\n"
-                                       "    (Path(__file__).parent / 'writer_ran').write_text(filename)\n")
+        (pkg / "__main__.py").write_text("from . import MARK\nprint(MARK, __file__)\n")
         info = site / f"{name}-0.0.1.dist-info"
         info.mkdir()
         (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.0.1\n")
         (info / "RECORD").write_text("")
+    (site / "kernels" / "writer.py").write_text("from pathlib import Path\n\n\ndef write(cmd, basename, filename):\n"
+                                                "    (Path(__file__).parent / 'writer_ran').write_text(filename)\n")
     (site / "kernels-0.0.1.dist-info" / "entry_points.txt").write_text(
         "[egg_info.writers]\nthrowaway_lock.txt = kernels.writer:write\n")
     (site / "shadow_probe.py").write_text(PROBE.format(names=NAMES))
@@ -172,8 +173,6 @@ def test_the_wheel_holds_the_folders_inside_freecure_ops(built):
 
 
 def test_the_sdist_holds_the_source_layout(built):
-    import tarfile
-
     with tarfile.open(built["sdist"]) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
     assert {"setup.py", "README.md", "freecure_ops/subpackages.py", "kernels/_package.py", "kernels/fasa_fwd.py",
