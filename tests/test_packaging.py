@@ -61,17 +61,20 @@ def throwaway_site(site: Path) -> Path:
     return site
 
 
-def run_module(module: str, cwd: Path, *path: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, path)), PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONSAFEPATH", None)  # the checkout root must be on sys.path, as for a user starting there
-    res = subprocess.run([sys.executable, "-m", module], cwd=cwd, env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert res.returncode == 0, f"python -m {module} in {cwd} failed:\n{res.stdout}\n{res.stderr[-4000:]}"
+def run_python(args: list[str], cwd: Path, *path: Path) -> subprocess.CompletedProcess:
+    """``python *args`` started in ``cwd`` (first on its sys.path, as for a user starting there), with ``path``
+    as PYTHONPATH when given; it must succeed."""
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    env.pop("PYTHONSAFEPATH", None)  # it would keep cwd off sys.path, and with it the case under test
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(map(str, path))
+    res = subprocess.run([sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, f"python {args[:2]} in {cwd} failed:\n{res.stdout[-2000:]}\n{res.stderr[-4000:]}"
     return res
 
 
 def probe(cwd: Path, *path: Path) -> dict[str, str]:
-    out = run_module("shadow_probe", cwd, *path).stdout
+    out = run_python(["-m", "shadow_probe"], cwd, *path).stdout
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
@@ -106,7 +109,7 @@ def test_from_the_repo_root_the_installed_packages_win(tmp_path):
     assert Path(seen["freecure_ops"]) == ROOT / "freecure_ops" / "__init__.py"  # the root's own, first on sys.path
     assert_ours_beside_or_inside(seen)
     for name in NAMES:  # python -m <name> at the root runs the installed package too
-        assert run_module(name, ROOT, site).stdout.split() == [*MARK.split(), str(site / name / "__main__.py")]
+        assert run_python(["-m", name], ROOT, site).stdout.split() == [*MARK.split(), str(site / name / "__main__.py")]
 
 
 def test_from_another_folder_as_installed(tmp_path):
@@ -126,9 +129,8 @@ def test_the_regression_is_seen(tmp_path):
     shutil.copytree(ROOT / "kernels", copy / "kernels", ignore=shutil.ignore_patterns("__pycache__"))
     (copy / "kernels" / "__init__.py").write_text("")
     site = throwaway_site(tmp_path / "site")
-    res = subprocess.run([sys.executable, "-c", "import kernels; print(kernels.__file__)"], cwd=copy,
-                         env=dict(os.environ, PYTHONPATH=str(site)), capture_output=True, text=True, timeout=60)
-    assert res.stdout.strip() == str(copy / "kernels" / "__init__.py"), res.stderr
+    res = run_python(["-c", "import kernels; print(kernels.__file__)"], copy, site)
+    assert res.stdout.strip() == str(copy / "kernels" / "__init__.py")
 
 
 def source_copy(dst: Path) -> Path:
@@ -150,11 +152,9 @@ def built(tmp_path_factory):
     src = source_copy(tmp / "src")
     site = throwaway_site(tmp / "site")
     dist = tmp / "dist"
-    code = ("import sys; from setuptools import build_meta as b; "
+    code = ("from setuptools import build_meta as b; "
             f"print('built:' + b.build_wheel({str(dist)!r})); print('built:' + b.build_sdist({str(dist)!r}))")
-    res = subprocess.run([sys.executable, "-c", code], cwd=src, env=dict(os.environ, PYTHONPATH=str(site)),
-                         capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-4000:]
+    res = run_python(["-c", code], src, site)
     wheel, sdist = (dist / line[len("built:"):] for line in res.stdout.splitlines() if line.startswith("built:"))
     assert (site / "kernels" / "writer_ran").is_file(), "the installed kernels' egg_info writer did not run"
     return {"wheel": wheel, "sdist": sdist, "site": site, "tmp": tmp}
@@ -211,9 +211,5 @@ def test_the_command_line_runs_from_the_repo_root(tmp_path):
     args = ["generate", "--model", str(model), "--prompt", "a photo of sks man with red hair", "--steps", "2",
             "--seed", "0", "--height", str(IMAGE), "--width", str(IMAGE), "--layers", "all", "--quiet",
             "--mask", str(tmp_path / "hair.png"), "--out", str(out)]
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
-    env.pop("PYTHONSAFEPATH", None)
-    res = subprocess.run([sys.executable, "-m", "freecure_ops.cli", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
+    run_python(["-m", "freecure_ops.cli", *args], ROOT)
     assert Image.open(out / "pd.png").size == (IMAGE, IMAGE)
