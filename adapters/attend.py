@@ -41,7 +41,7 @@ def overwrite_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: 
 def half_plan(ctl: FasaController, batch: int) -> list[tuple[int, int, bool]]:
     """``(start, n, is_uncond)`` per guidance half of pass 1's batch of FD rows: ``[uncond_1..n, cond_1..n]``
     under CFG, else the whole batch."""
-    if (ctl.call_layout or ctl.layout) == "cfg":
+    if ctl.row_layout("pass 1") == "cfg":
         n = batch // 2
         return [(0, n, True), (n, n, False)]
     return [(0, batch, False)]
@@ -68,14 +68,14 @@ def record_fd_rows(ctl: FasaController, k: torch.Tensor, v: torch.Tensor, grid: 
 def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stock,
                    grid: tuple[int, int], n_txt: int, layer: str, scale: float | None = None) -> torch.Tensor:
     """Pass 2 with FD reuse: the batch holds the PD rows only, of this pipeline or of another one running the
-    same architecture, so its guidance halves are read from its size against the record's images (n rows: no
-    CFG batch; 2n: ``[uncond, cond]``), not asked from the pipeline. Each half gets FASA against the FD
+    same architecture: n rows without a CFG batch, 2n (``[uncond, cond]``) with one, as the pipeline (or the
+    layout given for a bare model) says; never guessed from the batch size. Each half gets FASA against the FD
     keys/values recorded in pass 1; ``stock(rows)`` (the stock attention of those rows, ``[n, H, N, D]``) is
     computed only where the result keeps it: unconditional rows with ``style_fidelity > 0``. Returns
     ``[B, H, N, D]``."""
     rec = ctl.fd_record
     parts = []
-    for start, n, uncond in rec.replay_plan(q.shape[0], layer):
+    for start, n, uncond in rec.replay_plan(q.shape[0], layer, ctl.row_layout(layer)):
         rows = slice(start, start + n)
         sf = ctl.style_fidelity if uncond else 0.0
         if sf == 1.0:

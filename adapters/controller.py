@@ -50,6 +50,7 @@ class FasaController:
         self.latent_hw = None
         self.n_txt = None
         self.grid_error = None
+        self.layout_error = None            # why the running call's layout is unknown (see _decide)
         self.fd_record = None               # FD reuse (:mod:`.fd_reuse`): the record of this FreeCure call
         self.fd_role = None                 # None, "record" (pass 1, FD rows only) or "replay" (pass 2, PD rows)
         self.compiled_wrapper = None        # weakref to the OptimizedModule carrying our eager hooks, if any
@@ -153,29 +154,43 @@ class FasaController:
         return self.counter.count
 
     def _layout_of_call(self) -> str:
-        if self.layout != "auto":
-            return self.layout
-        try:
-            cfg = bool(self._cfg_of_call())
-        except Exception as e:  # noqa: BLE001  (a pipeline property read outside its __call__)
-            raise ValueError("layout=None: could not tell from the pipeline whether it batches classifier-free "
-                             f"guidance in this call ({type(e).__name__}: {e}); call the pipeline itself, or pass "
-                             "layout='cfg' or layout='plain' to install_fasa") from e
-        return "cfg" if cfg else "plain"
+        """"cfg" / "plain" for the running call. Where the pipeline can say whether it batches classifier-free
+        guidance it is asked, also when the layout was given: a given layout it contradicts would pair the
+        wrong rows, so it is refused rather than followed."""
+        told = None
+        if self._cfg_of_call is not None:
+            try:
+                told = "cfg" if bool(self._cfg_of_call()) else "plain"
+            except Exception as e:  # noqa: BLE001  (a pipeline property read outside its __call__)
+                if self.layout == "auto":
+                    raise ValueError("layout=None: could not tell from the pipeline whether it batches "
+                                     f"classifier-free guidance in this call ({type(e).__name__}: {e}); call the "
+                                     "pipeline itself, or pass layout='cfg' or layout='plain' to install_fasa") from e
+        if self.layout == "auto":
+            return told
+        if told is not None and told != self.layout:
+            does = "batches classifier-free guidance" if told == "cfg" else "runs without classifier-free guidance"
+            raise ValueError(f"layout={self.layout!r} was given, but the pipeline {does} in this call "
+                             f"(guidance_scale {'>' if told == 'cfg' else '<='} 1), so its rows are not paired as "
+                             f"{self.layout!r} says: leave layout=None (FASA then asks the pipeline at every call) "
+                             "or call it with the guidance the layout describes")
+        return self.layout
 
     def _decide(self, step: int, *, strict: bool) -> None:
         """Gate FASA for a forward at ``step`` and read the pipeline's layout (eager Python only). ``strict``:
-        raise when the pipeline cannot tell its layout (a forward), else leave it unknown (a callback)."""
+        raise when the layout cannot be read or contradicts the pipeline (a forward), else keep the reason for
+        :meth:`plan` (a callback, before a forward that may be compiled and run no eager hook)."""
         self.active = self._acts_at(step)
+        self.layout_error = None
         if not self.active:
             self.call_layout = None
             return
         try:
             self.call_layout = self._layout_of_call()
-        except ValueError:
+        except ValueError as e:
             if strict:
                 raise
-            self.call_layout = None
+            self.call_layout, self.layout_error = None, str(e)
 
     def _on_counter(self) -> None:
         """The scheduler's set_timesteps/step ran (outside the model): decide for the next forward, which may be
@@ -271,10 +286,16 @@ class FasaController:
             raise ValueError(f"FASA at {layer}: {n_img} image tokens but the image grid is {h}x{w}")
         return h, w
 
+    def row_layout(self, layer: str) -> str:
+        """"cfg" or "plain": how the running call batches its rows (decided in eager Python, see _decide)."""
+        if self.layout_error is not None:
+            raise ValueError(f"FASA at {layer}: {self.layout_error}")
+        return self.call_layout or self.layout
+
     def plan(self, batch: int, layer: str) -> list[tuple[int, int, bool]]:
         """``(start, n, is_uncond)`` per guidance half: rows ``start..start+n-1`` are PD_1..PD_n and the next
         n rows their FD partners."""
-        layout = self.call_layout or self.layout
+        layout = self.row_layout(layer)
         if layout == "auto":
             raise ValueError(f"FASA at {layer}: layout=None, and the pipeline has not told whether it batches "
                              "classifier-free guidance in this call; call the pipeline itself, or pass layout='cfg' "

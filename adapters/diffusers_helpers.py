@@ -10,11 +10,15 @@
   attention modules set their processors directly; the same reclaim follows (sliced processors on FASA
   layers are warned about at once, the stock one that ``disable_attention_slicing`` sets is taken back).
 * ``set_default_attn_processor``: diffusers refuses processor classes it does not know with a bare ValueError;
-  it is shown the stock processors FASA stands in for, and FASA stays on afterwards.
+  it reads ``attn_processors`` (below), so it sees the stock processors FASA stands in for, and FASA stays.
 * IP-Adapter weights on a FLUX model whose FASA layers the IP-Adapter processors would replace (the
   double-stream blocks): refused with a one-line error before anything changes (at the pipeline's
   ``load_ip_adapter`` when install_fasa was given the pipeline, else at the model's
   ``_load_ip_adapter_weights``).
+* ``attn_processors`` (the model's view of its processors, read by callers and by diffusers' own fuse / unfuse
+  and IP-Adapter code): a FASA layer reports the stock processor FASA stands in for, i.e. what was set there
+  (``set_attn_processor(model.attn_processors)`` then keeps FASA; a caller who just set ``AttnProcessor()``
+  reads it back). FASA itself is the attention module's ``.processor`` and the handle's ``layer_names``.
 * FLUX pipelines: the image grid FASA needs is recorded from the ``(h, w)`` the pipeline passes to its
   ``_prepare_latent_image_ids`` (pure Python, no host sync).
 
@@ -31,20 +35,6 @@ def _reclaim_after(handle, source: str):
             out = original(*args, **kwargs)
             handle.reclaim(source)
             return out
-        return wrapper
-    return factory
-
-
-def _set_default_attn_processor(handle):
-    def factory(original):
-        def wrapper(*args, **kwargs):
-            for block, stock, ours in handle._installed:  # what diffusers is shown
-                if block.attn.processor is ours:
-                    block.attn.set_processor(stock)
-            try:
-                return original(*args, **kwargs)           # calls set_attn_processor, which reclaims
-            finally:
-                handle.reclaim("set_default_attn_processor")
         return wrapper
     return factory
 
@@ -80,15 +70,27 @@ def _record_flux_grid(controller):
     return factory
 
 
+def _report_stock_processor(handle, attn):
+    def factory(original):
+        def wrapper(return_deprecated_lora: bool = False):
+            if not return_deprecated_lora:
+                for block, stock, ours in handle._installed:
+                    if block.attn is attn and attn.processor is ours:
+                        return stock
+            return original(return_deprecated_lora)
+        return wrapper
+    return factory
+
+
 def follow(handle, pipe=None) -> list[InstancePatch]:
     """Install the wrappers for ``handle``'s model (and ``pipe``, the pipeline install_fasa was given, if any)."""
     model = handle.model
     patches = [InstancePatch(model, "set_attn_processor", _reclaim_after(handle, "set_attn_processor"))]
+    patches += [InstancePatch(block.attn, "get_processor", _report_stock_processor(handle, block.attn))
+                for block, _, _ in handle._installed if callable(getattr(block.attn, "get_processor", None))]
     if callable(getattr(model, "set_attention_slice", None)):  # (enable|disable)_attention_slicing: the
         # Attention modules set their processors themselves, past set_attn_processor
         patches.append(InstancePatch(model, "set_attention_slice", _reclaim_after(handle, "set_attention_slice")))
-    if callable(getattr(model, "set_default_attn_processor", None)):
-        patches.append(InstancePatch(model, "set_default_attn_processor", _set_default_attn_processor(handle)))
     if handle.family == "flux":
         if callable(getattr(model, "_load_ip_adapter_weights", None)):
             patches.append(InstancePatch(model, "_load_ip_adapter_weights", _refuse_flux_ip_adapter(handle)))

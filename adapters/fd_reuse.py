@@ -59,6 +59,9 @@ class FdRecord:
         self.heads: dict = {}     # layer -> (heads, head_dim) recorded there
         self.dtype = None
         self.timesteps = None     # pass 1's schedule (CPU float64), which pass 2 must run again
+        self.scheduler = None     # pass 1's scheduler: (class name, public config), which pass 2 must run again
+        self.mask_max = None      # the largest value of the mask (after pass 1): bounds omega * m in pass 2
+        self.released = False     # clear() ran: nothing is left to read
         self._calls: dict = {}    # (layer, step, uncond) -> calls seen in the current pass
         self.masks: dict = {}     # (h, w) -> FasaMask over the kept keys, on ``device``
         self.compacted = False
@@ -87,24 +90,43 @@ class FdRecord:
 
     def begin_generation(self, scheduler, replay: bool) -> None:
         """The denoising loop of a pass starts (its scheduler's ``set_timesteps`` just ran). Pass 1 keeps the
-        schedule; pass 2 must run the same one (a step of pass 2 reads what the same step of pass 1 recorded)
-        and counts its model calls afresh, so one record serves any number of pass-2 runs."""
+        scheduler and its schedule; pass 2 must run the same ones (a step of pass 2 reads what the same step of
+        pass 1 recorded: the same timesteps under another sampler, or another config of it, are another
+        trajectory) and counts its model calls afresh, so one record serves any number of pass-2 runs."""
+        self._check_live()
         timesteps = torch.as_tensor(scheduler.timesteps).detach().to("cpu", torch.float64)
+        kind = scheduler_identity(scheduler)
         if not replay:
-            self.timesteps = timesteps
+            self.timesteps, self.scheduler = timesteps, kind
             return
         self._calls = {}
+        if self.scheduler is not None and kind != self.scheduler:
+            (name, config), (rec_name, rec_config) = kind, self.scheduler
+            if name != rec_name:
+                raise ValueError(f"FD reuse: the foundation pass was recorded with {rec_name}, pass 2 runs {name}: "
+                                 "the same timesteps under another sampler are another trajectory; give pass 2 the "
+                                 f"foundation pipeline's scheduler ({rec_name}.from_config(...))")
+            diff = ", ".join(f"{k}: {rec_config.get(k)!r} -> {config.get(k)!r}" for k in sorted(set(config) |
+                             set(rec_config)) if config.get(k) != rec_config.get(k))
+            raise ValueError(f"FD reuse: pass 2's {name} scheduler config differs from the foundation pass's ({diff}): "
+                             "give pass 2 the foundation pipeline's scheduler config")
         if self.timesteps is None:
             return
         if timesteps.shape != self.timesteps.shape:
             raise ValueError(f"FD reuse: pass 2 runs {timesteps.numel()} denoising-loop iterations but the foundation "
                              f"pass ran {self.timesteps.numel()}: give both the same num_inference_steps (or "
-                             "timesteps/sigmas) and a scheduler of the same kind")
+                             "timesteps/sigmas)")
         if not torch.equal(timesteps, self.timesteps):
             i = int((timesteps != self.timesteps).nonzero()[0])
             raise ValueError(f"FD reuse: pass 2's timesteps differ from the foundation pass's (iteration {i}: "
-                             f"{timesteps[i].item():g} vs {self.timesteps[i].item():g}): give both pipelines the same "
-                             "scheduler configuration and steps")
+                             f"{timesteps[i].item():g} vs {self.timesteps[i].item():g}): give both the same "
+                             "num_inference_steps, timesteps or sigmas")
+
+    def _check_live(self) -> None:
+        if self.released:
+            raise ValueError("FD reuse: this foundation was released (Foundation.release()) while it was applied to a "
+                             "pipeline, so its recorded keys/values are gone: release it after the runs that use it "
+                             "(after handle.remove() or the end of the `with found.apply(...)` block)")
 
     def put(self, layer: str, step: int, uncond: bool, k: torch.Tensor, v: torch.Tensor, grid) -> None:
         """Record the FD image keys/values ``[n, H, Nimg, D]`` of one guidance half."""
@@ -135,9 +157,10 @@ class FdRecord:
             self.latent_hw = tuple(latent_hw)
 
     # ---- after pass 1 -----------------------------------------------------------------------------------
-    def compact(self, mask: torch.Tensor, mode: str = "bias") -> None:
-        """Keep only the live keys of ``mask`` (``[h, w]`` or ``[n, h, w]``, float32, checked) per token grid.
-        One host sync per grid (the live-key count)."""
+    def compact(self, mask: torch.Tensor, mode: str = "bias", max_value: float | None = None) -> None:
+        """Keep only the live keys of ``mask`` (``[h, w]`` or ``[n, h, w]``, float32, checked; ``max_value`` its
+        largest value, from the check) per token grid. One host sync per grid (the live-key count)."""
+        self.mask_max = max_value
         if self._pin:
             torch.cuda.current_stream(self.device).synchronize()  # pass 1's asynchronous copies have landed
         store_dev = self.device if self.placement == "device" else torch.device("cpu")
@@ -146,7 +169,7 @@ class FdRecord:
             m = pack_checked_mask(resize_mask_to_grid(mask, *grid).to(device=store_dev, dtype=torch.float32))
             if mode != "bias":
                 plans[grid] = None
-                self.masks[grid] = pack_checked_mask(m.rows.to(self.device))
+                self.masks[grid] = pack_checked_mask(m.rows.to(self.device), max_value)
                 continue
             nnz = max(int(m.fd_count.max()), 1)  # an empty mask keeps one excluded key (value 0)
             idx = m.fd_index[:, :nnz].long()
@@ -170,22 +193,26 @@ class FdRecord:
         return out.pin_memory() if self._pin else out
 
     # ---- pass 2 -----------------------------------------------------------------------------------------
-    def replay_plan(self, batch: int, layer: str) -> list[tuple[int, int, bool]]:
-        """``(start, n, is_uncond)`` per guidance half of a pass-2 batch of PD rows, from its size: the record's
-        n images (no CFG batch) or twice that (``[uncond_1..n, cond_1..n]``)."""
+    def replay_plan(self, batch: int, layer: str, layout: str) -> list[tuple[int, int, bool]]:
+        """``(start, n, is_uncond)`` per guidance half of a pass-2 batch of PD rows laid out as ``layout``
+        ("plain": the record's n images; "cfg": ``[uncond_1..n, cond_1..n]``)."""
         n = self.rows
-        if batch == n:
-            return [(0, n, False)]
-        if batch == 2 * n:
+        if layout == "cfg" and batch == 2 * n:
             return [(0, n, True), (n, n, False)]
-        raise ValueError(f"FD reuse at {layer}: pass 2's batch holds {batch} rows but the foundation pass recorded {n} "
-                         f"image(s) per guidance half: run pass 2 with {n} prompt(s) and num_images_per_prompt=1 "
-                         f"({n} rows, or {2 * n} with classifier-free guidance)")
+        if layout == "plain" and batch == n:
+            return [(0, n, False)]
+        how = ("batches classifier-free guidance in this call: 2 rows per image" if layout == "cfg" else
+               "runs without classifier-free guidance in this call: 1 row per image")
+        images = batch / 2 if layout == "cfg" else batch
+        raise ValueError(f"FD reuse at {layer}: pass 2's batch holds {batch} rows (the pipeline {how}, so "
+                         f"{images:g} image(s)) but the foundation pass recorded {n} image(s): run pass 2 with {n} "
+                         f"prompt(s) and num_images_per_prompt=1")
 
     def get(self, layer: str, step: int, uncond: bool, n_txt: int, device, grid=None) -> tuple[torch.Tensor,
                                                                                                 torch.Tensor, FasaMask]:
         """``(k_f, v_f, mask)`` for ``fasa_attention`` at one layer, step and guidance half, on ``device``.
         ``grid``: the layer's token grid in pass 2, which must be the recorded one."""
+        self._check_live()
         key = self._key(layer, step, uncond)
         try:
             k, v, recorded = self.entries[key]
@@ -214,7 +241,7 @@ class FdRecord:
             k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
         return k, v, self.masks[grid]
 
-    def stage(self, step: int, batch: int, latent_hw, n_txt: int, device, style_fidelity: float) -> None:
+    def stage(self, step: int, batch: int, layout: str, latent_hw, n_txt: int, device, style_fidelity: float) -> None:
         """Before a compiled forward of pass 2 (eager): put the entries this forward's FASA layers read in place
         for :meth:`staged`, after the checks the eager path makes at each layer (batch, grid, what was recorded).
         With ``style_fidelity`` 1 the unconditional rows keep plain attention and read nothing."""
@@ -224,7 +251,7 @@ class FdRecord:
             raise ValueError(f"FD reuse: pass 2 runs the model on a {h}x{w} grid but the foundation pass ran "
                              f"{rh}x{rw}: give both the same height and width")
         layers = list(self.heads)
-        plan = self.replay_plan(batch, layers[0] if layers else "the model")
+        plan = self.replay_plan(batch, layers[0] if layers else "the model", layout)
         for layer in layers:
             for _, _, uncond in plan:
                 if uncond and style_fidelity == 1.0:
@@ -265,6 +292,7 @@ class FdRecord:
         return sum(t.numel() * t.element_size() for k, v, _ in self.entries.values() for t in (k, v))
 
     def clear(self) -> None:
+        self.released = True
         self.entries = {}
         self._calls = {}
         self.masks = {}
@@ -276,6 +304,14 @@ class FdRecord:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+
+def scheduler_identity(scheduler) -> tuple[str, dict]:
+    """(class name, public config) of a diffusers scheduler: what fixes its trajectory besides the timesteps
+    (the sampler and its settings, e.g. ``clip_sample``, ``prediction_type``, the betas). Keys starting with
+    "_" (diffusers' bookkeeping: version, which values were defaults) are left out."""
+    config = getattr(scheduler, "config", None) or {}
+    return type(scheduler).__name__, {k: v for k, v in dict(config).items() if not k.startswith("_")}
 
 
 # ----------------------------------------------------------------------------------------------------------

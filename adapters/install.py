@@ -287,11 +287,11 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
         layout = check_choice("layout", layout, LAYOUTS)
     blocks = find_self_attention_blocks(denoiser)
     layers = check_layers(layers, len(blocks))
-    cfg_of_call = None
+    # a pipeline that says whether it batches CFG is asked at every call, also when layout= was given
+    cfg_of_call = None if isinstance(model, torch.nn.Module) else _pipeline_cfg_reader(model)
     if layout is None and PRESETS[family].layout == "plain":
         layout = "plain"
     elif layout is None:
-        cfg_of_call = None if isinstance(model, torch.nn.Module) else _pipeline_cfg_reader(model)
         if cfg_of_call is None:
             raise ValueError("layout=None works with a diffusers pipeline, which says per call whether it batches "
                              f"classifier-free guidance; for a bare {type(model).__name__} pass layout='cfg' (each "

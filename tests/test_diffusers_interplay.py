@@ -74,7 +74,9 @@ def test_ip_adapter_loads_while_fasa_is_installed():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         handle.remove()
-    assert _attn1(unet) == stock_attn1
+    # what the IP-Adapter load set on attn1 (a new stock processor, as without FASA: it read attn_processors,
+    # which reports the stock processor FASA stands in for)
+    assert all(type(p) is type(s) is AttnProcessor2_0 and p is not s for p, s in zip(_attn1(unet), stock_attn1))
     assert all(isinstance(p, IPAdapterAttnProcessor2_0) for n, p in unet.attn_processors.items()
                if not n.endswith("attn1.processor"))
 
@@ -293,3 +295,59 @@ def test_deep_copy_of_a_model_carrying_fasa_is_a_clear_error():
         with pytest.raises(TypeError, match="cannot be deep-copied"):
             copy.deepcopy(unet)
     copy.deepcopy(unet)  # after remove(): a plain model
+
+
+# ---- what attn_processors reports with FASA installed (issue 25, item 10) ---------------------------------------
+# diffusers' own tests (v0.40.0 test files on diffusers 0.42.1) read attn_processors back after setting
+# processors: the model tests' test_attention_processor_dict (set AttnProcessor(), read AttnProcessor back) and
+# SDXL's test_fused_qkv_projections (every processor's class name starts with "Fused" after fusing). With FASA
+# installed a FASA layer reports the stock processor it stands in for; FASA keeps acting underneath.
+
+def test_attn_processors_reads_back_what_was_set_and_fasa_keeps_acting():
+    unet = tiny_sd15(seed=6)
+    kw = _kw(unet)
+    handle = install_fasa(unet, random_mask((8, 6)), 1.5, layers="all", layout="cfg")
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+    assert all(isinstance(p, FasaAttnProcessor) for p in _attn1(unet))     # the module's own .processor is FASA
+    for proc in (AttnProcessor(), AttnProcessor2_0()):
+        unet.set_attn_processor(proc)
+        assert all(p is proc for p in unet.attn_processors.values())
+        on, off = _fasa_effect(unet, handle, kw)
+        assert torch.equal(on[[1, 3]], off[[1, 3]]) and not torch.allclose(on[[2]], off[[2]])
+    saved = unet.attn_processors                                              # the save/restore idiom
+    unet.set_attn_processor(saved)
+    assert all(isinstance(p, FasaAttnProcessor) for p in _attn1(unet)) and handle.layers
+    handle.remove()
+    assert all(type(p) is AttnProcessor2_0 for p in unet.attn_processors.values())
+
+
+def test_fuse_and_unfuse_read_the_stock_processors_of_a_fasa_pipeline():
+    pipe = BUILDERS["sdxl"]()
+    call = dict(prompt=["a photo of sks man", "a photo of man"], num_inference_steps=2, height=IMAGE, width=IMAGE,
+                output_type="latent")
+
+    def images():
+        return pipe(**call, generator=torch.Generator().manual_seed(0)).images
+
+    handle = install_fasa(pipe, random_mask((8, 8)), 1.5, layers="all")
+    before = images()
+    pipe.fuse_qkv_projections()
+    assert all(type(p).__name__.startswith("Fused") for p in pipe.unet.attn_processors.values())
+    assert all(isinstance(p, FasaAttnProcessor) and p.fused for p in _attn1(pipe.unet))
+    fused = images()
+    torch.testing.assert_close(fused, before, rtol=1e-4, atol=1e-4)
+    pipe.unfuse_qkv_projections()
+    assert all(type(p) is AttnProcessor2_0 for p in pipe.unet.attn_processors.values())
+    torch.testing.assert_close(images(), before, rtol=1e-4, atol=1e-4)
+    handle.enabled = False
+    assert (images() - before).abs().max() > 1e-4                              # FASA acted all along
+    handle.remove()
+
+
+def test_flux_attn_processors_report_the_stock_processor():
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    model = tiny_flux()
+    with install_fasa(model, random_mask((8, 8)), layers="all", layout="plain") as handle:
+        assert all(type(p) is FluxAttnProcessor for p in model.attn_processors.values())
+        assert len(handle.layers) == len(find_self_attention_blocks(model))

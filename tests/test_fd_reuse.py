@@ -55,9 +55,9 @@ def record_spy(monkeypatch):
     seen = []
     orig = fdr.FdRecord.compact
 
-    def compact(self, mask, mode="bias"):
+    def compact(self, mask, mode="bias", max_value=None):
         before = self.nbytes()
-        orig(self, mask, mode)
+        orig(self, mask, mode, max_value)
         seen.append(dict(before=before, after=self.nbytes(),
                          keys={key: (e[0].shape[2], e[2]) for key, e in self.entries.items()}, mask=mask))
     monkeypatch.setattr(fdr.FdRecord, "compact", compact)

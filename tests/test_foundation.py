@@ -292,8 +292,12 @@ def test_other_timesteps_are_refused(sdxl_found):
     other = type(pipe)(**{**pipe.components, "scheduler": EulerDiscreteScheduler.from_config(
         pipe.scheduler.config, timestep_spacing="trailing")})
     other.set_progress_bar_config(disable=True)
-    with pytest.raises(ValueError, match="timesteps differ"):
+    with pytest.raises(ValueError, match="config differs .*timestep_spacing: 'leading' -> 'trailing'"):
         found.run(other, prompt=PD, output_type="latent")
+    pipe.scheduler.set_timesteps(2)
+    custom = [int(pipe.scheduler.timesteps[0]), int(pipe.scheduler.timesteps[1]) + 1]   # same scheduler, own schedule
+    with pytest.raises(ValueError, match=r"timesteps differ from the foundation pass's \(iteration 1"):
+        found.run(pipe, prompt=PD, output_type="latent", timesteps=custom)
 
 
 def test_other_architecture_dtype_or_family_is_refused(sdxl_found):

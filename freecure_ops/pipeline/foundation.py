@@ -25,7 +25,8 @@ import torch
 from freecure_ops.adapters.discovery import find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FdRecord
 from freecure_ops.adapters.install import FasaHandle, install_fasa
-from freecure_ops.adapters.options import check_real
+from freecure_ops.adapters.options import LAYOUTS, check_choice, check_omega_times_mask, check_real
+from freecure_ops.adapters.presets import PRESETS
 
 __all__ = ["Foundation", "step_generators"]
 
@@ -93,16 +94,24 @@ class Foundation:
         self._released = True
 
     # -- pass 2 ----------------------------------------------------------------------------------------------
-    def apply(self, pipe, *, omega=None, backend: str | None = None, force: bool | None = None) -> FasaHandle:
+    def apply(self, pipe, *, omega=None, backend: str | None = None, force: bool | None = None,
+              layout: str | None = None) -> FasaHandle:
         """Install FASA on ``pipe`` (a pipeline whose UNet / FLUX transformer has the foundation pipeline's
         architecture) reading this record; returns the handle (a context manager; ``remove()`` restores the
         processors). Its next runs must start from :attr:`latents` (and :meth:`generators` for stochastic
         samplers) with the foundation pass's schedule, size and images. ``omega`` may differ from pass 1's (it
         acts only in pass 2: sweep it without rerunning pass 1); ``backend`` and ``force`` (replace custom
         self-attention processors, e.g. InstantID's plain ``AttnProcessor`` copies) default to the settings
-        the record was made with. Everything else is fixed by the record."""
+        the record was made with. ``layout``: which rows of a pass-2 batch are which, as for
+        :func:`~freecure_ops.adapters.install_fasa`: None asks the pipeline at every call whether it batches
+        classifier-free guidance (FLUX never does); a bare model, or an object that cannot say, must be told
+        ("cfg": ``[uncond_1..n, cond_1..n]``, "plain": the n PD rows). Everything else is fixed by the record;
+        ``omega * max(mask)`` beyond float32 range is refused here, before anything runs."""
         if self._released:
             raise ValueError("this Foundation was released: run the foundation pass again")
+        if not self.record.heads:
+            raise ValueError("the foundation pass recorded no FASA layer (its steps= selected no iteration of its "
+                             "denoising loop): there is nothing to apply")
         denoiser, family = resolve_model(pipe)
         if family != self.family:
             raise ValueError(f"the foundation pass ran a {self.family} model, {type(pipe).__name__} holds a {family} "
@@ -125,15 +134,18 @@ class Foundation:
                              f"{denoiser.dtype}: give both pipelines the same torch_dtype")
         s = self.settings
         omega = s["omega"] if omega is None else check_real("omega", omega)
+        check_omega_times_mask(PRESETS[family].omega if omega is None else omega, self.record.mask_max)
+        if layout is not None:
+            layout = check_choice("layout", layout, LAYOUTS)
         handle = install_fasa(pipe, torch.ones(1, 1), omega, layers=sorted(layers), steps=s["steps"],
-                              style_fidelity=s["style_fidelity"], layout="plain", mode=s["mode"],
+                              style_fidelity=s["style_fidelity"], layout=layout, mode=s["mode"],
                               backend=s["backend"] if backend is None else backend,
                               force=s["force"] if force is None else force)
-        # the record says which rows are which (layout="plain" above is never read in replay)
         handle.controller.fd_record, handle.controller.fd_role = self.record, "replay"
         return handle
 
-    def run(self, pipe, *args, omega=None, backend: str | None = None, force: bool | None = None, **kwargs):
+    def run(self, pipe, *args, omega=None, backend: str | None = None, force: bool | None = None,
+            layout: str | None = None, **kwargs):
         """Run ``pipe(*args, **kwargs)`` with FASA reading this record: the foundation's ``latents`` and per-step
         ``generator`` are passed, and ``num_inference_steps``, ``height``, ``width`` when not given. Returns
         what the pipeline returns; FASA is removed again afterwards (also when the call raises)."""
@@ -156,7 +168,7 @@ class Foundation:
                             ("width", self.width)):
             if name in params and kwargs.get(name) is None:
                 kwargs[name] = value
-        with self.apply(pipe, omega=omega, backend=backend, force=force):
+        with self.apply(pipe, omega=omega, backend=backend, force=force, layout=layout):
             return pipe(*args, **kwargs)
 
     def __repr__(self):

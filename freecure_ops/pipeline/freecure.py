@@ -523,8 +523,7 @@ class FreeCure:
             else chosen
         fasa_blocks = [blocks[i] for i in sorted(idx)]
         # the FASA steps the record will hold: the loop iterations the scheduler will run, within steps=
-        total_steps = loop_iterations(pipe.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)
-        n_steps = total_steps if self.steps is None else len([s for s in self.steps if s < total_steps])
+        n_steps = len(self._fasa_steps(num_inference_steps, timesteps=timesteps, sigmas=sigmas))
         halves = (True, False) if cfg and self.style_fidelity < 1.0 else (False,)
         vsf = int(pipe.vae_scale_factor)
         if self.family == "flux":
@@ -540,6 +539,19 @@ class FreeCure:
         if choice == "off":
             info["reason"] = "asked" if self.fd_reuse == "off" else "does not fit the budgets"
         return info
+
+    def _fasa_steps(self, num_inference_steps: int, *, timesteps=None, sigmas=None) -> list[int]:
+        """The loop iterations of this call where FASA acts; a ``steps=`` that selects none of them is refused
+        here, before anything runs (FASA would never act, and a foundation would record nothing)."""
+        total = loop_iterations(self.pipe.scheduler, num_inference_steps, timesteps=timesteps, sigmas=sigmas)
+        if self.steps is None:
+            return list(range(total))
+        chosen = sorted(s for s in self.steps if s < total)
+        if not chosen:
+            raise ValueError(f"steps={sorted(self.steps)} selects no iteration of the {total}-iteration denoising loop "
+                             f"this call runs (iterations 0..{total - 1}): FASA would never act; choose steps below "
+                             f"{total} or run more steps")
+        return chosen
 
     def _pass1(self, common: Mapping, fd_kw: Mapping, latents, step_seeds, attributes, mask, record, timings,
                cfg: bool):
@@ -566,7 +578,8 @@ class FreeCure:
             mask, label_maps = self.mask_from_fd(fd_pt, attributes)
             self._check_mask_not_empty(mask, attributes if len(attributes) > 1 else attributes[0])
         if record is not None:
-            record.compact(check_mask(mask)[0].to(record.device), self.mode)
+            checked, max_value = check_mask(mask)
+            record.compact(checked.to(record.device), self.mode, max_value)
         timings["mask"] = time.perf_counter() - t0
         return fd_pt, mask, label_maps
 
@@ -613,6 +626,7 @@ class FreeCure:
                 raise ValueError(f"{key!r} is given both as a common argument and in fd")
         n = _branch_size(fd_kw)
         height, width, common, n_steps, gs, cfg = self._call_shape(kwargs, n, latents, "FD")
+        self._fasa_steps(n_steps, timesteps=kwargs.get("timesteps"), sigmas=kwargs.get("sigmas"))
         if mask is not None:
             mask = self._given_mask(mask, n)
         attributes = self._attributes(fd_kw, attribute_prompt, n)
@@ -705,6 +719,7 @@ class FreeCure:
         if _branch_size(fd_kw) != n:
             raise ValueError(f"PD conditioning holds {n} prompts but FD holds {_branch_size(fd_kw)}")
         height, width, common, n_steps, gs, cfg = self._call_shape(kwargs, n, latents, "PD")
+        self._fasa_steps(n_steps, timesteps=kwargs.get("timesteps"), sigmas=kwargs.get("sigmas"))
 
         timings = {}
         if mask is not None:
