@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -158,7 +159,65 @@ def test_two_process_launch_runs_every_job_exactly_once(assets, two_process_run)
     with open(out / "results.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 8
     assert "8 jobs: 8 complete (0 already done, 8 run now on 2 processes), 0 failed" in stdout
-    assert not list(out.rglob("*.tmp"))
+    assert not list(out.rglob("*.tmp")) and not (out / ".freecure-batch.lock").exists()
+
+
+def test_two_process_launch_on_a_locked_out_exits_2_from_every_process(assets, tmp_path):
+    """Rank 0 finds --out held by another live run; every process exits 2 (rank 1 learns it from rank 0 instead
+    of waiting at a barrier), the message is said once, nothing is written."""
+    out = tmp_path / "locked"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    try:
+        lock = json.dumps(dict(pid=holder.pid, host=socket.gethostname(), started="2025-01-01T00:00:00+0000"))
+        (out / ".freecure-batch.lock").write_text(lock)
+        rc, _, se = _launch(_batch_args(assets, out), cwd=tmp_path)
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    lines = [t for t in se.splitlines() if t.startswith("freecure: error:")]
+    assert rc != 0 and len(lines) == 1, se[-3000:]
+    assert lines[0].startswith(f"freecure: error: --out {out} is in use by another freecure batch (pid {holder.pid} ")
+    assert not re.search(r'File "[^"]*freecure_ops', se), se[-3000:]  # only the launcher's own failure report
+    assert sorted(p.name for p in out.iterdir()) == [".freecure-batch.lock"]
+    assert (out / ".freecure-batch.lock").read_text() == lock
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_process_of_a_launch_gets_rank_0s_answer_about_the_lock(rank, tmp_path, monkeypatch, capsys):
+    """Rank 0 alone takes the lock; the others get its answer from a broadcast (going on, they would run jobs in an
+    --out another run holds). Refused: rank 0 says it once, every process meets at a barrier (so that the launcher,
+    which stops the rest at the first exit, cannot cut rank 0's message) and exits 2."""
+    import types
+
+    import accelerate.utils
+
+    from freecure_ops.cli import batch
+
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = json.dumps(dict(pid=os.getpid(), host=socket.gethostname(), started="x"))  # alive: this process
+    (out / ".freecure-batch.lock").write_text(holder)
+    calls = []
+    state = types.SimpleNamespace(is_main_process=rank == 0, num_processes=2,
+                                  wait_for_everyone=lambda: calls.append("barrier"))
+    said = "--out X is in use by another freecure batch (rank 0's words)"
+
+    def broadcast(objs, from_process=0):
+        calls.append(("broadcast", objs[0]))
+        return objs if rank == 0 else [said]
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    with pytest.raises(SystemExit) as e:
+        batch._lock_out(types.SimpleNamespace(out=out), state)
+    assert e.value.code == 2 and calls[-1] == "barrier"
+    err = capsys.readouterr().err
+    if rank == 0:
+        assert calls[0][0] == "broadcast" and f"pid {os.getpid()} " in calls[0][1]
+        assert err.startswith(f"freecure: error: --out {out} is in use") and err.count("\n") == 1
+    else:
+        assert calls[0] == ("broadcast", None) and err == ""
+    assert (out / ".freecure-batch.lock").read_text() == holder
 
 
 def test_baseline_is_the_plain_pipeline_from_the_same_noise(assets, two_process_run):
@@ -183,6 +242,7 @@ def test_killed_run_resumes_without_redoing_finished_jobs(assets, tmp_path):
     out = tmp_path / "killed"
     rc, _, se = _launch(_batch_args(assets, out), env_extra={"_FREECURE_TEST_KILL_AFTER": "1"}, cwd=tmp_path)
     assert rc != 0
+    assert (out / ".freecure-batch.lock").exists()        # a killed run leaves its lock: the rerun finds it stale
     first = _records(out)
     done = {k for k, r in first.items() if r["status"] == "ok"}
     assert 1 <= len(done) < 8
@@ -195,6 +255,7 @@ def test_killed_run_resumes_without_redoing_finished_jobs(assets, tmp_path):
                        cwd=tmp_path, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"8 complete ({len(done)} already done, {8 - len(done)} run now on 1 process)" in p.stdout
+    assert "replaced a stale lock" in p.stderr and not (out / ".freecure-batch.lock").exists()
     recs = _records(out)
     assert len(recs) == 8 and all(r["status"] == "ok" for r in recs.values())
     for k in done:                                        # finished jobs untouched

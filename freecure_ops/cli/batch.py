@@ -21,13 +21,19 @@ says ``ok``, its fingerprint (the job, its settings, the model and the size and 
 the parser checkpoint's size and mtime, the mask file's bytes; for a Hub id, of the cached snapshot it resolved
 to, and the commit) matches and every file
 it lists exists: a killed run never leaves a half-written image counted as done, and a job whose manifest line
-changed is redone. A job that raises is recorded with its error and the others go on. A run with jobs to do
+changed is redone. A job that raises is recorded with its error and the others go on; so is one whose image or
+record cannot be written (disk full: the error names the file; a job left without any record is redone by a
+rerun). A run with jobs to do
 first removes the old results index (it would outlive the records the run deletes); at the end the main
 process writes it again (``results.jsonl`` and ``results.csv``, manifest order, one row per job);
 each process also appends one line per job to ``logs/<run>-rank<r>.jsonl``.
 
+One run per ``--out``: rank 0 takes ``--out/.freecure-batch.lock`` (:mod:`.out_lock`) for the whole launch before
+anything in ``--out`` is read, and removes it when the run ends (an exception or Ctrl-C included). A second run
+finding it held exits 2 naming the holder's pid and host; a lock a killed run left on this host is replaced.
+
 Exit status: 0 when every job is complete, 1 when any failed (see the index), 2 for a usage problem (found
-before anything loads; one line naming the flag, or the manifest line).
+before anything loads; one line naming the flag, or the manifest line; ``--out`` in use by another run).
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ from .args import (add_weights_arguments, apg_steps_problem, check_run_flags, em
                    interpreting, layers_arg, pick_device, read_mask_png, real_problem, torch_dtype, user_path)
 from .errors import CLIError
 from .model_files import check_model_flags, layers_problem
+from .out_lock import OutLock
 from .pipeline import effective_settings, load_parser, load_pipeline, quiet_libraries, save_mask
 from .weights import Weights, is_local, resolve_model, resolve_parser
 
@@ -321,6 +328,43 @@ def _kill_point(ctx: _Context, d: Path) -> None:
         os._exit(137)
 
 
+def _error_text(e: BaseException, writing: str | None) -> str:
+    """A failed job's ``error``: one line, naming the output file a failed write was for (disk full, ...)."""
+    where = f" (writing {writing})" if writing and isinstance(e, OSError) else ""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}{where}"
+
+
+def _unlink_written(d: Path, written: list) -> None:
+    """A failed job's outputs go: they are not a result, and on a full disk the space is needed."""
+    for name in written:
+        try:
+            (d / name).unlink()
+        except OSError:
+            pass
+    written.clear()
+
+
+def _write_record(d: Path, rec: dict, written: list, settings: dict) -> None:
+    """Write ``job.json``. A record that cannot be written (disk full, I/O error) fails its job as a failed image
+    does: the outputs go, the record says error (naming job.json) and is tried once more (smaller, and the
+    images' space is free now). If that fails too the job has no record, so it counts as not done and a rerun
+    redoes it; ``rec`` (returned to the caller for the log and the summary) says so in ``unrecorded``."""
+    try:
+        atomic_write_text(d / RECORD, json.dumps(rec, indent=2, default=str) + "\n")
+        return
+    except OSError as e:
+        if rec["status"] == "ok":
+            _unlink_written(d, written)
+            rec.update(status="error", files=[], error=_error_text(e, RECORD), traceback=traceback.format_exc(),
+                       settings=dict(settings))
+        else:  # the job had failed already: its first error stays the one that counts
+            rec["error"] += f"; then {_error_text(e, RECORD)}"
+    try:
+        atomic_write_text(d / RECORD, json.dumps(rec, indent=2, default=str) + "\n")
+    except OSError as e:
+        rec["unrecorded"] = _error_text(e, RECORD)
+
+
 def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
     import torch
 
@@ -328,18 +372,22 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
 
     args, pipe = ctx.args, ctx.pipe
     d = job_dir(args.out, job.id)
-    _clean_job_dir(d)
     t0 = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     rec = dict(id=job.id, status="error", method=job.method, job=job.spec(), fingerprint=fp, model=args.model,
                weights=ctx.weights, files=[], warnings=[])
     written = []
+    writing = None  # the output being written: a failed write's error names it
 
     def save(img, name):
+        nonlocal writing
+        writing = name
         atomic_write(d / name, lambda tmp: img.save(tmp, format="PNG"))
         written.append(name)
+        writing = None
 
     try:
+        _clean_job_dir(d)  # in the try: a folder that cannot be made (disk full) fails this job, not the run
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             call = dict(num_inference_steps=s["steps"], output_type="pil")
@@ -381,8 +429,10 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 if out.fd_images is not None:
                     save(out.fd_images[0], "fd.png")
                 if out.mask is not None:
+                    writing = "mask.png"
                     save_mask(out.mask, d / "mask.png")
                     written.append("mask.png")
+                    writing = None
                 extra = dict(fasa_applied=out.fasa_applied, attributes=out.attributes[0] if out.attributes else [],
                              template_prompts=out.template_prompts, fd_reuse=out.fd_reuse,
                              timings_s={k: round(v, 4) for k, v in out.timings.items()})
@@ -393,19 +443,15 @@ def _run_job(ctx: _Context, job: Job, s: dict, fp: str) -> dict:
                 msgs.append(text)
         rec.update(status="ok", files=written, settings=settings, warnings=msgs, **extra)
     except Exception as e:  # noqa: BLE001  (a failing job is recorded; the others go on)
-        for name in written:
-            try:
-                (d / name).unlink()
-            except OSError:
-                pass
-        rec.update(status="error", error=f"{type(e).__name__}: {' '.join(str(e).split())}",
-                   traceback=traceback.format_exc(), settings={k: v for k, v in s.items()})
+        _unlink_written(d, written)
+        rec.update(status="error", files=[], error=_error_text(e, writing), traceback=traceback.format_exc(),
+                   settings=dict(s))
     rec["seconds"] = round(time.perf_counter() - t0, 4)
     rec["run"] = dict(run_id=ctx.run_id, rank=ctx.rank, world_size=ctx.world, device=str(ctx.device),
                       host=socket.gethostname(), pid=os.getpid(), started=started,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     rec["dtype"] = str(ctx.dtype).replace("torch.", "")
-    atomic_write_text(d / RECORD, json.dumps(rec, indent=2, default=str) + "\n")
+    _write_record(d, rec, written, s)
     return rec
 
 
@@ -417,9 +463,83 @@ def run(args) -> int:
         if not is_main_env():  # every process finds the same problem: rank 0 alone says it
             raise SystemExit(2) from None
         raise
+    state = process_state(device)
+    lock = _lock_out(args, state)
+    try:
+        return _run(args, state, jobs, device, model, parser_ref)
+    finally:  # also on an exception or Ctrl-C; a kill leaves the lock, which the next run finds stale
+        if lock is not None:
+            lock.release()
+
+
+def _lock_out(args, state) -> OutLock | None:
+    """Rank 0 takes ``--out``'s lock for the whole launch (its other processes are the same run). When another
+    run holds it every process exits 2 before anything is read or loaded; rank 0 says why."""
+    lock = problem = None
+    if state.is_main_process:
+        try:
+            lock = OutLock.acquire(args.out)
+        except CLIError as e:
+            problem = str(e)
+    if state.num_processes > 1:  # the others learn rank 0's answer (refused, they would wait at a barrier)
+        from accelerate.utils import broadcast_object_list
+
+        problem = broadcast_object_list([problem])[0]
+    if problem is not None and state.num_processes > 1:
+        if state.is_main_process:
+            print(f"freecure: error: {problem}", file=sys.stderr, flush=True)
+        state.wait_for_everyone()  # said before any process exits: the launcher stops the rest at the first exit
+        raise SystemExit(2)
+    if problem is not None:
+        raise CLIError(problem)
+    return lock
+
+
+class _Log:
+    """This process's ``logs/<run>-rank<r>.jsonl``: a convenience beside the records, so a write that fails
+    (disk full) is said once and logging stops, instead of ending the run."""
+
+    def __init__(self, path: Path):
+        self.path, self.file = path, None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a", encoding="utf-8")
+        except OSError as e:
+            self._lost(e)
+
+    def _lost(self, e: OSError) -> None:
+        print(f"freecure batch: cannot write the log {self.path} ({_error_text(e, None)}); the job records "
+              "stay the truth", file=sys.stderr)
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+        self.file = None
+
+    def write(self, entry: dict) -> None:
+        if self.file is None:
+            return
+        try:
+            self.file.write(json.dumps(entry) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self._lost(e)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            try:
+                self.file.close()
+            except OSError:
+                pass
+
+
+def _run(args, state, jobs, device, model, parser_ref) -> int:
     import torch
 
-    state = process_state(device)
     rank, world = state.process_index, state.num_processes
     if device is None:
         device = torch.device(state.device)
@@ -442,6 +562,7 @@ def run(args) -> int:
         mine = list(part)
 
     failed_here = 0
+    unrecorded = {}  # job id -> error, for jobs whose record could not be written (the index calls them missing)
     if mine:
         with quiet_libraries(True):  # library notes would repeat per job and break the progress bars
             parser = None
@@ -455,28 +576,33 @@ def run(args) -> int:
                                         parser=None if parser_ref is None else parser_ref.record()))
             kill = os.environ.get(KILL_ENV)
             ctx.kill_after = int(kill) if kill else None
-            log_dir = Path(args.out) / "logs"
-            log_dir.mkdir(parents=True, exist_ok=True)
-            log_path = log_dir / f"{ctx.run_id}-rank{rank}.jsonl"
+            log_path = Path(args.out) / "logs" / f"{ctx.run_id}-rank{rank}.jsonl"
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(mine), desc=f"freecure batch [{rank}/{world}]", unit="job", position=rank,
                        disable=args.quiet, file=sys.stderr, dynamic_ncols=True, leave=True)
-            with bar, open(log_path, "a", encoding="utf-8") as log:
+            with bar, _Log(log_path) as log:
                 for job in mine:
                     rec = _run_job(ctx, job, _settings(args, job), fps[job.id])
                     ctx.ran += 1
                     failed_here += rec["status"] != "ok"
-                    log.write(json.dumps(dict(id=job.id, status=rec["status"], seconds=rec["seconds"], rank=rank,
-                                              world_size=world, error=rec.get("error"))) + "\n")
-                    log.flush()
+                    if "unrecorded" in rec:  # said now: rank 0's summary knows only its own
+                        unrecorded[job.id] = rec["error"]
+                        why = "" if rec["unrecorded"] == rec["error"] else f" ({rec['unrecorded']})"
+                        print(f"freecure batch: job {job.id} (line {job.line}) failed: {rec['error']}; it has no "
+                              f"record{why}: a rerun redoes it", file=sys.stderr)
+                    log.write(dict(id=job.id, status=rec["status"], seconds=rec["seconds"], rank=rank,
+                                   world_size=world, error=rec.get("error")))
                     bar.set_postfix(failed=failed_here, refresh=False)
                     bar.update(1)
 
     state.wait_for_everyone()  # every record is written
-    rows = None
+    rows, index_error = None, None
     if state.is_main_process:
-        rows = write_index(args.out, jobs, fps)
+        try:
+            rows = write_index(args.out, jobs, fps)
+        except OSError as e:  # disk full at the end: the records are complete and a rerun writes the index
+            index_error = _error_text(e, INDEX)
     state.wait_for_everyone()
     if rows is None:
         rows = [index_row(args.out, j, fps[j.id]) for j in jobs]
@@ -488,7 +614,11 @@ def run(args) -> int:
               f"{ok_now} run now on {world} process{'es' if world > 1 else ''}), {len(bad)} failed; "
               f"index: {Path(args.out) / INDEX}")
         for r in bad[:10]:
-            print(f"freecure batch: job {r['id']} (line {r['line']}): {r['status']}: {r['error']}", file=sys.stderr)
+            print(f"freecure batch: job {r['id']} (line {r['line']}): {r['status']}: "
+                  f"{r['error'] or unrecorded.get(r['id'])}", file=sys.stderr)
         if len(bad) > 10:
             print(f"freecure batch: ... and {len(bad) - 10} more (see the index)", file=sys.stderr)
-    return 1 if bad else 0
+        if index_error:
+            print(f"freecure batch: the index was not written ({index_error}); the job records are complete: "
+                  "rerun to write it", file=sys.stderr)
+    return 1 if bad or index_error else 0
