@@ -74,7 +74,7 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     # the kernel's scalar-bias FD loop: every live value equal (a prepared mask knows; a raw one if it is bool)
     binary = mask.binary if isinstance(mask, FasaMask) else isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
     if isinstance(mask, FasaMask):
-        rows, fd_index, fd_value, fd_count = mask.rows, mask.fd_index, mask.fd_value, mask.fd_count
+        rows, fd_index, fd_value, fd_count = mask._parts  # its own tensors (the public ones are copies)
     elif mask is not None:
         rows = raw_mask_rows(mask, torch.float64 if q.dtype == torch.float64 else torch.float32)
         if backend == "triton" and p.mode == "bias":  # the kernel walks the packed list of live keys

@@ -7,11 +7,15 @@ Everything is built on the mask's device without a host sync (the value check of
 sync, paid once here instead of once per attention call).
 
 A ``FasaMask`` owns copies, never views of the user's tensor: editing the raw mask afterwards changes
-nothing (prepare it again). ``fasa_attention`` accepts either form; a raw mask is prepared inside every call
-(no hidden cache), so reuse a prepared one across layers and steps. At the op boundary a ``FasaMask``
-crosses as its four tensors (``torch.ops.freecure_ops.fasa`` takes tensors and scalars only).
+nothing (prepare it again). Nor does it hand its own tensors out: its public parts are fresh copies, so no
+write (an in-place op, ``.data``, a numpy or DLPack alias) reaches what the backends read.
+``fasa_attention`` accepts either form; a raw mask is prepared inside every call (no hidden cache), so
+reuse a prepared one across layers and steps. At the op boundary a ``FasaMask`` crosses as its four
+tensors (``torch.ops.freecure_ops.fasa`` takes tensors and scalars only).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -19,6 +23,15 @@ __all__ = ["FasaMask", "prepare_fasa_mask"]
 
 MASK_DTYPES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CACHE_MAX = 16  # derived entries kept per prepared mask (a few per dtype and omega in a real model)
+
+
+class MaskParts(NamedTuple):
+    """A prepared mask's own tensors (internal): what the kernel and the PyTorch backend read, never edited.
+    The launcher takes any object with these four attributes (``kernels/fasa_fwd.py``)."""
+    rows: torch.Tensor
+    fd_index: torch.Tensor
+    fd_value: torch.Tensor
+    fd_count: torch.Tensor
 
 
 class FasaMask:
@@ -32,12 +45,17 @@ class FasaMask:
     True when every live value is the same (a bool mask, or a float mask whose check found it so): the
     kernel's FD loop then adds one scalar bias instead of loading each key's value.
 
+    The four tensors are read-only in effect: each read of ``rows``/``fd_index``/``fd_value``/``fd_count``
+    returns a fresh copy (torch has no read-only tensors, and writes through ``.data``, numpy or DLPack
+    aliases bump no version counter that a cache could check). The backends read the mask's own tensors
+    (``_parts``, internal), which nothing outside can reach: no copy per call.
+
     What the PyTorch backend derives from the mask alone (the gather index, the additive bias per dtype and
     omega) is kept in a small private cache on the mask: the parts never change, so it is never stale, and
     every call that reuses the mask skips rebuilding it (:func:`cached`).
     """
 
-    __slots__ = ("rows", "fd_index", "fd_value", "fd_count", "max_value", "binary", "_cache")
+    __slots__ = ("_parts", "max_value", "binary", "_cache")
 
     def __init__(self, *args, **kwargs):
         # The kernel gathers K/V rows at fd_index: parts that do not agree would read out of bounds.
@@ -49,10 +67,27 @@ class FasaMask:
                     fd_count: torch.Tensor, max_value: float | None = None, binary: bool = False) -> "FasaMask":
         """The parts as :func:`pack_checked_mask` derives them (internal: nothing is checked here)."""
         self = object.__new__(cls)
-        for name, value in (("rows", rows), ("fd_index", fd_index), ("fd_value", fd_value), ("fd_count", fd_count),
-                            ("max_value", max_value), ("binary", bool(binary)), ("_cache", {})):
+        for name, value in (("_parts", MaskParts(rows, fd_index, fd_value, fd_count)), ("max_value", max_value),
+                            ("binary", bool(binary)), ("_cache", {})):
             object.__setattr__(self, name, value)
         return self
+
+    # Copies: a write to one must not reach the tensors the backends read (the class docstring).
+    @property
+    def rows(self) -> torch.Tensor:
+        return self._parts.rows.clone()
+
+    @property
+    def fd_index(self) -> torch.Tensor:
+        return self._parts.fd_index.clone()
+
+    @property
+    def fd_value(self) -> torch.Tensor:
+        return self._parts.fd_value.clone()
+
+    @property
+    def fd_count(self) -> torch.Tensor:
+        return self._parts.fd_count.clone()
 
     def cached(self, key, build):
         """``build()``, computed once per ``key`` for this mask (internal: tensors derived from the parts alone,
@@ -69,21 +104,20 @@ class FasaMask:
     def __setattr__(self, name, value):
         raise AttributeError("FasaMask is immutable: prepare a new one with prepare_fasa_mask")
 
-    def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its parts
-        return FasaMask._from_parts, (self.rows, self.fd_index, self.fd_value, self.fd_count, self.max_value,
-                                      self.binary)
+    def __reduce__(self):  # copy, deepcopy and pickle rebuild it from its parts (copy.copy shares them: never edited)
+        return FasaMask._from_parts, (*self._parts, self.max_value, self.binary)
 
     @property
     def n_rows(self) -> int:
-        return self.rows.shape[0]
+        return self._parts.rows.shape[0]
 
     @property
     def n_img(self) -> int:
-        return self.rows.shape[1]
+        return self._parts.rows.shape[1]
 
     @property
     def device(self) -> torch.device:
-        return self.rows.device
+        return self._parts.rows.device
 
     @property
     def shared(self) -> bool:
@@ -92,11 +126,11 @@ class FasaMask:
 
     def live_keys(self) -> torch.Tensor:
         """Fraction of live FD keys per row, float32 ``[R]`` on the mask's device (no host sync)."""
-        return self.fd_count.float() / self.n_img
+        return self._parts.fd_count.float() / self.n_img
 
     def fd_tiles(self, block_n: int) -> torch.Tensor:
         """Key tiles of width ``block_n`` the "bias"-mode FD loop visits per row: ``ceil(nnz / block_n)``."""
-        return (self.fd_count + block_n - 1) // block_n
+        return (self._parts.fd_count + block_n - 1) // block_n
 
     def __repr__(self) -> str:
         return f"FasaMask(rows={self.n_rows}, n_img={self.n_img}, device={self.device})"
@@ -200,3 +234,4 @@ def pack_checked_mask(mask: torch.Tensor, max_value: float | None = None, binary
     if binary is None:
         binary = mask.dtype == torch.bool
     return FasaMask._from_parts(rows, *pack_live_keys(rows), max_value, binary)
+

@@ -149,11 +149,12 @@ def _prepared_index(mask, n_txt: int):
     """``(index, keep)``: the long index into the FD keys (``n_txt`` included) of the slots to gather, ``[L]``
     for a shared mask or ``[B, 1, L, 1]`` for per-row masks, None when the slots are every FD image key in
     order; ``keep`` ``[B, 1, L, 1]``: False on padding slots (None: no padding). Padding as in :func:`_live_keys`."""
-    n_slots, padded = live_slots(mask.fd_count, mask.n_img)
-    index, keep = mask.fd_index[:, :n_slots], None
+    _, fd_index, _, fd_count = mask._parts  # the mask's own tensors (its public parts are copies)
+    n_slots, padded = live_slots(fd_count, mask.n_img)
+    index, keep = fd_index[:, :n_slots], None
     if padded:
-        slots = torch.arange(n_slots, device=index.device, dtype=mask.fd_count.dtype)
-        valid = slots[None, :] < mask.fd_count[:, None]
+        slots = torch.arange(n_slots, device=index.device, dtype=fd_count.dtype)
+        valid = slots[None, :] < fd_count[:, None]
         index = torch.where(valid, index, index[:, :1])  # the row's first listed key: a live one if it has any
         keep = valid[:, None, :, None]
     elif n_slots == mask.n_img:  # every row lists every key, ascending: the identity
@@ -165,11 +166,12 @@ def _prepared_index(mask, n_txt: int):
 def _prepared_bias(mask, n_p: int, omega: float, dtype) -> torch.Tensor:
     """The additive SDPA mask ``[R, 1, 1, Np + L]`` of :func:`gathered_kv`: 0 on PD keys, ``omega * m`` on live
     FD keys, ``PAD_LOGIT`` on padding slots."""
-    n_slots, padded = live_slots(mask.fd_count, mask.n_img)
-    column = omega * mask.fd_value[:, :n_slots].to(dtype)
+    _, _, fd_value, fd_count = mask._parts
+    n_slots, padded = live_slots(fd_count, mask.n_img)
+    column = omega * fd_value[:, :n_slots].to(dtype)
     if padded:
-        slots = torch.arange(n_slots, device=column.device, dtype=mask.fd_count.dtype)
-        column = torch.where(slots[None, :] < mask.fd_count[:, None], column, torch.full_like(column, PAD_LOGIT))
+        slots = torch.arange(n_slots, device=column.device, dtype=fd_count.dtype)
+        column = torch.where(slots[None, :] < fd_count[:, None], column, torch.full_like(column, PAD_LOGIT))
     bias = torch.cat([column.new_zeros(column.shape[0], n_p), column], dim=1)
     return bias[:, None, None, :]
 

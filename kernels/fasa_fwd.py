@@ -478,6 +478,7 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
                                 or not visited.is_contiguous()):
         raise ValueError(f"visited must be a contiguous int32 tensor of shape {(batch, heads, m_blocks)}")
     packed = mode == "bias" and mask is not None  # "scale" mode excludes no key: nothing to pack
+    mask = getattr(mask, "_parts", mask)  # a FasaMask's own tensors: its public ones are copies, made per read
     rows = q if mask is None else mask.rows  # an unread placeholder pointer when there is no mask
     row_stride = 0 if mask is None or mask.rows.shape[0] == 1 else mask.rows.stride(0)
     # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.

@@ -1,5 +1,6 @@
 """The prepared mask (FasaMask) and the kernel's packed FD loop: work proportional to the live keys, excluded
 keys never read, no state kept between calls."""
+import copy
 import gc
 
 import numpy as np
@@ -192,6 +193,51 @@ def test_raw_mask_edits_by_any_means_are_seen(how):
     second = fasa_attention(*inputs, mask, 1.5, backend="triton")
     assert_close_to_ref(second, inputs, mask.clone(), 1.5)
     assert (second - first).abs().max() > 1e-3
+
+
+# A write through each route, in range (key 0, a count of 0) and changing the answer of every mode that reads
+# the part ("scale" mode reads rows, "bias" mode the packed list). Only the in-place op bumps _version.
+_PART_EDITS = {"rows": 3.0, "fd_value": 3.0, "fd_index": 0, "fd_count": 0}
+_WRITE_ROUTES = {
+    "inplace": lambda t, v: t.fill_(v),
+    "data": lambda t, v: t.data.fill_(v),
+    "numpy": lambda t, v: t.numpy().fill(v),
+    "torch_dlpack": lambda t, v: torch.from_dlpack(t).fill_(v),
+    "numpy_dlpack": lambda t, v: np.from_dlpack(t).fill(v),
+}
+_EDIT_CALLS = [(mode, backend) for mode in ("bias", "scale") for backend in ("torch", "triton")]
+
+
+@pytest.fixture(scope="module")
+def edit_case():
+    """Inputs, a soft [B, Nimg] mask, and every call's answer with a freshly prepared mask (checked against
+    the float64 oracle once here)."""
+    inputs = make_inputs(2, 2, 30, 20, 40, 16, torch.float32, "cpu", seed=14)
+    raw = seeded_mask((2, 40), 0.4, 14, soft=True)
+    want = {}
+    for mode, backend in _EDIT_CALLS:
+        want[mode, backend] = fasa_attention(*inputs, prepare_fasa_mask(raw), 1.5, mode=mode, backend=backend)
+        assert_close_to_ref(want[mode, backend], inputs, raw, 1.5, mode=mode)
+    return inputs, raw, want
+
+
+@pytest.mark.parametrize("route", list(_WRITE_ROUTES))
+@pytest.mark.parametrize("part", list(_PART_EDITS))
+def test_prepared_mask_part_edits_by_any_means_change_nothing(part, route, edit_case):
+    # A prepared mask is immutable whatever is done to the tensors it hands out: were they its own, the torch
+    # backend would keep the bias and gather index it cached on the first call while the Triton kernel and
+    # copy.copy(m) read the edit, so the answer would depend on call history (issue 25). Every call, before
+    # and after the write, on the mask and on a copy, equals the same call with a freshly prepared mask.
+    inputs, raw, want = edit_case
+    m = prepare_fasa_mask(raw)
+    for mode, backend in _EDIT_CALLS:  # the torch backend caches what it derives from the mask
+        assert torch.equal(fasa_attention(*inputs, m, 1.5, mode=mode, backend=backend), want[mode, backend])
+    _WRITE_ROUTES[route](getattr(m, part), _PART_EDITS[part])
+    for twin in (m, copy.copy(m)):
+        for mode, backend in _EDIT_CALLS:
+            out = fasa_attention(*inputs, twin, 1.5, mode=mode, backend=backend)
+            assert torch.equal(out, want[mode, backend]), f"{mode}/{backend} saw a write to {part} via {route}"
+    assert torch.equal(getattr(m, part), getattr(prepare_fasa_mask(raw), part))  # and it reads as prepared
 
 
 def _live_tensors() -> int:
