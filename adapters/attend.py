@@ -12,8 +12,19 @@ from __future__ import annotations
 import torch
 
 from freecure_ops import fasa_attention
+from freecure_ops.fasa_mask import FasaMask, fold_omega
 
 from .controller import FasaController
+
+
+def omega_and_mask(ctl: FasaController, mask: FasaMask) -> tuple[float, FasaMask]:
+    """``(omega, mask)`` for ``fasa_attention``: the controller's float in eager calls; in a compiled forward
+    without autograd, omega as data the graph reads (``ctl.omega_data`` folded into the mask, omega 1), so an
+    omega sweep reuses one graph instead of recompiling per value. With autograd the float stays (the fold is
+    forward-only; a new omega then recompiles)."""
+    if torch.compiler.is_compiling() and not torch.is_grad_enabled():
+        return 1.0, fold_omega(mask, ctl.omega_data.to(mask.device))
+    return ctl.omega, mask
 
 
 def overwrite_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -30,7 +41,8 @@ def overwrite_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: 
         if sf == 1.0:  # unconditional PD rows keep plain self-attention
             continue
         pd, fd = slice(start, start + n), slice(start + n, start + 2 * n)
-        res = fasa_attention(q[pd], k[pd], k[fd], v[pd], v[fd], mask, ctl.omega, scale=scale, mode=ctl.mode,
+        omega, omega_mask = omega_and_mask(ctl, mask)
+        res = fasa_attention(q[pd], k[pd], k[fd], v[pd], v[fd], omega_mask, omega, scale=scale, mode=ctl.mode,
                              n_txt=n_txt, backend=ctl.backend)
         if sf > 0.0:
             res = (1.0 - sf) * res + sf * out[pd]
@@ -81,11 +93,14 @@ def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: tor
         if sf == 1.0:
             parts.append(stock(rows))
             continue
-        if torch.compiler.is_compiling():  # put in place by the compiled wrapper's eager hook (FdRecord.stage)
+        if torch.compiler.is_compiling() or rec.is_staged:
+            # put in place by the compiled wrapper's eager hook (FdRecord.stage); also read by the model's frame
+            # when dynamo runs it eagerly (past its recompile limit), so each call is counted once
             k_f, v_f, mask = rec.staged(layer, uncond)
         else:
             k_f, v_f, mask = rec.get(layer, ctl.step, uncond, n_txt, q.device, grid)
-        res = fasa_attention(q[rows], k[rows], k_f, v[rows], v_f, mask, ctl.omega, scale=scale, mode=ctl.mode,
+        omega, mask = omega_and_mask(ctl, mask)
+        res = fasa_attention(q[rows], k[rows], k_f, v[rows], v_f, mask, omega, scale=scale, mode=ctl.mode,
                              n_txt=n_txt, backend=ctl.backend)
         if sf > 0.0:
             res = (1.0 - sf) * res + sf * stock(rows)

@@ -17,6 +17,11 @@ from .discovery import compiled_wrapper
 from .steps import SchedulerStepCounter
 
 
+# Prepared masks kept per installation, one per token grid and device, least recently used dropped first: every
+# grid of two image sizes of a 4-level UNet (a handle serving many sizes keeps no more than this).
+MASK_GRIDS_KEPT = 8
+
+
 class FasaController:
     """``layout``: "cfg" / "plain", or "auto" with ``cfg_of_call`` (a callable returning whether the pipeline
     batches classifier-free guidance in the running call). ``scheduler_of``: a callable giving the scheduler
@@ -33,6 +38,8 @@ class FasaController:
                  backend: str, cfg_of_call=None, scheduler_of=None, grid=None, owner=None, mask_max=None):
         self._owner = owner                 # weakref to the pipeline FASA was installed on (None: a bare model)
         self.omega = omega
+        # omega as data for compiled forwards (see attend.omega_and_mask); fixed for this installation
+        self.omega_data = torch.tensor(omega, dtype=torch.float32, device=mask.device)
         self._steps = steps                 # frozenset of step indices, or None for every step
         self.style_fidelity = style_fidelity
         self.layout = layout                # "cfg", "plain" or "auto" (asked from the pipeline per forward)
@@ -103,9 +110,9 @@ class FasaController:
     def mask_for(self, h: int, w: int, device: torch.device, n_pairs: int, layer: str) -> FasaMask:
         """The mask on an ``h x w`` token grid, prepared for FASA (1 shared row or ``n_pairs`` rows) on ``device``.
         Eager forwards resize, move and prepare it once per (grid, device) and reuse it for every layer and
-        step. No host sync: the values were checked when the mask was set. A forward that ``torch.compile``
-        traces prepares it inside the graph (a few cheap ops per layer) and leaves the cache alone, so that the
-        compiled code guards on no cache state."""
+        step (the :data:`MASK_GRIDS_KEPT` most recently used are kept). No host sync: the values were checked
+        when the mask was set. A forward that ``torch.compile`` traces prepares it inside the graph (a few cheap
+        ops per layer) and leaves the cache alone, so that the compiled code guards on no cache state."""
         pairs = self.mask_pairs
         if pairs is not None and pairs != n_pairs:
             raise ValueError(f"mask holds {pairs} per-pair masks but the batch at {layer} has {n_pairs} PD/FD pairs "
@@ -113,9 +120,12 @@ class FasaController:
         if torch.compiler.is_compiling():
             return self._prepare(h, w, device)
         key = (h, w, device)
-        cached = self._cache.get(key)
+        cached = self._cache.pop(key, None)
         if cached is None:
-            cached = self._cache[key] = self._prepare(h, w, device)
+            cached = self._prepare(h, w, device)
+            if len(self._cache) >= MASK_GRIDS_KEPT:
+                del self._cache[next(iter(self._cache))]  # the least recently used grid
+        self._cache[key] = cached  # (re)inserted last: the dict's order is the recency order
         return cached
 
     def _prepare(self, h: int, w: int, device: torch.device) -> FasaMask:

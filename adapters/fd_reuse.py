@@ -72,7 +72,8 @@ class FdRecord:
         self._copy_stream = None
         self.latent_hw = None        # the grid the model was called with in pass 1 (UNet latent / FLUX tokens)
         self._stash: dict = {}       # (layer, uncond) -> (k, v, grid) of the compiled forward in flight (pass 1)
-        self._staged: dict = {}      # (layer, uncond) -> (k, v, mask) of the compiled forward to come (pass 2)
+        self._staged: dict | None = None  # (layer, uncond) -> (k, v, mask) of the compiled forward in flight
+                                          # (pass 2), None between forwards
 
     # ---- pass 1 ----------------------------------------------------------------------------------------
     def _store(self, t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,7 @@ class FdRecord:
         pass 1 recorded: the same timesteps under another sampler, or another config of it, are another
         trajectory) and counts its model calls afresh, so one record serves any number of pass-2 runs."""
         self._check_live()
+        self.unstage()  # a compiled forward that raised left its entries staged: never read by a new loop
         timesteps = torch.as_tensor(scheduler.timesteps).detach().to("cpu", torch.float64)
         kind = scheduler_identity(scheduler)
         if not replay:
@@ -245,22 +247,34 @@ class FdRecord:
         """Before a compiled forward of pass 2 (eager): put the entries this forward's FASA layers read in place
         for :meth:`staged`, after the checks the eager path makes at each layer (batch, grid, what was recorded).
         With ``style_fidelity`` 1 the unconditional rows keep plain attention and read nothing."""
-        self._staged = {}
+        self._staged = None
         if self.latent_hw is not None and latent_hw is not None and tuple(latent_hw) != self.latent_hw:
             (h, w), (rh, rw) = latent_hw, self.latent_hw
             raise ValueError(f"FD reuse: pass 2 runs the model on a {h}x{w} grid but the foundation pass ran "
                              f"{rh}x{rw}: give both the same height and width")
         layers = list(self.heads)
         plan = self.replay_plan(batch, layers[0] if layers else "the model", layout)
+        staged = {}
         for layer in layers:
             for _, _, uncond in plan:
                 if uncond and style_fidelity == 1.0:
                     continue
-                self._staged[(layer, uncond)] = self.get(layer, step, uncond, n_txt, device)
+                staged[(layer, uncond)] = self.get(layer, step, uncond, n_txt, device)
+        self._staged = staged
+
+    @property
+    def is_staged(self) -> bool:
+        """Whether a compiled forward's entries are in place (between :meth:`stage` and :meth:`unstage`)."""
+        return self._staged is not None
 
     def staged(self, layer: str, uncond: bool) -> tuple[torch.Tensor, torch.Tensor, FasaMask]:
         """In a compiled forward of pass 2: ``(k_f, v_f, mask)`` that :meth:`stage` put in place for this layer."""
         return self._staged[(layer, uncond)]
+
+    def unstage(self) -> None:
+        """After a compiled forward of pass 2 (eager): drop what :meth:`stage` put in place (FLUX's padded and
+        host placement's device copies would otherwise stay alive until the next forward or release())."""
+        self._staged = None
 
     def _start_copy(self, key, device) -> None:
         """Copy one pinned entry to ``device`` on a side stream (overlapping the attention in flight)."""
@@ -300,7 +314,7 @@ class FdRecord:
         self._order = {}
         self._last = None
         self._stash = {}
-        self._staged = {}
+        self._staged = None
 
     def __len__(self) -> int:
         return len(self.entries)

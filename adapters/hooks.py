@@ -55,10 +55,12 @@ def eager_pre_hook(ctl, family: str):
 
 def eager_post_hook(ctl, family: str):
     """For the ``OptimizedModule`` of a compiled model: runs eagerly after each compiled forward. In pass 1 of
-    FD reuse it files the keys/values the layers stashed under the step."""
+    FD reuse it files the keys/values the layers stashed under the step; in pass 2 it drops what was staged."""
     def hook(module, args, kwargs, output):
         if ctl.fd_role == "record":
             ctl.fd_record.flush(ctl.step, _call_grid(ctl, family, args, kwargs)[0])
+        elif ctl.fd_role == "replay":
+            ctl.fd_record.unstage()
     return hook
 
 

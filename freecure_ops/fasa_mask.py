@@ -235,3 +235,14 @@ def pack_checked_mask(mask: torch.Tensor, max_value: float | None = None, binary
         binary = mask.dtype == torch.bool
     return FasaMask._from_parts(rows, *pack_live_keys(rows), max_value, binary)
 
+
+def fold_omega(mask: FasaMask, omega: torch.Tensor) -> FasaMask:
+    """``mask`` with every value times ``omega`` (a 0-d float32 tensor on the mask's device); passed to
+    ``fasa_attention`` with ``omega=1`` it computes what ``omega`` would ("bias": ``s + omega * m`` on the live
+    keys, "scale": ``omega * m * s``). The packed key list is kept as it is, so which keys are live stays the
+    mask's own (also for ``omega <= 0``). What it is for: a compiled caller passes omega as data the graph
+    reads, not as a Python constant dynamo guards on (a new omega would recompile). Forward only: the
+    backward reads liveness from ``rows > 0``, which a non-positive omega would change. ``omega`` is not read
+    on the host (no sync): the caller has checked ``omega * max(mask)``."""
+    rows, fd_index, fd_value, fd_count = mask._parts
+    return FasaMask._from_parts(rows * omega, fd_index, fd_value * omega, fd_count, None, mask.binary)

@@ -235,3 +235,103 @@ def test_compiling_after_a_foundation_is_applied_is_refused_when_the_loop_starts
         compile_denoiser(pipe)
         with pytest.raises(ValueError, match="compiled after FASA was installed"):
             pipe(PD, latents=found.latents, output_type="latent", **COMMON)
+
+
+# ---- omega sweeps and eager fallbacks (issue 25, items 3 and 6) --------------------------------------------------
+
+OMEGAS = [2.0, 0.0, 0.25, 0.5, 1.0, 1.5, 3.0, -1.0, 4.0, 8.0]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_compiled_omega_sweep_compiles_two_graphs_and_matches_eager(family):
+    """One foundation, pass 2 at 10 omegas on one compiled pipeline: omega is data the graph reads (c56a596
+    guarded on it as a constant: one graph per omega, then FailOnRecompileLimitHit). 2 graphs in all (pass 1
+    recording, pass 2 replaying), every image equal to eager."""
+    pipe = BUILDERS[family]()
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)
+    found = fc.foundation(FD, seed=0, **COMMON)
+    eager = [found.run(pipe, prompt=PD, omega=w, output_type="pt").images for w in OMEGAS]
+    assert (eager[0] - eager[1]).abs().max() > 1e-3                  # omega matters
+    compile_denoiser(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled_found = fc.foundation(FD, seed=0, **COMMON)
+    outs = [compiled_found.run(pipe, prompt=PD, omega=w, output_type="pt").images for w in OMEGAS]
+    assert graphs() == 2
+    for w, out, ref in zip(OMEGAS, outs, eager):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6, msg=f"omega={w}")
+
+
+def test_a_compiled_install_fasa_sweeps_omega_without_recompiling():
+    """The recomputing path (install_fasa on the pipeline, PD and FD rows in one batch): a new handle per
+    omega, one graph for FASA on."""
+    pipe = BUILDERS["sd1"]()
+    mask = random_mask((IMAGE, IMAGE))
+    call = dict(prompt=["a photo of person", "a photo of man"], num_inference_steps=2, guidance_scale=5.0,
+                height=IMAGE, width=IMAGE, output_type="pt")
+    eager = {}
+    for w in OMEGAS[:4]:
+        with install_fasa(pipe, mask, layers="all", omega=w):
+            eager[w] = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+    compile_denoiser(pipe)
+    torch._dynamo.reset()
+    counters.clear()
+    for w in OMEGAS[:4]:
+        with install_fasa(pipe, mask, layers="all", omega=w):
+            out = pipe(**call, generator=torch.Generator().manual_seed(0)).images
+        torch.testing.assert_close(out, eager[w], rtol=0, atol=1e-6)
+    assert graphs() == 1
+
+
+@pytest.fixture
+def recompile_limit_1():
+    old = torch._dynamo.config.recompile_limit
+    torch._dynamo.config.recompile_limit = 1
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.config.recompile_limit = old
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_an_eager_fallback_past_the_recompile_limit_gives_the_eager_images(family, recompile_limit_1):
+    """Past the recompile limit (no fullgraph) dynamo runs the model's frame eagerly inside the compiled
+    wrapper, whose eager hooks still run: the record's bookkeeping must count each call once (c56a596 counted
+    it twice and failed with "pass 2 calls the model 2 times ... FLUX true CFG"). Pass 2 here is the
+    recompile past the limit of 1; so is a second image size."""
+    pipe = BUILDERS[family]()
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)
+    sizes = [dict(COMMON), dict(COMMON, height=2 * IMAGE, width=2 * IMAGE)]
+    eager = [fc.foundation(FD, seed=0, **kw).run(pipe, prompt=PD, omega=w, output_type="pt").images
+             for kw in sizes for w in (1.0, 3.0)]
+    attr = "transformer" if family == "flux" else "unet"
+    setattr(pipe, attr, torch.compile(getattr(pipe, attr), backend="aot_eager"))
+    outs = [fc.foundation(FD, seed=0, **kw).run(pipe, prompt=PD, omega=w, output_type="pt").images
+            for kw in sizes for w in (1.0, 3.0)]
+    for out, ref in zip(outs, eager):
+        torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+def test_the_staged_keys_values_are_dropped_when_a_compiled_forward_ends(monkeypatch):
+    """FLUX pass 2 stages padded copies of the recorded keys/values for each compiled forward: none of them
+    outlives its forward (c56a596 kept the last step's until release())."""
+    import gc
+    import weakref
+
+    from freecure_ops.adapters import fd_reuse
+
+    staged = []
+    orig = fd_reuse.FdRecord.stage
+
+    def stage(self, *args, **kwargs):
+        orig(self, *args, **kwargs)
+        staged.extend(weakref.ref(t) for k, v, _ in self._staged.values() for t in (k, v))
+    monkeypatch.setattr(fd_reuse.FdRecord, "stage", stage)
+    pipe = BUILDERS["flux"]()
+    compile_denoiser(pipe)
+    torch._dynamo.reset()
+    found = FreeCure(pipe, FakeParser(), layers="all", omega=2.0).foundation(FD, seed=0, **COMMON)
+    found.run(pipe, prompt=PD, output_type="pt")
+    gc.collect()
+    assert staged and all(ref() is None for ref in staged)
+    assert len(found.record) > 0                                     # the record itself is kept
