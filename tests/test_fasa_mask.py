@@ -265,3 +265,23 @@ def test_prepared_masks_copy_and_pickle():
     for twin in (copy.copy(m), copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         assert isinstance(twin, FasaMask) and twin.max_value == 2.0
         assert all(torch.equal(getattr(twin, k), getattr(m, k)) for k in ("rows", "fd_index", "fd_value", "fd_count"))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+@pytest.mark.parametrize("omega", [1.7, 0.0, -0.8])
+def test_fold_omega_computes_what_omega_would(backend, mode, omega):
+    """fold_omega(mask, omega) with omega=1 (how a compiled adapter passes omega as data) against the float64
+    oracle at that omega: per-row soft masks with excluded keys, odd sizes, omega 0 and negative included
+    (which keys are live stays the mask's own)."""
+    from freecure_ops.fasa_mask import fold_omega
+    from freecure_ops.kernels import interpreting
+
+    if backend == "triton" and not interpreting():
+        pytest.skip("the Triton backend on CPU tensors needs TRITON_INTERPRET=1 (set by conftest for the suite)")
+    inputs = make_inputs(2, 3, 19, 23, 29, 16, torch.float32, "cpu", seed=5)
+    g = torch.Generator().manual_seed(6)
+    raw = torch.rand(2, 29, generator=g) * (torch.rand(2, 29, generator=g) < 0.6)
+    folded = fold_omega(prepare_fasa_mask(raw), torch.tensor(omega))
+    out = fasa_attention(*inputs, folded, 1.0, mode=mode, backend=backend)
+    assert_close_to_ref(out, inputs, raw, omega, mode=mode)
