@@ -56,7 +56,7 @@ def half_plan(ctl: FasaController, batch: int) -> list[tuple[int, int, bool]]:
     if ctl.row_layout("pass 1") == "cfg":
         n = batch // 2
         return [(0, n, True), (n, n, False)]
-    return [(0, batch, False)]
+    return [(0, batch, ctl.call_uncond)]
 
 
 def record_fd_rows(ctl: FasaController, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], n_txt: int,
@@ -87,7 +87,7 @@ def replay_pd_rows(ctl: FasaController, q: torch.Tensor, k: torch.Tensor, v: tor
     ``[B, H, N, D]``."""
     rec = ctl.fd_record
     parts = []
-    for start, n, uncond in rec.replay_plan(q.shape[0], layer, ctl.row_layout(layer)):
+    for start, n, uncond in rec.replay_plan(q.shape[0], layer, ctl.row_layout(layer), ctl.call_uncond):
         rows = slice(start, start + n)
         sf = ctl.style_fidelity if uncond else 0.0
         if sf == 1.0:

@@ -58,6 +58,8 @@ class FasaController:
         self.n_txt = None
         self.grid_error = None
         self.layout_error = None            # why the running call's layout is unknown (see _decide)
+        self.manual_step = None             # the step the caller's own loop said (at_step), None: not told
+        self.call_uncond = False            # layout "plain": the calls hold unconditional rows (at_step)
         self.fd_record = None               # FD reuse (:mod:`.fd_reuse`): the record of this FreeCure call
         self.fd_role = None                 # None, "record" (pass 1, FD rows only) or "replay" (pass 2, PD rows)
         self.compiled_wrapper = None        # weakref to the OptimizedModule carrying our eager hooks, if any
@@ -137,6 +139,8 @@ class FasaController:
     def reset(self) -> None:
         """Forget the step counter; the next forward is step 0 of a new generation."""
         self.step = -1
+        self.manual_step = None
+        self.call_uncond = False
         self.counter.restart()
         self.latent_hw = None
         self.n_txt = None
@@ -147,12 +151,36 @@ class FasaController:
         """Stop counting (after remove): the scheduler gets its own methods back."""
         self.counter.detach()
 
+    def at_step(self, step: int, uncond: bool) -> None:
+        """A denoising loop FASA does not see (no diffusers scheduler: k-diffusion samplers, ComfyUI, research
+        code) says which iteration its next model calls belong to, and, with layout "plain", whether they hold
+        unconditional rows (CFG as separate calls). A step below the last one told starts a new loop (FD reuse
+        then counts its calls afresh); the same step again keeps counting (a second-order sampler's second
+        call, or the other guidance half)."""
+        if self.layout == "cfg" and uncond:
+            raise ValueError("at_step(uncond=True) is for layout='plain' (one guidance half per call); with "
+                             "layout='cfg' each call holds both halves, [uncond..., cond...]")
+        if self.manual_step is None or step < self.manual_step:
+            if self.fd_record is not None and self.fd_role is not None:
+                self.fd_record.begin_loop(replay=self.fd_role == "replay")
+        self.manual_step, self.call_uncond = step, uncond
+        self._decide(step, strict=False)
+
     def _next_step(self) -> int:
         """The step index the next forward gets as far as the counter knows (-1: no scheduler)."""
+        if self.manual_step is not None:
+            return self.manual_step
         return self.counter.count if self.counter.scheduler is not None else -1
 
     def _current_step(self) -> int:
+        if self.manual_step is not None:
+            return self.manual_step
         if self._scheduler_of is None:
+            if self._steps is not None:
+                raise ValueError(f"steps={sorted(self._steps)} needs the denoising loop's step index, and nothing "
+                                 "told it: call handle.at_step(i) before each iteration's model calls (a loop "
+                                 "without a diffusers scheduler), or pass the pipeline or scheduler= to "
+                                 "install_fasa")
             return -1
         sched = self._scheduler_of()
         if sched is None:  # the pipeline is gone (a bare model now): no step index
@@ -258,7 +286,9 @@ class FasaController:
         caller, local = calling_pipeline()
         if owner is not None and caller is owner:
             per_prompt = local.get("num_images_per_prompt")
-            if isinstance(per_prompt, int) and per_prompt > 1 and self._acts_from(self.step):
+            # a replay's rows are all PD: row i of the call is image i of the foundation, whatever repeats them
+            if isinstance(per_prompt, int) and per_prompt > 1 and self.fd_role != "replay" and \
+                    self._acts_from(self.step):
                 # [p1, p1, p2, p2]: not [PD..., FD...] rows
                 raise ValueError(f"num_images_per_prompt={per_prompt}: the pipeline repeats each prompt, so its rows "
                                  "are not [PD_1..PD_n, FD_1..FD_n]; pass the prompts as a list (one PD and one FD "
@@ -324,7 +354,7 @@ class FasaController:
             raise ValueError(f"layout='plain'{why} needs the batch to be [PD_1..PD_n, FD_1..FD_n] (an even batch), "
                              f"got batch {batch} at {layer}: pass the prompts as [PD_1..PD_n, FD_1..FD_n] "
                              "(e.g. [pd_prompt, fd_prompt])")
-        return [(0, batch // 2, False)]
+        return [(0, batch // 2, self.call_uncond)]
 
 
 def calling_pipeline():

@@ -124,6 +124,14 @@ class FdRecord:
                              f"{timesteps[i].item():g} vs {self.timesteps[i].item():g}): give both the same "
                              "num_inference_steps, timesteps or sigmas")
 
+    def begin_loop(self, replay: bool) -> None:
+        """A denoising loop FASA does not see starts (``handle.at_step`` went back): pass 2 counts its model calls
+        afresh. No schedule to keep or check: the caller's loop owns it."""
+        self._check_live()
+        self.unstage()
+        if replay:
+            self._calls = {}
+
     def _check_live(self) -> None:
         if self.released:
             raise ValueError("FD reuse: this foundation was released (Foundation.release()) while it was applied to a "
@@ -195,14 +203,17 @@ class FdRecord:
         return out.pin_memory() if self._pin else out
 
     # ---- pass 2 -----------------------------------------------------------------------------------------
-    def replay_plan(self, batch: int, layer: str, layout: str) -> list[tuple[int, int, bool]]:
+    def replay_plan(self, batch: int, layer: str, layout: str, uncond: bool = False) -> list[tuple[int, int, bool]]:
         """``(start, n, is_uncond)`` per guidance half of a pass-2 batch of PD rows laid out as ``layout``
-        ("plain": the record's n images; "cfg": ``[uncond_1..n, cond_1..n]``)."""
+        ("plain": the record's n images, unconditional ones when ``uncond``; "cfg": ``[uncond_1..n,
+        cond_1..n]``)."""
         n = self.rows
+        if n is None:
+            raise ValueError(f"FD reuse at {layer}: the foundation pass recorded nothing (no FASA layer ran in it)")
         if layout == "cfg" and batch == 2 * n:
             return [(0, n, True), (n, n, False)]
         if layout == "plain" and batch == n:
-            return [(0, n, False)]
+            return [(0, n, uncond)]
         how = ("batches classifier-free guidance in this call: 2 rows per image" if layout == "cfg" else
                "runs without classifier-free guidance in this call: 1 row per image")
         images = batch / 2 if layout == "cfg" else batch
@@ -243,7 +254,8 @@ class FdRecord:
             k, v = torch.cat([pad, k], dim=2), torch.cat([pad, v], dim=2)
         return k, v, self.masks[grid]
 
-    def stage(self, step: int, batch: int, layout: str, latent_hw, n_txt: int, device, style_fidelity: float) -> None:
+    def stage(self, step: int, batch: int, layout: str, uncond: bool, latent_hw, n_txt: int, device,
+              style_fidelity: float) -> None:
         """Before a compiled forward of pass 2 (eager): put the entries this forward's FASA layers read in place
         for :meth:`staged`, after the checks the eager path makes at each layer (batch, grid, what was recorded).
         With ``style_fidelity`` 1 the unconditional rows keep plain attention and read nothing."""
@@ -253,7 +265,7 @@ class FdRecord:
             raise ValueError(f"FD reuse: pass 2 runs the model on a {h}x{w} grid but the foundation pass ran "
                              f"{rh}x{rw}: give both the same height and width")
         layers = list(self.heads)
-        plan = self.replay_plan(batch, layers[0] if layers else "the model", layout)
+        plan = self.replay_plan(batch, layers[0] if layers else "the model", layout, uncond)
         staged = {}
         for layer in layers:
             for _, _, uncond in plan:

@@ -48,8 +48,8 @@ def eager_pre_hook(ctl, family: str):
             return
         x = _arg(args, kwargs, 0, "hidden_states" if family == "flux" else "sample")
         grid, n_txt = _call_grid(ctl, family, args, kwargs)
-        ctl.fd_record.stage(ctl.step, int(x.shape[0]), ctl.row_layout("the model"), grid, n_txt, x.device,
-                            ctl.style_fidelity)
+        ctl.fd_record.stage(ctl.step, int(x.shape[0]), ctl.row_layout("the model"), ctl.call_uncond, grid, n_txt,
+                            x.device, ctl.style_fidelity)
     return hook
 
 

@@ -194,6 +194,17 @@ class FasaHandle:
         """Restart the step counter (the next forward is step 0)."""
         self.controller.reset()
 
+    def at_step(self, step, *, uncond: bool = False) -> None:
+        """For a denoising loop of your own (no diffusers scheduler: k-diffusion samplers, ComfyUI, research
+        code): the model calls from now on belong to loop iteration ``step`` (0, 1, ...; what ``steps=``
+        selects). Call it once per iteration, before its model calls; a second-order sampler's second call
+        stays in the iteration. A step below the previous one starts a new loop. ``uncond=True`` (layout
+        "plain"): the calls hold the unconditional rows of CFG run as separate calls, which ``style_fidelity``
+        then blends as it does the unconditional half of a CFG batch; ``uncond=False`` the conditional ones."""
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step must be an int >= 0, got {step!r}")
+        self.controller.at_step(step, check_bool("uncond", uncond))
+
     def remove(self) -> None:
         """Put back the processors that were there before install (the same objects; where diffusers set a stock
         processor since, that one). Idempotent."""
@@ -256,7 +267,8 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
     accordingly; a bare UNet (or an object without ``do_classifier_free_guidance``) must be told.
     ``mode``/``backend``: passed to :func:`freecure_ops.fasa_attention`. ``force``: replace unknown custom
     self-attention processors too. ``scheduler``: the scheduler whose loop counts the steps; default: the
-    pipeline's (read at every forward); needed for ``steps=`` on a bare model. ``grid``: FLUX only, the
+    pipeline's (read at every forward); for ``steps=`` on a bare model pass it, or call ``handle.at_step(i)``
+    from a loop without a diffusers scheduler. ``grid``: FLUX only, the
     ``(h, w)`` image-token grid (latent size / 2) for a bare transformer; a FLUX pipeline tells it by itself,
     and without either it is read from ``img_ids`` (a host sync per forward; refused under ``torch.compile``).
     Presets: see :mod:`.presets`.
@@ -298,10 +310,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
                              "guidance half of the batch is [PD_1..PD_n, FD_1..FD_n]) or layout='plain' (the whole "
                              "batch is, no CFG batch)")
         layout = "auto"
-    scheduler_of = _scheduler_reader(model, scheduler)
-    if steps is not None and scheduler_of is None:
-        raise ValueError("steps= needs the denoising loop's step index: pass the pipeline (its scheduler counts the "
-                         "steps) or scheduler= (the scheduler whose step() your loop calls)")
+    scheduler_of = _scheduler_reader(model, scheduler)  # None: a loop of your own tells steps by handle.at_step
 
     if getattr(denoiser, _MARK, None) is not None or any(isinstance(b.attn.processor, fasa_processor_types())
                                                          for b in blocks):

@@ -336,3 +336,25 @@ def test_foundation_input_errors():
         fc.foundation("a photo of a man", seed=0, **COMMON)
     with pytest.raises(ValueError, match="FD reuse is off"):
         FreeCure(pipe, FakeParser(), layers="all", fd_reuse="off").foundation(FD, seed=0, **COMMON)
+
+
+def test_num_images_per_prompt_replays_row_by_row():
+    """PhotoMaker takes one prompt string and batches images with num_images_per_prompt: in a replay every row
+    is PD and row i is image i of the foundation, so it is accepted (equal to the prompt list) where the count
+    matches, refused with the batch reason where it does not; the recomputing path still refuses it."""
+    pipe = tiny_sdxl_pipe()
+    fc = FreeCure(pipe, FakeParser(), layers="all", omega=2.0)
+    found = fc.foundation([FD, FD], generator=torch.Generator().manual_seed(4), **COMMON)
+    listed = found.run(pipe, prompt=[PD, PD], output_type="pt").images
+    repeated = found.run(pipe, prompt=PD, num_images_per_prompt=2, output_type="pt").images
+    torch.testing.assert_close(repeated, listed, rtol=0, atol=1e-6)
+    plain = pipe(PD, num_images_per_prompt=2, latents=found.latents, generator=found.generators(),
+                 output_type="pt", **COMMON).images
+    assert max_diff(repeated, plain) > EFFECT
+    with found.apply(pipe), pytest.raises(ValueError, match="batch holds 6 rows"):
+        pipe(PD, num_images_per_prompt=3, latents=torch.cat([found.latents, found.latents[:1]]),
+             output_type="latent", **COMMON)
+    from freecure_ops.adapters import install_fasa
+
+    with install_fasa(pipe, torch.ones(8, 8), layers="all"), pytest.raises(ValueError, match="per_prompt=2"):
+        pipe([PD, FD], num_images_per_prompt=2, output_type="latent", **COMMON)

@@ -193,6 +193,24 @@ def infiniteyou_stand_in(flux):
 
 # ----------------------------------------------------------------------------------------------------------
 
+def own_loop_stand_ins() -> dict:
+    """The names the "Loops of your own" block takes from its reader: a bare tiny UNet, a sigma schedule and
+    its sigma -> timestep map, text embeddings, a mask and an Euler step with CFG over ``[uncond, cond]``."""
+    from test_adapters_helpers import tiny_sd15
+
+    g = torch.Generator().manual_seed(2)
+    sigmas = torch.tensor([14.6, 3.0, 0.6, 0.0])
+
+    def my_sampler_step(x, out, i):
+        u, c = out.chunk(2)
+        return x + (u + 3.0 * (c - u)) * (sigmas[i + 1] - sigmas[i])
+
+    return {"unet": tiny_sd15(seed=7), "sigmas": sigmas, "sigma_to_t": lambda s: (s * 60).clamp(max=999),
+            "x_t": torch.randn(1, 4, 8, 6, generator=g) * 14.6, "uncond": torch.randn(1, 7, 32, generator=g),
+            "fd_cond": torch.randn(1, 7, 32, generator=g), "pd_cond": torch.randn(1, 7, 32, generator=g),
+            "mask": torch.rand(16, 12, generator=g) > 0.5, "my_sampler_step": my_sampler_step}
+
+
 def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
     from PIL import Image
@@ -230,6 +248,7 @@ def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
           "face_kps": Image.new("RGB", (16, 16), (200, 120, 40)),
           "infu": infiniteyou_stand_in(flux_shaped_pipe()), "id_embed": torch.randn(1, 8, 16, generator=g),
           "control_image": Image.new("RGB", (16, 16))}
+    ns.update(own_loop_stand_ins())
     ran = 0
     for i, block in enumerate(blocks):
         if any(first_line in block for first_line in NOT_RUN):
@@ -247,3 +266,4 @@ def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
     assert Path("freecure.png").is_file()
     assert ns["found"].n_images == 1 and float(ns["found"].mask.min()) == 1.0   # the hair-everywhere parser
     assert ns["image"].size == (16, 16)
+    assert ns["own"].num_inference_steps == 3 and torch.isfinite(ns["x"]).all()   # the loop-of-your-own block

@@ -167,12 +167,19 @@ def test_scheduler_swapped_after_install_is_followed(pipes):
     assert "step" not in vars(original)
 
 
-def test_bare_model_steps_need_a_scheduler():
-    from test_adapters_helpers import tiny_sd15
+def test_bare_model_steps_need_a_scheduler_or_at_step():
+    """A bare model has no loop to count: steps= then needs scheduler= or the loop's own handle.at_step(i)
+    (tests/test_own_loops.py); a forward told neither is refused, not run with FASA silently off."""
+    from test_adapters_helpers import tiny_sd15, unet_inputs
 
     unet = tiny_sd15()
-    with pytest.raises(ValueError, match="^steps= needs"):
-        install_fasa(unet, torch.ones(8, 8), layers=[0], layout="cfg", steps=[1])
+    with install_fasa(unet, torch.ones(8, 8), layers=[0], layout="cfg", steps=[1]) as handle:
+        with torch.no_grad(), pytest.raises(ValueError, match=r"^steps=\[1\] needs .*handle.at_step\(i\)"):
+            unet(**unet_inputs(unet, 4, 8, 6))
+        handle.at_step(1)
+        with torch.no_grad():
+            unet(**unet_inputs(unet, 4, 8, 6))
+        assert handle.step == 1 and handle.controller.active
     with pytest.raises(TypeError, match="^scheduler"):
         install_fasa(unet, torch.ones(8, 8), layers=[0], layout="cfg", steps=[1], scheduler=object())
 

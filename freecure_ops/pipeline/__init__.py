@@ -4,7 +4,8 @@ each importing only from below: ``kernels`` -> the op (``freecure_ops`` api, val
 masks, hub) -> ``adapters`` -> this package -> the grid tools (``manifest``, ``grid``, ``batch``, ``evaluate``)
 and the CLI."""
 from .apg import apply_apg
-from .foundation import Foundation
+from .foundation import Foundation, FoundationRecorder, record_foundation
 from .freecure import EmptyMaskError, FreeCure, FreeCureOutput, FreeCureWarning, collate_branches
 
-__all__ = ["FreeCure", "Foundation", "FreeCureOutput", "FreeCureWarning", "EmptyMaskError", "collate_branches", "apply_apg"]
+__all__ = ["FreeCure", "Foundation", "FoundationRecorder", "record_foundation", "FreeCureOutput", "FreeCureWarning",
+           "EmptyMaskError", "collate_branches", "apply_apg"]

@@ -25,10 +25,11 @@ import torch
 from freecure_ops.adapters.discovery import find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FdRecord
 from freecure_ops.adapters.install import FasaHandle, install_fasa
-from freecure_ops.adapters.options import LAYOUTS, check_choice, check_omega_times_mask, check_real
+from freecure_ops.adapters.options import (LAYOUTS, check_choice, check_mask, check_omega_times_mask, check_real,
+                                           check_steps)
 from freecure_ops.adapters.presets import PRESETS
 
-__all__ = ["Foundation", "step_generators"]
+__all__ = ["Foundation", "FoundationRecorder", "record_foundation", "step_generators"]
 
 
 class _Everything:
@@ -175,3 +176,80 @@ class Foundation:
         return (f"Foundation({self.family}, {self.n_images} image(s), {self.height}x{self.width}, "
                 f"{self.num_inference_steps} steps, {len(self.record.heads)} FASA layers, "
                 f"{self.nbytes() / 2 ** 20:.1f} MiB {self.record.placement})")
+
+
+def record_foundation(model, *, layout: str, omega=None, layers=None, steps=None, style_fidelity=1.0, mode="bias",
+                      backend="auto", force=False, placement: str = "device") -> "FoundationRecorder":
+    """Pass 1 from a denoising loop of your own (k-diffusion samplers, ComfyUI, research code: anything that
+    calls the UNet / FLUX transformer itself, with no diffusers scheduler for FASA to count). ``model``: the
+    denoiser (or a pipeline holding it); ``layout``: how your calls batch their FD rows ("cfg": ``[uncond_1..n,
+    cond_1..n]``, "plain": n rows per call, see ``at_step(uncond=)``); the FASA settings as for
+    :class:`~.freecure.FreeCure` (they are the settings of pass 2); ``placement``: where the record is kept
+    ("device" or "host"). Drive your loop inside ``with`` and say each iteration's index::
+
+        with record_foundation(unet, layout="cfg") as rec:
+            for i, sigma in enumerate(sigmas[:-1]):
+                rec.at_step(i)
+                x = sampler_step(x, sigma, ...)          # calls unet(...) on the FD rows
+        found = rec.finish(mask, latents=x_T)            # the mask from your parser on the FD images
+
+    Then ``with found.apply(unet, layout=...) as h:`` runs pass 2 in the same loop (``h.at_step(i)``) on the PD
+    rows, from the same noise, schedule and model calls."""
+    return FoundationRecorder(model, layout=layout, omega=omega, layers=layers, steps=steps,
+                              style_fidelity=style_fidelity, mode=mode, backend=backend, force=force,
+                              placement=placement)
+
+
+class FoundationRecorder:
+    """What :func:`record_foundation` returns: installed on the model until :meth:`finish` (or the end of its
+    ``with`` block, or :meth:`remove`)."""
+
+    def __init__(self, model, *, layout, omega, layers, steps, style_fidelity, mode, backend, force, placement):
+        layout = check_choice("layout", layout, LAYOUTS)
+        placement = check_choice("placement", placement, ("device", "host"))
+        style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
+        denoiser, self.family = resolve_model(model)
+        device = next((p.device for p in denoiser.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        # the unconditional half is read in pass 2 only where style_fidelity blends FASA into it
+        halves = (False,) if style_fidelity == 1.0 else (True, False)
+        self.record = FdRecord(placement, device, halves)
+        self.handle = install_fasa(model, torch.ones(1, 1), omega, layers=layers, steps=steps,
+                                   style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
+                                   force=force)
+        self.handle.controller.fd_record, self.handle.controller.fd_role = self.record, "record"
+        self.settings = dict(omega=omega, steps=check_steps(steps), style_fidelity=style_fidelity,
+                             mode=self.handle.controller.mode, backend=self.handle.controller.backend, force=force)
+
+    def at_step(self, step, *, uncond: bool = False) -> None:
+        """As :meth:`~freecure_ops.adapters.FasaHandle.at_step`: your loop's next model calls belong to
+        iteration ``step``."""
+        self.handle.at_step(step, uncond=uncond)
+
+    def remove(self) -> None:
+        self.handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+        return False
+
+    def finish(self, mask, *, latents: torch.Tensor, step_seeds=(), height: int | None = None,
+               width: int | None = None, images=None) -> Foundation:
+        """The :class:`Foundation` of the loop that ran: FASA is removed, the record is cut to the live keys of
+        ``mask`` (``[H, W]`` or ``[n, H, W]``, any resolution, e.g. your parser's output on the FD images).
+        ``latents``: the loop's initial noise (pass 2 must start from it); ``step_seeds``, ``height``,
+        ``width``, ``images``: kept for your pass 2 (a diffusers pipeline's ``run`` passes them on)."""
+        self.remove()
+        if not self.record.entries:
+            raise ValueError("the loop recorded nothing: no FASA layer ran (call the model inside the with block, "
+                             "and rec.at_step(i) before each iteration when steps= is given)")
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be the loop's initial noise as a tensor, got {type(latents).__name__}")
+        checked, max_value = check_mask(mask)
+        self.record.compact(checked.to(self.record.device), self.settings["mode"], max_value)
+        n_steps = 1 + max(key[1] for key in self.record.entries)
+        return Foundation(family=self.family, record=self.record, latents=latents, step_seeds=list(step_seeds),
+                          mask=checked, height=height, width=width, num_inference_steps=n_steps,
+                          settings=self.settings, images=images)
