@@ -3,10 +3,10 @@
 What they load comes from an offline Hugging Face cache holding tiny models under the ids the README names
 (an SDXL-shaped UNet with SDXL's 70 transformer blocks, a FLUX transformer with 19 + 38 blocks, so the family
 presets apply; a BiSeNet checkpoint whose head marks every pixel "hair"; a tiny SegFormer). The recipes for
-other projects' pipelines (PhotoMaker, InstantID, InfiniteYou) get stand-ins with those pipelines' public call
-signatures, built from diffusers classes; the names the README says come from those projects (``pm_pipe``,
-``face_emb``, ``infu``, ...) are given. The image sizes are the tiny models' defaults (FLUX's class default
-is lowered to them): the README leaves sizes to the pipeline.
+other projects' pipelines (PhotoMaker, InstantID, InfiniteYou, PuLID) get stand-ins with those pipelines'
+public call signatures, built from diffusers classes; the names the README says come from those projects
+(``pm_pipe``, ``face_emb``, ``infu``, ``pulid``, ...) are given. The image sizes are the tiny models'
+defaults (FLUX's class default is lowered to them): the README leaves sizes to the pipeline.
 
 Blocks not run, each with its reason (and each must still be in the README, so the list cannot go stale):
 """
@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from hub_cache import HubCache, offline_hub
+from test_pulid_recipe import id_embedding as pulid_id_embedding, pulid_like
 from tiny_pipes import _clip_text, _clip_tokenizer, _vae
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -248,6 +249,7 @@ def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
           "face_kps": Image.new("RGB", (16, 16), (200, 120, 40)),
           "infu": infiniteyou_stand_in(flux_shaped_pipe()), "id_embed": torch.randn(1, 8, 16, generator=g),
           "control_image": Image.new("RGB", (16, 16))}
+    ns.update(pulid=pulid_like(sdxl_shaped_pipe()), id_embedding=pulid_id_embedding(32))   # test_pulid_recipe.py
     ns.update(own_loop_stand_ins())
     ran = 0
     for i, block in enumerate(blocks):
