@@ -2,14 +2,18 @@
 
     freecure generate --model PATH_OR_ID --prompt "a photo of sks man with red hair" \\
                       --fd-prompt "a photo of a man with red hair" --parser-weights 79999_iter.pth --out out/
+    freecure sweep --model PATH_OR_ID --prompt ... --parser-weights ... --omegas 0,0.5,1,1.5,2 --seeds 0,1,2 \\
+                   --out sweeps/red-hair        # pass 1 once per seed, pass 2 per omega: a contact sheet
     freecure bench [benchmark options]          # the FASA benchmark (python -m freecure_ops.bench)
     freecure manifest --identity alice=woman ... --out grid.jsonl      # the paper's evaluation grid
     freecure batch --manifest grid.jsonl --model PATH_OR_ID --out runs/grid  # many jobs; resumable
     freecure eval --results runs/grid --clip PATH_OR_ID --face-model arcface.onnx --reference alice=a.jpg
 
-One module per subcommand (:mod:`.generate`, :mod:`.manifest`, :mod:`.batch`, :mod:`.eval`), each with
-``add_arguments(subparsers)`` (argparse only: nothing heavy is imported) and ``run(args) -> exit status``,
-over shared modules: :mod:`.errors` (the one-line error), :mod:`.args` (argument types and checks),
+One module per subcommand (:mod:`.generate`, :mod:`.sweep`, :mod:`.manifest`, :mod:`.batch`, :mod:`.eval`), each
+with ``add_arguments(subparsers)`` (argparse only: nothing heavy is imported) and ``run(args) -> exit status``,
+over shared modules: :mod:`.errors` (the one-line error), :mod:`.args` (argument types and checks), :mod:`.flags`
+(the flag definitions generate and sweep share), :mod:`.entry_point` (``--pipeline module:function``: a
+personalization pipeline from the user's Python), :mod:`.contact_sheet` (labelled image grids),
 :mod:`.weights` (``--model``, ``--parser-weights``, ``--clip``: local paths, or Hub references resolved to the
 cache), :mod:`.model_files` (a pipeline folder's configs, read without loading), :mod:`.pipeline` (loading and
 running a pipeline). The grid library they drive (manifests, the results folder, the scores) lives below, in
@@ -24,6 +28,11 @@ and ``freecure.json`` (prompts, attributes, settings, weights, timings) to ``--o
 identity (e.g. a DreamBooth / textual-inversion token), the FD prompt is the same without it. The mask comes
 from ``--mask PNG`` (white = attribute) or from a face parser (``--parser-weights``: a BiSeNet checkpoint file
 or Hub file, or a SegFormer model folder or Hub id).
+
+``sweep`` runs pass 1 once per ``--seeds`` value and pass 2 once per (seed, ``--omegas`` value), on ``--model``
+or on the pipeline a ``--pipeline module:function`` entry point returns (PhotoMaker, InstantID, ...), and writes
+``sweep.png`` (rows = omega, columns = seed, the FD image and its mask at the head of each column), the single
+images, ``fd/``, ``mask/`` and ``sweep.json`` (settings, files, timings of every pass).
 
 Every argument is checked before the model (or the parser) is loaded: a bad value, a missing or unreadable
 file, an ``--out`` that cannot be written, a device that does not exist. Exit status: 0 on success, 2 for a
@@ -41,7 +50,7 @@ from .errors import ArgumentParser, CLIError
 __all__ = ["main", "build_parser"]
 
 #: subcommand -> its module (``bench`` is delegated whole to the benchmark's own parser)
-COMMANDS = {"generate": "generate", "batch": "batch", "eval": "eval", "manifest": "manifest"}
+COMMANDS = {"generate": "generate", "sweep": "sweep", "batch": "batch", "eval": "eval", "manifest": "manifest"}
 
 
 def _command(name: str):

@@ -5,25 +5,28 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 from ..outputs import output_dir_problem
 from .errors import CLIError
 from .model_files import model_path_problem
 
-__all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "fraction_arg", "check_finite",
+__all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "number_list_arg", "json_object_arg",
+           "fraction_arg", "check_finite",
            "real_problem", "read_mask_png", "parser_weights_problem", "parser_weights_error", "pick_device",
-           "interpreting", "torch_dtype", "apg_steps_problem"]
+           "interpreting", "torch_dtype", "apg_steps_problem", "check_run_flags", "seed_problem", "check_mask_source",
+           "check_backend_device"]
 
 #: --dtype choices -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-def add_weights_arguments(g) -> None:
-    """``--model``, ``--revision``, ``--variant``, ``--offline`` (generate and batch)."""
-    g.add_argument("--model", required=True,
+def add_weights_arguments(g, required: bool = True, extra_help: str = "") -> None:
+    """``--model``, ``--revision``, ``--variant``, ``--offline`` (generate, batch and sweep)."""
+    g.add_argument("--model", required=required,
                    help="diffusers pipeline: a local folder, or a Hugging Face Hub id (downloaded into the Hugging "
-                        "Face cache on first use), e.g. stabilityai/stable-diffusion-xl-base-1.0")
+                        "Face cache on first use), e.g. stabilityai/stable-diffusion-xl-base-1.0" + extra_help)
     g.add_argument("--revision", help="Hub revision of --model: branch, tag or commit (default: main)")
     g.add_argument("--variant", help="weights variant, e.g. fp16 (files named *.fp16.*)")
     g.add_argument("--offline", action="store_true",
@@ -43,6 +46,40 @@ def layers_arg(text: str):
         return sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
         raise argparse.ArgumentTypeError(f"--layers must be 'all' or comma-separated block indices, got {text!r}")
+
+
+def number_list_arg(kind):
+    """A comma-separated list of ``kind`` (float: ``--omegas 0.5,1,1.5``; int: ``--seeds 0,1,2``), given order
+    kept; an empty list or a repeated value is refused (two cells of a sweep would be one file)."""
+    what = "numbers" if kind is float else "integers"
+
+    def parse(text: str) -> list:
+        items = [t.strip() for t in text.split(",")]
+        if not any(items):
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got an empty list")
+        try:
+            values = [kind(t) for t in items if t]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:
+            raise argparse.ArgumentTypeError(f"{', '.join(map(str, repeated))} given twice in {text!r}")
+        return values
+
+    return parse
+
+
+def json_object_arg(text: str) -> dict:
+    """A JSON object (``--pd-kwargs '{"start_merge_step": 10}'``)."""
+    import json
+
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object {{\"name\": value, ...}}, got {text!r}")
+    return value
 
 
 def fraction_arg(text: str) -> float:
@@ -176,18 +213,19 @@ def empty_mask_effect(mode: str) -> str:
 
 
 def check_run_flags(args) -> None:
-    """The checks ``generate`` and ``batch`` share, before anything loads (each adds its own): the output
-    folder, the numbers, the model reference, the size's multiple of 8 (the model's own multiple is checked
-    once its config is read) and a parser revision without parser weights."""
+    """The checks ``generate``, ``sweep`` and ``batch`` share, before anything loads (each adds its own): the
+    output folder, the numbers, the model reference, the size's multiple of 8 (the model's own multiple is
+    checked once its config is read) and a parser revision without parser weights. (``sweep`` has no
+    ``--omega``, and ``--model`` is optional there.)"""
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
-    check_finite("--omega", args.omega)
+    check_finite("--omega", getattr(args, "omega", None))
     check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
     check_finite("--guidance-scale", args.guidance_scale, 0.0)
-    problem = model_path_problem(args.model)
+    problem = None if args.model is None else model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
     for flag, v in (("--height", args.height), ("--width", args.width)):
@@ -195,3 +233,32 @@ def check_run_flags(args) -> None:
             raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
     if args.parser_revision is not None and args.parser_weights is None:
         raise CLIError("--parser-revision is only used with --parser-weights")
+
+
+def seed_problem(flag: str, seed: int) -> str | None:
+    """A seed torch cannot take (None: it can)."""
+    if not -2 ** 63 <= seed < 2 ** 64:
+        return f"{flag} must fit a 64-bit integer, got {seed}"
+    return None
+
+
+def check_mask_source(args):
+    """``--mask`` (read, and refused when empty unless ``--empty-mask warn``) or ``--parser-weights``, one of
+    them required: returns the mask as a float32 array, or None when a parser makes it."""
+    if args.mask is None:
+        if args.parser_weights is None:
+            raise CLIError("give --mask PNG or --parser-weights PTH (the face parser that finds the attributes)")
+        return None
+    mask = read_mask_png(args.mask)
+    if not (mask > 0).any():
+        what = f"--mask {args.mask}: the mask is empty (all black / fully transparent: no attribute pixel)"
+        if args.empty_mask == "error":
+            raise CLIError(f"{what}; {empty_mask_effect(args.mode)}. Pass --empty-mask warn to run anyway")
+        print(f"freecure: warning: {what}; {empty_mask_effect(args.mode)}", file=sys.stderr)
+    return mask
+
+
+def check_backend_device(backend: str, device) -> None:
+    """``--backend triton`` needs a CUDA device (or the CPU interpreter the tests switch on)."""
+    if backend == "triton" and device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+        raise CLIError(f"--backend triton needs a CUDA --device (got {device}); use --backend torch or auto")

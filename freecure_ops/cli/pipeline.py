@@ -2,14 +2,16 @@
 :mod:`.weights` resolved, keeping the libraries quiet, the settings that actually ran, saving the attribute mask."""
 from __future__ import annotations
 
+import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..outputs import atomic_write
-from .errors import CLIError
+from .errors import CLIError, flag_message
 
-__all__ = ["load_pipeline", "load_parser", "quiet_libraries", "effective_settings", "save_mask"]
+__all__ = ["load_pipeline", "load_parser", "quiet_libraries", "show_warnings", "effective_settings", "save_mask",
+           "library_versions"]
 
 
 def load_pipeline(model, device, dtype):
@@ -86,6 +88,22 @@ def quiet_libraries(quiet: bool):
             hf_utils.enable_progress_bars()
 
 
+@contextmanager
+def show_warnings(category):
+    """Warnings of ``category`` (e.g. FreeCureWarning) inside the block as ``freecure: warning: ...`` lines, in
+    the flags' words, every time (a sweep's second seed warns too)."""
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"freecure: warning: {flag_message(str(message))}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", category)
+        old_show, warnings.showwarning = warnings.showwarning, show
+        try:
+            yield
+        finally:
+            warnings.showwarning = old_show
+
+
 def effective_settings(fc, pipe, args, device, dtype, call) -> dict:
     """What actually ran: preset values filled in, the resolved backend, the pipeline's defaults."""
     from ..adapters.discovery import find_self_attention_blocks
@@ -120,3 +138,17 @@ def save_mask(mask, path: Path) -> None:
     m = (m / m.max()).nan_to_num(0.0) if float(m.max()) > 0 else m
     img = Image.fromarray((m.clamp(0, 1).numpy() * 255).round().astype(np.uint8), mode="L")
     atomic_write(path, lambda tmp: img.save(tmp, format="PNG"))
+
+
+def library_versions() -> dict:
+    """The versions a run's JSON records (None for a library that is not installed)."""
+    import platform
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("freecure-ops", "torch", "diffusers", "transformers", "triton"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            out[dist] = None
+    return out

@@ -16,7 +16,8 @@ from pathlib import Path
 from .errors import CLIError
 from .model_files import model_path_problem
 
-__all__ = ["Weights", "is_local", "resolve_model", "resolve_parser", "resolve_clip", "parser_is_file", "hub_reason"]
+__all__ = ["Weights", "is_local", "resolve_model", "resolve_parser", "resolve_clip", "parser_is_file", "hub_reason",
+           "resolve_run_weights"]
 
 #: names of single weights files (what --parser-weights takes as a BiSeNet checkpoint)
 _FILE_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin", ".ckpt")
@@ -306,3 +307,23 @@ def resolve_clip(spec: str, *, revision: str | None = None, offline: bool | None
         raise CLIError(f"{where}: {hub_reason(e, offline=offline, kind='folder', repo=spec, revision=revision)}") \
             from None
     return Weights(spec, path.parent, hub=True, revision=revision, commit=_commit(path))
+
+
+def resolve_run_weights(args):
+    """``--model`` (None when not given) and ``--parser-weights`` (None without it) of ``generate`` / ``sweep``
+    as :class:`Weights`, after ``--height`` / ``--width`` / ``--layers`` are checked against the model's
+    configs. A local parser is checked before any download; a Hub parser resolves last."""
+    from .model_files import check_model_flags
+
+    offline = args.offline or None
+    parser = model = None
+    if args.parser_weights is not None and is_local(args.parser_weights):
+        parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline)
+    if args.model is not None:
+        model = resolve_model(args.model, revision=args.revision, variant=args.variant, offline=offline,
+                              quiet=args.quiet)
+        check_model_flags(args, model.path)
+    if args.parser_weights is not None and parser is None:
+        parser = resolve_parser(args.parser_weights, revision=args.parser_revision, offline=offline,
+                                quiet=args.quiet)
+    return model, parser
