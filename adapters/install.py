@@ -1,6 +1,7 @@
 """``install_fasa`` and the handle that turns FASA on/off, swaps the mask and removes it again."""
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 import weakref
@@ -245,6 +246,33 @@ class FasaHandle:
         return f"FasaHandle({self.family}, {len(self._installed)} layers, omega={self.omega}, {state})"
 
 
+def _take_keywords_of(ours, original) -> None:
+    """diffusers hands a ``cross_attention_kwargs`` entry only to a processor whose ``__call__`` names it and
+    logs a warning per layer and call for the rest: a FASA processor forced over a custom one names the
+    keywords that one took (PuLID's ``id_embedding``, ``id_scale``), which it ignores as plain self-attention
+    does, so a run with them logs nothing. The names live on this instance's ``__call__`` (what diffusers
+    inspects); calling the processor still runs the class's ``__call__``."""
+    try:
+        theirs = inspect.signature(original.__call__).parameters
+    except (TypeError, ValueError):
+        return
+    sig = inspect.signature(ours.__call__)
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    extra = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=None) for n, p in theirs.items()
+             if n not in sig.parameters and p.kind in kinds]
+    if not extra:
+        return
+    params = [p for p in sig.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    var_kw = [p for p in sig.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in extra}
+    call = ours.__call__  # the class's, bound
+
+    def named_call(*args, **kwargs):
+        return call(*args, **{k: v for k, v in kwargs.items() if k not in names})
+    named_call.__signature__ = sig.replace(parameters=params + extra + var_kw)
+    ours.__call__ = named_call
+
+
 def _own_copy(mask: torch.Tensor, device) -> torch.Tensor:
     """A float32 copy of a validated mask on ``device`` that shares no memory with the caller's tensor."""
     return mask.to(device=device, dtype=torch.float32, copy=True)
@@ -347,6 +375,8 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
             for attr in ("_attention_backend", "_parallel_config"):
                 if getattr(original, attr, None) is not None:
                     setattr(ours, attr, getattr(original, attr))
+        if kinds[b.name] is None:  # forced over a custom processor
+            _take_keywords_of(ours, original)
         installed.append([b, original, ours])
     hook_fn = flux_pre_hook(controller) if family == "flux" else unet_pre_hook(controller)
     hooks = [denoiser.register_forward_pre_hook(hook_fn, with_kwargs=True)]

@@ -144,3 +144,16 @@ def test_the_old_recipe_is_refused_in_one_clear_line(pulid):
                                          r"FASA would replace it .*pass force=True"):
         FreeCure(base, FakeParser(), layers="all").foundation(FD, seed=0, **CALL)
     assert _attn1_types(pulid.pipe) == {PuLIDSelfAttn}                         # nothing changed
+
+
+def test_pulids_id_arguments_pass_fasa_without_a_warning_per_layer(pulid, caplog):
+    """diffusers warns, per layer and call, about cross_attention_kwargs a processor's __call__ does not name:
+    the FASA processor forced over PuLID's attn1 names what PuLID's took (and ignores them, as PuLID's does)."""
+    import logging
+
+    pipe = pulid.pipe
+    ident = {"id_embedding": id_embedding(pipe.unet.config.cross_attention_dim), "id_scale": 0.8}
+    found = FreeCure(pipe, FakeParser(), layers="all", omega=2.0, force=True).foundation(FD, seed=0, **CALL)
+    with caplog.at_level(logging.WARNING, logger="diffusers"):
+        found.run(pipe, PD, cross_attention_kwargs=ident, output_type="latent", **CALL)
+    assert not [r for r in caplog.records if "are not expected by" in r.getMessage()]
