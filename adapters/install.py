@@ -303,7 +303,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
 
     Compiled models work: ``model`` (or the pipeline's ``.unet`` / ``.transformer``) may be
     ``torch.compile(...)``'s ``OptimizedModule``; FASA goes into the model inside, and the compiled forward
-    traces it with no graph break (see the README's "Compile and CUDA graphs").
+    traces it with no graph break (see docs/adapters.md, "Compile and CUDA graphs").
 
     While installed, diffusers' helpers keep FASA: ``set_attn_processor`` / ``set_default_attn_processor`` /
     ``fuse_qkv_projections`` with stock processors and IP-Adapter loading on a UNet leave FASA on its layers

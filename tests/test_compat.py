@@ -85,7 +85,7 @@ def _parent(old):
 
 @pytest.fixture
 def fresh():
-    """The process as a fresh one has it, without our aliases (an earlier test, e.g. the README's blocks, may
+    """The process as a fresh one has it, without our aliases (an earlier test, e.g. the docs' Python blocks, may
     have made them, and they last for the process); what was there is put back afterwards."""
     saved = {}
     for old in LEGACY_MODULES:
@@ -171,8 +171,8 @@ def test_a_parent_attribute_of_that_name_is_left_alone(fresh, monkeypatch):
 
 
 def test_instantid_like_runs_a_foundation_recipe_with_fasa_acting(fresh, tmp_path):
-    """The InstantID-like stand-in imports with the helper and runs the README's recipe shape: foundation
-    with a zero face embedding, then its own run with the face, both with ``force=True``."""
+    """The InstantID-like stand-in imports with the helper and runs the recipe shape of docs/pipelines.md:
+    foundation with a zero face embedding, then its own run with the face, both with ``force=True``."""
     import numpy as np
 
     from freecure_ops.pipeline import FreeCure

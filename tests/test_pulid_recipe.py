@@ -1,4 +1,4 @@
-"""The README's PuLID-SDXL recipe, on a stand-in of PuLID v1 written from ToTheBeginning/PuLID @
+"""The PuLID-SDXL recipe of docs/pipelines.md, on a stand-in of PuLID v1 written from ToTheBeginning/PuLID @
 1aa2fc7df4bf51080df39f355f9abdc1cbfefbaa (``pulid/pipeline.py``: ``PuLIDPipeline``; ``pulid/attention_processor.py``).
 
 What of PuLID matters here, and how the stand-in (our own code, tiny random weights) reproduces it:
@@ -136,7 +136,8 @@ def test_the_recipe_runs_and_fasa_acts_on_pulids_own_run(pulid):
 
 
 def test_the_old_recipe_is_refused_in_one_clear_line(pulid):
-    """The README's former recipe: the foundation on a plain SDXL pipeline sharing PuLID's UNet, no force."""
+    """The former recipe (in the README, before docs/pipelines.md): the foundation on a plain SDXL pipeline
+    sharing PuLID's UNet, no force."""
     from diffusers import StableDiffusionXLPipeline
 
     base = StableDiffusionXLPipeline.from_pipe(pulid.pipe)

@@ -1,14 +1,17 @@
-"""The README's Python blocks run as written, in order, in one namespace, with "cuda" replaced by "cpu".
+"""The Python blocks of the README and of docs/*.md run as written, in one namespace, with "cuda" replaced by
+"cpu", in the order ``SEQUENCE`` lists: a docs page continues the README example it names (docs/op.md the op's
+tensors, docs/adapters.md the drop-in example's mask and prompts, docs/pipelines.md the FreeCure example's
+parser), so the README's blocks and the pages' interleave as the sections did in the one-page README.
 
-What they load comes from an offline Hugging Face cache holding tiny models under the ids the README names
+What they load comes from an offline Hugging Face cache holding tiny models under the ids the docs name
 (an SDXL-shaped UNet with SDXL's 70 transformer blocks, a FLUX transformer with 19 + 38 blocks, so the family
 presets apply; a BiSeNet checkpoint whose head marks every pixel "hair"; a tiny SegFormer). The recipes for
 other projects' pipelines (PhotoMaker, InstantID, InfiniteYou, PuLID) get stand-ins with those pipelines'
-public call signatures, built from diffusers classes; the names the README says come from those projects
+public call signatures, built from diffusers classes; the names the docs say come from those projects
 (``pm_pipe``, ``face_emb``, ``infu``, ``pulid``, ...) are given. The image sizes are the tiny models'
-defaults (FLUX's class default is lowered to them): the README leaves sizes to the pipeline.
+defaults (FLUX's class default is lowered to them): the docs leave sizes to the pipeline.
 
-Blocks not run, each with its reason (and each must still be in the README, so the list cannot go stale):
+Blocks not run, each with its reason (and each must still be in the docs, so the list cannot go stale):
 """
 from __future__ import annotations
 
@@ -26,13 +29,48 @@ from hub_cache import HubCache, offline_hub
 from test_pulid_recipe import id_embedding as pulid_id_embedding, pulid_like
 from tiny_pipes import _clip_text, _clip_tokenizer, _vae
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+
+# (page, how many of its next blocks run; None: the rest of the page), in execution order. Every block of
+# README.md and docs/*.md runs exactly once; a page with Python blocks that is not listed fails the test.
+SEQUENCE = (
+    ("README.md", 1),            # the op
+    ("docs/op.md", None),        # prepared masks: the op's q, k_p, k_f, v_p, v_f, mask
+    ("README.md", 1),            # drop-in FASA on SDXL
+    ("docs/adapters.md", None),  # FLUX (the drop-in example's mask and prompts); compile (not run)
+    ("docs/weights.md", None),   # load_pretrained, load_face_parser
+    ("README.md", 2),            # FreeCure; a foundation replayed on a pipeline
+    ("docs/pipelines.md", None),  # loops of your own; the recipes (FreeCure, parser)
+)
 
 NOT_RUN = {
     "pipe.unet = torch.compile(pipe.unet, fullgraph=True)":
         "compiles with Inductor (minutes on 2 CPU cores); tests/test_compile_models.py checks the same calls",
 }
 __doc__ += "".join(f"\n- ``{k}``: {v}" for k, v in NOT_RUN.items())
+
+
+def doc_pages() -> list[Path]:
+    """README.md and every docs/*.md."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def sequenced_blocks() -> list[tuple[str, int, str]]:
+    """(page, index of the block in its page, block) for every Python block, in ``SEQUENCE``'s order."""
+    blocks = {p.relative_to(ROOT).as_posix(): python_blocks(p.read_text()) for p in doc_pages()}
+    taken = dict.fromkeys(blocks, 0)
+    out = []
+    for page, n in SEQUENCE:
+        assert page in blocks, f"SEQUENCE names a page that does not exist: {page}"
+        stop = len(blocks[page]) if n is None else taken[page] + n
+        assert stop <= len(blocks[page]), f"SEQUENCE runs {page} past its {len(blocks[page])} Python blocks"
+        out += [(page, i, blocks[page][i]) for i in range(taken[page], stop)]
+        taken[page] = stop
+    left = {page: len(b) - taken[page] for page, b in blocks.items() if len(b) > taken[page]}
+    assert not left, f"Python blocks that SEQUENCE does not run (page: count): {left}"
+    return out
 
 
 def python_blocks(text: str) -> list[str]:
@@ -45,7 +83,7 @@ def python_blocks(text: str) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# tiny models under the README's ids
+# tiny models under the ids the docs name
 # ----------------------------------------------------------------------------------------------------------
 
 def sdxl_shaped_pipe():
@@ -212,6 +250,14 @@ def own_loop_stand_ins() -> dict:
             "mask": torch.rand(16, 12, generator=g) > 0.5, "my_sampler_step": my_sampler_step}
 
 
+def test_every_doc_page_with_python_is_sequenced():
+    """Cheap, no models: SEQUENCE covers every Python block of README.md and docs/*.md exactly once, and every
+    NOT_RUN entry is still in them."""
+    blocks = sequenced_blocks()
+    for first_line in NOT_RUN:
+        assert sum(first_line in b for _, _, b in blocks) == 1, f"NOT_RUN entry no longer in the docs: {first_line}"
+
+
 def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
     from diffusers import FluxPipeline
     from PIL import Image
@@ -235,12 +281,12 @@ def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
 
     monkeypatch.setattr(FluxPipeline, "__init__", tiny_default_size)
 
-    blocks = python_blocks(README.read_text())
+    blocks = sequenced_blocks()
     assert len(blocks) >= 10
     for first_line in NOT_RUN:
-        assert sum(first_line in b for b in blocks) == 1, f"NOT_RUN entry no longer in the README: {first_line}"
+        assert sum(first_line in b for _, _, b in blocks) == 1, f"NOT_RUN entry no longer in the docs: {first_line}"
 
-    torch.manual_seed(0)  # the stand-ins' random weights and inputs; the README's own code seeds what it draws
+    torch.manual_seed(0)  # the stand-ins' random weights and inputs; the docs' own code seeds what it draws
     g = torch.Generator().manual_seed(1)
     base = sdxl_shaped_pipe()
     ns = {"__name__": "readme",
@@ -252,17 +298,17 @@ def test_readme_python_blocks_run_as_written(sources, tmp_path, monkeypatch):
     ns.update(pulid=pulid_like(sdxl_shaped_pipe()), id_embedding=pulid_id_embedding(32))   # test_pulid_recipe.py
     ns.update(own_loop_stand_ins())
     ran = 0
-    for i, block in enumerate(blocks):
+    for page, i, block in blocks:
         if any(first_line in block for first_line in NOT_RUN):
             continue
         code = block.replace('"cuda"', '"cpu"')
         t0 = time.perf_counter()
         try:
-            exec(compile(code, f"README.md python block {i}", "exec"), ns)
+            exec(compile(code, f"{page} python block {i}", "exec"), ns)
         except Exception as e:  # noqa: BLE001  (name the block in the failure)
-            raise AssertionError(f"README python block {i} failed: {type(e).__name__}: {e}\n{block}") from e
+            raise AssertionError(f"{page} python block {i} failed: {type(e).__name__}: {e}\n{block}") from e
         ran += 1
-        print(f"README block {i}: {time.perf_counter() - t0:.1f} s")
+        print(f"{page} block {i}: {time.perf_counter() - t0:.1f} s")
     assert ran == len(blocks) - len(NOT_RUN)
     # what the blocks produced is real
     assert Path("freecure.png").is_file()
