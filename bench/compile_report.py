@@ -13,6 +13,7 @@ wheel's ptxas and reads the results:
              the loop); want 2: the PD loop and the FD loop
   buffers    depth of the K/V shared-memory ring of those loops
   wgmma      Hopper tensor-core MMAs present
+  pd_instr   SASS instructions in the PD key loop's body (its cost per PD key tile)
   fd_instr   SASS instructions in the FD key loop's body (its cost per FD key tile)
   ctas       programs per SM by registers, warps and shared memory (occupancy)
   merge_regs / merge_spill   split-KV's merge kernel (0: no split)
@@ -164,15 +165,19 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
-def _last_loop_instructions(sass: str) -> int:
-    """SASS instructions in the body of the kernel's last loop (from a backward branch's target to the branch;
-    the trailing ``BRA`` to itself is not a loop): the FD key loop, whose cost is per FD key tile."""
-    last = None
+def _loop_instructions(sass: str) -> tuple[int, int]:
+    """SASS instructions in the bodies of the kernel's first and last loops (each from a backward branch's
+    target to the branch; the trailing ``BRA`` to itself is not a loop): the PD key loop and the FD key loop,
+    whose costs are per key tile. (0, 0) when there is no loop."""
+    loops = []
     for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", sass):
         at, target = int(m.group(1), 16), int(m.group(2), 16)
         if target < at:
-            last = (target, at)
-    return 0 if last is None else (last[1] - last[0]) // 16 + 1  # sm_90 instructions are 16 bytes
+            loops.append((target, at))
+    if not loops:
+        return 0, 0
+    size = lambda loop: (loop[1] - loop[0]) // 16 + 1  # noqa: E731  sm_90 instructions are 16 bytes
+    return size(loops[0]), size(loops[-1])
 
 
 # sm_90 per-SM limits: 64K registers allocated per warp in units of 256, 64 warps, 32 blocks, 228 KB shared
@@ -217,6 +222,7 @@ class Report:
     pipelined: int
     buffers: int
     wgmma: bool
+    pd_instr: int     # SASS instructions per PD key tile (the first loop's body)
     fd_instr: int     # SASS instructions per FD key tile (the last loop's body)
     ctas: int         # programs per SM (registers, warps, shared memory)
     merge_regs: int   # split-KV's merge kernel: registers (0: no merge)
@@ -228,10 +234,10 @@ def report(case: CompileCase, config: tuple | None = None) -> Report:
     regs, spill = _resource_usage(kernel.asm["cubin"])
     loops, depth = _pipelined_loops(kernel.asm["ttgir"])
     ld16 = len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", kernel.asm["ptx"]))
-    fd_instr = _last_loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+    pd_instr, fd_instr = _loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
     merge_regs, merge_spill = (0, 0) if merge is None else _resource_usage(merge.asm["cubin"])
     return Report(case.name, "x".join(map(str, config)), align, kernel.metadata.shared, regs, spill, ld16,
-                  loops, depth, "wgmma" in kernel.asm["ptx"], fd_instr,
+                  loops, depth, "wgmma" in kernel.asm["ptx"], pd_instr, fd_instr,
                   ctas_per_sm(regs, config[2], kernel.metadata.shared), merge_regs, merge_spill)
 
 
@@ -240,7 +246,7 @@ def table(reports) -> str:
 
     head = f"FASA kernel, sm_90 offline compile, Triton {triton.__version__}, torch {torch.__version__}\n"
     cols = ("case", "config", "align", "shared", "regs", "spill", "ld16", "pipelined", "buffers", "wgmma",
-            "fd_instr", "ctas", "merge_regs", "merge_spill")
+            "pd_instr", "fd_instr", "ctas", "merge_regs", "merge_spill")
     rows = [cols] + [tuple(str(getattr(r, c)) for c in cols) for r in reports]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     return head + "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows) + "\n"

@@ -9,7 +9,11 @@ One program per (query block, head, batch). Online softmax in fp32 in the log2 d
      the partial one comes last. "scale" mode (and "bias" with no mask): every FD image key in order, the
      mask applied in registers.
 Every loop is branch-free, with its addresses known one iteration ahead, so Triton software-pipelines the
-K/V loads of both loops.
+K/V loads of both loops. The running max is kept on raw scores (row-wise, then scaled) and the softmax scale,
+a binary mask's bias and the max meet in one per-row shift: p = exp2(s * scale * log2(e) + (bias - m)), one
+multiply-add per element (_accumulate; a scale <= 0 scales every score first). FLUX's per-element text-row
+select is compiled in only when a query tile holds both text and image rows (``n_txt % BLOCK_M != 0``;
+FLUX's 512 text rows never do).
 
 Two variants, compile-time switches the launcher sets (the GPU tile sweep, bench/tile_sweep.py, times them
 against the default; results are the same function):
@@ -63,8 +67,9 @@ def _load_rows(base, rows, row_ok, cols, stride_n, stride_d, HEAD_DIM: tl.conste
 @triton.jit
 def _scores(q0, q1, k_base, rows, row_ok, offs_d0, offs_d1, stride_n, stride_d, qk_scale,
             HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
-            CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr):
-    """log2-domain scores q k^T * scale of one key tile, the head dim split in two pow2 parts."""
+            CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, RAW_MAX: tl.constexpr):
+    """Scores q k^T of one key tile, the head dim split in two pow2 parts: raw when RAW_MAX (the softmax
+    scale is folded into the exp's multiply-add later, _accumulate), else times ``qk_scale`` (log2 domain)."""
     k0 = _load_rows(k_base, rows, row_ok, offs_d0, stride_n, stride_d, HEAD_DIM, CHECK_N,
                     BLOCK_D0 > HEAD_DIM, DOT_DTYPE)
     qk = _dot(q0, tl.trans(k0), IEEE)
@@ -72,23 +77,37 @@ def _scores(q0, q1, k_base, rows, row_ok, offs_d0, offs_d1, stride_n, stride_d, 
         k1 = _load_rows(k_base, rows, row_ok, offs_d1, stride_n, stride_d, HEAD_DIM, CHECK_N,
                         BLOCK_D0 + BLOCK_D1 > HEAD_DIM, DOT_DTYPE)
         qk += _dot(q1, tl.trans(k1), IEEE)
+    if RAW_MAX:
+        return qk
     return qk * qk_scale
 
 
 @triton.jit
-def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, rows, row_ok, offs_d0, offs_d1, stride_n, stride_d,
+def _accumulate(acc0, acc1, l_i, m_i, qk, sc, shift, v_base, rows, row_ok, offs_d0, offs_d1, stride_n, stride_d,
                 HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
                 CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr, EMPTY_ROWS: tl.constexpr):
-    """Fold one tile of log2-domain logits [M, N] and its values into the online-softmax state.
+    """Fold one key tile and its values into the online-softmax state. The tile's log2-domain logits are
+    ``qk * sc + shift``: ``sc`` > 0 (the softmax scale times log2(e) on raw scores; 1.0 where the caller
+    formed per-key logits itself) and ``shift`` one value for every element (a binary mask's bias), or None
+    for none (an add of 0.0 is not an identity the compiler may drop: -0.0 + 0.0 is +0.0).
+    The running max ``m_i`` is over logits, but the tile's is taken on ``qk`` (row-wise, then scaled and
+    shifted: ``sc`` > 0 keeps the order), so each element costs one multiply-add before its exp2:
+    p = exp2(qk * sc + (shift - m)), the per-row shift holding the scale's, the bias's and the max's parts.
     EMPTY_ROWS: a row may have seen only -inf logits so far (a split program's FD part: FLUX text rows), so
     its running max stays -inf; it is shifted by 0 instead, keeping p and alpha at 0 rather than NaN."""
-    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    if shift is None:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sc)
+    else:
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * sc + shift)
     if EMPTY_ROWS:
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
         m_ref = m_new
     alpha = tl.math.exp2(m_i - m_ref)
-    p = tl.math.exp2(qk - m_ref[:, None])
+    if shift is None:
+        p = tl.math.exp2(tl.fma(qk, sc, -m_ref[:, None]))
+    else:
+        p = tl.math.exp2(tl.fma(qk, sc, (shift - m_ref)[:, None]))
     l_i = l_i * alpha + tl.sum(p, 1)
     p = p.to(DOT_DTYPE)
     v0 = _load_rows(v_base, rows, row_ok, offs_d0, stride_n, stride_d, HEAD_DIM, CHECK_N,
@@ -103,24 +122,28 @@ def _accumulate(acc0, acc1, l_i, m_i, qk, v_base, rows, row_ok, offs_d0, offs_d1
 
 @triton.jit
 def _fd_packed_tile(acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, rows, live, vals, offs_m, offs_d0, offs_d1,
-                    skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM: tl.constexpr,
+                    skf_n, skf_d, svf_n, svf_d, qk_scale, sc, omega, N_TXT, HEAD_DIM: tl.constexpr,
                     BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr, BINARY: tl.constexpr,
-                    HAS_TXT: tl.constexpr, CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
-                    EMPTY_ROWS: tl.constexpr):
+                    MIXED_TXT: tl.constexpr, CHECK_N: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
+                    EMPTY_ROWS: tl.constexpr, RAW_MAX: tl.constexpr):
     """One tile of gathered live FD keys (k_f/v_f rows ``rows``): logit = s + omega * m (omega arrives times
     log2(e); ``vals`` is the scalar bias when BINARY, else the keys' mask values). CHECK_N: the tile may
-    hold padding past the live keys (``live`` false), which is never loaded and is excluded."""
+    hold padding past the live keys (``live`` false), which is never loaded and is excluded.
+    BINARY: the bias is one value for the tile, folded into the exp's per-row shift (_accumulate); per-key
+    values are added in the multiply-add that applies the scale."""
     qk = _scores(q0, q1, kf_base, rows, live, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
-                 HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE)
+                 HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE, RAW_MAX)
     if BINARY:
-        qk = qk + vals
+        shift = vals
     else:
-        qk = qk + (omega * vals)[None, :]
+        qk = tl.fma(qk, sc, (omega * vals)[None, :])
+        sc = 1.0
+        shift = None
     if CHECK_N:
         qk = tl.where(live[None, :], qk, float("-inf"))
-    if HAS_TXT:  # text query rows see PD keys only
+    if MIXED_TXT:  # text query rows see PD keys only
         qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
-    return _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, live, offs_d0, offs_d1, svf_n, svf_d,
+    return _accumulate(acc0, acc1, l_i, m_i, qk, sc, shift, vf_base, rows, live, offs_d0, offs_d1, svf_n, svf_d,
                        HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, CHECK_N, DOT_DTYPE, IEEE, EMPTY_ROWS)
 
 
@@ -150,8 +173,8 @@ def _fasa_fwd_kernel(
     qk_scale, omega,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
-    SCALE_MODE: tl.constexpr, FD_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, HAS_TXT: tl.constexpr,
-    BINARY: tl.constexpr, SPLIT_KV: tl.constexpr,
+    SCALE_MODE: tl.constexpr, FD_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MIXED_TXT: tl.constexpr,
+    BINARY: tl.constexpr, SPLIT_KV: tl.constexpr, RAW_MAX: tl.constexpr,
     WRITE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Head dim D = BLOCK_D0 (+ BLOCK_D1 when SPLIT_D), powers of two, the last part zero-padded: 80 = 64 + 16
@@ -192,6 +215,16 @@ def _fasa_fwd_kernel(
         q1 = _load_rows(q_base, offs_m, q_ok, offs_d1, sq_n, sq_d, HEAD_DIM, True, True, DOT_DTYPE)
     else:
         q1 = q0
+    # RAW_MAX (softmax scale > 0): the key loops keep raw scores and fold the scale into the exp's multiply-add
+    # (_accumulate); otherwise (a scale <= 0 reverses or flattens the order of raw scores) they scale each
+    # score first and fold nothing (sc = 1). m_i is the running max of log2-domain logits either way.
+    if RAW_MAX:
+        sc = qk_scale
+    else:
+        sc = 1.0
+    # Split-KV's FD part starts with m_i = -inf; a row can keep it through a tile only when text and image
+    # rows share a query tile (an image-only tile's first FD tile has a live key for every row).
+    EMPTY_ROWS: tl.constexpr = SPLIT_KV and MIXED_TXT
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
@@ -209,19 +242,19 @@ def _fasa_fwd_kernel(
     for start_n in range(0, np_full, BLOCK_N):
         cols = start_n + offs_n
         qk = _scores(q0, q1, kp_base, cols, cols < NP, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
-                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE)
-        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vp_base, cols, cols < NP, offs_d0, offs_d1,
-                                           svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,
-                                           DOT_DTYPE, IEEE, SPLIT_KV)
+                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE, RAW_MAX)
+        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, sc, None, vp_base, cols, cols < NP, offs_d0,
+                                           offs_d1, svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,
+                                           DOT_DTYPE, IEEE, False)
     if pd_tail:
         cols = np_full + offs_n
         ok = cols < NP
         qk = _scores(q0, q1, kp_base, cols, ok, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
-                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
+                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE, RAW_MAX)
         qk = tl.where(ok[None, :], qk, float("-inf"))
-        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vp_base, cols, ok, offs_d0, offs_d1,
+        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, sc, None, vp_base, cols, ok, offs_d0, offs_d1,
                                            svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                           DOT_DTYPE, IEEE, SPLIT_KV)
+                                           DOT_DTYPE, IEEE, False)
 
     # 2. FD image keys (rows N_TXT + j of k_f/v_f for mask entry j). Query blocks made only of text rows have
     #    nothing to do here: their FD loop runs zero times.
@@ -263,15 +296,15 @@ def _fasa_fwd_kernel(
                 vals_nxt = tl.load(val_base + nxt, mask=live_nxt, other=0.0)
             acc0, acc1, l_i, m_i = _fd_packed_tile(
                 acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
-                skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
-                BINARY, HAS_TXT, False, DOT_DTYPE, IEEE, SPLIT_KV)
+                skf_n, skf_d, svf_n, svf_d, qk_scale, sc, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                BINARY, MIXED_TXT, False, DOT_DTYPE, IEEE, EMPTY_ROWS, RAW_MAX)
             keys, vals = keys_nxt, vals_nxt
         if has_tail:  # its indices were read ahead by the last full tile (or before the loop)
             live = n_full * BLOCK_N + offs_n < n_live
             acc0, acc1, l_i, m_i = _fd_packed_tile(
                 acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
-                skf_n, skf_d, svf_n, svf_d, qk_scale, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
-                BINARY, HAS_TXT, True, DOT_DTYPE, IEEE, SPLIT_KV)
+                skf_n, skf_d, svf_n, svf_d, qk_scale, sc, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
+                BINARY, MIXED_TXT, True, DOT_DTYPE, IEEE, EMPTY_ROWS, RAW_MAX)
     else:
         # "scale" mode (every FD image key counts, logit = omega * m * s), or "bias" mode with no mask
         # (m = 1 everywhere: logit = s + omega): all FD image keys in order.
@@ -282,20 +315,24 @@ def _fasa_fwd_kernel(
             ok = keys < n_img
             rows = N_TXT + keys
             qk = _scores(q0, q1, kf_base, rows, ok, offs_d0, offs_d1, skf_n, skf_d, qk_scale,
-                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE)
-            if HAS_MASK:
-                w = omega * tl.load(m_base + keys, mask=ok, other=0.0)
-            else:
-                w = tl.full([BLOCK_N], omega, dtype=tl.float32)
+                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE, RAW_MAX)
+            # The logits are formed here per element (sc 1, no shift in _accumulate). "scale" mode: logit =
+            # omega * m * s per key, the scale joining each key's factor (one multiply per element). "bias" mode
+            # with no mask: logit = s + omega, the same operations as the float packed loop with m = 1 (so that
+            # no mask and an all-ones float mask give identical results), the scale applied in its add.
             if SCALE_MODE:
+                if HAS_MASK:
+                    w = (omega * sc) * tl.load(m_base + keys, mask=ok, other=0.0)
+                else:
+                    w = tl.full([BLOCK_N], omega * sc, dtype=tl.float32)
                 qk = tl.where(ok[None, :], qk * w[None, :], float("-inf"))
             else:
-                qk = tl.where(ok[None, :], qk + w[None, :], float("-inf"))
-            if HAS_TXT:
+                qk = tl.where(ok[None, :], tl.fma(qk, sc, omega), float("-inf"))
+            if MIXED_TXT:
                 qk = tl.where((offs_m >= N_TXT)[:, None], qk, float("-inf"))
-            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, vf_base, rows, ok, offs_d0, offs_d1,
-                                               svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                               DOT_DTYPE, IEEE, SPLIT_KV)
+            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, 1.0, None, vf_base, rows, ok,
+                                               offs_d0, offs_d1, svf_n, svf_d, HEAD_DIM, BLOCK_D0, BLOCK_D1,
+                                               SPLIT_D, True, DOT_DTYPE, IEEE, EMPTY_ROWS)
     if COUNT_TILES:  # introspection: FD key tiles this program visited (the FD part's, under split-KV)
         at = VISITED + (off_b * H + off_h) * tl.cdiv(NQ, BLOCK_M) + pid_m
         if SPLIT_KV:
@@ -513,8 +550,8 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
         BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems(tensors, strides, head_dim, out, q.element_size()),
-        SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, HAS_TXT=n_txt > 0,
-        BINARY=packed and binary, SPLIT_KV=split_kv,
+        SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, MIXED_TXT=n_txt % bm != 0,
+        BINARY=packed and binary, SPLIT_KV=split_kv, RAW_MAX=scale > 0,
         WRITE_LSE=return_lse or split_kv, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype,
         IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )

@@ -146,7 +146,7 @@ def logit_term(inputs, mask, omega, *, scale=None, mode="bias", **_) -> float:
     and for float32 at moderate logits; it dominates float32 at large ``omega`` (|logit| ~ 100 at omega 10)."""
     q, k_p, k_f, v_p, v_f = (t.double() for t in inputs)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    s = max(torch.einsum("bhqd,bhkd->bhqk", q, k).abs().max().item() for k in (k_p, k_f)) * scale
+    s = max(torch.einsum("bhqd,bhkd->bhqk", q, k).abs().max().item() for k in (k_p, k_f)) * abs(scale)
     m = 1.0 if mask is None else float(mask.double().max())
     logit = s + abs(omega) * m if mode == "bias" else max(s, abs(omega) * m * s)
     return torch.finfo(torch.float32).eps * logit * max(v_p.abs().max().item(), v_f.abs().max().item())

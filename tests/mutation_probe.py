@@ -64,7 +64,7 @@ COMPILE_TESTS = ("tests/test_kernel_compile.py",)  # offline sm_90 compile: ~45 
 
 K = "kernels/fasa_fwd.py"
 # The packed FD loop's partial (last) tile: its gathers and its exclusion of the padding past the live keys.
-_PACKED_TAIL = "BINARY, HAS_TXT, True, DOT_DTYPE, IEEE, SPLIT_KV)"
+_PACKED_TAIL = "BINARY, MIXED_TXT, True, DOT_DTYPE, IEEE, EMPTY_ROWS, RAW_MAX)"
 MUTANTS = [
     # ---- the kernel and its launcher ---------------------------------------------------------------------
     Mutant("kernel-fp16-accumulation", K,
@@ -166,7 +166,7 @@ MUTANTS = [
            (("row_stride, 0 if row_stride == 0 else 1,", "row_stride, 0,"),),
            PACKED_TESTS, "[B, Nimg] masks: every batch entry takes row 0's live-key count (sc_b = 0)"),
     Mutant("kernel-fd-value-ignored", K,
-           (("qk + (omega * vals)[None, :]", "qk + omega"),),
+           (("tl.fma(qk, sc, (omega * vals)[None, :])", "tl.fma(qk, sc, omega)"),),
            PACKED_TESTS, "packed loop: the bias is omega * 1 for every live key instead of omega * m"),
     Mutant("kernel-aligned-no-multiply", K,
            (("return (stride // ALIGN) * ALIGN", "return stride // ALIGN"),),
@@ -193,6 +193,15 @@ MUTANTS = [
            equivalent="performance only: both configs are correct and, per the offline compile test, neither "
            "spills nor exceeds shared memory at any compile case; the lost waves on small grids show only "
            "in GPU timings (bench/gpu_check.sh)"),
+    Mutant("kernel-raw-max-for-any-scale", K,
+           (("RAW_MAX=scale > 0,", "RAW_MAX=True,"),),
+           ("tests/test_fasa_kernel.py::test_non_positive_scale",),
+           "the running max taken on raw scores and the scale folded into the exp for a scale <= 0 too (a "
+           "negative scale reverses the order: the max is the smallest logit, and the exp overflows)"),
+    Mutant("kernel-text-select-dropped", K,
+           (("MIXED_TXT=n_txt % bm != 0,", "MIXED_TXT=False,"),),
+           KERNEL_TESTS, "FLUX: the per-element text select compiled out even where a query tile holds text and "
+           "image rows (text rows attend to FD image keys)"),
     Mutant("kernel-pd-tail-v-unmasked", K,
            (("                                           svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,",
              "                                           svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,"),),
@@ -344,7 +353,7 @@ MUTANTS = [
     # mask=None is read by the kernel (HAS_MASK=False) and by the torch backend (mask_rows); validation's
     # mask_as_rows, which this mutant used to change, is called by nothing since the FasaMask rewrite.
     Mutant("kernel-mask-none-not-ones", K,
-           (("w = tl.full([BLOCK_N], omega, dtype=tl.float32)", "w = tl.full([BLOCK_N], 2.0 * omega, dtype=tl.float32)"),),
+           (("tl.fma(qk, sc, omega)", "tl.fma(qk, sc, 2.0 * omega)"),),
            ("tests/test_fasa_kernel.py", "tests/test_fasa_identities.py"),
            "kernel: mask=None read as all 2 instead of all ones (the oracle reads None on its own)"),
     Mutant("torch-mask-none-not-ones", "freecure_ops/torch_fold.py",  # the forward's "bias" path

@@ -78,10 +78,11 @@ def test_mask_none_means_all_ones(device):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mode", ["bias", "scale"])
-@pytest.mark.parametrize("n_txt", [1, 13, 40])
+@pytest.mark.parametrize("n_txt", [1, 13, 40, 64])
 def test_flux_variant_text_image_boundary(n_txt, mode, dtype, device):
     # Joint sequences [text, image]; with 32-row query tiles the boundary falls inside a block for 13 and
-    # 40, and the first block is pure text for 40.
+    # 40, and the first block is pure text for 40. 64 (FLUX's 512 likewise) is a multiple of the query
+    # tile: no tile mixes text and image rows, and the kernel compiles without the per-element text select.
     n = 97
     inputs = make_inputs(1, 2, n, n, n, 48, dtype, device, seed=n_txt)
     mask = make_mask("soft", 1, n - n_txt, device)
@@ -158,6 +159,21 @@ def test_custom_scale(device):
     out = run_triton(inputs, mask, 1.5, scale=0.3)
     assert_close_to_ref(out, inputs, mask, 1.5, scale=0.3)
     assert (out - run_triton(inputs, mask, 1.5)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+@pytest.mark.parametrize("kind", ["binary", "soft", None])
+@pytest.mark.parametrize("scale", [-0.3, 0.0])
+def test_non_positive_scale(scale, kind, mode, device):
+    # The kernel takes its running max on raw scores and folds the scale into the exp's multiply-add, which
+    # holds for a scale > 0 only (a negative one reverses the order of the scores); a scale <= 0 takes the
+    # path that scales every score first. Large scores make a wrong max overflow.
+    n_txt = 5
+    inputs = make_inputs(2, 2, 37, 30, n_txt + 29, 64, torch.float32, device, scale_qk=4.0)
+    mask = None if kind is None else make_mask(kind, 2, 29, device)
+    out = run_triton(inputs, mask, 1.5, scale=scale, mode=mode, n_txt=n_txt)
+    assert torch.isfinite(out).all()
+    assert_close_to_ref(out, inputs, mask, 1.5, scale=scale, mode=mode, n_txt=n_txt)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
@@ -334,6 +350,9 @@ def _poison_excluded(inputs, mask, n_txt, mode):
 @pytest.mark.parametrize("d,n_txt,kind,shared,mode,dtype", [
     (40, 0, "bool", False, "bias", torch.float16),     # per-row masks
     (72, 13, "binary", True, "bias", torch.bfloat16),  # FLUX text rows; 13 splits a query tile
+    (40, 32, "binary", False, "bias", torch.float16),  # 32 text rows: two whole query tiles, no text select
+    (40, 16, "bool", True, "bias", torch.float32),     # a shared mask, fp32, text rows a whole tile
+    (72, 16, "soft", False, "scale", torch.float16),   # "scale" mode, text rows a whole tile
     (111, 7, "bool", False, "bias", torch.float32),    # unaligned head dim
     (40, 5, "soft", False, "scale", torch.float16),    # "scale" mode: split only (nothing is packed)
     (72, 0, None, False, "bias", torch.float16),       # no mask: every FD image key at m = 1
@@ -410,6 +429,15 @@ def test_launcher_picks_variants(device):
     assert grid[0] == 6 and merge is not None and meta["BINARY"] and meta["SPLIT_KV"] and meta["WRITE_LSE"]
     _, _, meta, _, _, _ = launch_plan(*inputs, bool_mask, mode="scale", binary=True, **kw)
     assert not meta["BINARY"]  # "scale" mode reads every key's value
+    # The scale folds into the exp's multiply-add only when it is > 0; the per-element text select only when
+    # a query tile holds both text and image rows.
+    assert meta["RAW_MAX"] and not meta["MIXED_TXT"]
+    inputs = make_inputs(1, 2, 45 + 32, 39, 51 + 32, 40, torch.float16, device)
+    for n_txt, mixed in ((32, False), (16, False), (13, True), (40, True)):
+        _, _, meta, _, _, _ = launch_plan(*inputs, bool_mask, mode="bias", **dict(kw, n_txt=n_txt))
+        assert meta["MIXED_TXT"] == mixed, n_txt
+    assert not launch_plan(*inputs, bool_mask, mode="bias", **dict(kw, scale=-0.1))[2]["RAW_MAX"]
+    assert not launch_plan(*inputs, bool_mask, mode="bias", **dict(kw, scale=0.0))[2]["RAW_MAX"]
 
 
 def test_tile_sweep_launches_every_variant(device):
