@@ -591,6 +591,10 @@ class FreeCure:
                           **extra)
 
     def _install(self, mask, layout: str):
+        """FASA for one pass; ``layout``: how this call batches CFG as FreeCure reads the call, used where the
+        pipeline cannot say it itself (a pipeline that can is asked at every call: layout=None)."""
+        if isinstance(getattr(type(self.pipe), "do_classifier_free_guidance", None), property):
+            layout = None
         return install_fasa(self.pipe, mask, self.omega, layers=self.layers, steps=self.steps,
                             style_fidelity=self.style_fidelity, layout=layout, mode=self.mode, backend=self.backend,
                             force=self.force)
