@@ -10,7 +10,7 @@ wheel's ptxas and reads the results:
   regs       registers per thread; spill  stack bytes (register spills, want 0)
   ld16       scalar 2-byte global loads in the PTX (want 0: rows load as 16-byte vectors / async copies)
   pipelined  key loops whose loads are multi-buffered (an ``async_wait`` with copies left in flight inside
-             the loop); want 2: the PD loop and the FD loop
+             the loop); want 2: the PD loop and the FD loop (1 for ``-pdsdpa``: the FD loop)
   buffers    depth of the K/V shared-memory ring of those loops
   wgmma      Hopper tensor-core MMAs present
   pd_instr   SASS instructions in the PD key loop's body (its cost per PD key tile)
@@ -18,8 +18,9 @@ wheel's ptxas and reads the results:
   ctas       programs per SM by registers, warps and shared memory (occupancy)
   merge_regs / merge_spill   split-KV's merge kernel (0: no split)
 
-Cases named ``-bin`` take the binary-mask FD loop, ``-split`` the split-KV launch; compare each with the
-case of the same name without the suffix.
+Cases named ``-bin`` take the binary-mask FD loop, ``-split`` the split-KV launch, ``-pdsdpa`` the FD program
+alone (the PD keys by torch's SDPA; pd_instr 0, one pipelined loop) and the merge; compare each with the case of
+the same name without the suffix.
 
 Run it (``python -m freecure_ops.bench.compile_report``) under the Triton at hand; under another Triton, put
 that one first on the path: ``pip install --target /tmp/t36 triton==3.6.0`` then
@@ -57,12 +58,14 @@ class CompileCase:
     layout: str = "diffusers"  # or "strided_d": a non-unit head-dim stride (the unaligned fallback)
     binary: bool = False      # the binary-mask FD loop (one scalar bias, no per-key value loads)
     split: bool = False       # the split-KV launch (PD and FD keys in separate programs, then a merge)
+    pd_sdpa: bool = False     # the PD keys by torch's SDPA: the FD program alone, then the merge
 
     @property
     def name(self) -> str:
         txt = f"-txt{self.n_txt}" if self.n_txt else ""
         extra = ("-lse" if self.lse else "") + ("" if self.layout == "diffusers" else f"-{self.layout}")
         extra += ("-bin" if self.binary else "") + ("-split" if self.split else "")
+        extra += "-pdsdpa" if self.pd_sdpa else ""
         return f"{self.dtype}-d{self.head_dim}-{self.mode}{txt}-{self.heads}h-{self.grid[0]}x{self.grid[1]}{extra}"
 
 
@@ -95,7 +98,20 @@ VARIANT_CASES = (
     CompileCase("fp16", 128, "scale", n_txt=64, heads=4, grid=(16, 16), split=True),
     CompileCase("fp16", 128, n_txt=64, heads=4, grid=(16, 16), binary=True, split=True, lse=True),
 )
-CASES = CASES + VARIANT_CASES
+# pd_sdpa: the FD-only program (the PD keys go to torch's cuDNN/flash/efficient SDPA, not compiled here) and
+# the merge, at every model head dim's "bias" case with the binary loop (what a bool mask gets), one float
+# loop, one "scale" case and the FLUX joint sequence with and without text rows sharing a query tile.
+PD_SDPA_CASES = (
+    CompileCase("fp16", 40, binary=True, pd_sdpa=True), CompileCase("fp16", 64, heads=10, binary=True, pd_sdpa=True),
+    CompileCase("fp16", 64, heads=10, pd_sdpa=True),
+    CompileCase("bf16", 72, binary=True, pd_sdpa=True),
+    CompileCase("fp16", 80, grid=(32, 32), binary=True, pd_sdpa=True),
+    CompileCase("bf16", 128, n_txt=512, heads=24, binary=True, pd_sdpa=True),
+    CompileCase("fp16", 128, "scale", n_txt=512, heads=24, pd_sdpa=True),
+    CompileCase("fp16", 160, grid=(16, 16), binary=True, pd_sdpa=True),
+    CompileCase("fp16", 128, n_txt=64, heads=4, grid=(16, 16), binary=True, pd_sdpa=True, lse=True),
+)
+CASES = CASES + VARIANT_CASES + PD_SDPA_CASES
 
 
 def _qkv(case: CompileCase, dtype):
@@ -128,9 +144,12 @@ def compile_case(case: CompileCase, config: tuple | None = None):
     mask = prepare_fasa_mask(torch.arange(n_img) % 4 == 0)
     d0, d1 = head_dim_split(case.head_dim)
     config = config or tile_config(d0 + d1, q.element_size(), q.shape[2], case.heads, case.pairs)
+    # torch's flash and cuDNN kernels return their output in q's layout and a contiguous fp32 LSE
+    pd_part = (torch.empty_like(q), torch.empty(q.shape[:3])) if case.pd_sdpa else None
     _, args, meta, _, _, merge = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=case.head_dim ** -0.5, omega=1.5,
                                              mode=case.mode, n_txt=case.n_txt, return_lse=case.lse, config=config,
-                                             interpret=False, binary=case.binary, split_kv=case.split)
+                                             interpret=False, binary=case.binary, split_kv=case.split,
+                                             pd_part=pd_part)
     merged = None if merge is None else _compile(_merge_kernel, merge[1], merge[2])
     return _compile(_fasa_fwd_kernel, args, meta), config, meta["ALIGN"], merged
 
@@ -235,6 +254,8 @@ def report(case: CompileCase, config: tuple | None = None) -> Report:
     loops, depth = _pipelined_loops(kernel.asm["ttgir"])
     ld16 = len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", kernel.asm["ptx"]))
     pd_instr, fd_instr = _loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+    if case.pd_sdpa:  # no PD loop: the one loop is the FD loop's
+        pd_instr = 0
     merge_regs, merge_spill = (0, 0) if merge is None else _resource_usage(merge.asm["cubin"])
     return Report(case.name, "x".join(map(str, config)), align, kernel.metadata.shared, regs, spill, ld16,
                   loops, depth, "wgmma" in kernel.asm["ptx"], pd_instr, fd_instr,

@@ -3,10 +3,12 @@
 #   1. make diffusers importable (a wheel carried in .whl/, see NOTES.md) and check the project imports,
 #   2. the kernel and adapter tests on CUDA (fp16, bf16: the compiled paths; interpreter-only tests skip),
 #   3. the tile sweep: every candidate config per real shape, the table's choice against the fastest, and
-#      the kernel variants (binary-mask FD loop vs float loop, split-KV under one wave),
+#      the kernel variants (binary-mask FD loop vs float loop, split-KV under one wave, pd-sdpa: the PD keys
+#      by torch's cuDNN/flash/efficient SDPA with the FD program alone, merged by LSE, on every shape),
 #   4. the benchmark at the real shapes, fp16: B=1 per guidance half and the B=4 cases, hair and band masks
-#      at 10/25/50% and the full mask, every provider (fasa, authors, reference, sdpa_bias, sdpa_gather,
-#      flex, sdpa_dense, sdpa_pd), each case at 25% hair and full first, heaviest shape (FLUX) first,
+#      at 10/25/50% and the full mask, every provider (fasa, fasa_pdsdpa (each torch SDPA kernel that takes
+#      the PD part, the fastest kept), authors, reference, sdpa_bias, sdpa_gather, sdpa_fold, flex,
+#      sdpa_dense, sdpa_pd), each case at 25% hair and full first, heaviest shape (FLUX) first,
 #   5. the host cost per call (our Python work; and whole calls with Triton's launch),
 #   6. the end-to-end denoising step, then whole FreeCure generations three ways, with what time is left.
 # Each step has its own time limit; the benchmark and the sweep rewrite their CSVs as they go, so a limit
@@ -66,7 +68,8 @@ tail -n 8 "$OUT/pytest.log" >> "$OUT/bench.log"
 # 3. Tile sweep: worker processes compile every candidate first (up to 60% of its budget), then the timings,
 #    heaviest shapes first; it stops starting new shapes after its budget and writes sweep.csv / sweep.txt
 #    as it goes. Besides the tile configs it times the kernel variants (binary vs float FD loop; split-KV on
-#    grids under one wave), about 110 kernels to compile where 65 were: 15 s more than before.
+#    grids under one wave; pd-sdpa's FD-only program at 2-3 configs per head dim: ~15 kernels more), about
+#    125 kernels to compile where 65 were.
 timeout -k 5 125 "$PY" -m freecure_ops.bench.tile_sweep --out "$OUT" --budget-s 90 >> "$OUT/bench.log" 2>&1
 echo "== sweep rc=$? at $(elapsed)" >> "$OUT/bench.log"
 [ -f "$OUT/sweep.txt" ] && sed -i "1i $HEADER" "$OUT/sweep.txt"

@@ -8,6 +8,10 @@ run pays on every call (concatenating K/V, the attention itself) is inside the c
 name           computes  how
 =============  ========  ======================================================================================
 fasa           FASA      ``freecure_ops.fasa_attention(backend="triton")``: the fused kernel through the public API
+fasa_pdsdpa    FASA      CUDA only: the kernel's ``pd_sdpa`` variant (``kernels.fasa_fwd(..., pd_sdpa=...)``, prepared
+                         mask): PD keys by torch's fused SDPA with an LSE, FD keys by the kernel's FD program, merged
+                         by LSE; timed with each torch kernel that takes the call (cuDNN, flash, efficient), the
+                         fastest kept, the note says all
 fasa[torch]    FASA      ``freecure_ops.fasa_attention(backend="torch")``: the CPU path (live keys gathered, bias
                          folded into a head-dim column, SDPA with no mask, float32), prepared mask
 authors        FASA      the authors' released FASA (``attn_batch``): einsum scores in the input dtype, the FD part
@@ -42,9 +46,9 @@ from .masks import case_mask
 from .measure import timed_once_ms
 from .shapes import Case
 
-PROVIDERS = ("fasa", "fasa[torch]", "authors", "reference", "sdpa_bias", "sdpa_gather", "sdpa_fold", "flex",
+PROVIDERS = ("fasa", "fasa_pdsdpa", "fasa[torch]", "authors", "reference", "sdpa_bias", "sdpa_gather", "sdpa_fold", "flex",
              "sdpa_dense", "sdpa_pd")
-TARGETS = {"fasa": "fasa", "fasa[torch]": "fasa", "authors": "fasa", "reference": "fasa", "sdpa_bias": "fasa",
+TARGETS = {"fasa": "fasa", "fasa_pdsdpa": "fasa", "fasa[torch]": "fasa", "authors": "fasa", "reference": "fasa", "sdpa_bias": "fasa",
            "sdpa_gather": "fasa", "sdpa_fold": "fasa", "flex": "fasa", "sdpa_dense": "dense", "sdpa_pd": "pd"}
 # The reference materializes [B, H, Nq, Np + Nf] fp32 scores (and a few copies): above this many bytes of
 # fp32 scores it runs in query chunks (same math, bounded memory) and the row says so.
@@ -219,6 +223,32 @@ def prepare_fasa(p: Problem) -> Prepared:
     def fn():
         return fasa_attention(*args, scale=p.scale, n_txt=p.case.n_txt, backend="triton")
     return Prepared(fn, "public API, backend=triton, prepared mask", build_ms)
+
+
+def prepare_fasa_pdsdpa(p: Problem) -> Prepared:
+    """The kernel with its PD part by torch's SDPA (``fasa_fwd(..., pd_sdpa=op)``), a prepared mask, once per op
+    that takes the call: the runner keeps the fastest; ``fn`` is the launcher's own pick ("auto": cuDNN first)."""
+    from freecure_ops import prepare_fasa_mask
+    from freecure_ops.kernels.fasa_fwd import PD_SDPA_CUDA, fasa_fwd, pd_sdpa_op
+
+    if p.device.type != "cuda":
+        raise Skip("kernel timings need CUDA (the CPU run checks the variant in the Triton interpreter instead)")
+    prepare_fasa_mask(p.mask)  # warm
+    holder = {}
+    build_ms = timed_once_ms(lambda: holder.setdefault("mask", prepare_fasa_mask(p.mask)), p.device)
+    mask = holder["mask"]
+    kw = dict(scale=p.scale, omega=p.omega, mode="bias", n_txt=p.case.n_txt)
+
+    def call(op):
+        return lambda: fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, pd_sdpa=op, **kw)
+    ops = [op for op in PD_SDPA_CUDA if pd_sdpa_op(p.q, p.k_p, p.v_p, p.scale, op) is not None]
+    auto = pd_sdpa_op(p.q, p.k_p, p.v_p, p.scale)
+    if auto is None:
+        raise Skip("no torch SDPA kernel with an LSE takes this call's PD part (the kernel's own launch runs)")
+    prepared = Prepared(call(True), f"kernel with PD by torch SDPA (auto pick: {auto}; takes it: {', '.join(ops)})",
+                        build_ms)
+    prepared.variants = {op: call(op) for op in ops}
+    return prepared
 
 
 def prepare_fasa_torch(p: Problem) -> Prepared:
@@ -448,7 +478,8 @@ def prepare_flex(p: Problem, *, allow_cpu: bool = False) -> Prepared:
     return Prepared(fn, f"{kv_note}; first call {compile_ms / 1e3:.1f} s", build_ms)
 
 
-PREPARE = {"fasa": prepare_fasa, "fasa[torch]": prepare_fasa_torch, "authors": prepare_authors,
+PREPARE = {"fasa": prepare_fasa, "fasa_pdsdpa": prepare_fasa_pdsdpa, "fasa[torch]": prepare_fasa_torch,
+           "authors": prepare_authors,
            "reference": prepare_reference, "sdpa_bias": prepare_sdpa_bias, "sdpa_gather": prepare_sdpa_gather,
            "sdpa_fold": prepare_sdpa_fold, "flex": prepare_flex, "sdpa_dense": prepare_sdpa_dense,
            "sdpa_pd": prepare_sdpa_pd}

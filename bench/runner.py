@@ -129,7 +129,7 @@ def run_provider(p, name: str, env: dict, timing: dict, backend_cache: dict, all
         except Exception as e:  # no pinned variant runs: time the unpinned call, as SDPA picks
             picked = f"no pinned SDPA backend ran ({_first_line(e, 80)}): SDPA's own pick"
         row["note"] = f"{row['note']}; {picked}"
-    if name.startswith("sdpa"):
+    if name.startswith("sdpa") or name == "fasa_pdsdpa":  # the latter: the torch kernel of its PD part
         key = (name, p.case.name, p.dtype)
         if key not in backend_cache:
             backend_cache[key] = sdpa_backends(prep.fn)

@@ -8,7 +8,8 @@ not fatal). The kernel's variants: ``binary`` (one scalar bias per mask row: the
 is what a launch with a prepared mask gets) with every config; ``float`` (the FD loop loads each live key's
 mask value) at the table's config; where the table's grid is under one wave of programs at 3 per SM,
 ``split-bin`` with every config and ``split`` at the table's config (PD and FD keys in separate programs,
-merged by LSE). The output says, per case, the default
+merged by LSE); on every case ``pd-sdpa`` (the PD keys by torch's fastest fused SDPA kernel with an LSE,
+cuDNN first, the FD program alone, merged by LSE) at the table's config and two others. The output says, per case, the default
 launch's time (table config, binary loop, no split), the best time with its config and variant, their
 ratio, and the best time of each variant: a ratio well above 1 is a change to make in
 ``kernels/fasa_fwd.py`` (``tile_config``, or where the launcher turns split-KV on).
@@ -46,16 +47,19 @@ FIELDS = ["device", "torch", "triton", "cuda", "case", "head_dim", "batch", "mas
           "variant", "table", "ms", "status", "note"]
 # fasa_fwd keyword arguments per variant; "binary" with split off is the default launch for a binary mask.
 VARIANTS = {"float": dict(binary=False), "binary": dict(binary=True), "split": dict(binary=False, split_kv=True),
-            "split-bin": dict(binary=True, split_kv=True)}
+            "split-bin": dict(binary=True, split_kv=True), "pd-sdpa": dict(binary=True, pd_sdpa=True)}
 DEFAULT_VARIANT = "binary"
 SPLIT_BELOW_PROGRAMS_PER_SM = 3  # split-KV is timed where the table's grid has fewer programs than SMs x this
+# pd-sdpa (PD keys by torch's cuDNN/flash/efficient SDPA, the FD program alone, merged by LSE) is timed on every
+# case at the table's config and these (the FD-only program's own tiles; few, to keep the compile budget)
+PD_SDPA_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3))
 
 
 def variants_for(programs: int, sm_count: int) -> tuple:
-    """The variants worth timing for a grid of ``programs``: split-KV only under one wave."""
+    """The variants worth timing for a grid of ``programs``: split-KV only under one wave; pd-sdpa always."""
     if programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
         return tuple(VARIANTS)
-    return ("float", "binary")
+    return ("float", "binary", "pd-sdpa")
 
 
 def distinct_cases():
@@ -78,6 +82,7 @@ def timed_pairs(table: tuple, programs: int, sm_count: int) -> list:
     configs = tuple(dict.fromkeys((table,) + CANDIDATES))
     pairs = [(cfg, v) for v in (DEFAULT_VARIANT, "split-bin") if v in variants for cfg in configs]
     pairs[1:1] = [(table, v) for v in ("float", "split") if v in variants]
+    pairs += [(cfg, "pd-sdpa") for cfg in dict.fromkeys((table,) + PD_SDPA_CONFIGS)]
     return pairs
 
 

@@ -22,7 +22,11 @@ against the default; results are the same function):
     per FD tile, bench/COMPILE.md). Chosen from the prepared mask's ``binary``.
   * SPLIT_KV: two programs per query block, one over the PD keys and one over the FD keys, each writing an
     fp32 partial output and LSE, merged by ``_merge_kernel``: twice the programs for grids under one wave.
-    Off unless asked for (``split_kv=True``) until GPU timings say where it pays. Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
+    Off unless asked for (``split_kv=True``) until GPU timings say where it pays.
+  * FD_ONLY (``pd_sdpa=True``): the PD keys by torch's fused SDPA kernel that returns the LSE (cuDNN, flash,
+    efficient; ``pd_sdpa_op``), this kernel runs split-KV's FD program alone and ``_merge_kernel`` combines
+    the two by LSE. Off unless asked for, like split-KV.
+Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
 inputs and a prepared mask (``freecure_ops.prepare_fasa_mask``); it imports nothing from the rest of the
 package and checks only what the launch itself needs.
 """
@@ -174,7 +178,7 @@ def _fasa_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
     SCALE_MODE: tl.constexpr, FD_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MIXED_TXT: tl.constexpr,
-    BINARY: tl.constexpr, SPLIT_KV: tl.constexpr, RAW_MAX: tl.constexpr,
+    BINARY: tl.constexpr, SPLIT_KV: tl.constexpr, FD_ONLY: tl.constexpr, RAW_MAX: tl.constexpr,
     WRITE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
 ):
     # Head dim D = BLOCK_D0 (+ BLOCK_D1 when SPLIT_D), powers of two, the last part zero-padded: 80 = 64 + 16
@@ -193,7 +197,12 @@ def _fasa_fwd_kernel(
         svf_b, svf_h, svf_n = _aligned(svf_b, ALIGN), _aligned(svf_h, ALIGN), _aligned(svf_n, ALIGN)
         so_b, so_h, so_n = _aligned(so_b, ALIGN), _aligned(so_h, ALIGN), _aligned(so_n, ALIGN)
         so_p = _aligned(so_p, ALIGN)
-    if SPLIT_KV:
+    if FD_ONLY:
+        # The FD part alone (PD keys by torch's SDPA, launch_plan's pd_sdpa): one program per query block,
+        # the split-KV FD program; its partial output and LSE are the only part in OUT/LSE (so_p = sl_p = 0).
+        pid_m = tl.program_id(0)
+        part = 1
+    elif SPLIT_KV:
         # Split-KV: two programs per query block, part 0 over the PD keys, part 1 over the FD keys. Each
         # writes its normalized partial output and LSE (fp32); _merge_kernel combines them by LSE.
         pid_m = tl.program_id(0) // 2
@@ -230,31 +239,32 @@ def _fasa_fwd_kernel(
     acc0 = tl.zeros([BLOCK_M, BLOCK_D0], dtype=tl.float32)
     acc1 = tl.zeros([BLOCK_M, BLOCK_D1], dtype=tl.float32)
 
-    # 1. PD keys. Key 0 always exists, so every row's running max is finite after this loop and fully
-    #    excluded FD keys/rows below fold in as exact zeros. Full tiles carry no bound checks.
-    kp_base = KP + off_b * skp_b + off_h * skp_h
-    vp_base = VP + off_b * svp_b + off_h * svp_h
-    np_full = (NP // BLOCK_N) * BLOCK_N
-    pd_tail = np_full < NP
-    if SPLIT_KV:  # the FD part skips the PD keys
-        np_full = tl.where(part == 0, np_full, 0)
-        pd_tail = pd_tail & (part == 0)
-    for start_n in range(0, np_full, BLOCK_N):
-        cols = start_n + offs_n
-        qk = _scores(q0, q1, kp_base, cols, cols < NP, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
-                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE, RAW_MAX)
-        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, sc, None, vp_base, cols, cols < NP, offs_d0,
-                                           offs_d1, svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,
-                                           DOT_DTYPE, IEEE, False)
-    if pd_tail:
-        cols = np_full + offs_n
-        ok = cols < NP
-        qk = _scores(q0, q1, kp_base, cols, ok, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
-                     HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE, RAW_MAX)
-        qk = tl.where(ok[None, :], qk, float("-inf"))
-        acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, sc, None, vp_base, cols, ok, offs_d0, offs_d1,
-                                           svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
-                                           DOT_DTYPE, IEEE, False)
+    if not FD_ONLY:  # FD_ONLY: the PD keys are another kernel's (torch's SDPA)
+        # 1. PD keys. Key 0 always exists, so every row's running max is finite after this loop and fully
+        #    excluded FD keys/rows below fold in as exact zeros. Full tiles carry no bound checks.
+        kp_base = KP + off_b * skp_b + off_h * skp_h
+        vp_base = VP + off_b * svp_b + off_h * svp_h
+        np_full = (NP // BLOCK_N) * BLOCK_N
+        pd_tail = np_full < NP
+        if SPLIT_KV:  # the FD part skips the PD keys
+            np_full = tl.where(part == 0, np_full, 0)
+            pd_tail = pd_tail & (part == 0)
+        for start_n in range(0, np_full, BLOCK_N):
+            cols = start_n + offs_n
+            qk = _scores(q0, q1, kp_base, cols, cols < NP, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
+                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False, DOT_DTYPE, IEEE, RAW_MAX)
+            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, sc, None, vp_base, cols, cols < NP, offs_d0,
+                                               offs_d1, svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, False,
+                                               DOT_DTYPE, IEEE, False)
+        if pd_tail:
+            cols = np_full + offs_n
+            ok = cols < NP
+            qk = _scores(q0, q1, kp_base, cols, ok, offs_d0, offs_d1, skp_n, skp_d, qk_scale,
+                         HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True, DOT_DTYPE, IEEE, RAW_MAX)
+            qk = tl.where(ok[None, :], qk, float("-inf"))
+            acc0, acc1, l_i, m_i = _accumulate(acc0, acc1, l_i, m_i, qk, sc, None, vp_base, cols, ok, offs_d0, offs_d1,
+                                               svp_n, svp_d, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D, True,
+                                               DOT_DTYPE, IEEE, False)
 
     # 2. FD image keys (rows N_TXT + j of k_f/v_f for mask entry j). Query blocks made only of text rows have
     #    nothing to do here: their FD loop runs zero times.
@@ -262,7 +272,7 @@ def _fasa_fwd_kernel(
     vf_base = VF + off_b * svf_b + off_h * svf_h
     n_img = NF - N_TXT
     has_img_rows = pid_m * BLOCK_M + BLOCK_M > N_TXT
-    if SPLIT_KV:  # the PD part skips the FD keys
+    if SPLIT_KV and not FD_ONLY:  # the PD part skips the FD keys
         has_img_rows = has_img_rows & (part == 1)
     if FD_PACKED:
         # "bias" mode: only live keys (m > 0) can contribute. FD_INDEX lists them per mask row, FD_VALUE holds
@@ -335,7 +345,7 @@ def _fasa_fwd_kernel(
                                                SPLIT_D, True, DOT_DTYPE, IEEE, EMPTY_ROWS)
     if COUNT_TILES:  # introspection: FD key tiles this program visited (the FD part's, under split-KV)
         at = VISITED + (off_b * H + off_h) * tl.cdiv(NQ, BLOCK_M) + pid_m
-        if SPLIT_KV:
+        if SPLIT_KV and not FD_ONLY:
             tl.store(at, n_tiles, mask=part == 1)
         else:
             tl.store(at, n_tiles)
@@ -358,11 +368,22 @@ def _fasa_fwd_kernel(
 
 
 @triton.jit
-def _merge_kernel(PART, PLSE, OUT, LSE, sp_b, sp_h, sp_p, sl_p, so_b, so_h, so_n, H, NQ,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr):
-    """Split-KV's second step: out = sum over the two parts of exp(lse_part - lse) * out_part, lse the
-    log-sum-exp of the parts' LSEs. Part 0 (PD keys) always has a finite LSE; part 1 may be -inf (weight 0).
-    Partial outputs are fp32 [2, B, H, NQ, HEAD_DIM], contiguous; their LSEs fp32 [2, B, H, NQ]."""
+def _merge_kernel(P0, P1, L0, L1, OUT, LSE,
+                  s0_b, s0_h, s0_n, s0_d, s1_b, s1_h, s1_n, l0_b, l0_h, l0_n, l1_b, l1_h,
+                  so_b, so_h, so_n, H, NQ,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr,
+                  ALIGN: tl.constexpr):
+    """The merge of a PD part and an FD part of attention: out = sum over the parts of exp(lse_part - lse) *
+    out_part, lse the log-sum-exp of the parts' LSEs (natural log). Part 0 (PD keys) always has a finite LSE;
+    part 1 (FD keys, fp32, token stride s1_n, unit head-dim and token LSE strides) may be -inf (weight 0:
+    FLUX text rows, an empty mask row), which gives part 0 exactly. Part 0 is split-KV's fp32 partial or the
+    output of torch's SDPA (q's dtype, any strides) with its fp32 LSE (any strides: flash and cuDNN
+    ``[B, H, Nq]`` / ``[B, H, Nq, 1]``, efficient padded past Nq, the CPU kernel ``[B, Nq, H]`` memory).
+    ALIGN: the launcher checked that part 0's and out's batch/head/token strides are multiples of ALIGN
+    elements (16-byte rows; diffusers' head stride of 40 is not a multiple of 16, all Triton can see)."""
+    if ALIGN > 1:
+        s0_b, s0_h, s0_n = _aligned(s0_b, ALIGN), _aligned(s0_h, ALIGN), _aligned(s0_n, ALIGN)
+        so_b, so_h, so_n = _aligned(so_b, ALIGN), _aligned(so_h, ALIGN), _aligned(so_n, ALIGN)
     pid_m = tl.program_id(0)
     off_h = tl.program_id(1).to(tl.int64)
     off_b = tl.program_id(2).to(tl.int64)
@@ -370,16 +391,15 @@ def _merge_kernel(PART, PLSE, OUT, LSE, sp_b, sp_h, sp_p, sl_p, so_b, so_h, so_n
     offs_d = tl.arange(0, BLOCK_D)
     row_ok = offs_m < NQ
     ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-    lse_at = PLSE + (off_b * H + off_h) * NQ + offs_m
-    lse0 = tl.load(lse_at, mask=row_ok, other=0.0)
-    lse1 = tl.load(lse_at + sl_p, mask=row_ok, other=float("-inf"))
+    lse0 = tl.load(L0 + off_b * l0_b + off_h * l0_h + offs_m * l0_n, mask=row_ok, other=0.0)
+    lse1 = tl.load(L1 + off_b * l1_b + off_h * l1_h + offs_m, mask=row_ok, other=float("-inf"))
     top = tl.maximum(lse0, lse1)
     w0 = tl.exp(lse0 - top)
     w1 = tl.exp(lse1 - top)
     total = w0 + w1
-    at = PART + off_b * sp_b + off_h * sp_h + offs_m[:, None] * HEAD_DIM + offs_d[None, :]
-    o0 = tl.load(at, mask=ok, other=0.0)
-    o1 = tl.load(at + sp_p, mask=ok, other=0.0)
+    o0 = tl.load(P0 + off_b * s0_b + off_h * s0_h + offs_m[:, None] * s0_n + offs_d[None, :] * s0_d, mask=ok,
+                 other=0.0).to(tl.float32)
+    o1 = tl.load(P1 + off_b * s1_b + off_h * s1_h + offs_m[:, None] * s1_n + offs_d[None, :], mask=ok, other=0.0)
     o = (o0 * (w0 / total)[:, None] + o1 * (w1 / total)[:, None])
     o_at = OUT + off_b * so_b + off_h * so_h + offs_m[:, None] * so_n + offs_d[None, :]
     tl.store(o_at, o.to(OUT.dtype.element_ty), mask=ok)
@@ -489,15 +509,137 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 _ARG_NAMES = ("q", "k_p", "v_p", "k_f", "v_f")
 
 
+def _merge_plan(out0, lse0, out1, lse1, out, lse, interpret: bool):
+    """(grid, args, keyword args) of ``_merge_kernel`` combining part 0 (``out0`` ``[B, H, Nq, D]``, any float
+    dtype and strides; ``lse0`` ``[B, H, Nq]`` fp32, any strides) with part 1 (``out1`` fp32 with a unit
+    head-dim stride, ``lse1`` fp32 with a unit token stride) into ``out`` (``[B, Nq, H, D]`` memory) and
+    ``lse`` (contiguous, or None)."""
+    batch, heads, n_q, head_dim = out.shape
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    merge_bm = 32 if interpret else max(16, min(64, 4096 // block_d))  # 32 elements a thread and tensor
+    # 16-byte rows of part 0 and out (8 elements of 2 bytes, 4 of 4): unit head-dim stride, aligned bases,
+    # batch/head/token strides multiples of that (out's are multiples of the head dim).
+    vec = 16 // out.element_size()
+    strides = out0.stride()
+    align = vec if (head_dim % vec == 0 and strides[3] == 1 and out0.element_size() == out.element_size()
+                    and not (strides[0] | strides[1] | strides[2]) % vec and out0.data_ptr() % 16 == 0
+                    and out.data_ptr() % 16 == 0) else 1
+    return ((_cdiv(n_q, merge_bm), heads, batch),
+            (out0, out1, lse0, lse1, out, out if lse is None else lse, *out0.stride(), *out1.stride()[:3],
+             *lse0.stride(), *lse1.stride()[:2], n_q * heads * head_dim, head_dim, heads * head_dim, heads, n_q),
+            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_bm, WRITE_LSE=lse is not None, ALIGN=align,
+                 num_warps=4))
+
+
+# ------------------------------------------------------------------ the PD part by torch's own SDPA kernels
+# PD keys are plain attention, so torch's fastest fused SDPA kernel that returns the log-sum-exp can do them
+# (fasa_fwd's ``pd_sdpa``), leaving the gathered FD keys to this kernel and the two parts to _merge_kernel.
+# Preference on CUDA: cuDNN (the fastest forward on Hopper: FlashAttention-3 paper's H100 anchors, NOTES.md),
+# then flash (FA2), then the memory-efficient kernel (the one that takes fp32). Whether each takes a call is
+# torch's own decision (``torch._fused_sdp_choice`` with that backend alone enabled: dtype, head dim, strides,
+# device capability, cuDNN version), with head dims a multiple of 8 and at most 256 on top (the raw ops do not
+# pad the head dim as SDPA does). The CPU has one: ``_scaled_dot_product_flash_attention_for_cpu``.
+# Every LSE is natural-log, the domain the kernel's LSE and the merge use.
+PD_SDPA_CUDA = ("cudnn", "flash", "efficient")
+PD_SDPA_OPS = PD_SDPA_CUDA + ("flash_cpu",)
+
+
+def _sdp_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
+            "efficient": SDPBackend.EFFICIENT_ATTENTION, "flash_cpu": SDPBackend.FLASH_ATTENTION}[name]
+
+
+_SDP_FLAGS = {"cudnn": "cudnn_sdp_enabled", "flash": "flash_sdp_enabled", "efficient": "mem_efficient_sdp_enabled",
+              "flash_cpu": "flash_sdp_enabled"}
+
+
+def _torch_takes(name: str, q, k, v, scale: float) -> bool:
+    """Would torch's SDPA dispatch (q, k, v) to backend ``name`` with it alone enabled? (No host sync: shape,
+    dtype, stride and device checks only; the reasons it logs when it refuses are silenced.)"""
+    import warnings
+
+    from torch.nn.attention import sdpa_kernel
+
+    backend = _sdp_backend(name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            if name == "flash_cpu":  # the CPU has flash and math only: SDPA's own pick
+                return torch._fused_sdp_choice(q, k, v, scale=scale) == int(backend.value)
+            with sdpa_kernel([backend]):
+                return torch._fused_sdp_choice(q, k, v, scale=scale) == int(backend.value)
+        except Exception:  # a torch without the backend, or one that raises instead of refusing
+            return False
+
+
+_PD_SDPA_PICKS: dict = {}
+
+
+def pd_sdpa_op(q, k_p, v_p, scale: float, want="auto") -> str | None:
+    """The torch SDPA kernel that computes the PD part of this call for ``fasa_fwd(..., pd_sdpa=...)``
+    (``"cudnn"``, ``"flash"``, ``"efficient"`` on CUDA; ``"flash_cpu"`` on the CPU), or None where none takes
+    it (``fasa_fwd`` then runs its own launch). ``want``: "auto" (the first of cuDNN, flash, efficient that is
+    enabled in ``torch.backends.cuda`` and takes the call) or one of those names (None unless it takes the
+    call). A softmax scale <= 0 is left to the kernel. Decided once per (device, dtype, shapes, strides,
+    16-byte alignment, enabled backends) and remembered: no host sync, a dict lookup per call."""
+    if not scale > 0:
+        return None
+    dev = q.device
+    names = ("flash_cpu",) if dev.type == "cpu" else PD_SDPA_CUDA if want == "auto" else (want,)
+    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not set(names) <= set(PD_SDPA_CUDA)):
+        return None
+    flags = tuple(getattr(torch.backends.cuda, _SDP_FLAGS[n])() for n in names)
+    key = (want, dev, q.dtype, q.shape, k_p.shape, q.stride(), k_p.stride(), v_p.stride(), flags,
+           q.data_ptr() % 16, k_p.data_ptr() % 16, v_p.data_ptr() % 16)
+    pick = _PD_SDPA_PICKS.get(key, False)
+    if pick is False:
+        head_dim = q.shape[-1]
+        pick = next((n for n, on in zip(names, flags) if on and (n == "flash_cpu" or (head_dim % 8 == 0 and
+                     head_dim <= 256)) and _torch_takes(n, q, k_p, v_p, scale)), None)
+        if len(_PD_SDPA_PICKS) > 1024:
+            _PD_SDPA_PICKS.clear()
+        _PD_SDPA_PICKS[key] = pick
+    return pick
+
+
+def pd_attention(q, k_p, v_p, scale: float, op: str):
+    """Attention of q over the PD keys by torch's SDPA kernel ``op`` (from :func:`pd_sdpa_op`): ``(out, lse)``,
+    out ``[B, H, Nq, D]`` in q's dtype (the kernel's own layout), lse the fp32 natural-log log-sum-exp as a
+    ``[B, H, Nq]`` view (cuDNN's ``[B, H, Nq, 1]`` and the efficient kernel's padded ``[B, H, 32 * ceil(Nq / 32)]``
+    viewed down, never copied)."""
+    aten = torch.ops.aten
+    if op == "cudnn":
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k_p, v_p, None, True, 0.0, False, False,
+                                                             scale=scale)[:2]
+    elif op == "flash":
+        out, lse = aten._scaled_dot_product_flash_attention(q, k_p, v_p, 0.0, False, False, scale=scale)[:2]
+    elif op == "efficient":
+        out, lse = aten._scaled_dot_product_efficient_attention(q, k_p, v_p, None, True, 0.0, False,
+                                                                 scale=scale)[:2]
+    elif op == "flash_cpu":
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k_p, v_p, 0.0, False, scale=scale)
+    else:
+        raise ValueError(f"unknown PD SDPA op {op!r}; one of {PD_SDPA_OPS}")
+    if lse.dim() == 4:
+        lse = lse[..., 0]
+    return out, lse[..., :q.shape[2]]
+
+
 def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
                 return_lse: bool, config: tuple, interpret: bool, visited: torch.Tensor | None = None,
-                binary: bool = False, split_kv: bool = False):
+                binary: bool = False, split_kv: bool = False, pd_part: tuple | None = None):
     """(grid, positional args, keyword args, out, lse, merge) of the kernel launch for validated inputs and a
     tile config ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs (``lse`` is None unless
     asked for). ``binary``: the FD loop adds one scalar bias per mask row (valid only when every live value
     of each mask row is equal; "bias" mode with a mask, else ignored). ``split_kv``: PD and FD keys in
     separate programs writing fp32 partials; ``merge`` is then the (grid, args, keyword args) of
-    ``_merge_kernel``, which writes ``out``/``lse``, else None. Also what the offline compile check feeds to
+    ``_merge_kernel``, which writes ``out``/``lse``, else None. ``pd_part``: ``(out_pd, lse_pd)``, attention over
+    the PD keys computed elsewhere (torch's SDPA: ``[B, H, Nq, D]`` in any float dtype and strides, its fp32
+    natural-log LSE ``[B, H, Nq]``, any strides): the kernel runs the FD part alone (split-KV's FD program, one
+    per query block) and ``merge`` combines it with ``pd_part``; ``split_kv`` is then ignored. Also what the
+    offline compile check feeds to
     Triton's own specialization, so that it compiles exactly what a launch gets. Kept lean: it runs on every
     call (host cost, see the README)."""
     batch, heads, n_q, head_dim = q.shape
@@ -510,6 +652,8 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     out = torch.empty(batch, n_q, heads, head_dim, device=q.device, dtype=q.dtype).transpose(1, 2)
     lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32) if return_lse else None
     m_blocks = _cdiv(n_q, bm)
+    fd_only = pd_part is not None
+    split_kv = split_kv and not fd_only
     grid = (2 * m_blocks if split_kv else m_blocks, heads, batch)
     if visited is not None and (visited.dtype != torch.int32 or tuple(visited.shape) != (batch, heads, m_blocks)
                                 or not visited.is_contiguous()):
@@ -521,20 +665,23 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     # bf16 tl.dot is wrong in the CPU interpreter (fp32/fp16 are right): upcast there only.
     dot_dtype = tl.float32 if (interpret and q.dtype == torch.bfloat16) else _DOT_DTYPES[q.dtype]
     merge = None
-    if split_kv:
+    if pd_part is not None:
+        # The FD part alone, into an fp32 partial [B, H, Nq, D] and its LSE [B, H, Nq]; the merge takes the PD
+        # part from torch's SDPA (pd_part: its output and LSE; see pd_sdpa). Strides are multiples of D, so
+        # the alignment proved for out holds for them.
+        part = torch.empty(batch, heads, n_q, head_dim, device=q.device, dtype=torch.float32)
+        part_lse = torch.empty(batch, heads, n_q, device=q.device, dtype=torch.float32)
+        o_ptr, l_ptr = part, part_lse
+        o_strides = (*part.stride(), 0, 0)
+        merge = _merge_plan(pd_part[0], pd_part[1], part, part_lse, out, lse, interpret)
+    elif split_kv:
         # fp32 partials [part, B, H, Nq, D] and their LSEs [part, B, H, Nq]; strides are multiples of D, so
         # the alignment proved for out holds for them.
         part = torch.empty(2, batch, heads, n_q, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(2, batch, heads, n_q, device=q.device, dtype=torch.float32)
         o_ptr, l_ptr = part, part_lse
         o_strides = (*part.stride()[1:], part.stride(0), part_lse.stride(0))
-        block_d = max(16, triton.next_power_of_2(head_dim))
-        merge_bm = 32 if interpret else max(16, min(128, 8192 // block_d))
-        merge = ((_cdiv(n_q, merge_bm), heads, batch),
-                 (part, part_lse, out, out if lse is None else lse, part.stride(1), part.stride(2),
-                  part.stride(0), part_lse.stride(0), n_q * heads * head_dim, head_dim, heads * head_dim,
-                  heads, n_q),
-                 dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_bm, WRITE_LSE=return_lse, num_warps=4))
+        merge = _merge_plan(part[0], part_lse[0], part[1], part_lse[1], out, lse, interpret)
     else:
         o_ptr, l_ptr = out, out if lse is None else lse
         o_strides = (n_q * heads * head_dim, head_dim, heads * head_dim, 1, 0, 0)  # out's [B, Nq, H, D] memory
@@ -551,8 +698,8 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
         BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems(tensors, strides, head_dim, out, q.element_size()),
         SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, MIXED_TXT=n_txt % bm != 0,
-        BINARY=packed and binary, SPLIT_KV=split_kv, RAW_MAX=scale > 0,
-        WRITE_LSE=return_lse or split_kv, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype,
+        BINARY=packed and binary, SPLIT_KV=split_kv or fd_only, FD_ONLY=fd_only, RAW_MAX=scale > 0,
+        WRITE_LSE=return_lse or split_kv or fd_only, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype,
         IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=stages,
     )
     return grid, args, meta, out, lse, merge
@@ -561,7 +708,7 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
 def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mode: str, n_txt: int,
              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
              num_warps: int | None = None, num_stages: int | None = None, visited: torch.Tensor | None = None,
-             binary: bool | None = None, split_kv: bool = False):
+             binary: bool | None = None, split_kv: bool = False, pd_sdpa: bool | str = False):
     """Launch the kernel on validated inputs.
 
     ``mask``: None (every FD image key has m = 1), or a prepared mask: any object with ``rows`` (float32
@@ -576,6 +723,11 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
     asserts a binary mask (a caller that knows; wrong results if it is not).
     ``split_kv``: PD and FD keys in separate programs, merged by LSE in a second launch (more programs for
     grids under one wave; the GPU tile sweep says where it pays).
+    ``pd_sdpa``: the PD keys by torch's fastest fused SDPA kernel that returns the LSE (True or "auto": cuDNN,
+    else flash, else efficient on CUDA; the CPU kernel under the interpreter; or one of those names,
+    :func:`pd_sdpa_op`), the FD keys by this kernel's FD program alone (fp32 partial + LSE), merged by LSE.
+    Where no such kernel takes the call (an odd head dim, a non-unit head-dim stride, a scale <= 0) the
+    launch is the one without ``pd_sdpa``. Off by default until GPU timings say where it pays.
     ``visited``: an int32 tensor ``[B, H, cdiv(Nq, BLOCK_M)]`` that receives the FD key tiles each program
     visited (introspection).
     """
@@ -591,9 +743,14 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
         config = tuple(o or c for o, c in zip((block_m, block_n, num_warps, num_stages), config))
     if binary is None:
         binary = bool(getattr(mask, "binary", False))
+    pd_part = None
+    if pd_sdpa:
+        op = pd_sdpa_op(q, k_p, v_p, scale, "auto" if pd_sdpa is True else pd_sdpa)
+        if op is not None:
+            pd_part = pd_attention(q, k_p, v_p, scale, op)
     grid, args, meta, out, lse, merge = launch_plan(
         q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt, return_lse=return_lse,
-        config=config, interpret=interpret, visited=visited, binary=binary, split_kv=split_kv)
+        config=config, interpret=interpret, visited=visited, binary=binary, split_kv=split_kv, pd_part=pd_part)
     _fasa_fwd_kernel[grid](*args, **meta)
     if merge is not None:
         _merge_kernel[merge[0]](*merge[1], **merge[2])

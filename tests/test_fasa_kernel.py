@@ -13,8 +13,9 @@ from freecure_ops.kernels import fasa_fwd
 from freecure_ops.kernels.fasa_fwd import check_launch_limits
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# Kernel variants the GPU tile sweep times against the default launch (fasa_fwd's binary / split_kv).
-VARIANTS = {"binary": dict(binary=True), "split": dict(split_kv=True), "split-binary": dict(binary=True, split_kv=True)}
+# Kernel variants the GPU tile sweep times against the default launch (fasa_fwd's binary / split_kv / pd_sdpa).
+VARIANTS = {"binary": dict(binary=True), "split": dict(split_kv=True), "split-binary": dict(binary=True, split_kv=True),
+            "pd-sdpa": dict(pd_sdpa=True)}
 
 
 def run_triton(inputs, mask, omega, **kw):
@@ -262,6 +263,8 @@ def _in_sea(t: torch.Tensor, guard) -> torch.Tensor:
     ("scale", "binary", False, 13, 64, "strided_d", {}),
     ("bias", "bool", False, 13, 40, "bnhd", VARIANTS["split-binary"]),
     ("scale", "soft", True, 7, 72, "bnhd", VARIANTS["split"]),
+    ("bias", "soft", False, 13, 40, "bnhd", VARIANTS["pd-sdpa"]),
+    ("scale", "binary", True, 7, 80, "bnhd", VARIANTS["pd-sdpa"]),
 ])
 @pytest.mark.parametrize("block_n", [16, 32])
 def test_no_read_outside_any_input(mode, mask_kind, shared, n_txt, d, layout, variant, block_n, device):
@@ -427,6 +430,12 @@ def test_launcher_picks_variants(device):
     assert grid[0] == 3 and merge is None and not meta["BINARY"] and not meta["SPLIT_KV"]
     grid, _, meta, _, _, merge = launch_plan(*inputs, bool_mask, mode="bias", binary=True, split_kv=True, **kw)
     assert grid[0] == 6 and merge is not None and meta["BINARY"] and meta["SPLIT_KV"] and meta["WRITE_LSE"]
+    assert not meta["FD_ONLY"]
+    # pd_part (the PD keys done by torch's SDPA): the FD programs alone, one per query block, then the merge.
+    pd_part = (torch.empty_like(inputs[0]), torch.empty(1, 2, 45))
+    grid, _, meta, _, _, merge = launch_plan(*inputs, bool_mask, mode="bias", binary=True, split_kv=True,
+                                             pd_part=pd_part, **kw)
+    assert grid[0] == 3 and merge is not None and meta["FD_ONLY"] and meta["SPLIT_KV"] and meta["WRITE_LSE"]
     _, _, meta, _, _, _ = launch_plan(*inputs, bool_mask, mode="scale", binary=True, **kw)
     assert not meta["BINARY"]  # "scale" mode reads every key's value
     # The scale folds into the exp's multiply-add only when it is > 0; the per-element text select only when
@@ -446,12 +455,12 @@ def test_tile_sweep_launches_every_variant(device):
     from bench.shapes import Case
     from bench.tile_sweep import CANDIDATES, VARIANTS, compile_one, timed_pairs, variants_for
 
-    assert set(VARIANTS) == {"float", "binary", "split", "split-bin"}
-    assert variants_for(128, 132) == tuple(VARIANTS) and variants_for(396, 132) == ("float", "binary")
+    assert set(VARIANTS) == {"float", "binary", "split", "split-bin", "pd-sdpa"}
+    assert variants_for(128, 132) == tuple(VARIANTS) and variants_for(396, 132) == ("float", "binary", "pd-sdpa")
     table = (64, 64, 4, 3)
     small, big = timed_pairs(table, 128, 132), timed_pairs(table, 1024, 132)
     assert small[0] == big[0] == (table, "binary")  # the default launch first
-    assert {v for _, v in small} == set(VARIANTS) and {v for _, v in big} == {"binary", "float"}
+    assert {v for _, v in small} == set(VARIANTS) and {v for _, v in big} == {"binary", "float", "pd-sdpa"}
     assert {c for c, v in small if v == "split-bin"} == set(CANDIDATES) | {table}
     assert len(set(small)) == len(small) and len(set(big)) == len(big)
     tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
@@ -476,3 +485,129 @@ def test_packed_fd_loop_full_and_partial_tiles(binary, device):
     out = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5, mode="bias",
                    n_txt=n_txt, block_m=16, block_n=16)
     assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
+
+
+# ---- pd_sdpa: the PD keys by torch's fused SDPA (its CPU flash kernel here), the FD program alone, LSE merge --
+
+
+def _pd_reference(inputs, scale):
+    from freecure_ops.kernels.fasa_fwd import pd_attention, pd_sdpa_op
+
+    q, k_p, _, v_p, _ = inputs
+    op = pd_sdpa_op(q, k_p, v_p, scale)
+    assert op == ("flash_cpu" if q.device.type == "cpu" else op) and op is not None
+    return pd_attention(q, k_p, v_p, scale, op)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mode", ["bias", "scale"])
+@pytest.mark.parametrize("kind,shared", [("binary", False), ("bool", True), ("soft", False), ("soft", True),
+                                         ("ones", True), (None, False)])
+def test_pd_sdpa_matches_reference(kind, shared, mode, dtype, device):
+    # Odd token counts (Nq 45, Np 39, Nimg 58), per-row and shared, binary and float masks, and the LSE.
+    b, d, n_img = 2, 72, 58
+    inputs = make_inputs(b, 2, 45, 39, n_img, d, dtype, device, layout="bnhd", seed=31)
+    mask = None if kind is None else make_mask(kind, b, n_img, device, shared=shared)
+    pm = None if mask is None else prepare_fasa_mask(mask)
+    out, lse = fasa_fwd(*inputs, pm, scale=d ** -0.5, omega=1.5, mode=mode, n_txt=0, return_lse=True,
+                        block_m=16, block_n=16, pd_sdpa=True)
+    assert_close_to_ref(out, inputs, mask, 1.5, mode=mode)
+    _, lse64 = fasa_reference(*[to64(t) for t in inputs], to64(mask), 1.5, mode=mode, return_lse=True)
+    assert (lse.double() - lse64).abs().max() < (1e-5 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("n_txt", [13, 32])  # 32: whole 16-row query tiles of text; 13 splits one
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+def test_pd_sdpa_rows_without_fd_keys_are_the_pd_result_exactly(n_txt, dtype, device):
+    # FLUX text rows and every row of an empty mask row have no FD key: FD LSE -inf, weight exactly 0, so the
+    # merge must hand back torch's PD output and LSE bit for bit. Excluded and FD text keys are NaN.
+    b, d, n_img = 2, 40, 37
+    clean = make_inputs(b, 2, n_txt + 29, n_txt + 23, n_txt + n_img, d, dtype, device, seed=n_txt)
+    mask = torch.zeros(b, n_img, dtype=torch.bool, device=device)
+    mask[1, ::3] = True  # row 0 empty
+    scale = d ** -0.5
+    out, lse = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), prepare_fasa_mask(mask), scale=scale,
+                        omega=1.5, mode="bias", n_txt=n_txt, return_lse=True, block_m=16, block_n=16, pd_sdpa=True)
+    pd_out, pd_lse = _pd_reference(clean, scale)
+    assert torch.equal(out[0], pd_out[0]) and torch.equal(lse[0], pd_lse[0])  # the empty mask row
+    assert torch.equal(out[1, :, :n_txt], pd_out[1, :, :n_txt]) and torch.equal(lse[1, :, :n_txt], pd_lse[1, :, :n_txt])
+    assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
+    assert (out[1, :, n_txt:] - pd_out[1, :, n_txt:]).abs().max() > 1e-2  # image rows did take FD keys
+
+
+def test_pd_sdpa_picks_and_falls_back(device):
+    # Which torch kernel takes the PD part; where none does (a non-unit head-dim stride on the CPU, a scale
+    # <= 0) the launch is the plain one, still right.
+    from freecure_ops.kernels.fasa_fwd import pd_sdpa_op
+
+    inputs = make_inputs(1, 2, 30, 27, 33, 40, torch.float16, device, layout="bnhd")
+    q, k_p, _, v_p, _ = inputs
+    if device == "cpu":
+        assert pd_sdpa_op(q, k_p, v_p, 0.1) == "flash_cpu"
+        assert pd_sdpa_op(q.float(), k_p.float(), v_p.float(), 0.1) == "flash_cpu"
+    else:
+        assert pd_sdpa_op(q, k_p, v_p, 0.1) in ("cudnn", "flash", "efficient")
+        assert pd_sdpa_op(q.float(), k_p.float(), v_p.float(), 0.1) == "efficient"  # flash/cuDNN: 16-bit only
+    assert pd_sdpa_op(q, k_p, v_p, 0.0) is None and pd_sdpa_op(q, k_p, v_p, -0.2) is None
+    strided = make_inputs(1, 2, 30, 27, 33, 40, torch.float16, device, layout="strided_d")
+    if device == "cpu":
+        assert pd_sdpa_op(strided[0], strided[1], strided[3], 0.1) is None
+    mask = make_mask("bool", 1, 33, device)
+    for args, scale in ((strided, 0.1), (inputs, -0.2)):
+        out = fasa_fwd(*args, prepare_fasa_mask(mask), scale=scale, omega=1.5, mode="bias", n_txt=0, pd_sdpa=True)
+        assert_close_to_ref(out, args, mask, 1.5, scale=scale)
+
+
+def test_pd_sdpa_never_syncs_with_the_host(device):
+    # No .item(), no data-dependent shape: the op choice is decided from shapes/strides/dtypes (cached), the
+    # PD call, the FD kernel and the merge take device tensors only (CUDA-graph safe). The spy counts the ops
+    # that hand device data to the host (tests/test_no_host_sync.py).
+    from test_no_host_sync import SYNC_OPS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Spy(TorchDispatchMode):
+        hits = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in SYNC_OPS:
+                self.hits.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    n_txt = 13
+    inputs = make_inputs(1, 2, n_txt + 30, 27, n_txt + 33, 40, torch.float16, device, layout="bnhd")
+    pm = prepare_fasa_mask(make_mask("bool", 1, 33, device))
+    from freecure_ops.kernels.fasa_fwd import _PD_SDPA_PICKS
+
+    _PD_SDPA_PICKS.clear()  # the first call's pick too
+    with Spy() as spy:
+        fasa_fwd(*inputs, pm, scale=0.1, omega=1.5, mode="bias", n_txt=n_txt, return_lse=True, pd_sdpa=True)
+    assert spy.hits == []
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("want", ["auto", "cudnn", "flash", "efficient"])
+def test_pd_sdpa_captures_in_a_cuda_graph(want):
+    from freecure_ops.kernels.fasa_fwd import pd_sdpa_op
+
+    d, n_txt = 64, 16
+    inputs = make_inputs(1, 2, n_txt + 200, 200, n_txt + 200, d, torch.float16, "cuda", layout="bnhd")
+    if pd_sdpa_op(inputs[0], inputs[1], inputs[3], d ** -0.5, want) is None:
+        pytest.skip(f"torch's {want} SDPA does not take this call here")
+    mask = make_mask("bool", 1, 200, "cuda")
+    pm = prepare_fasa_mask(mask)
+
+    def call():
+        return fasa_fwd(*inputs, pm, scale=d ** -0.5, omega=1.5, mode="bias", n_txt=n_txt, pd_sdpa=want)
+    eager = call()
+    assert_close_to_ref(eager, inputs, mask, 1.5, n_txt=n_txt)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        call()  # warm up off the default stream, as graph capture wants
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = call()
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager, atol=0, rtol=0)

@@ -48,8 +48,9 @@ def test_compiles_for_hopper_within_limits(case, reports):
         assert r["wgmma"], "expected Hopper tensor-core MMAs"
         assert r["spill"] == 0, f"{r['spill']} B of register spills"
         assert r["ld16"] == 0, f"{r['ld16']} scalar 2-byte global loads: rows are not loaded as vectors"
-        assert r["pipelined"] == 2 and r["buffers"] >= 3, \
-            f"{r['pipelined']} of 2 key loops multi-buffered ({r['buffers']} buffers)"
+        loops = 1 if case.pd_sdpa else 2  # pd_sdpa: the FD loop alone (the PD keys are torch's SDPA's)
+        assert r["pipelined"] == loops and r["buffers"] >= 3, \
+            f"{r['pipelined']} of {loops} key loops multi-buffered ({r['buffers']} buffers)"
     elif case.dtype != "fp32":
         # The unaligned fallback (odd head dim or non-unit head-dim stride): correct, scalar loads expected.
         assert r["align"] == 1 and r["ld16"] > 0
@@ -67,10 +68,10 @@ def _float_twin(case):
     """The same launch with the float FD loop and no split."""
     from dataclasses import replace
 
-    return replace(case, binary=False, split=False)
+    return replace(case, binary=False, split=False, pd_sdpa=False)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.binary and not c.split], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.binary and not c.split and not c.pd_sdpa], ids=lambda c: c.name)
 def test_binary_fd_loop_is_cheaper_than_the_float_loop(case, reports):
     # The binary loop drops the per-key mask-value loads and the per-key bias: fewer instructions per FD key
     # tile and no more registers than the float loop of the same launch (which must be among the cases).
@@ -79,15 +80,30 @@ def test_binary_fd_loop_is_cheaper_than_the_float_loop(case, reports):
     assert r["regs"] <= f["regs"] and r["ctas"] >= f["ctas"]
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.split], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.split or c.pd_sdpa], ids=lambda c: c.name)
 def test_split_kv_compiles_both_steps(case, reports):
     r = reports[case.name]
     assert r["merge_regs"] > 0 and r["merge_spill"] == 0
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c.pd_sdpa], ids=lambda c: c.name)
+def test_pd_sdpa_compiles_the_fd_program_alone(case, reports):
+    # No PD loop left in the FD-only program, and no more registers than the launch that holds both loops.
+    from dataclasses import replace
+
+    r = reports[case.name]
+    assert r["pd_instr"] == 0 and r["fd_instr"] > 0
+    twin = reports.get(replace(case, pd_sdpa=False).name)
+    if twin is not None:
+        assert r["regs"] <= twin["regs"] + 8, (r["regs"], twin["regs"])
+
+
 def test_variants_are_covered():
-    binary = {c.head_dim for c in CASES if c.binary and not c.split and _fast_path(c)}
+    binary = {c.head_dim for c in CASES if c.binary and not c.split and not c.pd_sdpa and _fast_path(c)}
     assert binary >= {40, 64, 72, 80, 128, 160}
-    assert all(_float_twin(c) in CASES for c in CASES if c.binary and not c.split)
+    assert all(_float_twin(c) in CASES for c in CASES if c.binary and not c.split and not c.pd_sdpa)
+    pd = [c for c in CASES if c.pd_sdpa]
+    assert {c.head_dim for c in pd} >= {40, 64, 72, 80, 128, 160} and any(c.n_txt for c in pd)
+    assert any(c.lse for c in pd) and any(c.mode == "scale" for c in pd) and any(not c.binary for c in pd)
     split = [c for c in CASES if c.split]
     assert any(c.n_txt for c in split) and any(c.lse for c in split) and any(c.mode == "scale" for c in split)
