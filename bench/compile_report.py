@@ -15,12 +15,14 @@ wheel's ptxas and reads the results:
   wgmma      Hopper tensor-core MMAs present
   pd_instr   SASS instructions in the PD key loop's body (its cost per PD key tile)
   fd_instr   SASS instructions in the FD key loop's body (its cost per FD key tile)
+  fd_keys    keys per FD key tile (BLOCK_N_FD); fd_instr * 64 / fd_keys is the cost per 64 FD keys
   ctas       programs per SM by registers, warps and shared memory (occupancy)
   merge_regs / merge_spill   split-KV's merge kernel (0: no split)
 
 Cases named ``-bin`` take the binary-mask FD loop, ``-split`` the split-KV launch, ``-pdsdpa`` the FD program
 alone (the PD keys by torch's SDPA; pd_instr 0, one pipelined loop) and the merge; compare each with the case of
-the same name without the suffix.
+the same name without the suffix. ``-fd128``: the packed FD loop's key tiles at 128 keys (the PD loop's stay at the
+table's BLOCK_N); ``-bn128``: BLOCK_N 128 for both loops.
 
 Run it (``python -m freecure_ops.bench.compile_report``) under the Triton at hand; under another Triton, put
 that one first on the path: ``pip install --target /tmp/t36 triton==3.6.0`` then
@@ -59,6 +61,8 @@ class CompileCase:
     binary: bool = False      # the binary-mask FD loop (one scalar bias, no per-key value loads)
     split: bool = False       # the split-KV launch (PD and FD keys in separate programs, then a merge)
     pd_sdpa: bool = False     # the PD keys by torch's SDPA: the FD program alone, then the merge
+    fd_block_n: int = 0       # > 0: the packed FD loop's own key-tile size (fasa_fwd's fd_block_n)
+    block_n: int = 0          # > 0: BLOCK_N (both key loops unless fd_block_n) instead of the tile table's
 
     @property
     def name(self) -> str:
@@ -66,6 +70,7 @@ class CompileCase:
         extra = ("-lse" if self.lse else "") + ("" if self.layout == "diffusers" else f"-{self.layout}")
         extra += ("-bin" if self.binary else "") + ("-split" if self.split else "")
         extra += "-pdsdpa" if self.pd_sdpa else ""
+        extra += (f"-bn{self.block_n}" if self.block_n else "") + (f"-fd{self.fd_block_n}" if self.fd_block_n else "")
         return f"{self.dtype}-d{self.head_dim}-{self.mode}{txt}-{self.heads}h-{self.grid[0]}x{self.grid[1]}{extra}"
 
 
@@ -111,7 +116,19 @@ PD_SDPA_CASES = (
     CompileCase("fp16", 160, grid=(16, 16), binary=True, pd_sdpa=True),
     CompileCase("fp16", 128, n_txt=64, heads=4, grid=(16, 16), binary=True, pd_sdpa=True, lse=True),
 )
-CASES = CASES + VARIANT_CASES + PD_SDPA_CASES
+# 128-key tiles (issue 27 item 3): the binary FD loop alone at 128 keys (fd_block_n, the PD loop at the table's
+# 64) on every model head dim's "bias" case up to 128 (head dim 160 needs 266 KB of shared memory: no fit), one
+# float FD loop at 128 (the spill the tile table's docstring speaks of), and both loops at 128 keys (block_n),
+# binary and float, at 64 and 128 query rows.
+FD128_CASES = (
+    CompileCase("fp16", 40, binary=True, fd_block_n=128), CompileCase("fp16", 64, heads=10, binary=True, fd_block_n=128),
+    CompileCase("bf16", 72, binary=True, fd_block_n=128), CompileCase("fp16", 80, grid=(32, 32), binary=True, fd_block_n=128),
+    CompileCase("bf16", 128, n_txt=512, heads=24, binary=True, fd_block_n=128),
+    CompileCase("fp16", 64, heads=10, fd_block_n=128),
+    CompileCase("fp16", 40, binary=True, block_n=128), CompileCase("fp16", 40, block_n=128),
+    CompileCase("fp16", 64, heads=10, binary=True, block_n=128), CompileCase("fp16", 64, heads=10, block_n=128),
+)
+CASES = CASES + VARIANT_CASES + PD_SDPA_CASES + FD128_CASES
 
 
 def _qkv(case: CompileCase, dtype):
@@ -144,12 +161,14 @@ def compile_case(case: CompileCase, config: tuple | None = None):
     mask = prepare_fasa_mask(torch.arange(n_img) % 4 == 0)
     d0, d1 = head_dim_split(case.head_dim)
     config = config or tile_config(d0 + d1, q.element_size(), q.shape[2], case.heads, case.pairs)
+    if case.block_n:
+        config = (config[0], case.block_n, *config[2:])
     # torch's flash and cuDNN kernels return their output in q's layout and a contiguous fp32 LSE
     pd_part = (torch.empty_like(q), torch.empty(q.shape[:3])) if case.pd_sdpa else None
     _, args, meta, _, _, merge = launch_plan(q, k_p, k_f, v_p, v_f, mask, scale=case.head_dim ** -0.5, omega=1.5,
                                              mode=case.mode, n_txt=case.n_txt, return_lse=case.lse, config=config,
                                              interpret=False, binary=case.binary, split_kv=case.split,
-                                             pd_part=pd_part)
+                                             pd_part=pd_part, fd_block_n=case.fd_block_n or None)
     merged = None if merge is None else _compile(_merge_kernel, merge[1], merge[2])
     return _compile(_fasa_fwd_kernel, args, meta), config, meta["ALIGN"], merged
 
@@ -243,6 +262,7 @@ class Report:
     wgmma: bool
     pd_instr: int     # SASS instructions per PD key tile (the first loop's body)
     fd_instr: int     # SASS instructions per FD key tile (the last loop's body)
+    fd_keys: int      # keys per FD key tile (BLOCK_N_FD): fd_instr * 64 / fd_keys per 64 keys
     ctas: int         # programs per SM (registers, warps, shared memory)
     merge_regs: int   # split-KV's merge kernel: registers (0: no merge)
     merge_spill: int
@@ -250,6 +270,7 @@ class Report:
 
 def report(case: CompileCase, config: tuple | None = None) -> Report:
     kernel, config, align, merge = compile_case(case, config)
+    fd_keys = case.fd_block_n if case.fd_block_n and case.mode == "bias" else config[1]
     regs, spill = _resource_usage(kernel.asm["cubin"])
     loops, depth = _pipelined_loops(kernel.asm["ttgir"])
     ld16 = len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", kernel.asm["ptx"]))
@@ -258,7 +279,7 @@ def report(case: CompileCase, config: tuple | None = None) -> Report:
         pd_instr = 0
     merge_regs, merge_spill = (0, 0) if merge is None else _resource_usage(merge.asm["cubin"])
     return Report(case.name, "x".join(map(str, config)), align, kernel.metadata.shared, regs, spill, ld16,
-                  loops, depth, "wgmma" in kernel.asm["ptx"], pd_instr, fd_instr,
+                  loops, depth, "wgmma" in kernel.asm["ptx"], pd_instr, fd_instr, fd_keys,
                   ctas_per_sm(regs, config[2], kernel.metadata.shared), merge_regs, merge_spill)
 
 
@@ -267,7 +288,7 @@ def table(reports) -> str:
 
     head = f"FASA kernel, sm_90 offline compile, Triton {triton.__version__}, torch {torch.__version__}\n"
     cols = ("case", "config", "align", "shared", "regs", "spill", "ld16", "pipelined", "buffers", "wgmma",
-            "pd_instr", "fd_instr", "ctas", "merge_regs", "merge_spill")
+            "pd_instr", "fd_instr", "fd_keys", "ctas", "merge_regs", "merge_spill")
     rows = [cols] + [tuple(str(getattr(r, c)) for c in cols) for r in reports]
     widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
     return head + "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows) + "\n"

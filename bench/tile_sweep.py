@@ -9,7 +9,9 @@ is what a launch with a prepared mask gets) with every config; ``float`` (the FD
 mask value) at the table's config; where the table's grid is under one wave of programs at 3 per SM,
 ``split-bin`` with every config and ``split`` at the table's config (PD and FD keys in separate programs,
 merged by LSE); on every case ``pd-sdpa`` (the PD keys by torch's fastest fused SDPA kernel with an LSE,
-cuDNN first, the FD program alone, merged by LSE) at the table's config and two others. The output says, per case, the default
+cuDNN first, the FD program alone, merged by LSE) at the table's config and two others; on every case
+``bin-fd128`` (the binary FD loop on 128-key tiles, the PD loop's tiles the config's) at the table's config and
+three others. The output says, per case, the default
 launch's time (table config, binary loop, no split), the best time with its config and variant, their
 ratio, and the best time of each variant: a ratio well above 1 is a change to make in
 ``kernels/fasa_fwd.py`` (``tile_config``, or where the launcher turns split-KV on).
@@ -47,19 +49,25 @@ FIELDS = ["device", "torch", "triton", "cuda", "case", "head_dim", "batch", "mas
           "variant", "table", "ms", "status", "note"]
 # fasa_fwd keyword arguments per variant; "binary" with split off is the default launch for a binary mask.
 VARIANTS = {"float": dict(binary=False), "binary": dict(binary=True), "split": dict(binary=False, split_kv=True),
-            "split-bin": dict(binary=True, split_kv=True), "pd-sdpa": dict(binary=True, pd_sdpa=True)}
+            "split-bin": dict(binary=True, split_kv=True), "pd-sdpa": dict(binary=True, pd_sdpa=True),
+            "bin-fd128": dict(binary=True, fd_block_n=128)}
 DEFAULT_VARIANT = "binary"
 SPLIT_BELOW_PROGRAMS_PER_SM = 3  # split-KV is timed where the table's grid has fewer programs than SMs x this
 # pd-sdpa (PD keys by torch's cuDNN/flash/efficient SDPA, the FD program alone, merged by LSE) is timed on every
 # case at the table's config and these (the FD-only program's own tiles; few, to keep the compile budget)
 PD_SDPA_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3))
+# bin-fd128 (the binary FD loop on 128-key tiles, the PD loop on the config's BLOCK_N; fewer instructions per
+# key, COMPILE.md) is timed on every case at the table's config and these: the FD loop's tile is its own, so
+# the configs differ in query rows, warps and the PD loop's keys (head dim 160 does not fit: 266 KB of shared
+# memory, reported as an error)
+FD128_CONFIGS = ((64, 64, 4, 3), (128, 64, 8, 3), (64, 64, 8, 3))
 
 
 def variants_for(programs: int, sm_count: int) -> tuple:
     """The variants worth timing for a grid of ``programs``: split-KV only under one wave; pd-sdpa always."""
     if programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
         return tuple(VARIANTS)
-    return ("float", "binary", "pd-sdpa")
+    return ("float", "binary", "pd-sdpa", "bin-fd128")
 
 
 def distinct_cases():
@@ -83,6 +91,7 @@ def timed_pairs(table: tuple, programs: int, sm_count: int) -> list:
     pairs = [(cfg, v) for v in (DEFAULT_VARIANT, "split-bin") if v in variants for cfg in configs]
     pairs[1:1] = [(table, v) for v in ("float", "split") if v in variants]
     pairs += [(cfg, "pd-sdpa") for cfg in dict.fromkeys((table,) + PD_SDPA_CONFIGS)]
+    pairs += [(cfg, "bin-fd128") for cfg in dict.fromkeys((table,) + FD128_CONFIGS)]
     return pairs
 
 

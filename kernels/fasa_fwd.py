@@ -176,7 +176,7 @@ def _fasa_fwd_kernel(
     H, NQ, NP, NF, N_TXT,
     qk_scale, omega,
     HEAD_DIM: tl.constexpr, BLOCK_D0: tl.constexpr, BLOCK_D1: tl.constexpr, SPLIT_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ALIGN: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_N_FD: tl.constexpr, ALIGN: tl.constexpr,
     SCALE_MODE: tl.constexpr, FD_PACKED: tl.constexpr, HAS_MASK: tl.constexpr, MIXED_TXT: tl.constexpr,
     BINARY: tl.constexpr, SPLIT_KV: tl.constexpr, FD_ONLY: tl.constexpr, RAW_MAX: tl.constexpr,
     WRITE_LSE: tl.constexpr, COUNT_TILES: tl.constexpr, DOT_DTYPE: tl.constexpr, IEEE: tl.constexpr,
@@ -276,18 +276,22 @@ def _fasa_fwd_kernel(
         has_img_rows = has_img_rows & (part == 1)
     if FD_PACKED:
         # "bias" mode: only live keys (m > 0) can contribute. FD_INDEX lists them per mask row, FD_VALUE holds
-        # their mask values, FD_COUNT their number: the loop runs ceil(nnz / BLOCK_N) tiles, gathering K/V
+        # their mask values, FD_COUNT their number: the loop runs ceil(nnz / BLOCK_N_FD) tiles, gathering K/V
         # rows; excluded keys are never loaded. The next tile's indices are read one iteration ahead, so the
         # gathers of an iteration depend on no load of that iteration and Triton software-pipelines them.
+        # BLOCK_N_FD: this loop's own key-tile size (the PD loop's BLOCK_N unless the launcher is told otherwise,
+        # fasa_fwd's ``fd_block_n``): 128-key tiles cost fewer instructions per key in the binary loop and fit
+        # without spills where the float loop's do not (bench/COMPILE.md).
+        offs_f = tl.arange(0, BLOCK_N_FD)
         idx_base = FD_INDEX + off_b * sm_b
         val_base = FD_VALUE + off_b * sm_b
         n_live = tl.load(FD_COUNT + off_b * sc_b)
         # Full tiles (every key live) carry no bound checks; the one partial tile, if any, comes last.
-        n_full = tl.where(has_img_rows, n_live // BLOCK_N, 0)
-        has_tail = has_img_rows & (n_full * BLOCK_N < n_live)
+        n_full = tl.where(has_img_rows, n_live // BLOCK_N_FD, 0)
+        has_tail = has_img_rows & (n_full * BLOCK_N_FD < n_live)
         n_tiles = n_full + has_tail.to(tl.int32)
-        live = offs_n < n_live
-        keys = tl.load(idx_base + offs_n, mask=live, other=0)
+        live = offs_f < n_live
+        keys = tl.load(idx_base + offs_f, mask=live, other=0)
         if BINARY:
             # Every live key of this mask row has the same value (a bool mask): one scalar bias, read once
             # (entry 0 is the first live key's value; unused when the row has none), and no per-key value
@@ -295,9 +299,9 @@ def _fasa_fwd_kernel(
             bias = omega * tl.load(val_base)
             vals = bias
         else:
-            vals = tl.load(val_base + offs_n, mask=live, other=0.0)
+            vals = tl.load(val_base + offs_f, mask=live, other=0.0)
         for t in range(0, n_full):
-            nxt = (t + 1) * BLOCK_N + offs_n
+            nxt = (t + 1) * BLOCK_N_FD + offs_f
             live_nxt = nxt < n_live
             keys_nxt = tl.load(idx_base + nxt, mask=live_nxt, other=0)
             if BINARY:
@@ -310,7 +314,7 @@ def _fasa_fwd_kernel(
                 BINARY, MIXED_TXT, False, DOT_DTYPE, IEEE, EMPTY_ROWS, RAW_MAX)
             keys, vals = keys_nxt, vals_nxt
         if has_tail:  # its indices were read ahead by the last full tile (or before the loop)
-            live = n_full * BLOCK_N + offs_n < n_live
+            live = n_full * BLOCK_N_FD + offs_f < n_live
             acc0, acc1, l_i, m_i = _fd_packed_tile(
                 acc0, acc1, l_i, m_i, q0, q1, kf_base, vf_base, N_TXT + keys, live, vals, offs_m, offs_d0, offs_d1,
                 skf_n, skf_d, svf_n, svf_d, qk_scale, sc, omega, N_TXT, HEAD_DIM, BLOCK_D0, BLOCK_D1, SPLIT_D,
@@ -452,7 +456,10 @@ def tile_config(d_padded: int, elem_bytes: int, n_q: int, heads: int, batch: int
     Chosen from sm_90 offline compiles (``python -m freecure_ops.bench.compile_report``, checked in CI by
     tests/test_kernel_compile.py): fp16/bf16 never spill, shared memory stays under the 227 KB per-block limit,
     both key loops keep a 3-deep K/V ring. 128-row query tiles need 8 warps (4 spill in "bias" mode); 128-key
-    tiles spill at 128 rows; 64-row tiles of head dim 128 need 8 warps. Query tiles of 64 rows when 128
+    tiles spill at 128 rows in the float (per-key value) FD loop only: the binary FD loop and the PD loop fit
+    128 keys without spills (the binary loop alone at 128 keys, ``fasa_fwd(fd_block_n=128)``, is 21-25% fewer
+    instructions per 64 FD keys up to head dim 128, off by default until the GPU sweep's "bin-fd128" says
+    where it pays; head dim 160 exceeds shared memory at 128 FD keys); 64-row tiles of head dim 128 need 8 warps. Query tiles of 64 rows when 128
     would leave fewer than two waves of programs on the device (one image per guidance half: SD1.5's
     1024-token layers are 64 programs of 128 rows for 132 SMs). fp32 (IEEE dots, a correctness path, not a
     fast one) takes small tiles to fit. Speed on a real card is for the GPU sweep (bench/tile_sweep.py) to
@@ -629,7 +636,8 @@ def pd_attention(q, k_p, v_p, scale: float, op: str):
 
 def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode: str, n_txt: int,
                 return_lse: bool, config: tuple, interpret: bool, visited: torch.Tensor | None = None,
-                binary: bool = False, split_kv: bool = False, pd_part: tuple | None = None):
+                binary: bool = False, split_kv: bool = False, pd_part: tuple | None = None,
+                fd_block_n: int | None = None):
     """(grid, positional args, keyword args, out, lse, merge) of the kernel launch for validated inputs and a
     tile config ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``; allocates the outputs (``lse`` is None unless
     asked for). ``binary``: the FD loop adds one scalar bias per mask row (valid only when every live value
@@ -639,6 +647,8 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     the PD keys computed elsewhere (torch's SDPA: ``[B, H, Nq, D]`` in any float dtype and strides, its fp32
     natural-log LSE ``[B, H, Nq]``, any strides): the kernel runs the FD part alone (split-KV's FD program, one
     per query block) and ``merge`` combines it with ``pd_part``; ``split_kv`` is then ignored. Also what the
+    ``fd_block_n``: the packed FD loop's key-tile size (BLOCK_N_FD; None: the config's BLOCK_N), e.g. 128-key
+    tiles for the binary loop with the PD loop at 64 (bench/COMPILE.md). Also what the
     offline compile check feeds to
     Triton's own specialization, so that it compiles exactly what a launch gets. Kept lean: it runs on every
     call (host cost, see the README)."""
@@ -696,7 +706,7 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
     )
     meta = dict(
         HEAD_DIM=head_dim, BLOCK_D0=block_d0, BLOCK_D1=max(block_d1, 16), SPLIT_D=block_d1 > 0,
-        BLOCK_M=bm, BLOCK_N=bn, ALIGN=vector_elems(tensors, strides, head_dim, out, q.element_size()),
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_N_FD=bn if not (packed and fd_block_n) else fd_block_n, ALIGN=vector_elems(tensors, strides, head_dim, out, q.element_size()),
         SCALE_MODE=mode == "scale", FD_PACKED=packed, HAS_MASK=mask is not None, MIXED_TXT=n_txt % bm != 0,
         BINARY=packed and binary, SPLIT_KV=split_kv or fd_only, FD_ONLY=fd_only, RAW_MAX=scale > 0,
         WRITE_LSE=return_lse or split_kv or fd_only, COUNT_TILES=visited is not None, DOT_DTYPE=dot_dtype,
@@ -708,7 +718,8 @@ def launch_plan(q, k_p, k_f, v_p, v_f, mask, *, scale: float, omega: float, mode
 def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mode: str, n_txt: int,
              return_lse: bool = False, block_m: int | None = None, block_n: int | None = None,
              num_warps: int | None = None, num_stages: int | None = None, visited: torch.Tensor | None = None,
-             binary: bool | None = None, split_kv: bool = False, pd_sdpa: bool | str = False):
+             binary: bool | None = None, split_kv: bool = False, pd_sdpa: bool | str = False,
+             fd_block_n: int | None = None):
     """Launch the kernel on validated inputs.
 
     ``mask``: None (every FD image key has m = 1), or a prepared mask: any object with ``rows`` (float32
@@ -728,8 +739,11 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
     :func:`pd_sdpa_op`), the FD keys by this kernel's FD program alone (fp32 partial + LSE), merged by LSE.
     Where no such kernel takes the call (an odd head dim, a non-unit head-dim stride, a scale <= 0) the
     launch is the one without ``pd_sdpa``. Off by default until GPU timings say where it pays.
+    ``fd_block_n``: the key-tile size of the packed FD loop ("bias" mode with a mask) alone, a power of two
+    >= 16 (None: ``block_n``/the table's). 128 with the binary loop is a variant the GPU tile sweep times
+    ("bin-fd128"); off by default until GPU timings say where it pays.
     ``visited``: an int32 tensor ``[B, H, cdiv(Nq, BLOCK_M)]`` that receives the FD key tiles each program
-    visited (introspection).
+    visited (introspection; tiles of the FD loop's size).
     """
     interpret = interpreting()
     if interpret:
@@ -750,7 +764,8 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
             pd_part = pd_attention(q, k_p, v_p, scale, op)
     grid, args, meta, out, lse, merge = launch_plan(
         q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt, return_lse=return_lse,
-        config=config, interpret=interpret, visited=visited, binary=binary, split_kv=split_kv, pd_part=pd_part)
+        config=config, interpret=interpret, visited=visited, binary=binary, split_kv=split_kv, pd_part=pd_part,
+        fd_block_n=fd_block_n)
     _fasa_fwd_kernel[grid](*args, **meta)
     if merge is not None:
         _merge_kernel[merge[0]](*merge[1], **merge[2])

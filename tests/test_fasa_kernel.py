@@ -15,7 +15,7 @@ from freecure_ops.kernels.fasa_fwd import check_launch_limits
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # Kernel variants the GPU tile sweep times against the default launch (fasa_fwd's binary / split_kv / pd_sdpa).
 VARIANTS = {"binary": dict(binary=True), "split": dict(split_kv=True), "split-binary": dict(binary=True, split_kv=True),
-            "pd-sdpa": dict(pd_sdpa=True)}
+            "pd-sdpa": dict(pd_sdpa=True), "bin-fd128": dict(binary=True, fd_block_n=128)}
 
 
 def run_triton(inputs, mask, omega, **kw):
@@ -455,12 +455,15 @@ def test_tile_sweep_launches_every_variant(device):
     from bench.shapes import Case
     from bench.tile_sweep import CANDIDATES, VARIANTS, compile_one, timed_pairs, variants_for
 
-    assert set(VARIANTS) == {"float", "binary", "split", "split-bin", "pd-sdpa"}
-    assert variants_for(128, 132) == tuple(VARIANTS) and variants_for(396, 132) == ("float", "binary", "pd-sdpa")
+    assert set(VARIANTS) == {"float", "binary", "split", "split-bin", "pd-sdpa", "bin-fd128"}
+    assert variants_for(128, 132) == tuple(VARIANTS)
+    assert variants_for(396, 132) == ("float", "binary", "pd-sdpa", "bin-fd128")
     table = (64, 64, 4, 3)
     small, big = timed_pairs(table, 128, 132), timed_pairs(table, 1024, 132)
     assert small[0] == big[0] == (table, "binary")  # the default launch first
-    assert {v for _, v in small} == set(VARIANTS) and {v for _, v in big} == {"binary", "float", "pd-sdpa"}
+    assert {v for _, v in small} == set(VARIANTS)
+    assert {v for _, v in big} == {"binary", "float", "pd-sdpa", "bin-fd128"}
+    assert (table, "bin-fd128") in big
     assert {c for c, v in small if v == "split-bin"} == set(CANDIDATES) | {table}
     assert len(set(small)) == len(small) and len(set(big)) == len(big)
     tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
@@ -485,6 +488,55 @@ def test_packed_fd_loop_full_and_partial_tiles(binary, device):
     out = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5, mode="bias",
                    n_txt=n_txt, block_m=16, block_n=16)
     assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(split_kv=True), dict(pd_sdpa=True)], ids=["one", "split", "pdsdpa"])
+@pytest.mark.parametrize("binary,n_txt,dtype", [
+    (True, 0, torch.float16),
+    (True, 13, torch.bfloat16),   # FLUX text rows, 13 splits a query tile
+    (True, 32, torch.float16),    # FLUX text rows, whole 16-row query tiles
+    (False, 5, torch.float32),    # the float loop takes fd_block_n too
+])
+def test_fd_loop_on_128_key_tiles(binary, n_txt, dtype, extra, device):
+    # fd_block_n=128: the packed FD loop on its own 128-key tiles, the PD loop on 16-key ones. Per-row live
+    # counts of 0, 1, 127, 128 (one full tile), 129, 256 (two) and 300 (two and a partial), odd token counts
+    # (Nq 45, Np 39, Nimg 301), every excluded key NaN, against the float64 reference, LSE included.
+    counts = (0, 1, 127, 128, 129, 256, 300)
+    b, h, d, n_img = len(counts), 1, 40, 301
+    clean = make_inputs(b, h, 45, 39, n_txt + n_img, d, dtype, device, layout="bnhd", seed=21 + n_txt)
+    mask = torch.zeros(b, n_img, device=device)
+    gen = torch.Generator().manual_seed(22)
+    for row, n in enumerate(counts):
+        mask[row, torch.randperm(n_img, generator=gen)[:n].to(device)] = 1.0 if binary else 0.5 + row / 4
+    pm = prepare_fasa_mask(mask)
+    assert pm.binary == binary and pm.fd_count.tolist() == list(counts)
+    visited = None if extra else torch.zeros(b, h, 3, dtype=torch.int32, device=device)
+    out, lse = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5,
+                        mode="bias", n_txt=n_txt, return_lse=True, block_m=16, block_n=16, fd_block_n=128,
+                        visited=visited, **extra)
+    assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
+    _, lse64 = fasa_reference(*[to64(t) for t in clean], to64(mask), 1.5, n_txt=n_txt, return_lse=True)
+    assert (lse.double() - lse64).abs().max() < (1e-5 if dtype == torch.float32 else 2e-3)
+    if visited is not None:  # tiles of 128 FD keys; query tiles of text rows alone visit none
+        tiles = torch.tensor([-(-n // 128) for n in counts], dtype=torch.int32)
+        has_img = torch.tensor([16 * m + 16 > n_txt for m in range(3)])
+        want = torch.where(has_img[None, :], tiles[:, None], 0)
+        assert torch.equal(visited[:, 0].cpu(), want)
+
+
+def test_launcher_fd_block_n(device):
+    # fd_block_n sets the packed FD loop's tile alone; without a packed loop ("scale" mode, no mask) or
+    # without it, BLOCK_N_FD is the config's BLOCK_N. The tile table never picks it (off by default).
+    from freecure_ops.kernels.fasa_fwd import launch_plan
+
+    inputs = make_inputs(1, 2, 45, 39, 51, 40, torch.float16, device)
+    kw = dict(scale=0.1, omega=1.5, n_txt=0, return_lse=False, config=(16, 32, 4, 2), interpret=True)
+    pm = prepare_fasa_mask(make_mask("bool", 1, 51, device))
+    assert launch_plan(*inputs, pm, mode="bias", **kw)[2]["BLOCK_N_FD"] == 32
+    meta = launch_plan(*inputs, pm, mode="bias", binary=True, fd_block_n=128, **kw)[2]
+    assert meta["BLOCK_N_FD"] == 128 and meta["BLOCK_N"] == 32
+    assert launch_plan(*inputs, pm, mode="scale", fd_block_n=128, **kw)[2]["BLOCK_N_FD"] == 32
+    assert launch_plan(*inputs, None, mode="bias", fd_block_n=128, **kw)[2]["BLOCK_N_FD"] == 32
 
 
 # ---- pd_sdpa: the PD keys by torch's fused SDPA (its CPU flash kernel here), the FD program alone, LSE merge --

@@ -46,7 +46,8 @@ def test_compiles_for_hopper_within_limits(case, reports):
     if _fast_path(case):
         assert r["align"] == 8, "the launcher should prove 16-byte aligned rows for this layout"
         assert r["wgmma"], "expected Hopper tensor-core MMAs"
-        assert r["spill"] == 0, f"{r['spill']} B of register spills"
+        if not _float_fd_loop_on_128_keys(case):
+            assert r["spill"] == 0, f"{r['spill']} B of register spills"
         assert r["ld16"] == 0, f"{r['ld16']} scalar 2-byte global loads: rows are not loaded as vectors"
         loops = 1 if case.pd_sdpa else 2  # pd_sdpa: the FD loop alone (the PD keys are torch's SDPA's)
         assert r["pipelined"] == loops and r["buffers"] >= 3, \
@@ -64,6 +65,12 @@ def test_every_model_head_dim_and_mode_is_covered():
     assert any(c.n_txt and c.mode == "bias" for c in CASES) and any(c.lse for c in CASES)
 
 
+def _float_fd_loop_on_128_keys(case) -> bool:
+    """The float (per-key value) FD loop on 128-key tiles: a documented spill (tile_config's docstring),
+    compiled to show it, never what the launcher picks."""
+    return case.mode == "bias" and not case.binary and 128 in (case.fd_block_n, case.block_n)
+
+
 def _float_twin(case):
     """The same launch with the float FD loop and no split."""
     from dataclasses import replace
@@ -71,7 +78,8 @@ def _float_twin(case):
     return replace(case, binary=False, split=False, pd_sdpa=False)
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.binary and not c.split and not c.pd_sdpa], ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.binary and not c.split and not c.pd_sdpa and not c.fd_block_n],
+                         ids=lambda c: c.name)
 def test_binary_fd_loop_is_cheaper_than_the_float_loop(case, reports):
     # The binary loop drops the per-key mask-value loads and the per-key bias: fewer instructions per FD key
     # tile and no more registers than the float loop of the same launch (which must be among the cases).
@@ -101,9 +109,25 @@ def test_pd_sdpa_compiles_the_fd_program_alone(case, reports):
 def test_variants_are_covered():
     binary = {c.head_dim for c in CASES if c.binary and not c.split and not c.pd_sdpa and _fast_path(c)}
     assert binary >= {40, 64, 72, 80, 128, 160}
-    assert all(_float_twin(c) in CASES for c in CASES if c.binary and not c.split and not c.pd_sdpa)
+    assert all(_float_twin(c) in CASES for c in CASES if c.binary and not c.split and not c.pd_sdpa
+               and not c.fd_block_n)
+    fd128 = {c.head_dim for c in CASES if c.fd_block_n == 128 and c.binary and _fast_path(c)}
+    assert fd128 >= {40, 64, 72, 80, 128} and any(c.n_txt for c in CASES if c.fd_block_n)
     pd = [c for c in CASES if c.pd_sdpa]
     assert {c.head_dim for c in pd} >= {40, 64, 72, 80, 128, 160} and any(c.n_txt for c in pd)
     assert any(c.lse for c in pd) and any(c.mode == "scale" for c in pd) and any(not c.binary for c in pd)
     split = [c for c in CASES if c.split]
     assert any(c.n_txt for c in split) and any(c.lse for c in split) and any(c.mode == "scale" for c in split)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.fd_block_n and c.binary], ids=lambda c: c.name)
+def test_binary_fd_loop_on_128_key_tiles_is_cheaper_per_key(case, reports):
+    # 128-key tiles of the binary FD loop (issue 27 item 3): fewer SASS instructions per 64 FD keys than the
+    # same launch on the table's 64-key tiles, the PD loop untouched, no spills, and at least 1 program per SM.
+    from dataclasses import replace
+
+    r, base = reports[case.name], reports[replace(case, fd_block_n=0).name]
+    assert r["fd_keys"] == 128 and base["fd_keys"] == 64
+    assert r["fd_instr"] * 64 / r["fd_keys"] < 0.9 * base["fd_instr"], (r["fd_instr"], base["fd_instr"])
+    assert abs(r["pd_instr"] - base["pd_instr"]) <= 8
+    assert r["spill"] == 0 and r["ctas"] >= 1
