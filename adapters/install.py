@@ -85,7 +85,7 @@ def _pipeline_ref(model):
     return weakref.ref(model) if isinstance(model, DiffusionPipeline) else None
 
 
-def _model_device(module: torch.nn.Module) -> torch.device:
+def model_device(module: torch.nn.Module) -> torch.device:
     """Where the mask copy is kept: the model's device, or the CPU for a model whose weights are offloaded
     (accelerate's sequential offload leaves them on "meta" between forwards; each grid's mask is moved to the
     forward's device when it is prepared)."""
@@ -189,7 +189,7 @@ class FasaHandle:
         lazily."""
         mask, max_value = check_mask(mask)
         check_omega_times_mask(self.controller.omega, max_value)
-        self.controller.set_mask(_own_copy(mask, _model_device(self.model)), max_value)
+        self.controller.set_mask(_own_copy(mask, model_device(self.model)), max_value)
 
     def reset(self) -> None:
         """Restart the step counter (the next forward is step 0)."""
@@ -358,7 +358,7 @@ def install_fasa(model, mask, omega=None, *, layers=None, steps=None, style_fide
                              f"{type(b.attn.processor).__name__}; FASA would replace it (and restore it on remove): "
                              "pass force=True to allow that")
 
-    controller = FasaController(mask=_own_copy(mask, _model_device(denoiser)), mask_max=mask_max, omega=omega,
+    controller = FasaController(mask=_own_copy(mask, model_device(denoiser)), mask_max=mask_max, omega=omega,
                                 steps=steps,
                                 style_fidelity=style_fidelity, layout=layout, mode=mode, backend=backend,
                                 cfg_of_call=cfg_of_call, scheduler_of=scheduler_of, grid=grid,

@@ -208,16 +208,23 @@ def _bias_row(p: Problem, fd_start: int | None = None) -> torch.Tensor:
     return bias.to(p.dtype)[None, None, None, :]
 
 
-def prepare_fasa(p: Problem) -> Prepared:
-    from freecure_ops import fasa_attention, prepare_fasa_mask
+def timed_prepared_mask(p: Problem):
+    """``(prepared mask, ms to build it)``: the adapters prepare the mask once per token grid and reuse it for
+    every layer and step; so do the providers that take one (warmed first, then timed once)."""
+    from freecure_ops import prepare_fasa_mask
 
-    if p.device.type != "cuda":
-        raise Skip("kernel timings need CUDA (the CPU run checks the kernel in the Triton interpreter instead)")
-    # The adapters prepare the mask once per token grid and reuse it for every layer and step; so does this.
     prepare_fasa_mask(p.mask)  # warm
     holder = {}
     build_ms = timed_once_ms(lambda: holder.setdefault("mask", prepare_fasa_mask(p.mask)), p.device)
-    mask = holder["mask"]
+    return holder["mask"], build_ms
+
+
+def prepare_fasa(p: Problem) -> Prepared:
+    from freecure_ops import fasa_attention
+
+    if p.device.type != "cuda":
+        raise Skip("kernel timings need CUDA (the CPU run checks the kernel in the Triton interpreter instead)")
+    mask, build_ms = timed_prepared_mask(p)
     args = (p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, p.omega)
 
     def fn():
@@ -228,15 +235,11 @@ def prepare_fasa(p: Problem) -> Prepared:
 def prepare_fasa_pdsdpa(p: Problem) -> Prepared:
     """The kernel with its PD part by torch's SDPA (``fasa_fwd(..., pd_sdpa=op)``), a prepared mask, once per op
     that takes the call: the runner keeps the fastest; ``fn`` is the launcher's own pick ("auto": cuDNN first)."""
-    from freecure_ops import prepare_fasa_mask
     from freecure_ops.kernels.fasa_fwd import PD_SDPA_CUDA, fasa_fwd, pd_sdpa_op
 
     if p.device.type != "cuda":
         raise Skip("kernel timings need CUDA (the CPU run checks the variant in the Triton interpreter instead)")
-    prepare_fasa_mask(p.mask)  # warm
-    holder = {}
-    build_ms = timed_once_ms(lambda: holder.setdefault("mask", prepare_fasa_mask(p.mask)), p.device)
-    mask = holder["mask"]
+    mask, build_ms = timed_prepared_mask(p)
     kw = dict(scale=p.scale, omega=p.omega, mode="bias", n_txt=p.case.n_txt)
 
     def call(op):
@@ -252,12 +255,10 @@ def prepare_fasa_pdsdpa(p: Problem) -> Prepared:
 
 
 def prepare_fasa_torch(p: Problem) -> Prepared:
-    from freecure_ops import fasa_attention, prepare_fasa_mask
+    from freecure_ops import fasa_attention
 
-    holder = {}
-    prepare_fasa_mask(p.mask)  # warm
-    build_ms = timed_once_ms(lambda: holder.setdefault("mask", prepare_fasa_mask(p.mask)), p.device)
-    args = (p.q, p.k_p, p.k_f, p.v_p, p.v_f, holder["mask"], p.omega)
+    mask, build_ms = timed_prepared_mask(p)
+    args = (p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, p.omega)
 
     def fn():
         return fasa_attention(*args, scale=p.scale, n_txt=p.case.n_txt, backend="torch")

@@ -24,7 +24,7 @@ import torch
 
 from freecure_ops.adapters.discovery import find_self_attention_blocks, resolve_model
 from freecure_ops.adapters.fd_reuse import FdRecord
-from freecure_ops.adapters.install import FasaHandle, install_fasa
+from freecure_ops.adapters.install import FasaHandle, install_fasa, model_device
 from freecure_ops.adapters.options import (LAYOUTS, check_choice, check_mask, check_omega_times_mask, check_real,
                                            check_steps)
 from freecure_ops.adapters.presets import PRESETS
@@ -209,7 +209,7 @@ class FoundationRecorder:
         placement = check_choice("placement", placement, ("device", "host"))
         style_fidelity = check_real("style_fidelity", style_fidelity, lo=0.0, hi=1.0)
         denoiser, self.family = resolve_model(model)
-        device = next((p.device for p in denoiser.parameters() if p.device.type != "meta"), torch.device("cpu"))
+        device = model_device(denoiser)
         # the unconditional half is read in pass 2 only where style_fidelity blends FASA into it
         halves = (False,) if style_fidelity == 1.0 else (True, False)
         self.record = FdRecord(placement, device, halves)
