@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tiny_pipes import IMAGE, tiny_sd_pipe
+from tiny_pipes import IMAGE, write_cli_inputs
 
 FREECURE = str(Path(sys.executable).with_name("freecure"))
 PD = "a photo of sks man with red hair"
@@ -27,15 +27,7 @@ FD = "a photo of man with red hair"
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
-    model = root / "tiny-sd"
-    tiny_sd_pipe().save_pretrained(model)
-    broken = root / "broken-model"
-    broken.mkdir()
-    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                         "unet": ["diffusers", "UNet2DConditionModel"]}))
-    m = np.zeros((IMAGE, IMAGE), np.uint8)
-    m[: IMAGE // 2] = 255
-    Image.fromarray(m, mode="L").save(root / "mask.png")
+    write_cli_inputs(root)
     Image.fromarray(np.zeros((IMAGE, IMAGE), np.uint8), mode="L").save(root / "black.png")
     rgba = np.zeros((IMAGE, IMAGE, 4), np.uint8)                   # black RGB, the mask only in alpha
     rgba[: IMAGE // 2, :, 3] = 255

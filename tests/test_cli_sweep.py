@@ -15,7 +15,7 @@ from PIL import Image
 
 from freecure_ops.cli import main
 from freecure_ops.cli.contact_sheet import contact_sheet, mask_overlay, sheet_layout
-from tiny_pipes import IMAGE, tiny_sd_pipe
+from tiny_pipes import IMAGE, tiny_sd_pipe, write_cli_inputs
 
 PD = "a photo of sks man with red hair"
 FD = "a photo of man with red hair"
@@ -25,14 +25,7 @@ OMEGAS, SEEDS = [0.5, 1.0, 2.5], [0, 3]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    tiny_sd_pipe().save_pretrained(root / "tiny-sd")
-    broken = root / "broken-model"  # loading it fails naming --model: an error that names another flag came first
-    broken.mkdir()
-    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
-                                                         "unet": ["diffusers", "UNet2DConditionModel"]}))
-    m = np.zeros((IMAGE, IMAGE), np.uint8)
-    m[: IMAGE // 2] = 255
-    Image.fromarray(m, mode="L").save(root / "mask.png")
+    write_cli_inputs(root)
     torch.save({"stub": torch.zeros(1)}, root / "79999_iter.pth")  # a real checkpoint file (its header is checked)
     (root / "my_pipes.py").write_text(textwrap.dedent("""
         from tiny_pipes import tiny_sd_pipe, tiny_sdxl_pipe

@@ -135,3 +135,22 @@ class FakeParser:
         lm = torch.ones(h, w, dtype=torch.int64)
         lm[: int(round(h * self.hair_rows))] = 17
         return lm
+
+
+def write_cli_inputs(root):
+    """What the CLI tests run on, in folder ``root``: ``tiny-sd`` (the tiny SD pipeline saved), ``broken-model``
+    (a model_index.json whose loading fails, naming --model: an error naming another flag came first) and
+    ``mask.png`` (the top half white)."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    tiny_sd_pipe().save_pretrained(root / "tiny-sd")
+    broken = root / "broken-model"
+    broken.mkdir()
+    (broken / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline",
+                                                         "unet": ["diffusers", "UNet2DConditionModel"]}))
+    m = np.zeros((IMAGE, IMAGE), np.uint8)
+    m[: IMAGE // 2] = 255
+    Image.fromarray(m, mode="L").save(root / "mask.png")
