@@ -244,6 +244,37 @@ def test_flux_true_cfg_replays_each_call_of_a_step(pipes, record_spy):
     assert record_spy[0]["before"] == res["device"].fd_reuse["estimate_bytes"]  # the estimate counts both
 
 
+class _InfuseNetLike:
+    """The part of InfiniteYou's ``FluxInfuseNetPipeline.__call__`` (bytedance/InfiniteYou aaa6ea5,
+    pipelines/pipeline_flux_infusenet.py) the estimate reads: ``true_guidance_scale`` (default 1.0), and a second
+    transformer call per step whenever a negative prompt (text, or both negative embeddings) is given."""
+
+    def __call__(self, prompt=None, negative_prompt=None, negative_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, true_guidance_scale=1.0, **kwargs):
+        raise AssertionError("the estimate reads the signature only")
+
+
+@pytest.mark.parametrize("pipeline, call, calls", [
+    ("flux", {}, 1),
+    ("flux", {"negative_prompt": "blur"}, 1),  # diffusers: true_cfg_scale defaults to 1.0
+    ("flux", {"negative_prompt": "blur", "true_cfg_scale": 4.0}, 2),
+    ("flux", {"negative_prompt_embeds": 1, "true_cfg_scale": 4.0}, 1),  # without pooled ones: no true CFG
+    ("flux", {"negative_prompt_embeds": 1, "negative_pooled_prompt_embeds": 1, "true_cfg_scale": 4.0}, 2),
+    ("infusenet", {"negative_prompt": "blur"}, 2),  # InfiniteYou: a negative prompt is enough, even at 1.0
+    ("infusenet", {"negative_prompt": "blur", "true_guidance_scale": 1.0}, 2),
+    ("infusenet", {"true_guidance_scale": 4.0}, 1),
+    ("sd1", {"negative_prompt": "blur", "true_cfg_scale": 4.0}, 1),
+])
+def test_model_calls_per_step_follow_each_pipelines_true_cfg_rule(pipes, pipeline, call, calls):
+    """FD reuse's size estimate counts the transformer calls per step as each pipeline makes them (the record
+    itself counts them as they come: an estimate at half undersizes the placement choice)."""
+    from freecure_ops.pipeline.freecure import _model_calls_per_step
+
+    pipe = _InfuseNetLike() if pipeline == "infusenet" else get(pipes, pipeline)
+    family = "sd1" if pipeline == "sd1" else "flux"
+    assert _model_calls_per_step(pipe, family, call) == calls
+
+
 @pytest.mark.parametrize("scheduler", ["EulerAncestralDiscreteScheduler", "LCMScheduler"])
 def test_stochastic_samplers_are_seeded_and_replayed(pipes, scheduler):
     """The per-step noise comes from the seed, one generator per image, alike in both passes: the same seed

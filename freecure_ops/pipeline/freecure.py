@@ -26,6 +26,7 @@ element, prompt strings become lists, anything else must be equal in both branch
 """
 from __future__ import annotations
 
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -642,7 +643,8 @@ class FreeCure:
                              "FASA would have nothing to do; pass mask= or a prompt with attribute words")
         if mask is not None:
             self._check_mask_not_empty(mask, attributes, given=True)
-        reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, _model_calls_per_step(family, common | fd_kw),
+        calls = _model_calls_per_step(self.pipe, family, common | fd_kw)
+        reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls,
                                    timesteps=kwargs.get("timesteps"), sigmas=kwargs.get("sigmas"))
         if reuse["choice"] == "off":
             raise ValueError(f"foundation() keeps the FD keys/values for pass 2, but FD reuse is off "
@@ -765,7 +767,7 @@ class FreeCure:
 
         # ---- FD reuse: decided before pass 1 (it needs pass 1 to record)
         if mask is None:
-            calls = _model_calls_per_step(family, {**common, **pd_kw})
+            calls = _model_calls_per_step(self.pipe, family, {**common, **pd_kw})
             reuse = self.plan_fd_reuse(n, height, width, n_steps, cfg, calls, timesteps=kwargs.get("timesteps"),
                                        sigmas=kwargs.get("sigmas"))
         else:
@@ -875,13 +877,20 @@ def _step_count(pipe, kwargs: Mapping) -> int:
     return steps
 
 
-def _model_calls_per_step(family: str, kwargs: Mapping) -> int:
-    """2 when FLUX runs true CFG (a negative prompt and ``true_cfg_scale > 1``: a second transformer call per
-    step), else 1."""
-    if family != "flux" or float(kwargs.get("true_cfg_scale", 1.0) or 1.0) <= 1.0:
+def _model_calls_per_step(pipe, family: str, kwargs: Mapping) -> int:
+    """2 when FLUX runs true CFG (a second transformer call per step, on the negative prompt), else 1.
+
+    Both kinds of FLUX pipeline run it only with a negative prompt (text, or both negative embeddings). diffusers'
+    pipelines (``true_cfg_scale``) run it when ``true_cfg_scale > 1``; InfiniteYou's ``FluxInfuseNetPipeline``
+    (``true_guidance_scale``, bytedance/InfiniteYou aaa6ea5) runs it whenever a negative prompt is given."""
+    has_negative = kwargs.get("negative_prompt") is not None or (
+        kwargs.get("negative_prompt_embeds") is not None and kwargs.get("negative_pooled_prompt_embeds") is not None)
+    if family != "flux" or not has_negative:
         return 1
-    has_negative = kwargs.get("negative_prompt") is not None or kwargs.get("negative_prompt_embeds") is not None
-    return 2 if has_negative else 1
+    takes = inspect.signature(pipe.__call__).parameters
+    if "true_cfg_scale" in takes:
+        return 2 if float(kwargs.get("true_cfg_scale", takes["true_cfg_scale"].default) or 1.0) > 1.0 else 1
+    return 2 if "true_guidance_scale" in takes else 1
 
 
 def _ip_adapter_in_use(pipe, kwargs: Mapping) -> bool:
