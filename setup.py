@@ -12,7 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["freecure_ops", "freecure_ops.kernels", "freecure_ops.adapters", "freecure_ops.pipeline",
-              "freecure_ops.cli", "freecure_ops.bench"],
+              "freecure_ops.cli", "freecure_ops.bench", "freecure_ops.demo"],
     package_dir={
         "freecure_ops": "freecure_ops",
         "freecure_ops.kernels": "kernels",
@@ -39,10 +39,14 @@ setup(
         "batch": ["accelerate>=0.26", "diffusers>=0.42", "huggingface_hub", "Pillow", "tqdm"],
         # freecure eval: transformers' CLIP for PC, onnxruntime for ONNX face-recognition models (IF), the plot
         "eval": ["transformers>=4.40", "huggingface_hub", "onnxruntime>=1.16", "Pillow", "matplotlib"],
+        # freecure demo: the local web page; 6.31 is the version its browser test runs on (the page uses the 6.x
+        # API: theme at launch(), gr.skip, trigger_mode, concurrency_id)
+        "demo": ["gradio>=6.31", "diffusers>=0.42", "huggingface_hub", "Pillow"],
         # peft: the LoRA interplay tests; onnx: the tests write a tiny face model; setuptools: the packaging tests
-        # build a wheel and an sdist offline (>= 70.1 builds wheels without the "wheel" package)
+        # build a wheel and an sdist offline (>= 70.1 builds wheels without the "wheel" package); selenium: the demo
+        # page's browser test drives Debian's chromium through it (4.x: Service, WebDriverWait)
         "test": ["pytest>=7", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "huggingface_hub",
                  "sentencepiece", "setuptools>=70.1",
-                 "matplotlib", "peft", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14"],
+                 "matplotlib", "peft", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14", "selenium>=4"],
     },
 )

@@ -167,7 +167,10 @@ def test_the_wheel_holds_the_folders_inside_freecure_ops(built):
         assert f"freecure_ops/{name}/__init__.py" not in names
     assert {"freecure_ops/__init__.py", "freecure_ops/subpackages.py", "freecure_ops/kernels/fasa_fwd.py",
             "freecure_ops/adapters/install.py", "freecure_ops/bench/__main__.py",
-            "freecure_ops/cli/__init__.py", "freecure_ops/pipeline/__init__.py"} <= names
+            "freecure_ops/cli/__init__.py", "freecure_ops/pipeline/__init__.py", "freecure_ops/cli/demo.py",
+            "freecure_ops/demo/session.py", "freecure_ops/demo/page.py"} <= names
+    meta = next(zipfile.Path(built["wheel"], n) for n in names if n.endswith(".dist-info/METADATA")).read_text()
+    assert "Provides-Extra: demo" in meta and "Requires-Dist: gradio>=6.31; extra == \"demo\"" in meta  # freecure demo
     tops = {n.split("/")[0] for n in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"freecure_ops"}, tops
 

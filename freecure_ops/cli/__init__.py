@@ -8,11 +8,14 @@
     freecure manifest --identity alice=woman ... --out grid.jsonl      # the paper's evaluation grid
     freecure batch --manifest grid.jsonl --model PATH_OR_ID --out runs/grid  # many jobs; resumable
     freecure eval --results runs/grid --clip PATH_OR_ID --face-model arcface.onnx --reference alice=a.jpg
+    freecure demo --model PATH_OR_ID --parser-weights 79999_iter.pth   # a local web page: an omega slider
 
-One module per subcommand (:mod:`.generate`, :mod:`.sweep`, :mod:`.manifest`, :mod:`.batch`, :mod:`.eval`), each
+One module per subcommand (:mod:`.generate`, :mod:`.sweep`, :mod:`.manifest`, :mod:`.batch`, :mod:`.eval`,
+:mod:`.demo`: its page is :mod:`freecure_ops.demo`, Gradio imported only when it serves), each
 with ``add_arguments(subparsers)`` (argparse only: nothing heavy is imported) and ``run(args) -> exit status``,
 over shared modules: :mod:`.errors` (the one-line error), :mod:`.args` (argument types and checks), :mod:`.flags`
-(the flag definitions generate and sweep share), :mod:`.entry_point` (``--pipeline module:function``: a
+(the flag definitions generate, sweep and demo share), :mod:`.two_pass` (pass 1 once, pass 2 per omega: what sweep
+and demo share), :mod:`.entry_point` (``--pipeline module:function``: a
 personalization pipeline from the user's Python), :mod:`.contact_sheet` (labelled image grids),
 :mod:`.weights` (``--model``, ``--parser-weights``, ``--clip``: local paths, or Hub references resolved to the
 cache), :mod:`.model_files` (a pipeline folder's configs, read without loading), :mod:`.pipeline` (loading and
@@ -50,7 +53,8 @@ from .errors import ArgumentParser, CLIError
 __all__ = ["main", "build_parser"]
 
 #: subcommand -> its module (``bench`` is delegated whole to the benchmark's own parser)
-COMMANDS = {"generate": "generate", "sweep": "sweep", "batch": "batch", "eval": "eval", "manifest": "manifest"}
+COMMANDS = {"generate": "generate", "sweep": "sweep", "batch": "batch", "eval": "eval", "manifest": "manifest",
+            "demo": "demo"}
 
 
 def _command(name: str):

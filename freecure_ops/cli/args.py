@@ -15,8 +15,8 @@ from .model_files import model_path_problem
 __all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "number_list_arg", "json_object_arg",
            "fraction_arg", "check_finite",
            "real_problem", "read_mask_png", "parser_weights_problem", "parser_weights_error", "pick_device",
-           "interpreting", "torch_dtype", "apg_steps_problem", "check_run_flags", "seed_problem", "check_mask_source",
-           "check_backend_device"]
+           "interpreting", "torch_dtype", "apg_steps_problem", "check_run_flags", "check_run_settings",
+           "check_sampling_flags", "check_attribute_words", "seed_problem", "check_mask_source", "check_backend_device"]
 
 #: --dtype choices -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -214,17 +214,29 @@ def empty_mask_effect(mode: str) -> str:
 
 def check_run_flags(args) -> None:
     """The checks ``generate``, ``sweep`` and ``batch`` share, before anything loads (each adds its own): the
-    output folder, the numbers, the model reference, the size's multiple of 8 (the model's own multiple is
-    checked once its config is read) and a parser revision without parser weights. (``sweep`` has no
-    ``--omega``, and ``--model`` is optional there.)"""
+    output folder, then :func:`check_run_settings`."""
     problem = output_dir_problem(args.out)
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
+    check_run_settings(args)
+
+
+def check_sampling_flags(args) -> None:
+    """The numbers of a run: ``--steps``, ``--omega``, ``--style-fidelity``, ``--guidance-scale`` (the demo page
+    checks what a person types with this too, so the page and the command line refuse alike)."""
     if args.steps < 1:
         raise CLIError(f"--steps must be >= 1, got {args.steps}")
     check_finite("--omega", getattr(args, "omega", None))
     check_finite("--style-fidelity", args.style_fidelity, 0.0, 1.0)
     check_finite("--guidance-scale", args.guidance_scale, 0.0)
+
+
+def check_run_settings(args) -> None:
+    """The checks of a run that needs no output folder (``demo`` has none): :func:`check_sampling_flags`, the
+    model reference, the size's multiple of 8 (the model's own multiple is checked once its config is read)
+    and a parser revision without parser weights. (``sweep`` has no ``--omega``, and ``--model`` is optional
+    there.)"""
+    check_sampling_flags(args)
     problem = None if args.model is None else model_path_problem(args.model)
     if problem:
         raise CLIError(f"--model {args.model}: {problem}")
@@ -233,6 +245,17 @@ def check_run_flags(args) -> None:
             raise CLIError(f"{flag} must be a positive multiple of 8 (pixels), got {v}")
     if args.parser_revision is not None and args.parser_weights is None:
         raise CLIError("--parser-revision is only used with --parser-weights")
+
+
+def check_attribute_words(prompt: str) -> None:
+    """A parsed mask needs an attribute named in the prompt; without one there would be nothing to sweep (or to
+    tune on the demo page)."""
+    from ..pipeline.attributes import DEFAULT_VOCABULARY, find_attributes
+
+    if not find_attributes(prompt):
+        known = ", ".join(DEFAULT_VOCABULARY.attributes)
+        raise CLIError(f"--prompt names none of the attributes FreeCure knows ({known}): FASA would have nothing to "
+                       "do at any omega; name one (e.g. 'red hair') or give --mask")
 
 
 def seed_problem(flag: str, seed: int) -> str | None:

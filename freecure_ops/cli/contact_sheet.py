@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["SheetLayout", "sheet_layout", "contact_sheet", "mask_overlay", "OVERLAY_COLOUR"]
+__all__ = ["SheetLayout", "sheet_layout", "contact_sheet", "mask_overlay", "foundation_overlay", "OVERLAY_COLOUR"]
 
 #: the mask's colour: cyan is rare in portraits (a red overlay would vanish in red hair)
 OVERLAY_COLOUR = (0, 230, 255)
@@ -135,3 +135,12 @@ def mask_overlay(image: Image.Image, mask, colour=OVERLAY_COLOUR, alpha: float =
     rgb = np.asarray(image.convert("RGB"), dtype=np.float32)
     out = rgb * (1 - weight) + np.asarray(colour, dtype=np.float32) * weight
     return Image.fromarray(out.round().clip(0, 255).astype(np.uint8), mode="RGB")
+
+
+def foundation_overlay(found, index: int = 0) -> Image.Image:
+    """A foundation's FD image ``index`` with its attribute mask over it (the sweep's "FD + mask" row, the demo
+    page's FD panel)."""
+    mask = found.mask.detach().float().cpu()
+    if mask.dim() == 3:
+        mask = mask[index]
+    return mask_overlay(found.images[index], mask.numpy())

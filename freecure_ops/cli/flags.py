@@ -1,18 +1,38 @@
-"""The flag definitions ``generate`` and ``sweep`` share (argparse only: nothing heavy is imported), each group
-defined once so that the two commands spell, default and explain a flag alike. Their checks are in
+"""The flag definitions ``generate``, ``sweep`` and ``demo`` share (argparse only: nothing heavy is imported), each
+group defined once so that the commands spell, default and explain a flag alike. Their checks are in
 :mod:`.args`."""
 from __future__ import annotations
 
-from .args import DTYPES, layers_arg, user_path
+from .args import DTYPES, add_weights_arguments, json_object_arg, layers_arg, user_path
 
-__all__ = ["add_prompt_arguments", "add_mask_arguments", "add_fasa_arguments", "add_fd_reuse_argument",
-           "add_sampling_arguments", "add_device_arguments", "add_output_arguments"]
+__all__ = ["add_pipeline_arguments", "add_prompt_arguments", "add_mask_arguments", "MASK_WITH_FOUNDATION",
+           "add_fasa_arguments", "add_fd_reuse_argument", "add_sampling_arguments", "add_device_arguments",
+           "add_output_arguments"]
 
 
-def add_prompt_arguments(g) -> None:
-    """``--prompt``, ``--fd-prompt``, ``--negative-prompt``."""
-    g.add_argument("--prompt", required=True, help="PD prompt (with the identity, e.g. a DreamBooth token)")
-    g.add_argument("--fd-prompt", help="FD prompt (the same without the identity); default: --prompt")
+def add_pipeline_arguments(g) -> None:
+    """``--model`` (optional here) and the rest of :func:`~.args.add_weights_arguments`, ``--pipeline`` and
+    ``--pd-kwargs``: pass 1 on ``--model``, pass 2 on a pipeline of the user's (``sweep``, ``demo``)."""
+    add_weights_arguments(g, required=False, extra_help="; optional with --pipeline (then it runs pass 1 and is "
+                                                        "handed to the function)")
+    g.add_argument("--pipeline", metavar="MODULE:FUNCTION",
+                   help="pass 2's pipeline from your Python: MODULE (imported from the current folder, or a .py "
+                        "path) FUNCTION(base) gets the --model pipeline (None without --model) and returns a "
+                        "diffusers pipeline, or (pipeline, dict of pass-2 arguments); without --model it runs "
+                        "both passes")
+    g.add_argument("--pd-kwargs", type=json_object_arg, metavar="JSON",
+                   help="extra pass-2 pipeline arguments as a JSON object, e.g. '{\"start_merge_step\": 10}'")
+
+
+#: what ``--mask`` does where pass 1 always runs (its keys/values are what pass 2 reads)
+MASK_WITH_FOUNDATION = "skips the parser (pass 1 still runs: pass 2 reads its keys/values)"
+
+
+def add_prompt_arguments(g, required: bool = True, fd_default: str = "--prompt") -> None:
+    """``--prompt``, ``--fd-prompt``, ``--negative-prompt`` (``required=False``: the demo, where they only fill
+    the page's fields)."""
+    g.add_argument("--prompt", required=required, help="PD prompt (with the identity, e.g. a DreamBooth token)")
+    g.add_argument("--fd-prompt", help=f"FD prompt (the same without the identity); default: {fd_default}")
     g.add_argument("--negative-prompt", help="negative prompt for both branches")
 
 

@@ -89,11 +89,15 @@ def quiet_libraries(quiet: bool):
 
 
 @contextmanager
-def show_warnings(category):
+def show_warnings(category, sink=None):
     """Warnings of ``category`` (e.g. FreeCureWarning) inside the block as ``freecure: warning: ...`` lines, in
-    the flags' words, every time (a sweep's second seed warns too)."""
+    the flags' words, every time (a sweep's second seed warns too); ``sink(text)``: where the text goes
+    instead (the demo page shows it)."""
     def show(message, category, filename, lineno, file=None, line=None):
-        print(f"freecure: warning: {flag_message(str(message))}", file=sys.stderr)
+        if sink is not None:
+            sink(flag_message(str(message)))
+        else:
+            print(f"freecure: warning: {flag_message(str(message))}", file=sys.stderr)
 
     with warnings.catch_warnings():
         warnings.simplefilter("always", category)

@@ -30,18 +30,16 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 from ..outputs import atomic_write, atomic_write_text, output_dir_problem
-from .args import (add_weights_arguments, check_backend_device, check_finite, check_mask_source, check_run_flags,
-                   json_object_arg, number_list_arg, pick_device, seed_problem, torch_dtype)
-from .errors import CLIError, flag_message
-from .flags import (add_device_arguments, add_fasa_arguments, add_fd_reuse_argument, add_mask_arguments,
-                    add_output_arguments, add_prompt_arguments, add_sampling_arguments)
-from .pipeline import (effective_settings, library_versions, load_parser, load_pipeline, quiet_libraries, save_mask,
-                       show_warnings)
-from .weights import resolve_run_weights
+from .args import check_finite, check_run_flags, number_list_arg, seed_problem
+from .errors import CLIError
+from .flags import (MASK_WITH_FOUNDATION, add_device_arguments, add_fasa_arguments, add_fd_reuse_argument,
+                    add_mask_arguments, add_output_arguments, add_pipeline_arguments, add_prompt_arguments,
+                    add_sampling_arguments)
+from .pipeline import effective_settings, library_versions, quiet_libraries, save_mask
+from .two_pass import Plan, TwoPass, check_pipeline_args, omega_text, require_model_or_pipeline
 
 __all__ = ["add_arguments", "check_sweep_args", "run", "image_name", "SHEET", "RECORD"]
 
@@ -53,17 +51,9 @@ def add_arguments(sub) -> None:
                        description="Pass 1 once per seed (FD image, mask, FD keys/values), pass 2 once per (seed, "
                                    "omega); writes sweep.png (rows = omega, columns = seed), the images and "
                                    "sweep.json.")
-    add_weights_arguments(s, required=False, extra_help="; optional with --pipeline (then it runs pass 1 and is "
-                                                        "handed to the function)")
-    s.add_argument("--pipeline", metavar="MODULE:FUNCTION",
-                   help="pass 2's pipeline from your Python: MODULE (imported from the current folder, or a .py "
-                        "path) FUNCTION(base) gets the --model pipeline (None without --model) and returns a "
-                        "diffusers pipeline, or (pipeline, dict of pass-2 arguments); without --model it runs "
-                        "both passes")
-    s.add_argument("--pd-kwargs", type=json_object_arg, metavar="JSON",
-                   help="extra pass-2 pipeline arguments as a JSON object, e.g. '{\"start_merge_step\": 10}'")
+    add_pipeline_arguments(s)
     add_prompt_arguments(s)
-    add_mask_arguments(s, mask_effect="skips the parser (pass 1 still runs: pass 2 reads its keys/values)")
+    add_mask_arguments(s, mask_effect=MASK_WITH_FOUNDATION)
     s.add_argument("--omegas", required=True, type=number_list_arg(float), metavar="W,W,...",
                    help="FASA strengths, one row each, e.g. 0.5,1,1.5,2 (a list starting with a minus: "
                         "--omegas=-0.5,1)")
@@ -76,25 +66,9 @@ def add_arguments(sub) -> None:
     add_output_arguments(s)
 
 
-@dataclass(frozen=True)
-class _Plan:
-    """What the checks found: the mask array (None: a parser makes it), the resolved weights, the entry point,
-    the device and dtype of --model (None without it)."""
-
-    mask: object
-    model: object
-    parser: object
-    entry: object
-    device: object
-    dtype: object
-
-
-def check_sweep_args(args) -> _Plan:
+def check_sweep_args(args) -> Plan:
     """Every check before anything loads (generate's, and the sweep's own). Raises CLIError."""
-    from .entry_point import load_entry_point, reserved_pd_kwargs_problem
-
-    if args.model is None and args.pipeline is None:
-        raise CLIError("give --model (a pipeline folder or Hub id) or --pipeline module:function (or both)")
+    require_model_or_pipeline(args)
     check_run_flags(args)
     for w in args.omegas:
         check_finite("--omegas", w)
@@ -102,86 +76,17 @@ def check_sweep_args(args) -> _Plan:
         problem = seed_problem("--seeds", seed)
         if problem:
             raise CLIError(problem)
-    if args.model is None:  # the entry point loads its own pipeline: these would do nothing
-        for flag in ("revision", "variant", "device", "dtype"):
-            if getattr(args, flag) is not None:
-                raise CLIError(f"--{flag} applies to --model; the --pipeline function (without --model) chooses its "
-                               "pipeline's weights, device and dtype")
-    problem = reserved_pd_kwargs_problem(args.pd_kwargs or {})
-    if problem:
-        raise CLIError(f"--pd-kwargs {problem}")
-    mask = check_mask_source(args)
-    if mask is None:
-        _check_attribute_words(args.prompt)
-    entry = None if args.pipeline is None else load_entry_point(args.pipeline)
-    device = dtype = None
-    if args.model is not None:
-        device = pick_device(args.device)
-        check_backend_device(args.backend, device)
-        dtype = torch_dtype(args.dtype, device)
-    model, parser = resolve_run_weights(args)
-    return _Plan(mask=mask, model=model, parser=parser, entry=entry, device=device, dtype=dtype)
-
-
-def _check_attribute_words(prompt: str) -> None:
-    """A parsed mask needs an attribute named in the prompt; without one there would be nothing to sweep."""
-    from ..pipeline.attributes import DEFAULT_VOCABULARY, find_attributes
-
-    if not find_attributes(prompt):
-        known = ", ".join(DEFAULT_VOCABULARY.attributes)
-        raise CLIError(f"--prompt names none of the attributes FreeCure knows ({known}): FASA would have nothing to "
-                       "do at any omega; name one (e.g. 'red hair') or give --mask")
-
-
-def _number(w: float) -> str:
-    """An omega as a file name and label: the shortest text that reads back as the same float (1.0 -> "1")."""
-    text = repr(float(w))
-    return text[:-2] if text.endswith(".0") else text
+    return check_pipeline_args(args, args.prompt)
 
 
 def image_name(seed: int, omega: float) -> str:
-    return f"images/seed{seed}_omega{_number(omega)}.png"
+    return f"images/seed{seed}_omega{omega_text(omega)}.png"
 
 
 def run(args) -> int:
     plan = check_sweep_args(args)
     with quiet_libraries(args.quiet):
         return _run_sweep(args, plan)
-
-
-def _pipelines(args, plan):
-    """Load: ``(foundation pipeline, pass-2 pipeline, pass-2 kwargs, device, dtype)``."""
-    from .entry_point import call_entry_point, pass2_pipeline_problem, unnamed_kwargs
-
-    base = None if plan.model is None else load_pipeline(plan.model, plan.device, plan.dtype)
-    pd_pipe, pd_kwargs = base, {}
-    if plan.entry is not None:
-        pd_pipe, pd_kwargs = call_entry_point(plan.entry, base)
-    fd_pipe = base if base is not None else pd_pipe
-    problem = pass2_pipeline_problem(fd_pipe, pd_pipe)
-    if problem:
-        raise CLIError(f"--pipeline {args.pipeline}: {problem}")
-    for source, kwargs in ((f"--pipeline {args.pipeline}", pd_kwargs), ("--pd-kwargs", args.pd_kwargs or {})):
-        unnamed, strict = unnamed_kwargs(pd_pipe, kwargs)
-        what = f"{source}: {type(pd_pipe).__name__}.__call__ takes no {', '.join(unnamed)}"
-        if unnamed and strict:
-            raise CLIError(what)
-        if unnamed:  # a typo would change nothing, silently: say so before the sweep runs
-            print(f"freecure: warning: {what} by name (it takes **kwargs, and may ignore them)", file=sys.stderr)
-    pd_kwargs = {**pd_kwargs, **(args.pd_kwargs or {})}  # the command line has the last word
-    device, dtype = plan.device, plan.dtype
-    if base is None:  # the function placed its pipeline: FASA runs where it is
-        import torch
-
-        from ..adapters.discovery import resolve_model
-
-        denoiser, _ = resolve_model(fd_pipe)
-        device, dtype = torch.device(fd_pipe.device), denoiser.dtype
-        check_backend_device(args.backend, device)
-    if args.quiet:
-        for pipe in {id(fd_pipe): fd_pipe, id(pd_pipe): pd_pipe}.values():
-            pipe.set_progress_bar_config(disable=True)
-    return fd_pipe, pd_pipe, pd_kwargs, device, dtype
 
 
 def _jsonable(kwargs: dict) -> dict:
@@ -212,7 +117,7 @@ class _Results:
         self.written.add(name)
 
     def add_foundation(self, seed: int, found) -> None:
-        from .contact_sheet import mask_overlay
+        from .contact_sheet import foundation_overlay
 
         fd_img = found.images[0]
         self.save(f"fd/seed{seed}.png", fd_img)
@@ -220,7 +125,7 @@ class _Results:
         save_mask(found.mask, self.out / f"mask/seed{seed}.png")
         self.written.add(f"mask/seed{seed}.png")
         self.fd[seed] = fd_img
-        self.overlay[seed] = mask_overlay(fd_img, found.mask.detach().float().cpu().numpy())
+        self.overlay[seed] = foundation_overlay(found)
         self.foundations.append(dict(seed=seed, fd=f"fd/seed{seed}.png", mask=f"mask/seed{seed}.png",
                                      attributes=found.attributes, fd_reuse=found.fd_reuse,
                                      pass1_s=round(found.timings.get("pass1", 0.0), 4),
@@ -239,7 +144,7 @@ class _Results:
             return False
         cells = [[self.fd.get(s) for s in self.seeds], [self.overlay.get(s) for s in self.seeds]]
         cells += [[self.images.get((s, w)) for s in self.seeds] for w in self.omegas]
-        sheet, _ = contact_sheet(cells, ["FD", "FD + mask"] + [f"omega {_number(w)}" for w in self.omegas],
+        sheet, _ = contact_sheet(cells, ["FD", "FD + mask"] + [f"omega {omega_text(w)}" for w in self.omegas],
                                  [f"seed {s}" for s in self.seeds])
         self.save(SHEET, sheet)
         return True
@@ -267,40 +172,19 @@ class _Results:
 
 
 def _run_sweep(args, plan) -> int:
-    import torch
-
-    from ..pipeline.apg import default_guidance_scale
-    from ..pipeline.freecure import EmptyMaskError, FreeCure, FreeCureWarning
-
     t_start = time.perf_counter()
-    fd_pipe, pd_pipe, pd_kwargs, device, dtype = _pipelines(args, plan)
-    parser = None if plan.parser is None else load_parser(plan.parser, device, offline=args.offline or None)
-    blame = f"--model {args.model}" if args.model is not None else f"--pipeline {args.pipeline}"
-    try:
-        fc = FreeCure(fd_pipe, parser, layers=args.layers, style_fidelity=args.style_fidelity, mode=args.mode,
-                      backend=args.backend, empty_mask=args.empty_mask, fd_reuse=args.fd_reuse)
-    except (TypeError, ValueError) as e:
-        raise CLIError(f"{blame}: {flag_message(str(e))}") from e
-    # one guidance scale for both passes, said explicitly: a personalization pipeline's default may differ
-    gs = args.guidance_scale if args.guidance_scale is not None else default_guidance_scale(fd_pipe)
-    common = dict(num_inference_steps=args.steps, guidance_scale=gs)
-    for key in ("negative_prompt", "height", "width"):
-        if getattr(args, key) is not None:
-            common[key] = getattr(args, key)
-    pd_common = {k: v for k, v in common.items() if k in ("guidance_scale", "negative_prompt")}  # run() adds the rest
-    pass2_blame = f"--pipeline {args.pipeline}" if args.pipeline is not None else \
-        "--pd-kwargs" if args.pd_kwargs else blame
-    mask = None if plan.mask is None else torch.from_numpy(plan.mask)
+    runner = TwoPass(args, plan)
+    fc, device, dtype = runner.fc, runner.device, runner.dtype
+    common = runner.common(args.steps, args.guidance_scale, args.negative_prompt)
     fd_prompt = args.fd_prompt or args.prompt
-    load_s = time.perf_counter() - t_start
 
     problem = output_dir_problem(args.out)  # checked before any work; checked again in case it changed since
     if problem:
         raise CLIError(f"--out {args.out}: {problem}")
     args.out.mkdir(parents=True, exist_ok=True)
     results = _Results(args.out, args.seeds, args.omegas)
-    settings = effective_settings(fc, fd_pipe, argparse.Namespace(**{**vars(args), "omega": None}), device, dtype,
-                                  common)
+    settings = effective_settings(fc, runner.fd_pipe, argparse.Namespace(**{**vars(args), "omega": None}), device,
+                                  dtype, common)
     for key in ("omega", "omega_source"):  # one per row here: "omegas"
         settings.pop(key)
 
@@ -308,40 +192,27 @@ def _run_sweep(args, plan) -> int:
         return dict(command="sweep", complete=complete, error=error, model=args.model, pipeline=args.pipeline,
                     weights=dict(model=None if plan.model is None else plan.model.record(),
                                  parser=None if plan.parser is None else plan.parser.record()),
-                    pass2_pipeline=type(pd_pipe).__name__, family=fc.family, prompt=args.prompt, fd_prompt=fd_prompt,
-                    negative_prompt=args.negative_prompt,
+                    pass2_pipeline=type(runner.pd_pipe).__name__, family=fc.family, prompt=args.prompt,
+                    fd_prompt=fd_prompt, negative_prompt=args.negative_prompt,
                     attributes=results.foundations[0]["attributes"] if results.foundations else None,
                     **settings, steps=args.steps, omegas=list(args.omegas), seeds=list(args.seeds),
-                    pd_kwargs=_jsonable(pd_kwargs),
+                    pd_kwargs=_jsonable(runner.pd_kwargs),
                     mask_source=str(args.mask) if args.mask is not None else "parser", device=str(device),
                     dtype=str(dtype).replace("torch.", ""), versions=library_versions(),
                     sheet=SHEET if SHEET in results.written else None,
-                    sheet_rows=["FD", "FD + mask"] + [f"omega {_number(w)}" for w in args.omegas],
+                    sheet_rows=["FD", "FD + mask"] + [f"omega {omega_text(w)}" for w in args.omegas],
                     sheet_columns=[f"seed {s}" for s in args.seeds],
                     foundations=results.foundations, images=results.cells,
-                    timings_s=results.timings(load_s, time.perf_counter() - t_start))
+                    timings_s=results.timings(runner.load_s, time.perf_counter() - t_start))
 
     try:
         for seed in args.seeds:
-            with show_warnings(FreeCureWarning):
-                try:  # pass 1, once per seed; its attributes are read from the PD prompt, as generate does
-                    found = fc.foundation(fd_prompt, seed=seed, mask=mask, attribute_prompt=args.prompt,
-                                          output_type="pil", **common)
-                except EmptyMaskError as e:
-                    raise CLIError(f"--seeds {seed}: {flag_message(str(e))}") from e
-                except (TypeError, ValueError) as e:
-                    raise CLIError(f"{blame}: {flag_message(str(e))}") from e
+            found = runner.foundation(fd_prompt, args.prompt, seed, common, seed_flag="--seeds")  # pass 1, once
             try:
                 results.add_foundation(seed, found)
                 for w in args.omegas:  # pass 2 per omega, from the one record
-                    t0 = time.perf_counter()
-                    try:
-                        out = found.run(pd_pipe, prompt=args.prompt, omega=w, output_type="pil", **pd_common,
-                                        **pd_kwargs)
-                    except (TypeError, ValueError) as e:  # the pass-2 pipeline or its arguments do not fit
-                        raise CLIError(f"{pass2_blame}: pass 2 (seed {seed}, omega {_number(w)}): "
-                                       f"{flag_message(str(e))}") from e
-                    results.add_image(seed, w, out.images[0], time.perf_counter() - t0)
+                    image, seconds = runner.pass2(found, args.prompt, w, seed, common)
+                    results.add_image(seed, w, image, seconds)
             finally:
                 found.release()  # the record is the big allocation: one seed's at a time
     except BaseException as e:
