@@ -8,25 +8,39 @@ wheel's ptxas and reads the results:
 
   shared     shared memory per block (limit 227 KB)
   regs       registers per thread; spill  stack bytes (register spills, want 0)
-  ld16       scalar 2-byte global loads in the PTX (want 0: rows load as 16-byte vectors / async copies)
-  pipelined  key loops whose loads are multi-buffered (an ``async_wait`` with copies left in flight inside
-             the loop); want 2: the PD loop and the FD loop (1 for ``-pdsdpa``: the FD loop)
-  buffers    depth of the K/V shared-memory ring of those loops
-  wgmma      Hopper tensor-core MMAs present
+  ldg        global loads in the SASS by bytes per access (``16:6 4:2``: six LDG.E.128, two 4-byte LDG.E)
+  cp_async   async global-to-shared copies in the SASS (LDGSTS) by bytes per access
+  ld16       global loads of 1 or 2 bytes in the SASS (LDG.E.U16 and the like; want 0: rows load as 16-byte
+             vectors or async copies)
+  stg        global stores in the SASS by bytes per access (want the output rows as 16-byte STG.E.128)
+  pipelined  key loops (SASS loops: a backward branch to its target) that issue async copies (LDGSTS) and wait
+             with copies still in flight (``DEPBAR.LE SB0, n`` with n > 0) inside the loop; want 2: the PD loop
+             and the FD loop (1 for ``-pdsdpa``: the FD loop)
+  buffers    depth of the K/V shared-memory ring of those loops (the TTGIR's 3-D shared-memory allocations)
+  hgmma      Hopper tensor-core MMA instructions (HGMMA) in the SASS: what wgmma compiles to
   pd_instr   SASS instructions in the PD key loop's body (its cost per PD key tile)
   fd_instr   SASS instructions in the FD key loop's body (its cost per FD key tile)
   fd_keys    keys per FD key tile (BLOCK_N_FD); fd_instr * 64 / fd_keys is the cost per 64 FD keys
   ctas       programs per SM by registers, warps and shared memory (occupancy)
-  merge_regs / merge_spill   split-KV's merge kernel (0: no split)
+  merge_*    split-KV's (and pd_sdpa's) merge kernel (0 / -: no merge): registers, spill, global loads and
+             stores by bytes per access, query rows per program, SASS instructions (straight-line code: each
+             thread runs each once; merge_instr * 64 / merge_rows per 64 rows)
+
+Every column that says what the machine code does is read from the SASS (cuobjdump of the cubin), by opcode at
+an instruction's position: the string "wgmma" in the PTX (a ``wgmma.fence`` has it, so does a comment) or a
+vector type in the PTX is not evidence. The TTGIR is read for the ring depth only (the shared-memory
+allocation's shape). ``violations`` states what each case claims (no spills, 16-byte row loads and stores,
+HGMMA, pipelined loops on the fast path) and says what is missing; the report exits 1 when a case misses one.
 
 Cases named ``-bin`` take the binary-mask FD loop, ``-split`` the split-KV launch, ``-pdsdpa`` the FD program
 alone (the PD keys by torch's SDPA; pd_instr 0, one pipelined loop) and the merge; compare each with the case of
 the same name without the suffix. ``-fd128``: the packed FD loop's key tiles at 128 keys (the PD loop's stay at the
 table's BLOCK_N); ``-bn128``: BLOCK_N 128 for both loops.
 
-Run it (``python -m freecure_ops.bench.compile_report``) under the Triton at hand; under another Triton, put
-that one first on the path: ``pip install --target /tmp/t36 triton==3.6.0`` then
-``PYTHONPATH=/tmp/t36 python -m freecure_ops.bench.compile_report``.
+Run it (``python -m freecure_ops.bench.compile_report``; ``--json`` for one JSON object per case,
+``--only=SUBSTRING`` (repeatable) for the cases whose names hold one) under the Triton at hand; under another
+Triton, put that one first on the path: ``pip install --target /tmp/t36 triton==3.6.0`` then
+``PYTHONPATH=/tmp/t36 python -m freecure_ops.bench.compile_report`` (or a venv with it, as ``/work/venv211``).
 """
 from __future__ import annotations
 
@@ -92,12 +106,14 @@ CASES = (
 )
 # The kernel variants the GPU tile sweep times: the binary FD loop on every model's "bias" case (against the
 # float loop above), split-KV on the grids under one wave of programs (SD1.5 1024/256, SDXL 1024 at B=1) and
-# on a FLUX joint sequence (text rows), with and without the binary loop.
+# on a FLUX joint sequence (text rows), with and without the binary loop; split-KV's merge at every model head dim
+# but 64 and 128 twice (head strides of 40 and 72 elements are not multiples of 16: the merge's vector stores).
 VARIANT_CASES = (
     CompileCase("fp16", 40, binary=True), CompileCase("fp16", 64, heads=10, binary=True),
     CompileCase("bf16", 72, binary=True), CompileCase("fp16", 80, grid=(32, 32), binary=True),
     CompileCase("bf16", 128, n_txt=512, heads=24, binary=True), CompileCase("fp16", 160, grid=(16, 16), binary=True),
     CompileCase("fp16", 80, grid=(32, 32), split=True), CompileCase("fp16", 80, grid=(32, 32), binary=True, split=True),
+    CompileCase("fp16", 40, binary=True, split=True), CompileCase("bf16", 72, binary=True, split=True),
     CompileCase("fp16", 160, grid=(16, 16), binary=True, split=True),
     CompileCase("bf16", 64, heads=20, grid=(32, 32), binary=True, split=True),
     CompileCase("fp16", 128, "scale", n_txt=64, heads=4, grid=(16, 16), split=True),
@@ -148,9 +164,9 @@ def _qkv(case: CompileCase, dtype):
 
 
 def compile_case(case: CompileCase, config: tuple | None = None):
-    """(Triton's CompiledKernel, tile config, ALIGN, the merge kernel's CompiledKernel or None) for ``case``,
-    built through the launcher's own plan with the tile table's config (or ``config``: BLOCK_M, BLOCK_N,
-    num_warps, num_stages)."""
+    """(Triton's CompiledKernel, tile config, ALIGN, the merge or None) for ``case``, built through the
+    launcher's own plan with the tile table's config (or ``config``: BLOCK_M, BLOCK_N, num_warps, num_stages).
+    The merge: (its CompiledKernel, its keyword args: tile and piece sizes, warps)."""
     from freecure_ops import prepare_fasa_mask
     from freecure_ops.kernels.fasa_fwd import (_fasa_fwd_kernel, _merge_kernel, head_dim_split, launch_plan,
                                                tile_config)
@@ -169,7 +185,7 @@ def compile_case(case: CompileCase, config: tuple | None = None):
                                              mode=case.mode, n_txt=case.n_txt, return_lse=case.lse, config=config,
                                              interpret=False, binary=case.binary, split_kv=case.split,
                                              pd_part=pd_part, fd_block_n=case.fd_block_n or None)
-    merged = None if merge is None else _compile(_merge_kernel, merge[1], merge[2])
+    merged = None if merge is None else (_compile(_merge_kernel, merge[1], merge[2]), merge[2])
     return _compile(_fasa_fwd_kernel, args, meta), config, meta["ALIGN"], merged
 
 
@@ -203,19 +219,118 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
 
 
-def _loop_instructions(sass: str) -> tuple[int, int]:
-    """SASS instructions in the bodies of the kernel's first and last loops (each from a backward branch's
-    target to the branch; the trailing ``BRA`` to itself is not a loop): the PD key loop and the FD key loop,
-    whose costs are per key tile. (0, 0) when there is no loop."""
+# One SASS instruction as cuobjdump prints it: ``/*0c20*/  @!P1 LDG.E.128 R4, desc[UR6][R2.64] ;``. Only an
+# opcode at an instruction's position counts: a comment, a label or a symbol name holding "HGMMA" does not.
+_SASS_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:(@!?U?P[0-9T]+)\s+)?([A-Z][A-Z0-9_]*)((?:\.[A-Za-z0-9_]+)*)"
+                         r"(?:\s+([^;]*))?;", re.MULTILINE)
+# Bytes per access from an LDG/STG/LDGSTS modifier; none of them: 4 bytes (``LDG.E``, ``STG.E``).
+_ACCESS_BYTES = {"128": 16, "64": 8, "U16": 2, "S16": 2, "U8": 1, "S8": 1}
+
+
+@dataclass(frozen=True)
+class Instr:
+    at: int          # byte offset
+    opcode: str      # "LDG"
+    mods: tuple      # ("E", "128")
+    operands: str
+
+
+def sass_instructions(sass: str) -> list[Instr]:
+    """The instructions of a cuobjdump ``-sass`` listing (any other text is ignored)."""
+    return [Instr(int(m.group(1), 16), m.group(3), tuple(filter(None, m.group(4).split("."))), m.group(5) or "")
+            for m in _SASS_INSTR.finditer(sass)]
+
+
+def access_bytes(instr: Instr) -> int:
+    return next((_ACCESS_BYTES[m] for m in instr.mods if m in _ACCESS_BYTES), 4)
+
+
+def memory_widths(sass: str, opcode: str) -> dict[str, int]:
+    """{bytes per access: count} of ``opcode`` (``LDG`` global loads, ``STG`` global stores, ``LDGSTS`` async
+    copies) in a SASS listing, widest first; the keys are strings (JSON's)."""
+    counts: dict[int, int] = {}
+    for i in sass_instructions(sass):
+        if i.opcode == opcode:
+            counts[access_bytes(i)] = counts.get(access_bytes(i), 0) + 1
+    return {str(k): counts[k] for k in sorted(counts, reverse=True)}
+
+
+def widths_str(widths: dict) -> str:
+    return " ".join(f"{b}:{n}" for b, n in widths.items()) or "-"
+
+
+def hgmma_count(sass: str) -> int:
+    """Hopper tensor-core MMAs (wgmma compiles to HGMMA; a ``wgmma.fence`` alone compiles to WARPGROUP.ARRIVE)."""
+    return sum(i.opcode == "HGMMA" for i in sass_instructions(sass))
+
+
+def sass_loops(sass: str) -> list[list[Instr]]:
+    """The bodies of the listing's loops, in order: from a backward branch's target to the branch (the trailing
+    ``BRA`` to itself is not a loop)."""
+    instrs = sass_instructions(sass)
     loops = []
-    for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?BRA\s+(0x[0-9a-f]+)", sass):
-        at, target = int(m.group(1), 16), int(m.group(2), 16)
-        if target < at:
-            loops.append((target, at))
-    if not loops:
-        return 0, 0
-    size = lambda loop: (loop[1] - loop[0]) // 16 + 1  # noqa: E731  sm_90 instructions are 16 bytes
-    return size(loops[0]), size(loops[-1])
+    for k, i in enumerate(instrs):
+        target = re.match(r"(0x[0-9a-f]+)", i.operands.strip())
+        if i.opcode == "BRA" and target and int(target.group(1), 16) < i.at:
+            loops.append([j for j in instrs[:k + 1] if j.at >= int(target.group(1), 16)])
+    return loops
+
+
+def _loop_instructions(sass: str) -> tuple[int, int]:
+    """SASS instructions in the bodies of the kernel's first and last loops: the PD key loop and the FD key loop,
+    whose costs are per key tile. (0, 0) when there is no loop."""
+    loops = sass_loops(sass)
+    return (len(loops[0]), len(loops[-1])) if loops else (0, 0)
+
+
+def _in_flight_wait(i: Instr) -> bool:
+    """``DEPBAR.LE SB0, n`` with n > 0: wait until at most n async-copy groups are outstanding (cp.async.wait_group
+    n), i.e. copies stay in flight across the wait. n = 0 waits for all (no overlap)."""
+    m = re.match(r"SB0\s*,\s*(0x[0-9a-f]+|\d+)", i.operands.strip())
+    return i.opcode == "DEPBAR" and "LE" in i.mods and m is not None and int(m.group(1), 0) > 0
+
+
+def pipelined_loops(sass: str) -> int:
+    """Loops that issue async copies (LDGSTS) and wait with copies still in flight: multi-buffered K/V loads."""
+    return sum(any(i.opcode == "LDGSTS" for i in body) and any(_in_flight_wait(i) for i in body)
+               for body in sass_loops(sass))
+
+
+def ring_depth(ttgir: str) -> int:
+    """Depth of the deepest shared-memory ring: the leading dim of the TTGIR's 3-D ``local_alloc``s (the SASS
+    does not show an allocation's shape)."""
+    depths = re.findall(r"=\s*ttg\.local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", ttgir)
+    return max(map(int, depths), default=0)
+
+
+def narrow_loads(widths: dict) -> int:
+    """Global loads of under 4 bytes (scalar 1- or 2-byte elements)."""
+    return sum(n for b, n in widths.items() if int(b) < 4)
+
+
+def vector_store_problem(stg: dict, out_bytes_per_thread: int) -> str | None:
+    """None when the stores hold what the report claims for output rows: no global store under 4 bytes, and
+    16-byte stores covering a thread's share of the output tile (``out_bytes_per_thread``); else what is
+    missing."""
+    narrow = sum(n for b, n in stg.items() if int(b) < 4)
+    wide = stg.get("16", 0)
+    if narrow:
+        return f"{narrow} global stores of 1-2 bytes ({widths_str(stg)}): output rows are not stored as vectors"
+    if wide * 16 < out_bytes_per_thread:
+        return (f"16-byte stores cover {wide * 16} of a thread's {out_bytes_per_thread} output bytes "
+                f"({widths_str(stg)})")
+    return None
+
+
+def vector_load_problem(ldg: dict, in_bytes_per_thread: int) -> str | None:
+    """None when 16-byte global loads cover a thread's share of the input rows and none is under 4 bytes."""
+    narrow = narrow_loads(ldg)
+    if narrow:
+        return f"{narrow} global loads of 1-2 bytes ({widths_str(ldg)}): rows are not loaded as vectors"
+    if ldg.get("16", 0) * 16 < in_bytes_per_thread:
+        return f"16-byte loads cover {ldg.get('16', 0) * 16} of a thread's {in_bytes_per_thread} input bytes " \
+               f"({widths_str(ldg)})"
+    return None
 
 
 # sm_90 per-SM limits: 64K registers allocated per warp in units of 256, 64 warps, 32 blocks, 228 KB shared
@@ -231,23 +346,6 @@ def ctas_per_sm(regs: int, warps: int, shared: int) -> int:
     return min(by_regs, SM_WARPS // warps, SM_BLOCKS, by_smem)
 
 
-def _pipelined_loops(ttgir: str) -> tuple[int, int]:
-    """(loops whose body waits with async copies still in flight, deepest shared-memory ring)."""
-    loops, depth, stack = 0, 0, []
-    for line in ttgir.splitlines():
-        if "scf.for" in line and "=" in line:
-            stack.append(False)
-        elif re.match(r"\s*}", line) and stack and "scf.yield" not in line:
-            loops += stack.pop()
-        m = re.search(r"ttg\.async_wait.*\{num = (\d+)", line)
-        if m and stack and int(m.group(1)) > 0:
-            stack[-1] = True
-        ring = re.search(r"local_alloc\s*:\s*\(\)\s*->\s*!ttg\.memdesc<(\d+)x\d+x\d+x", line)
-        if ring:
-            depth = max(depth, int(ring.group(1)))
-    return loops, depth
-
-
 @dataclass
 class Report:
     case: str
@@ -256,42 +354,126 @@ class Report:
     shared: int
     regs: int
     spill: int
-    ld16: int
+    ldg: dict         # global loads by bytes per access (SASS LDG)
+    cp_async: dict    # async copies by bytes per access (SASS LDGSTS)
+    ld16: int         # global loads of 1-2 bytes
+    stg: dict         # global stores by bytes per access (SASS STG)
+    out_bytes: int    # bytes of output rows per thread (BLOCK_M x D of the output's dtype over the threads)
     pipelined: int
     buffers: int
-    wgmma: bool
+    hgmma: int        # HGMMA instructions (SASS)
     pd_instr: int     # SASS instructions per PD key tile (the first loop's body)
     fd_instr: int     # SASS instructions per FD key tile (the last loop's body)
     fd_keys: int      # keys per FD key tile (BLOCK_N_FD): fd_instr * 64 / fd_keys per 64 keys
     ctas: int         # programs per SM (registers, warps, shared memory)
     merge_regs: int   # split-KV's merge kernel: registers (0: no merge)
     merge_spill: int
+    merge_ldg: dict   # the merge's global loads / stores by bytes per access
+    merge_stg: dict
+    merge_in_bytes: int   # the merge's part 0 + part 1 row bytes per thread
+    merge_out_bytes: int  # the merge's output row bytes per thread
+    merge_rows: int       # query rows per merge program (BLOCK_M)
+    merge_instr: int      # SASS instructions of the merge (straight-line: each thread runs them all once)
 
 
 def report(case: CompileCase, config: tuple | None = None) -> Report:
     kernel, config, align, merge = compile_case(case, config)
     fd_keys = case.fd_block_n if case.fd_block_n and case.mode == "bias" else config[1]
     regs, spill = _resource_usage(kernel.asm["cubin"])
-    loops, depth = _pipelined_loops(kernel.asm["ttgir"])
-    ld16 = len(re.findall(r"ld\.global(?:\.\w+)*\.[bu]16\b", kernel.asm["ptx"]))
-    pd_instr, fd_instr = _loop_instructions(_cuobjdump(kernel.asm["cubin"], "-sass"))
+    sass = _cuobjdump(kernel.asm["cubin"], "-sass")
+    ldg = memory_widths(sass, "LDG")
+    pd_instr, fd_instr = _loop_instructions(sass)
     if case.pd_sdpa:  # no PD loop: the one loop is the FD loop's
         pd_instr = 0
-    merge_regs, merge_spill = (0, 0) if merge is None else _resource_usage(merge.asm["cubin"])
-    return Report(case.name, "x".join(map(str, config)), align, kernel.metadata.shared, regs, spill, ld16,
-                  loops, depth, "wgmma" in kernel.asm["ptx"], pd_instr, fd_instr, fd_keys,
-                  ctas_per_sm(regs, config[2], kernel.metadata.shared), merge_regs, merge_spill)
+    elem = DTYPES[case.dtype].itemsize
+    partial = case.split or case.pd_sdpa  # the kernel writes fp32 partials, the merge the output
+    out_bytes = config[0] * case.head_dim * (4 if partial else elem) // (32 * config[2])
+    merge_regs = merge_spill = merge_in = merge_out = merge_rows = merge_instr = 0
+    merge_ldg = merge_stg = {}
+    if merge is not None:
+        compiled, meta = merge
+        merge_regs, merge_spill = _resource_usage(compiled.asm["cubin"])
+        merge_sass = _cuobjdump(compiled.asm["cubin"], "-sass")
+        merge_ldg, merge_stg = memory_widths(merge_sass, "LDG"), memory_widths(merge_sass, "STG")
+        rows = meta["BLOCK_M"] * case.head_dim / (32 * meta["num_warps"])
+        merge_in = int(rows * ((elem if case.pd_sdpa else 4) + 4))  # part 0 (torch's output or fp32) + fp32 part 1
+        merge_out = int(rows * elem)
+        merge_rows, merge_instr = meta["BLOCK_M"], len(sass_instructions(merge_sass))
+    return Report(case.name, "x".join(map(str, config)), align, kernel.metadata.shared, regs, spill, ldg,
+                  memory_widths(sass, "LDGSTS"), narrow_loads(ldg), memory_widths(sass, "STG"), out_bytes,
+                  pipelined_loops(sass), ring_depth(kernel.asm["ttgir"]), hgmma_count(sass), pd_instr, fd_instr,
+                  fd_keys, ctas_per_sm(regs, config[2], kernel.metadata.shared), merge_regs, merge_spill,
+                  merge_ldg, merge_stg, merge_in, merge_out, merge_rows, merge_instr)
+
+
+def fast_path(case: CompileCase) -> bool:
+    """fp16/bf16 with unit head-dim strides and 16-byte aligned rows: the path every model takes."""
+    return case.dtype != "fp32" and case.layout == "diffusers" and case.head_dim % 8 == 0
+
+
+def float_fd_loop_on_128_keys(case: CompileCase) -> bool:
+    """The float (per-key value) FD loop on 128-key tiles: a documented spill (tile_config's docstring),
+    compiled to show it, never what the launcher picks."""
+    return case.mode == "bias" and not case.binary and 128 in (case.fd_block_n, case.block_n)
+
+
+def violations(case: CompileCase, r) -> list[str]:
+    """What ``case``'s compile (a Report or its JSON dict) lacks of what this report claims for it; [] when
+    nothing. Fast path (every model's launch): 16-byte aligned rows, HGMMA, no spills, no 1-2-byte loads, K/V
+    as 16-byte async copies in every key loop, multi-buffered (a 3-deep ring), output rows stored as 16-byte
+    vectors; the merge (split-KV, pd_sdpa): no spills, its rows loaded and stored as 16-byte vectors. The
+    unaligned fallback (odd head dim, non-unit head-dim stride): scalar loads, as expected."""
+    r = r if isinstance(r, dict) else asdict(r)
+    bad = []
+    if r["shared"] > HOPPER_SMEM_LIMIT:
+        bad.append(f"shared memory {r['shared']} B over the {HOPPER_SMEM_LIMIT} B limit")
+    if fast_path(case):
+        if r["align"] != 8:
+            bad.append(f"align {r['align']}: the launcher should prove 16-byte aligned rows for this layout")
+        if r["hgmma"] == 0:
+            bad.append("no HGMMA in the SASS: no Hopper tensor-core MMAs")
+        if r["spill"] and not float_fd_loop_on_128_keys(case):
+            bad.append(f"{r['spill']} B of register spills")
+        if r["ld16"]:
+            bad.append(f"{r['ld16']} global loads of 1-2 bytes: rows are not loaded as vectors")
+        # K/V rows as 16-byte async copies; narrower ones only where the FD loop also copies the fp32 mask value
+        # of each key ("scale" mode's per-key factors: 4-byte copies under Triton 3.9, 8-byte pairs under 3.6)
+        if "16" not in r["cp_async"] or set(r["cp_async"]) - ({"16", "8", "4"} if case.mode == "scale" else {"16"}):
+            bad.append(f"K/V async copies {widths_str(r['cp_async'])}: want 16-byte LDGSTS")
+        loops = 1 if case.pd_sdpa else 2  # pd_sdpa: the FD loop alone (the PD keys are torch's SDPA's)
+        if r["pipelined"] != loops or r["buffers"] < 3:
+            bad.append(f"{r['pipelined']} of {loops} key loops multi-buffered ({r['buffers']} buffers)")
+        problem = vector_store_problem(r["stg"], r["out_bytes"])
+        if problem:
+            bad.append("kernel: " + problem)
+        if r["merge_regs"]:
+            if r["merge_spill"]:
+                bad.append(f"merge: {r['merge_spill']} B of register spills")
+            for problem in (vector_load_problem(r["merge_ldg"], r["merge_in_bytes"]),
+                            vector_store_problem(r["merge_stg"], r["merge_out_bytes"])):
+                if problem:
+                    bad.append("merge: " + problem)
+    elif case.dtype != "fp32":
+        if r["align"] != 1 or r["ld16"] == 0:
+            bad.append(f"the unaligned fallback should load scalars (align {r['align']}, ld16 {r['ld16']})")
+    if (case.split or case.pd_sdpa) and not r["merge_regs"]:
+        bad.append("no merge kernel compiled")
+    return bad
+
+
+COLUMNS = ("case", "config", "align", "shared", "regs", "spill", "ldg", "cp_async", "ld16", "stg", "pipelined",
+           "buffers", "hgmma", "pd_instr", "fd_instr", "fd_keys", "ctas", "merge_regs", "merge_spill", "merge_ldg",
+           "merge_stg", "merge_rows", "merge_instr")
 
 
 def table(reports) -> str:
     import triton
 
     head = f"FASA kernel, sm_90 offline compile, Triton {triton.__version__}, torch {torch.__version__}\n"
-    cols = ("case", "config", "align", "shared", "regs", "spill", "ld16", "pipelined", "buffers", "wgmma",
-            "pd_instr", "fd_instr", "fd_keys", "ctas", "merge_regs", "merge_spill")
-    rows = [cols] + [tuple(str(getattr(r, c)) for c in cols) for r in reports]
-    widths = [max(len(r[i]) for r in rows) for i in range(len(cols))]
-    return head + "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows) + "\n"
+    cell = lambda v: widths_str(v) if isinstance(v, dict) else str(v)  # noqa: E731
+    rows = [COLUMNS] + [tuple(cell(getattr(r, c)) for c in COLUMNS) for r in reports]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(COLUMNS))]
+    return head + "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows) + "\n"
 
 
 def main(argv=None) -> int:
@@ -299,14 +481,19 @@ def main(argv=None) -> int:
         print("compile_report: triton was imported with TRITON_INTERPRET=1 (the interpreter cannot compile for a "
               "GPU); run it in a fresh process", file=sys.stderr)
         return 2
-    as_json = "--json" in (argv if argv is not None else sys.argv[1:])
-    reports = [report(c) for c in CASES]
-    if as_json:
+    argv = argv if argv is not None else sys.argv[1:]
+    only = [a.split("=", 1)[1] for a in argv if a.startswith("--only=")]  # substrings of case names
+    cases = [c for c in CASES if not only or any(o in c.name for o in only)]
+    reports = [report(c) for c in cases]
+    if "--json" in argv:
         for r in reports:
             print(json.dumps(asdict(r)))
     else:
         print(table(reports), end="")
-    return 0
+    failed = [(c.name, v) for c, r in zip(cases, reports) for v in violations(c, r)]
+    for name, v in failed:
+        print(f"compile_report: {name}: {v}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -372,29 +372,18 @@ def _fasa_fwd_kernel(
 
 
 @triton.jit
-def _merge_kernel(P0, P1, L0, L1, OUT, LSE,
-                  s0_b, s0_h, s0_n, s0_d, s1_b, s1_h, s1_n, l0_b, l0_h, l0_n, l1_b, l1_h,
-                  so_b, so_h, so_n, H, NQ,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr,
-                  ALIGN: tl.constexpr):
-    """The merge of a PD part and an FD part of attention: out = sum over the parts of exp(lse_part - lse) *
-    out_part, lse the log-sum-exp of the parts' LSEs (natural log). Part 0 (PD keys) always has a finite LSE;
-    part 1 (FD keys, fp32, token stride s1_n, unit head-dim and token LSE strides) may be -inf (weight 0:
-    FLUX text rows, an empty mask row), which gives part 0 exactly. Part 0 is split-KV's fp32 partial or the
-    output of torch's SDPA (q's dtype, any strides) with its fp32 LSE (any strides: flash and cuDNN
-    ``[B, H, Nq]`` / ``[B, H, Nq, 1]``, efficient padded past Nq, the CPU kernel ``[B, Nq, H]`` memory).
-    ALIGN: the launcher checked that part 0's and out's batch/head/token strides are multiples of ALIGN
-    elements (16-byte rows; diffusers' head stride of 40 is not a multiple of 16, all Triton can see)."""
-    if ALIGN > 1:
-        s0_b, s0_h, s0_n = _aligned(s0_b, ALIGN), _aligned(s0_h, ALIGN), _aligned(s0_n, ALIGN)
-        so_b, so_h, so_n = _aligned(so_b, ALIGN), _aligned(so_h, ALIGN), _aligned(so_n, ALIGN)
-    pid_m = tl.program_id(0)
-    off_h = tl.program_id(1).to(tl.int64)
-    off_b = tl.program_id(2).to(tl.int64)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
+def _merge_rows(P0, P1, L0, L1, OUT, LSE, off_b, off_h, offs_m, s0_b, s0_h, s0_n, s0_d, s1_b, s1_h, s1_n,
+                l0_b, l0_h, l0_n, l1_b, l1_h, so_b, so_h, so_n, H, NQ,
+                HEAD_DIM: tl.constexpr, COL: tl.constexpr, WIDTH: tl.constexpr, WRITE_LSE: tl.constexpr):
+    """Rows ``offs_m``, columns [COL, COL + WIDTH) of the merge (``_merge_kernel``). Columns past HEAD_DIM (a
+    padded piece) are masked; a piece within the head dim carries the row mask alone, so its loads and stores
+    are whole 16-byte vectors where the rows are aligned."""
     row_ok = offs_m < NQ
-    ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    offs_d = COL + tl.arange(0, WIDTH)
+    if COL + WIDTH > HEAD_DIM:
+        ok = row_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    else:
+        ok = row_ok[:, None]
     lse0 = tl.load(L0 + off_b * l0_b + off_h * l0_h + offs_m * l0_n, mask=row_ok, other=0.0)
     lse1 = tl.load(L1 + off_b * l1_b + off_h * l1_h + offs_m, mask=row_ok, other=float("-inf"))
     top = tl.maximum(lse0, lse1)
@@ -409,6 +398,53 @@ def _merge_kernel(P0, P1, L0, L1, OUT, LSE,
     tl.store(o_at, o.to(OUT.dtype.element_ty), mask=ok)
     if WRITE_LSE:
         tl.store(LSE + (off_b * H + off_h) * NQ + offs_m, top + tl.log(total), mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(P0, P1, L0, L1, OUT, LSE,
+                  s0_b, s0_h, s0_n, s0_d, s1_b, s1_h, s1_n, l0_b, l0_h, l0_n, l1_b, l1_h,
+                  so_b, so_h, so_n, H, NQ,
+                  HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, WRITE_LSE: tl.constexpr,
+                  D0: tl.constexpr, D1: tl.constexpr, D2: tl.constexpr,
+                  ROWS0: tl.constexpr, ROWS1: tl.constexpr, ROWS2: tl.constexpr,
+                  ALIGN: tl.constexpr, ALIGN_P1: tl.constexpr, ALIGN_OUT: tl.constexpr):
+    """The merge of a PD part and an FD part of attention: out = sum over the parts of exp(lse_part - lse) *
+    out_part, lse the log-sum-exp of the parts' LSEs (natural log). Part 0 (PD keys) always has a finite LSE;
+    part 1 (FD keys, fp32, token stride s1_n, unit head-dim and token LSE strides) may be -inf (weight 0:
+    FLUX text rows, an empty mask row), which gives part 0 exactly. Part 0 is split-KV's fp32 partial or the
+    output of torch's SDPA (q's dtype, any strides) with its fp32 LSE (any strides: flash and cuDNN
+    ``[B, H, Nq]`` / ``[B, H, Nq, 1]``, efficient padded past Nq, the CPU kernel ``[B, Nq, H]`` memory).
+    The head dim is covered by up to three power-of-two pieces D0 > D1 > D2 (0: none) that add up to it
+    (40 = 32 + 8, 72 = 64 + 8, 80 = 64 + 16, 160 = 128 + 32), so no piece needs a column mask and each row
+    segment is whole 16-byte vectors; a head dim that does not split so is one padded, masked piece. Each
+    piece runs over the program's BLOCK_M rows in blocks of ROWSi rows: enough rows for a 16-byte vector per
+    thread in the narrowest piece, at most about 32 elements a thread and tensor in the widest.
+    ALIGN / ALIGN_P1 / ALIGN_OUT: the launcher checked that part 0's / part 1's / out's batch/head/token strides
+    are multiples of that many elements and their bases 16-byte aligned (16-byte rows; diffusers' head stride
+    of 40 is not a multiple of 16, all Triton's specialization can see); 1 where it needs no hint."""
+    if ALIGN > 1:
+        s0_b, s0_h, s0_n = _aligned(s0_b, ALIGN), _aligned(s0_h, ALIGN), _aligned(s0_n, ALIGN)
+    if ALIGN_P1 > 1:
+        s1_b, s1_h, s1_n = _aligned(s1_b, ALIGN_P1), _aligned(s1_h, ALIGN_P1), _aligned(s1_n, ALIGN_P1)
+    if ALIGN_OUT > 1:
+        so_b, so_h, so_n = _aligned(so_b, ALIGN_OUT), _aligned(so_h, ALIGN_OUT), _aligned(so_n, ALIGN_OUT)
+    off_h = tl.program_id(1).to(tl.int64)
+    off_b = tl.program_id(2).to(tl.int64)
+    m0 = tl.program_id(0) * BLOCK_M
+    for r in tl.static_range(0, BLOCK_M, ROWS0):
+        _merge_rows(P0, P1, L0, L1, OUT, LSE, off_b, off_h, m0 + r + tl.arange(0, ROWS0), s0_b, s0_h, s0_n, s0_d,
+                    s1_b, s1_h, s1_n, l0_b, l0_h, l0_n, l1_b, l1_h, so_b, so_h, so_n, H, NQ,
+                    HEAD_DIM, 0, D0, WRITE_LSE)
+    if D1 > 0:
+        for r in tl.static_range(0, BLOCK_M, ROWS1):
+            _merge_rows(P0, P1, L0, L1, OUT, LSE, off_b, off_h, m0 + r + tl.arange(0, ROWS1), s0_b, s0_h, s0_n,
+                        s0_d, s1_b, s1_h, s1_n, l0_b, l0_h, l0_n, l1_b, l1_h, so_b, so_h, so_n, H, NQ,
+                        HEAD_DIM, D0, D1, False)
+    if D2 > 0:
+        for r in tl.static_range(0, BLOCK_M, ROWS2):
+            _merge_rows(P0, P1, L0, L1, OUT, LSE, off_b, off_h, m0 + r + tl.arange(0, ROWS2), s0_b, s0_h, s0_n,
+                        s0_d, s1_b, s1_h, s1_n, l0_b, l0_h, l0_n, l1_b, l1_h, so_b, so_h, so_n, H, NQ,
+                        HEAD_DIM, D0 + D1, D2, False)
 
 
 # Triton reads TRITON_INTERPRET when a kernel is decorated, i.e. when this module is imported: fixed from then on.
@@ -516,26 +552,56 @@ _DOT_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.flo
 _ARG_NAMES = ("q", "k_p", "v_p", "k_f", "v_f")
 
 
+def merge_pieces(head_dim: int, vec: int) -> tuple[int, ...]:
+    """The merge's column pieces: the head dim as at most three powers of two, widest first, when it is a
+    multiple of ``vec`` (elements per 16 bytes of the output), e.g. 40 -> (32, 8); else one padded piece."""
+    pieces = tuple(1 << b for b in reversed(range(head_dim.bit_length())) if head_dim >> b & 1)
+    if head_dim % vec or len(pieces) > 3:
+        return (max(16, triton.next_power_of_2(head_dim)),)
+    return pieces
+
+
+MERGE_WARPS = 4
+
+
 def _merge_plan(out0, lse0, out1, lse1, out, lse, interpret: bool):
     """(grid, args, keyword args) of ``_merge_kernel`` combining part 0 (``out0`` ``[B, H, Nq, D]``, any float
     dtype and strides; ``lse0`` ``[B, H, Nq]`` fp32, any strides) with part 1 (``out1`` fp32 with a unit
     head-dim stride, ``lse1`` fp32 with a unit token stride) into ``out`` (``[B, Nq, H, D]`` memory) and
     ``lse`` (contiguous, or None)."""
     batch, heads, n_q, head_dim = out.shape
-    block_d = max(16, triton.next_power_of_2(head_dim))
-    merge_bm = 32 if interpret else max(16, min(64, 4096 // block_d))  # 32 elements a thread and tensor
-    # 16-byte rows of part 0 and out (8 elements of 2 bytes, 4 of 4): unit head-dim stride, aligned bases,
-    # batch/head/token strides multiples of that (out's are multiples of the head dim).
-    vec = 16 // out.element_size()
-    strides = out0.stride()
-    align = vec if (head_dim % vec == 0 and strides[3] == 1 and out0.element_size() == out.element_size()
-                    and not (strides[0] | strides[1] | strides[2]) % vec and out0.data_ptr() % 16 == 0
-                    and out.data_ptr() % 16 == 0) else 1
+    pieces = merge_pieces(head_dim, 16 // out.element_size())
+    threads = 32 * MERGE_WARPS
+    if interpret:
+        merge_bm, rows = 32, (32,) * len(pieces)
+    else:
+        # Rows for a 16-byte vector of the output per thread in every piece (threads * 16 bytes per piece: a
+        # thread holds at most a program's elements over the threads, so fewer rows give narrower stores),
+        # and at least the 32 elements a thread of one padded [rows, next_pow2(D)] tile used to hold; each
+        # piece then walks those rows in blocks of about 32 elements a thread and tensor.
+        need = [threads * 16 // (w * out.element_size()) for w in pieces]
+        merge_bm = max(16, *need, threads * 32 // max(16, triton.next_power_of_2(head_dim)))
+        rows = tuple(min(merge_bm, max(n, threads * 32 // w)) for n, w in zip(need, pieces))
+    pieces, rows = pieces + (0,) * (3 - len(pieces)), rows + (merge_bm,) * (3 - len(rows))
+
+    def align(t, strides, elems: int) -> int:
+        """16-byte rows: unit head-dim stride, aligned base, batch/head/token strides multiples of ``elems``. 1
+        where Triton's own specialization sees it (every stride a multiple of 16): the hint would cost a few
+        integer instructions for nothing."""
+        ok = (head_dim % elems == 0 and strides[3] == 1 and not (strides[0] | strides[1] | strides[2]) % elems
+              and t.data_ptr() % 16 == 0)
+        return elems if ok and (strides[0] | strides[1] | strides[2]) % 16 else 1
+
     return ((_cdiv(n_q, merge_bm), heads, batch),
             (out0, out1, lse0, lse1, out, out if lse is None else lse, *out0.stride(), *out1.stride()[:3],
              *lse0.stride(), *lse1.stride()[:2], n_q * heads * head_dim, head_dim, heads * head_dim, heads, n_q),
-            dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=merge_bm, WRITE_LSE=lse is not None, ALIGN=align,
-                 num_warps=4))
+            dict(HEAD_DIM=head_dim, BLOCK_M=merge_bm, WRITE_LSE=lse is not None, D0=pieces[0], D1=pieces[1],
+                 D2=pieces[2], ROWS0=rows[0], ROWS1=rows[1], ROWS2=rows[2],
+                 ALIGN=align(out0, out0.stride(), 16 // out0.element_size()),
+                 ALIGN_P1=align(out1, out1.stride(), 16 // out1.element_size()),
+                 ALIGN_OUT=align(out, (n_q * heads * head_dim, head_dim, heads * head_dim, 1),
+                                 16 // out.element_size()),
+                 num_warps=MERGE_WARPS))
 
 
 # ------------------------------------------------------------------ the PD part by torch's own SDPA kernels
