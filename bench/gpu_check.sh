@@ -4,7 +4,8 @@
 #   2. the kernel and adapter tests on CUDA (fp16, bf16: the compiled paths; interpreter-only tests skip),
 #   3. the tile sweep: every candidate config per real shape, the table's choice against the fastest, and
 #      the kernel variants (binary-mask FD loop vs float loop, split-KV under one wave, pd-sdpa: the PD keys
-#      by torch's cuDNN/flash/efficient SDPA with the FD program alone, merged by LSE, on every shape),
+#      by torch's cuDNN/flash/efficient SDPA with the FD program alone, merged by LSE, on every shape; pd-gluon:
+#      the same with our Gluon PD kernel, QK/PV wgmma overlapped with the softmax, head dims 64/128),
 #   4. the benchmark at the real shapes, fp16: B=1 per guidance half and the B=4 cases, hair and band masks
 #      at 10/25/50% and the full mask, every provider (fasa, fasa_pdsdpa (each torch SDPA kernel that takes
 #      the PD part, the fastest kept), authors, reference, sdpa_bias, sdpa_gather, sdpa_fold, flex,
@@ -61,7 +62,8 @@ export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 XDIST=$("$PY" -c "import xdist" 2>/dev/null && echo "-n 8")
 { echo "$HEADER"; timeout -s INT -k 10 100 "$PY" -m pytest -q -rfE -p no:cacheprovider -p no:warnings $XDIST \
     tests/test_fasa_kernel.py tests/test_fasa_mask.py tests/test_fasa_identities.py tests/test_numerics_floor.py \
-    tests/test_torch_backend.py tests/test_adapters_cuda.py tests/test_fasa_validation.py 2>&1; } > "$OUT/pytest.log"
+    tests/test_torch_backend.py tests/test_adapters_cuda.py tests/test_fasa_validation.py tests/test_gluon_pd.py \
+    2>&1; } > "$OUT/pytest.log"
 echo "== pytest rc=$? at $(elapsed) (tail of pytest.log:)" >> "$OUT/bench.log"
 tail -n 8 "$OUT/pytest.log" >> "$OUT/bench.log"
 

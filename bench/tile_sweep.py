@@ -11,7 +11,8 @@ mask value) at the table's config; where the table's grid is under one wave of p
 merged by LSE); on every case ``pd-sdpa`` (the PD keys by torch's fastest fused SDPA kernel with an LSE,
 cuDNN first, the FD program alone, merged by LSE) at the table's config and two others; on every case
 ``bin-fd128`` (the binary FD loop on 128-key tiles, the PD loop's tiles the config's) at the table's config and
-three others. The output says, per case, the default
+three others; on every case ``pd-gluon`` (the PD keys by our Gluon kernel, kernels/fasa_pd_gluon.py, QK and PV
+wgmma overlapped with the softmax; sm_90 and head dims 64/128, "n/a" elsewhere) at the table's config. The output says, per case, the default
 launch's time (table config, binary loop, no split), the best time with its config and variant, their
 ratio, and the best time of each variant: a ratio well above 1 is a change to make in
 ``kernels/fasa_fwd.py`` (``tile_config``, or where the launcher turns split-KV on).
@@ -50,7 +51,7 @@ FIELDS = ["device", "torch", "triton", "cuda", "case", "head_dim", "batch", "mas
 # fasa_fwd keyword arguments per variant; "binary" with split off is the default launch for a binary mask.
 VARIANTS = {"float": dict(binary=False), "binary": dict(binary=True), "split": dict(binary=False, split_kv=True),
             "split-bin": dict(binary=True, split_kv=True), "pd-sdpa": dict(binary=True, pd_sdpa=True),
-            "bin-fd128": dict(binary=True, fd_block_n=128)}
+            "bin-fd128": dict(binary=True, fd_block_n=128), "pd-gluon": dict(binary=True, pd_sdpa="gluon")}
 DEFAULT_VARIANT = "binary"
 SPLIT_BELOW_PROGRAMS_PER_SM = 3  # split-KV is timed where the table's grid has fewer programs than SMs x this
 # pd-sdpa (PD keys by torch's cuDNN/flash/efficient SDPA, the FD program alone, merged by LSE) is timed on every
@@ -67,7 +68,7 @@ def variants_for(programs: int, sm_count: int) -> tuple:
     """The variants worth timing for a grid of ``programs``: split-KV only under one wave; pd-sdpa always."""
     if programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count:
         return tuple(VARIANTS)
-    return ("float", "binary", "pd-sdpa", "bin-fd128")
+    return ("float", "binary", "pd-sdpa", "bin-fd128", "pd-gluon")
 
 
 def distinct_cases():
@@ -92,6 +93,7 @@ def timed_pairs(table: tuple, programs: int, sm_count: int) -> list:
     pairs[1:1] = [(table, v) for v in ("float", "split") if v in variants]
     pairs += [(cfg, "pd-sdpa") for cfg in dict.fromkeys((table,) + PD_SDPA_CONFIGS)]
     pairs += [(cfg, "bin-fd128") for cfg in dict.fromkeys((table,) + FD128_CONFIGS)]
+    pairs.append((table, "pd-gluon"))  # the Gluon PD kernel has its own tiles: the FD program's at the table's
     return pairs
 
 
@@ -174,7 +176,7 @@ def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dic
     from triton.testing import do_bench
 
     from freecure_ops import prepare_fasa_mask
-    from freecure_ops.kernels.fasa_fwd import _sm_count, fasa_fwd, head_dim_split, tile_config
+    from freecure_ops.kernels.fasa_fwd import _sm_count, fasa_fwd, head_dim_split, pd_sdpa_op, tile_config
 
     from .masks import case_mask
     from .providers import make_problem
@@ -213,6 +215,10 @@ def run(out_dir: Path, budget_s: float, workers: int = 0, log=print) -> list[dic
                        "config": "x".join(map(str, cfg)), "variant": variant,
                        "table": cfg == table and variant == DEFAULT_VARIANT, "ms": None, "status": "", "note": ""}
                 bm, bn, warps, stages = cfg
+                if variant == "pd-gluon" and pd_sdpa_op(p.q, p.k_p, p.v_p, p.scale, "gluon") is None:
+                    row.update(status="n/a", note="the Gluon PD kernel takes sm_90 and head dim 64/128 only")
+                    rows.append(row)
+                    continue
 
                 def fn():
                     return fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, block_m=bm, block_n=bn,

@@ -24,8 +24,9 @@ against the default; results are the same function):
     fp32 partial output and LSE, merged by ``_merge_kernel``: twice the programs for grids under one wave.
     Off unless asked for (``split_kv=True``) until GPU timings say where it pays.
   * FD_ONLY (``pd_sdpa=True``): the PD keys by torch's fused SDPA kernel that returns the LSE (cuDNN, flash,
-    efficient; ``pd_sdpa_op``), this kernel runs split-KV's FD program alone and ``_merge_kernel`` combines
-    the two by LSE. Off unless asked for, like split-KV.
+    efficient; ``pd_sdpa_op``), or by our Gluon kernel (``pd_sdpa="gluon"``, kernels/fasa_pd_gluon.py: Hopper,
+    head dim 64/128, the QK and PV products overlapped with the softmax), this kernel runs split-KV's FD
+    program alone and ``_merge_kernel`` combines the two by LSE. Off unless asked for, like split-KV.
 Nothing of size Nq x Nk is ever written to memory. The launcher expects validated
 inputs and a prepared mask (``freecure_ops.prepare_fasa_mask``); it imports nothing from the rest of the
 package and checks only what the launch itself needs.
@@ -615,6 +616,21 @@ def _merge_plan(out0, lse0, out1, lse1, out, lse, interpret: bool):
 # Every LSE is natural-log, the domain the kernel's LSE and the merge use.
 PD_SDPA_CUDA = ("cudnn", "flash", "efficient")
 PD_SDPA_OPS = PD_SDPA_CUDA + ("flash_cpu",)
+# Our own PD kernel in Gluon (kernels/fasa_pd_gluon.py): asked for by name only ("auto" never picks it) until a
+# GPU run shows where it beats cuDNN.
+PD_GLUON = "gluon"
+
+
+def _gluon_takes(q, k, v, scale: float) -> bool:
+    """The Gluon PD kernel takes the call: CUDA on sm_90, a Triton with Gluon's Hopper API (3.6+), and what
+    ``fasa_pd_gluon.supports`` accepts (fp16/bf16, head dim 64/128, TMA's 16-byte strides)."""
+    if q.device.type != "cuda" or not scale > 0 or torch.cuda.get_device_capability(q.device) != (9, 0):
+        return False
+    try:
+        from . import fasa_pd_gluon
+    except ImportError:  # a Triton without Gluon (before 3.6)
+        return False
+    return fasa_pd_gluon.supports(q, k, v)
 
 
 def _sdp_backend(name: str):
@@ -654,12 +670,20 @@ def pd_sdpa_op(q, k_p, v_p, scale: float, want="auto") -> str | None:
     """The torch SDPA kernel that computes the PD part of this call for ``fasa_fwd(..., pd_sdpa=...)``
     (``"cudnn"``, ``"flash"``, ``"efficient"`` on CUDA; ``"flash_cpu"`` on the CPU), or None where none takes
     it (``fasa_fwd`` then runs its own launch). ``want``: "auto" (the first of cuDNN, flash, efficient that is
-    enabled in ``torch.backends.cuda`` and takes the call) or one of those names (None unless it takes the
-    call). A softmax scale <= 0 is left to the kernel. Decided once per (device, dtype, shapes, strides,
-    16-byte alignment, enabled backends) and remembered: no host sync, a dict lookup per call."""
+    enabled in ``torch.backends.cuda`` and takes the call), one of those names, or ``"gluon"`` (our Gluon
+    kernel, :func:`_gluon_takes`); a name gives None unless that kernel takes the call. A softmax scale <= 0 is
+    left to the kernel. Decided once per (device, dtype, shapes, strides, 16-byte alignment, enabled backends)
+    and remembered: no host sync, a dict lookup per call."""
     if not scale > 0:
         return None
     dev = q.device
+    if want == PD_GLUON:
+        key = (want, dev, q.dtype, q.shape, k_p.shape, q.stride(), k_p.stride(), v_p.stride(),
+               q.data_ptr() % 16, k_p.data_ptr() % 16, v_p.data_ptr() % 16)
+        pick = _PD_SDPA_PICKS.get(key, False)
+        if pick is False:
+            pick = _remember(key, PD_GLUON if _gluon_takes(q, k_p, v_p, scale) else None)
+        return pick
     names = ("flash_cpu",) if dev.type == "cpu" else PD_SDPA_CUDA if want == "auto" else (want,)
     if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not set(names) <= set(PD_SDPA_CUDA)):
         return None
@@ -671,9 +695,14 @@ def pd_sdpa_op(q, k_p, v_p, scale: float, want="auto") -> str | None:
         head_dim = q.shape[-1]
         pick = next((n for n, on in zip(names, flags) if on and (n == "flash_cpu" or (head_dim % 8 == 0 and
                      head_dim <= 256)) and _torch_takes(n, q, k_p, v_p, scale)), None)
-        if len(_PD_SDPA_PICKS) > 1024:
-            _PD_SDPA_PICKS.clear()
-        _PD_SDPA_PICKS[key] = pick
+        _remember(key, pick)
+    return pick
+
+
+def _remember(key, pick):
+    if len(_PD_SDPA_PICKS) > 1024:  # bounded like an autotune cache: a long-running server sees many shapes
+        _PD_SDPA_PICKS.clear()
+    _PD_SDPA_PICKS[key] = pick
     return pick
 
 
@@ -693,8 +722,12 @@ def pd_attention(q, k_p, v_p, scale: float, op: str):
                                                                  scale=scale)[:2]
     elif op == "flash_cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k_p, v_p, 0.0, False, scale=scale)
+    elif op == PD_GLUON:
+        from .fasa_pd_gluon import pd_attention_gluon
+
+        return pd_attention_gluon(q, k_p, v_p, scale)
     else:
-        raise ValueError(f"unknown PD SDPA op {op!r}; one of {PD_SDPA_OPS}")
+        raise ValueError(f"unknown PD SDPA op {op!r}; one of {PD_SDPA_OPS + (PD_GLUON,)}")
     if lse.dim() == 4:
         lse = lse[..., 0]
     return out, lse[..., :q.shape[2]]
@@ -802,7 +835,8 @@ def fasa_fwd(q, k_p, k_f, v_p, v_f, mask=None, *, scale: float, omega: float, mo
     grids under one wave; the GPU tile sweep says where it pays).
     ``pd_sdpa``: the PD keys by torch's fastest fused SDPA kernel that returns the LSE (True or "auto": cuDNN,
     else flash, else efficient on CUDA; the CPU kernel under the interpreter; or one of those names,
-    :func:`pd_sdpa_op`), the FD keys by this kernel's FD program alone (fp32 partial + LSE), merged by LSE.
+    :func:`pd_sdpa_op`; or "gluon": our Gluon kernel, Hopper only, never picked by "auto"), the FD keys by this
+    kernel's FD program alone (fp32 partial + LSE), merged by LSE.
     Where no such kernel takes the call (an odd head dim, a non-unit head-dim stride, a scale <= 0) the
     launch is the one without ``pd_sdpa``. Off by default until GPU timings say where it pays.
     ``fd_block_n``: the key-tile size of the packed FD loop ("bias" mode with a mask) alone, a power of two

@@ -455,15 +455,15 @@ def test_tile_sweep_launches_every_variant(device):
     from bench.shapes import Case
     from bench.tile_sweep import CANDIDATES, VARIANTS, compile_one, timed_pairs, variants_for
 
-    assert set(VARIANTS) == {"float", "binary", "split", "split-bin", "pd-sdpa", "bin-fd128"}
+    assert set(VARIANTS) == {"float", "binary", "split", "split-bin", "pd-sdpa", "bin-fd128", "pd-gluon"}
     assert variants_for(128, 132) == tuple(VARIANTS)
-    assert variants_for(396, 132) == ("float", "binary", "pd-sdpa", "bin-fd128")
+    assert variants_for(396, 132) == ("float", "binary", "pd-sdpa", "bin-fd128", "pd-gluon")
     table = (64, 64, 4, 3)
     small, big = timed_pairs(table, 128, 132), timed_pairs(table, 1024, 132)
     assert small[0] == big[0] == (table, "binary")  # the default launch first
     assert {v for _, v in small} == set(VARIANTS)
-    assert {v for _, v in big} == {"binary", "float", "pd-sdpa", "bin-fd128"}
-    assert (table, "bin-fd128") in big
+    assert {v for _, v in big} == {"binary", "float", "pd-sdpa", "bin-fd128", "pd-gluon"}
+    assert (table, "bin-fd128") in big and (table, "pd-gluon") in big
     assert {c for c, v in small if v == "split-bin"} == set(CANDIDATES) | {table}
     assert len(set(small)) == len(small) and len(set(big)) == len(big)
     tiny = Case("sd15", "tiny", 1, 2, 40, (3, 5))
@@ -601,12 +601,13 @@ def test_pd_sdpa_picks_and_falls_back(device):
         assert pd_sdpa_op(q, k_p, v_p, 0.1) in ("cudnn", "flash", "efficient")
         assert pd_sdpa_op(q.float(), k_p.float(), v_p.float(), 0.1) == "efficient"  # flash/cuDNN: 16-bit only
     assert pd_sdpa_op(q, k_p, v_p, 0.0) is None and pd_sdpa_op(q, k_p, v_p, -0.2) is None
+    assert pd_sdpa_op(q, k_p, v_p, 0.1, "gluon") is None  # our Gluon kernel: Hopper and head dim 64/128 only
     strided = make_inputs(1, 2, 30, 27, 33, 40, torch.float16, device, layout="strided_d")
     if device == "cpu":
         assert pd_sdpa_op(strided[0], strided[1], strided[3], 0.1) is None
     mask = make_mask("bool", 1, 33, device)
-    for args, scale in ((strided, 0.1), (inputs, -0.2)):
-        out = fasa_fwd(*args, prepare_fasa_mask(mask), scale=scale, omega=1.5, mode="bias", n_txt=0, pd_sdpa=True)
+    for args, scale, want in ((strided, 0.1, True), (inputs, -0.2, True), (inputs, 0.1, "gluon")):
+        out = fasa_fwd(*args, prepare_fasa_mask(mask), scale=scale, omega=1.5, mode="bias", n_txt=0, pd_sdpa=want)
         assert_close_to_ref(out, args, mask, 1.5, scale=scale)
 
 
@@ -637,7 +638,7 @@ def test_pd_sdpa_never_syncs_with_the_host(device):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("want", ["auto", "cudnn", "flash", "efficient"])
+@pytest.mark.parametrize("want", ["auto", "cudnn", "flash", "efficient", "gluon"])
 def test_pd_sdpa_captures_in_a_cuda_graph(want):
     from freecure_ops.kernels.fasa_fwd import pd_sdpa_op
 
