@@ -6,7 +6,8 @@
     2 adapters/                what installs FASA into diffusers models
     3 freecure_ops/pipeline/   the method: FreeCure, APG, attributes, the face parsers (BiSeNet, SegFormer)
     4 the grid library         manifest, grid, results, evaluate, face_embed: plain functions, no command line
-    5 freecure_ops/cli/        the command line: one module per subcommand over shared argument checks
+    5 freecure_ops/cli/        the command line: one module per subcommand over shared argument checks;
+      freecure_ops/demo/       the demo page (``freecure demo``), over the command line's checks and passes
 
 Checked on the source (every ``import``/``from`` at any depth, relative ones resolved), so a lazy import inside
 a function counts too; ``bench/`` is tooling over every layer and is not checked. Besides the layers: no import
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # source folder -> package name (setup.py's package_dir)
 FOLDERS = {"kernels": "freecure_ops.kernels", "adapters": "freecure_ops.adapters", "freecure_ops": "freecure_ops"}
 GRID_LIBRARY = {"manifest", "grid", "results", "evaluate", "face_embed"}
-COMMAND_LINE = {"cli", "__main__"}
+COMMAND_LINE = {"cli", "__main__", "demo"}
 # The one sanctioned upward reference: ``from freecure_ops.adapters import FreeCure`` (the method's old public
 # home) still works through a lazy module ``__getattr__`` that imports nothing until the name is asked for.
 COMPAT = {("freecure_ops.adapters", "freecure_ops.pipeline")}
