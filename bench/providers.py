@@ -10,8 +10,8 @@ name           computes  how
 fasa           FASA      ``freecure_ops.fasa_attention(backend="triton")``: the fused kernel through the public API
 fasa_pdsdpa    FASA      CUDA only: the kernel's ``pd_sdpa`` variant (``kernels.fasa_fwd(..., pd_sdpa=...)``, prepared
                          mask): PD keys by torch's fused SDPA with an LSE, FD keys by the kernel's FD program, merged
-                         by LSE; timed with each torch kernel that takes the call (cuDNN, flash, efficient), the
-                         fastest kept, the note says all
+                         by LSE; timed with each torch kernel that takes the call (cuDNN, flash, efficient) and
+                         our Gluon PD kernel (sm_90, head dim 64/128), the fastest kept, the note says all
 fasa[torch]    FASA      ``freecure_ops.fasa_attention(backend="torch")``: the CPU path (live keys gathered, bias
                          folded into a head-dim column, SDPA with no mask, float32), prepared mask
 authors        FASA      the authors' released FASA (``attn_batch``): einsum scores in the input dtype, the FD part
@@ -235,7 +235,7 @@ def prepare_fasa(p: Problem) -> Prepared:
 def prepare_fasa_pdsdpa(p: Problem) -> Prepared:
     """The kernel with its PD part by torch's SDPA (``fasa_fwd(..., pd_sdpa=op)``), a prepared mask, once per op
     that takes the call: the runner keeps the fastest; ``fn`` is the launcher's own pick ("auto": cuDNN first)."""
-    from freecure_ops.kernels.fasa_fwd import PD_SDPA_CUDA, fasa_fwd, pd_sdpa_op
+    from freecure_ops.kernels.fasa_fwd import PD_GLUON, PD_SDPA_CUDA, fasa_fwd, pd_sdpa_op
 
     if p.device.type != "cuda":
         raise Skip("kernel timings need CUDA (the CPU run checks the variant in the Triton interpreter instead)")
@@ -244,7 +244,7 @@ def prepare_fasa_pdsdpa(p: Problem) -> Prepared:
 
     def call(op):
         return lambda: fasa_fwd(p.q, p.k_p, p.k_f, p.v_p, p.v_f, mask, pd_sdpa=op, **kw)
-    ops = [op for op in PD_SDPA_CUDA if pd_sdpa_op(p.q, p.k_p, p.v_p, p.scale, op) is not None]
+    ops = [op for op in PD_SDPA_CUDA + (PD_GLUON,) if pd_sdpa_op(p.q, p.k_p, p.v_p, p.scale, op) is not None]
     auto = pd_sdpa_op(p.q, p.k_p, p.v_p, p.scale)
     if auto is None:
         raise Skip("no torch SDPA kernel with an LSE takes this call's PD part (the kernel's own launch runs)")
@@ -351,7 +351,7 @@ def prepare_sdpa_fold(p: Problem, *, allow_cpu: bool = False) -> Prepared:
     against a column of ones in q, head dim zero-padded to a multiple of 8, SDPA with no mask. In fp16/bf16 the
     column is rounded: the benchmark's masks are 0/1, so only ``/ scale`` rounds (a relative 2^-9 in bf16)."""
     from freecure_ops import prepare_fasa_mask
-    from freecure_ops.torch_fold import folded_width
+    from freecure_ops.torch_keys import folded_width
 
     if p.device.type != "cuda" and not allow_cpu:  # allow_cpu: the tests check its arithmetic on the CPU
         raise Skip("a CUDA provider (flash/cuDNN in fp16/bf16); on the CPU fasa[torch] is this path")

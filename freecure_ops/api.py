@@ -1,5 +1,6 @@
-"""The public op: validate once, then call the registered op ``torch.ops.freecure_ops.fasa`` (:mod:`.op`),
-which runs the Triton kernel or the PyTorch path and is differentiable and ``torch.compile``-able."""
+"""The public op: validate once, then call the registered op ``torch.ops.freecure_ops.fasa`` (:mod:`.op`, whose
+dispatch table picks the Triton kernel or a PyTorch path), which is differentiable and ``torch.compile``-able; a
+plain eager call runs the op's implementation directly (:func:`_plain_eager`)."""
 from __future__ import annotations
 
 import functools
@@ -9,7 +10,7 @@ import torch.autograd.forward_ad as _forward_ad
 from torch._C._functorch import TransformType, peek_interpreter_stack
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-from .fasa_mask import FasaMask, raw_mask_rows, pack_live_keys
+from .fasa_mask import FasaMask, call_mask, raw_mask_rows
 from . import op as _op  # noqa: F401  (registers torch.ops.freecure_ops.fasa)
 from .validation import KERNEL_DTYPES, check_fasa_inputs
 
@@ -70,21 +71,22 @@ def fasa_attention(q, k_p, k_f, v_p, v_f, mask=None, omega=1.0, *, scale=None, m
     backend = _pick_backend(backend, q.device, q.dtype)
     if not torch.compiler.is_compiling():
         _check_transforms((q, k_p, k_f, v_p, v_f), backend)
-    rows = fd_index = fd_value = fd_count = None
-    # the kernel's scalar-bias FD loop: every live value equal (a prepared mask knows; a raw one if it is bool)
-    binary = mask.binary if isinstance(mask, FasaMask) else isinstance(mask, torch.Tensor) and mask.dtype == torch.bool
+    # the mask as the op takes it: four tensors (a raw mask's rows alone: the op packs its live keys where a path
+    # needs them), and whether every live value is equal (a prepared mask knows; a raw one if it is bool)
     if isinstance(mask, FasaMask):
         rows, fd_index, fd_value, fd_count = mask._parts  # its own tensors (the public ones are copies)
-    elif mask is not None:
-        rows = raw_mask_rows(mask, torch.float64 if q.dtype == torch.float64 else torch.float32)
-        if backend == "triton" and p.mode == "bias":  # the kernel walks the packed list of live keys
-            fd_index, fd_value, fd_count = pack_live_keys(rows)
-    args = (q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary, p.scale, p.omega, p.mode, p.n_txt,
-            backend, return_lse)
-    if _plain_eager(q, k_p, k_f, v_p, v_f):  # the prepared mask itself too: its cache spares per-call work
-        out, lse = _op.fasa_run(*args, prepared=mask if isinstance(mask, FasaMask) else None)
+        binary = mask.binary
     else:
-        out, lse = torch.ops.freecure_ops.fasa(*args)
+        fd_index = fd_value = fd_count = None
+        rows = None if mask is None else raw_mask_rows(mask, torch.float64 if q.dtype == torch.float64 else
+                                                       torch.float32)
+        binary = mask is not None and mask.dtype == torch.bool
+    if _plain_eager(q, k_p, k_f, v_p, v_f):  # the prepared mask itself: its cache spares per-call work
+        mask = mask if isinstance(mask, FasaMask) else call_mask(rows, binary=binary)
+        out, lse = _op.fasa_run(q, k_p, k_f, v_p, v_f, mask, p, backend, return_lse)
+    else:
+        out, lse = torch.ops.freecure_ops.fasa(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary,
+                                               p.scale, p.omega, p.mode, p.n_txt, backend, return_lse)
     return (out, lse) if return_lse else out
 
 

@@ -236,6 +236,23 @@ def pack_checked_mask(mask: torch.Tensor, max_value: float | None = None, binary
     return FasaMask._from_parts(rows, *pack_live_keys(rows), max_value, binary)
 
 
+def call_mask(rows: torch.Tensor | None, fd_index: torch.Tensor | None = None, fd_value: torch.Tensor | None = None,
+              fd_count: torch.Tensor | None = None, binary: bool = False) -> FasaMask | None:
+    """The mask of one op call from the tensors that crossed ``torch.ops.freecure_ops.fasa`` (internal: the caller
+    validated them; None for no mask). The packed list may be absent (a raw mask's rows): :func:`with_live_keys`
+    derives it where a path needs it. Its cache lives as long as the call."""
+    return None if rows is None else FasaMask._from_parts(rows, fd_index, fd_value, fd_count, None, binary)
+
+
+def with_live_keys(mask: FasaMask | None) -> FasaMask | None:
+    """``mask`` with its packed list of live keys: itself when it has one (a prepared mask), else the same mask
+    with the list derived from its rows (:func:`pack_live_keys`: on their device, no host sync)."""
+    if mask is None or mask._parts.fd_index is not None:
+        return mask
+    rows = mask._parts.rows
+    return FasaMask._from_parts(rows, *pack_live_keys(rows), mask.max_value, mask.binary)
+
+
 def fold_omega(mask: FasaMask, omega: torch.Tensor) -> FasaMask:
     """``mask`` with every value times ``omega`` (a 0-d float32 tensor on the mask's device); passed to
     ``fasa_attention`` with ``omega=1`` it computes what ``omega`` would ("bias": ``s + omega * m`` on the live

@@ -13,8 +13,13 @@ op can serve both backends (the Triton kernel on CUDA or under ``TRITON_INTERPRE
 elsewhere) with one schema, one fake and one backward.
 
 The op takes tensors and scalars only: a prepared :class:`~freecure_ops.FasaMask` crosses the boundary as its
-four tensors (``rows``, ``fd_index``, ``fd_value``, ``fd_count``; all None for "no mask"). Inputs are
-validated by :func:`freecure_ops.fasa_attention` before the op is called; call that, not the op.
+four tensors (``rows``, ``fd_index``, ``fd_value``, ``fd_count``; all None for "no mask"; a raw mask as its
+rows alone, the packed three None). Inputs are validated by :func:`freecure_ops.fasa_attention` before the op
+is called; call that, not the op.
+
+Which path runs is one table, :data:`ROUTES` (backend, device, mode, vmap -> path, each row with why), read
+in :func:`fasa_run`; docs/op.md shows it. The paths: :func:`triton_kernel` here, and the PyTorch backend's
+``torch_gathered``, ``torch_folded`` and ``torch_dense`` (:mod:`.torch_backend`).
 
 Outputs: ``out`` ``[B, H, Nq, D]`` in q's dtype, laid out as ``[B, Nq, H, D]`` memory (what the kernel
 writes; the PyTorch path is copied into that layout when it differs, so that the fake and real strides
@@ -25,13 +30,15 @@ Autograd: :func:`freecure_ops.torch_backward.fasa_torch_backward` (recomputation
 backend; the mask is not differentiable (``fasa_attention`` refuses a mask that requires grad).
 """
 import functools
-from types import SimpleNamespace
-from typing import Optional, Tuple
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
+from torch._C._functorch import peek_interpreter_stack
 
-from .torch_backend import acc_dtype, fasa_prepared, fasa_torch, takes_prepared
+from .fasa_mask import FasaMask, call_mask, with_live_keys
+from .torch_attend import acc_dtype, autocast_on, no_autocast
+from .torch_backend import torch_dense, torch_folded, torch_gathered
 from .torch_backward import fasa_torch_backward
 from .validation import FasaProblem
 
@@ -61,27 +68,105 @@ def _launcher():
     return fasa_fwd
 
 
-def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, rows: Optional[Tensor],
-             fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], binary: bool,
-             scale: float, omega: float, mode: str, n_txt: int, backend: str, return_lse: bool, prepared=None):
-    """FASA on validated inputs (see the module docstring): ``(out, lse)``, ``lse`` None unless asked for.
-    ``binary``: every live value of each mask row is equal (the kernel's scalar-bias FD loop). ``backend``:
-    "torch" or "triton", resolved. ``prepared``: the :class:`~freecure_ops.FasaMask` the four mask tensors
-    come from, when the caller has it (eager calls; the op itself takes tensors only): the PyTorch path
-    then reuses what it derived from the mask in earlier calls."""
-    if backend == "triton":
-        mask = None if rows is None else SimpleNamespace(rows=rows, fd_index=fd_index, fd_value=fd_value,
-                                                         fd_count=fd_count, binary=binary)
-        res = _launcher()(q, k_p, k_f, v_p, v_f, mask, scale=scale, omega=omega, mode=mode, n_txt=n_txt,
-                          return_lse=return_lse)
-        return res if return_lse else (res, None)
-    if prepared is not None and mode == "bias" and n_txt == 0 and not return_lse and takes_prepared(q.device):
-        out, lse = fasa_prepared(q, k_p, k_f, v_p, v_f, prepared, scale, omega), None  # the common eager call
+def triton_kernel(q, k_p, k_f, v_p, v_f, mask, p: FasaProblem, return_lse: bool):
+    """The fused Triton kernel (``kernels/fasa_fwd.py``, its default launch): one launch, no host sync. "bias"
+    mode with a mask walks the mask's packed list of live keys (derived here for a raw mask's rows)."""
+    if p.mode == "bias":
+        mask = with_live_keys(mask)
+    res = _launcher()(q, k_p, k_f, v_p, v_f, mask, scale=p.scale, omega=p.omega, mode=p.mode, n_txt=p.n_txt,
+                      return_lse=return_lse)
+    return res if return_lse else (res, None)
+
+
+# ------------------------------------------------------------------------------------------ the dispatch table
+# Which path runs, by the call's backend (api picks it: "auto" is triton on CUDA, torch elsewhere and for
+# float64), device ("cpu" or "other": CUDA, meta, ...), mode and whether a torch.func transform (vmap) is active.
+# ANY matches every value. The rows are disjoint and cover every call (checked below, at import); each path is
+# one function taking (q, k_p, k_f, v_p, v_f, mask, p, return_lse) and returning (out, lse or None).
+# Neither the mask's kind (none, raw, prepared) nor n_txt, return_lse or autocast picks a path: every path takes
+# them all (a prepared FasaMask only spares rebuilding what the path derives from it; fasa_run switches autocast
+# off around every path). The launcher's variants (split_kv, pd_sdpa, fd_block_n) are not rows: off by default,
+# timed by the GPU sweep (bench/tile_sweep.py); a variant the timings pick becomes a row.
+
+ANY = None
+
+
+class Route(NamedTuple):
+    """One row of :data:`ROUTES`: the conditions (a value, or ANY), the path, and why it runs there."""
+    backend: str
+    device: Optional[str]
+    mode: Optional[str]
+    transform: Optional[bool]
+    path: Callable
+    why: str
+
+
+class CallKind(NamedTuple):
+    """What the table reads from a call."""
+    backend: str      # "triton" or "torch" (resolved)
+    device: str       # "cpu" or "other"
+    mode: str         # "bias" or "scale"
+    transform: bool   # a torch.func transform (vmap) is active
+
+
+ROUTES = (
+    #     backend   device   mode     transform  path
+    Route("triton", ANY,     ANY,     ANY,       triton_kernel,
+          "the fused kernel, on CUDA or, under TRITON_INTERPRET=1, the CPU (api refuses vmap for it)"),
+    Route("torch",  "cpu",   "bias",  False,     torch_gathered,
+          "live FD keys gathered next to the PD keys, omega * m as SDPA's additive mask: the CPU flash kernel "
+          "takes one at no cost, and folding it into the head dim was slower there (bench/results/cpu/fold)"),
+    Route("torch",  "other", "bias",  False,     torch_folded,
+          "the same keys, omega * m folded into an extra head-dim column: SDPA unmasked, which CUDA's fused "
+          "kernels need (a float64 call on CUDA, backend='torch' there, meta tensors)"),
+    Route("torch",  ANY,     "bias",  True,      torch_dense,
+          "under vmap: [PD; FD image] with a -inf bias, no host read of the live count (a gather needs one)"),
+    Route("torch",  ANY,     "scale", ANY,       torch_dense,
+          "'scale' mode excludes no key: nothing to gather; omega * m folded into the FD keys, SDPA unmasked"),
+)
+
+KINDS = tuple(CallKind(b, d, m, t) for b in ("triton", "torch") for d in ("cpu", "other") for m in ("bias", "scale")
+              for t in (False, True))
+
+
+def _matches(route: Route, kind: CallKind) -> bool:
+    return all(want is ANY or want == have for want, have in zip(route[:4], kind))
+
+
+def _table(routes=ROUTES) -> dict:
+    """Every call kind to its one route (a table that misses a kind or matches one twice fails at import)."""
+    table = {}
+    for kind in KINDS:
+        rows = [r for r in routes if _matches(r, kind)]
+        if len(rows) != 1:
+            names = [r.path.__name__ for r in rows]
+            raise AssertionError(f"the dispatch table has {len(rows)} rows for {kind}: {names}")
+        table[kind] = rows[0]
+    return table
+
+
+ROUTE_OF = _table()
+
+
+def route(backend: str, device_type: str, mode: str) -> Route:
+    """The row of :data:`ROUTES` for a call (a dict lookup)."""
+    return ROUTE_OF[backend, "cpu" if device_type == "cpu" else "other", mode, peek_interpreter_stack() is not None]
+
+
+def fasa_run(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, mask: Optional[FasaMask],
+             p: FasaProblem, backend: str, return_lse: bool):
+    """FASA on validated inputs by :func:`route`'s path: ``(out, lse)``, ``lse`` None unless asked for. ``mask``:
+    a prepared :class:`~freecure_ops.FasaMask` (an eager call: a path reuses what it derived from the mask in
+    earlier calls), one built for this call (:func:`~freecure_ops.fasa_mask.call_mask`), or None. ``backend``:
+    "torch" or "triton", resolved. Every path runs with autocast off: the op computes in its own precision
+    (the torch paths in float32; autocast would run their SDPA in fp16/bf16 and round ``omega * m``)."""
+    device_type = q.device.type
+    path = route(backend, device_type, p.mode).path
+    if autocast_on(device_type):
+        with no_autocast(device_type):
+            out, lse = path(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
     else:
-        p = _problem(q, k_p, k_f, scale, omega, mode, n_txt)
-        packed = None if fd_index is None else (fd_index, fd_value, fd_count)
-        res = fasa_torch(q, k_p, k_f, v_p, v_f, rows, p, return_lse=return_lse, packed=packed, prepared=prepared)
-        out, lse = res if return_lse else (res, None)
+        out, lse = path(q, k_p, k_f, v_p, v_f, mask, p, return_lse)
     if out.stride() != _out_strides(q):
         out = _empty_out(q).copy_(out)
     return out, None if lse is None else lse.contiguous()
@@ -98,10 +183,10 @@ def fasa_impl(q: Tensor, k_p: Tensor, k_f: Tensor, v_p: Tensor, v_f: Tensor, row
               fd_index: Optional[Tensor], fd_value: Optional[Tensor], fd_count: Optional[Tensor], binary: bool,
               scale: float, omega: float, mode: str, n_txt: int, backend: str,
               return_lse: bool) -> Tuple[Tensor, Tensor]:
-    """The registered op's implementation: :func:`fasa_run` with an empty LSE when none is asked for (an op
-    returns tensors)."""
-    out, lse = fasa_run(q, k_p, k_f, v_p, v_f, rows, fd_index, fd_value, fd_count, binary, scale, omega, mode,
-                        n_txt, backend, return_lse)
+    """The registered op's implementation: :func:`fasa_run` on the mask the tensors make, with an empty LSE when
+    none is asked for (an op returns tensors)."""
+    out, lse = fasa_run(q, k_p, k_f, v_p, v_f, call_mask(rows, fd_index, fd_value, fd_count, binary),
+                        _problem(q, k_p, k_f, scale, omega, mode, n_txt), backend, return_lse)
     return out, _empty_lse(q, False) if lse is None else lse
 
 

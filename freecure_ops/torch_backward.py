@@ -3,7 +3,7 @@
 For ``out = softmax(S) V`` with ``S = scale * q K^T + bias`` over the keys ``K = [k_p; FD image keys]``:
 ``P = softmax(S)``, ``dV = P^T dO``, ``dS = P * (dO V^T - rowsum(dO * out))`` (plus ``P * dlse`` when the
 log-sum-exp is an output too), ``dq = scale * dS K``, ``dK = scale * dS^T q``. The FD image keys enter as the
-forward builds them (:func:`freecure_ops.torch_backend.joint_keys`): "bias" mode zeroes excluded
+forward's dense path builds them (:func:`freecure_ops.torch_keys.dense_kv`): "bias" mode zeroes excluded
 keys (their weight is exactly 0, so their gradient is 0 as well), "scale" mode folds ``omega * m`` into the
 keys (the chain rule multiplies their gradient by the same factor). FD text keys (``n_txt``) are never
 attended: zero gradient. In the FLUX variant text query rows see the PD keys only.
@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from .torch_backend import acc_dtype, joint_keys, mask_rows, no_autocast
+from .torch_attend import acc_dtype, no_autocast
+from .torch_keys import dense_kv, mask_rows
 from .validation import FasaProblem
 
 BWD_CHUNK = 1024  # query rows per chunk
@@ -27,13 +28,13 @@ def fasa_torch_backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProble
     and (optionally, else None) the log-sum-exp gradient ``g_lse`` ``[B, H, Nq]``; each in its input's dtype.
     ``rows``: the mask rows ``[1|B, Nimg]`` the forward used (None: all ones). Autocast is off inside: the
     recomputation runs in the accumulation dtype, as the forward does."""
-    with no_autocast(q.device):
+    with no_autocast(q.device.type):
         return _backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p)
 
 
 def _backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProblem):
     acc = acc_dtype(q.dtype)
-    q32, k, v, bias = joint_keys(q, k_p, k_f, v_p, v_f, rows, p)
+    q32, k, v, bias = dense_kv(q, k_p, k_f, v_p, v_f, rows, p.mode, p.omega, p.n_txt)
     bias = bias[:, None, None, :]
     n_k = k.shape[2]
     go = g_out.to(acc)
@@ -62,7 +63,7 @@ def _backward(q, k_p, k_f, v_p, v_f, rows, g_out, g_lse, p: FasaProblem):
     dq = torch.cat(dq_parts, dim=2)
     dk_img, dv_img = dk[:, :, p.n_p:], dv[:, :, p.n_p:]
     if p.mode == "scale":  # the forward used (omega * m) * k
-        dk_img = dk_img * (p.omega * mask_rows(rows, p, q.device, acc))[:, None, :, None]
+        dk_img = dk_img * (p.omega * mask_rows(rows, p.n_img, q.device, acc))[:, None, :, None]
     if p.n_txt:
         zeros = dk_img.new_zeros(dk_img.shape[0], dk_img.shape[1], p.n_txt, dk_img.shape[3])
         dk_img = torch.cat([zeros, dk_img], dim=2)

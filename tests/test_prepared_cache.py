@@ -1,4 +1,4 @@
-"""What a prepared mask keeps for the PyTorch backend (freecure_ops/torch_fold.py, ``prepared_kv``): the gather
+"""What a prepared mask keeps for the PyTorch backend (freecure_ops/torch_keys.py, ``gathered_kv``): the gather
 index and the additive bias, built on the first call and reused. Never stale: one mask serves calls of every
 dtype, omega, PD length and text length, each against the float64 oracle (fasa_cases.assert_close_to_ref) and
 bit-identical to a freshly prepared mask; bounded; and the copy-free path for adjacent PD/FD rows (diffusers'
@@ -12,7 +12,7 @@ import torch
 import freecure_ops.fasa_mask as fasa_mask
 from fasa_cases import assert_close_to_ref, make_inputs, to64
 from freecure_ops import fasa_attention, fasa_reference, prepare_fasa_mask
-from freecure_ops.torch_fold import joint_view
+from freecure_ops.torch_keys import joint_view
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

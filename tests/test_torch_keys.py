@@ -1,6 +1,7 @@
-"""The PyTorch backend's "bias" path (freecure_ops/torch_fold.py): live FD keys gathered from the packed list,
-then one SDPA call with ``omega*m`` as an additive mask (the CPU's form) or folded into a head-dim column with
-no mask (the form off the CPU). Every test runs both forms on the CPU (the ``form`` fixture). Against the
+"""The PyTorch backend's "bias"-mode keys (freecure_ops/torch_keys.py): live FD keys gathered from the packed list,
+then one SDPA call with ``omega*m`` as an additive mask (the gathered path, the CPU's) or folded into a head-dim
+column with no mask (the folded path, off the CPU). Every test runs both paths on the CPU (the ``form`` fixture
+points the op's table row for CPU "bias" calls at the folded path). Against the
 float64 oracle with the rounding floor rule (fasa_cases.assert_close_to_ref), on the cases the gather makes
 special: per-row masks with different live counts (padding slots), a row with no live key, NaN in every
 excluded key, FLUX text rows, odd head dims."""
@@ -8,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import freecure_ops.torch_backend as backend
-import freecure_ops.torch_fold as fold
+import freecure_ops.op as op
+import freecure_ops.torch_keys as keys
 from fasa_cases import assert_close_to_ref, make_inputs, to64
 from freecure_ops import fasa_attention, fasa_reference, prepare_fasa_mask
 
@@ -52,7 +53,8 @@ class SdpaOps(TorchDispatchMode):
 def form(request, monkeypatch):
     """The bias as an additive mask (what the CPU runs) or folded into the head dim (what other devices run)."""
     if request.param == "fold":
-        monkeypatch.setattr(backend, "folds_bias", lambda device: True)
+        cpu_bias = op.CallKind("torch", "cpu", "bias", False)
+        monkeypatch.setitem(op.ROUTE_OF, cpu_bias, op.ROUTE_OF[cpu_bias._replace(device="other")])
     return request.param
 
 
@@ -140,10 +142,9 @@ def test_padding_slots_get_weight_exactly_zero(pd_logit):
         q = (pd_logit * 40 ** 0.5) * u.expand_as(q).clone()
         k_p, k_f = u.expand_as(k_p).clone(), u.expand_as(k_f).clone()
     packed = prepare_fasa_mask(uneven_mask(20, [2, 9], seed=5))
-    qf, kf, vf = fold.folded_qkv(q, k_p, v_p, k_f, v_f, (packed.fd_index, packed.fd_value, packed.fd_count),
-                                 1.5, 40 ** -0.5, torch.float32)
+    qf, kf, vf = keys.folded_qkv(q, k_p, v_p, k_f, v_f, packed, 0, 1.5, 40 ** -0.5, torch.float32)
     assert qf.shape[-1] == kf.shape[-1] == vf.shape[-1] == 41 and kf.shape[2] == 8 + 9  # CPU: no round-up
-    assert [fold.folded_width(d) for d in (40, 64, 111, 128)] == [48, 72, 112, 136]  # CUDA: multiples of 8
+    assert [keys.folded_width(d) for d in (40, 64, 111, 128)] == [48, 72, 112, 136]  # CUDA: multiples of 8
     weights = torch.softmax(qf @ kf.transpose(-1, -2), dim=-1)
     assert (weights[0, :, :, 8 + 2:] == 0).all() and (weights[0, :, :, :8 + 2].sum(-1) > 0.99).all()
     assert (kf[0, :, 8 + 2:, :40] == 0).all() and (vf[0, :, 8 + 2:] == 0).all()
@@ -153,10 +154,10 @@ def test_padding_slots_get_weight_exactly_zero(pd_logit):
 
 def test_off_cpu_slot_count_gathers_every_key_as_padding(monkeypatch):
     # Off the CPU the live count is not read (it would sync): all Nimg slots, the excluded ones as padding.
-    assert fold.live_slots(torch.zeros(2, dtype=torch.int32, device="meta"), 17) == (17, True)
-    assert fold.live_slots(torch.tensor([3, 3], dtype=torch.int32), 17) == (3, False)
-    assert fold.live_slots(torch.tensor([0, 5], dtype=torch.int32), 17) == (5, True)
-    monkeypatch.setattr(fold, "live_slots", lambda count, n_img: (n_img, True))
+    assert keys.live_slots(torch.zeros(2, dtype=torch.int32, device="meta"), 17) == (17, True)
+    assert keys.live_slots(torch.tensor([3, 3], dtype=torch.int32), 17) == (3, False)
+    assert keys.live_slots(torch.tensor([0, 5], dtype=torch.int32), 17) == (5, True)
+    monkeypatch.setattr(keys, "live_slots", lambda count, n_img: (n_img, True))
     q, k_p, k_f, v_p, v_f = make_inputs(2, 2, 31, 23, 50, 72, torch.float16, "cpu", seed=6)
     mask = uneven_mask(50, [0, 17], seed=6)
     clean = (q, k_p, k_f.clone(), v_p, v_f.clone())
