@@ -38,7 +38,8 @@ the same name without the suffix. ``-fd128``: the packed FD loop's key tiles at 
 table's BLOCK_N); ``-bn128``: BLOCK_N 128 for both loops.
 
 Run it (``python -m freecure_ops.bench.compile_report``; ``--json`` for one JSON object per case,
-``--only=SUBSTRING`` (repeatable) for the cases whose names hold one) under the Triton at hand; under another
+``--only=SUBSTRING`` (repeatable) for the cases whose names hold one, ``--jobs=N`` to compile in N processes)
+under the Triton at hand; under another
 Triton, put that one first on the path: ``pip install --target /tmp/t36 triton==3.6.0`` then
 ``PYTHONPATH=/tmp/t36 python -m freecure_ops.bench.compile_report`` (or a venv with it, as ``/work/venv211``).
 """
@@ -483,8 +484,19 @@ def main(argv=None) -> int:
         return 2
     argv = argv if argv is not None else sys.argv[1:]
     only = [a.split("=", 1)[1] for a in argv if a.startswith("--only=")]  # substrings of case names
+    jobs = [a.split("=", 1)[1] for a in argv if a.startswith("--jobs=")]
+    if jobs and not (jobs[-1].isdigit() and int(jobs[-1]) >= 1):
+        print(f"compile_report: --jobs must be an int >= 1, got {jobs[-1]!r}", file=sys.stderr)
+        return 2
     cases = [c for c in CASES if not only or any(o in c.name for o in only)]
-    reports = [report(c) for c in cases]
+    workers = min(int(jobs[-1]), len(cases)) if jobs else 1
+    if workers > 1:  # each compile is one CPU-bound process; spawned, so no worker inherits a CUDA/Triton state
+        import multiprocessing
+
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            reports = pool.map(report, cases, chunksize=1)
+    else:
+        reports = [report(c) for c in cases]
     if "--json" in argv:
         for r in reports:
             print(json.dumps(asdict(r)))

@@ -149,7 +149,8 @@ def test_violations_name_each_missing_claim():
 @pytest.fixture(scope="module")
 def reports():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, "-m", "freecure_ops.bench.compile_report", "--json"], env=env,
+    jobs = f"--jobs={min(4, os.cpu_count() or 1)}"  # each compile is CPU-bound: one process per core
+    run = subprocess.run([sys.executable, "-m", "freecure_ops.bench.compile_report", "--json", jobs], env=env,
                          capture_output=True, text=True, timeout=1800)
     # exit 1: some case misses a claim (each case's test below says which); anything else is a crash
     assert run.returncode in (0, 1), run.stderr[-3000:]

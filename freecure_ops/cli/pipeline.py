@@ -22,10 +22,8 @@ def load_pipeline(model, device, dtype):
 
     kwargs = {} if model.variant is None else {"variant": model.variant}
     try:
-        with warnings.catch_warnings():  # torch_dtype: understood by every diffusers >= 0.32 (newer ones prefer dtype)
-            warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = DiffusionPipeline.from_pretrained(str(model.path), local_files_only=True, torch_dtype=dtype,
-                                                     **kwargs)
+        # dtype=: diffusers >= 0.42 (the floor) takes it and deprecates torch_dtype
+        pipe = DiffusionPipeline.from_pretrained(str(model.path), local_files_only=True, dtype=dtype, **kwargs)
     except (OSError, ValueError) as e:  # EnvironmentError, missing files, a variant it does not have
         where = f"the Hugging Face cache ({model.path})" if model.hub else "the folder"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
