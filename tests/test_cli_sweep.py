@@ -3,7 +3,6 @@ through ``main()``: one pass 1 per seed, pass 2 per (seed, omega), the contact s
 ones ``freecure generate`` makes), sweep.json, ``--pipeline`` entry points, and its errors before any load."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 import textwrap
@@ -15,7 +14,7 @@ from PIL import Image
 
 from freecure_ops.cli import main
 from freecure_ops.cli.contact_sheet import contact_sheet, mask_overlay, sheet_layout
-from tiny_pipes import IMAGE, tiny_sd_pipe, write_cli_inputs
+from tiny_pipes import IMAGE, count_sd_calls, install_stub_parser, tiny_sd_pipe, write_cli_inputs
 
 PD = "a photo of sks man with red hair"
 FD = "a photo of man with red hair"
@@ -55,52 +54,9 @@ def files(tmp_path_factory):
     return root
 
 
-class _Stub:
-    """The face parser --parser-weights loads: hair on the top half; ``empty_from``: the call from which it finds
-    nothing."""
-
-    def __init__(self):
-        import freecure_ops.pipeline.face_parser as fp
-
-        self.labels = dict(fp.BISENET_CELEBAMASK_LABELS)
-        self.calls = 0
-        self.empty_from = None
-
-    def __call__(self, image):
-        self.calls += 1
-        lm = torch.zeros(image.shape[-2:], dtype=torch.int64)
-        if self.empty_from is None or self.calls < self.empty_from:
-            lm[: IMAGE // 2] = 17
-        return lm
-
-
-def _install_stub(mp):
-    import freecure_ops.pipeline.face_parser as fp
-
-    parser = _Stub()
-    mp.setattr(fp.BiSeNetParser, "from_checkpoint", classmethod(lambda cls, path, **kw: parser))
-    return parser
-
-
 @pytest.fixture
 def stub_parser(monkeypatch):
-    return _install_stub(monkeypatch)
-
-
-def _count_calls(mp):
-    """Every StableDiffusionPipeline call's prompt (FD: pass 1, PD: pass 2)."""
-    from diffusers import StableDiffusionPipeline
-
-    prompts = []
-    orig = StableDiffusionPipeline.__call__
-
-    @functools.wraps(orig)  # Foundation.run reads the signature (latents=) through __wrapped__
-    def counting(self, *args, **kwargs):
-        prompts.append(kwargs.get("prompt"))
-        return orig(self, *args, **kwargs)
-
-    mp.setattr(StableDiffusionPipeline, "__call__", counting)
-    return prompts
+    return install_stub_parser(monkeypatch)
 
 
 def _args(root, out, *extra, model="tiny-sd", omegas=OMEGAS, seeds=SEEDS):
@@ -120,8 +76,8 @@ def swept(files, tmp_path_factory):
     ``(out folder, prompts of every pipeline call, parser)``."""
     out = tmp_path_factory.mktemp("swept") / "out"
     with pytest.MonkeyPatch.context() as mp:
-        parser = _install_stub(mp)
-        prompts = _count_calls(mp)
+        parser = install_stub_parser(mp)
+        prompts = count_sd_calls(mp)
         assert main(_args(files, out)) == 0
     return out, prompts, parser
 

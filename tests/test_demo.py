@@ -6,7 +6,6 @@ on the page is refused with the command line's one-line message, before any work
 The browser test is tests/test_demo_browser.py."""
 from __future__ import annotations
 
-import functools
 import socket
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from freecure_ops.cli.contact_sheet import sheet_layout
 from freecure_ops.cli.errors import CLIError
 from freecure_ops.demo.session import HISTORY_MAX, PageInputs
 from freecure_ops.pipeline.prompts import foundation_prompt
-from tiny_pipes import IMAGE, write_cli_inputs
+from tiny_pipes import IMAGE, count_sd_calls, install_stub_parser, write_cli_inputs
 
 PD = "a photo of sks man with red hair"
 FD = "a photo of man with red hair"     # what the page derives from PD (identity words sks, img)
@@ -38,48 +37,15 @@ def files(tmp_path_factory):
     return root
 
 
-class _Stub:
-    """The face parser --parser-weights loads: hair on the top half; nothing once ``empty`` is set."""
-
-    def __init__(self):
-        import freecure_ops.pipeline.face_parser as fp
-
-        self.labels = dict(fp.BISENET_CELEBAMASK_LABELS)
-        self.calls = 0
-        self.empty = False
-
-    def __call__(self, image):
-        self.calls += 1
-        lm = torch.zeros(image.shape[-2:], dtype=torch.int64)
-        if not self.empty:
-            lm[: IMAGE // 2] = 17
-        return lm
-
-
 @pytest.fixture
 def stub_parser(monkeypatch):
-    import freecure_ops.pipeline.face_parser as fp
-
-    parser = _Stub()
-    monkeypatch.setattr(fp.BiSeNetParser, "from_checkpoint", classmethod(lambda cls, path, **kw: parser))
-    return parser
+    return install_stub_parser(monkeypatch)
 
 
 @pytest.fixture
 def calls(monkeypatch):
     """The prompt of every StableDiffusionPipeline call (pass 1: the FD prompt; pass 2: the PD prompt)."""
-    from diffusers import StableDiffusionPipeline
-
-    prompts = []
-    orig = StableDiffusionPipeline.__call__
-
-    @functools.wraps(orig)  # Foundation.run reads the signature (latents=) through __wrapped__
-    def counting(self, *args, **kwargs):
-        prompts.append(kwargs.get("prompt"))
-        return orig(self, *args, **kwargs)
-
-    monkeypatch.setattr(StableDiffusionPipeline, "__call__", counting)
-    return prompts
+    return count_sd_calls(monkeypatch)
 
 
 def _demo_args(files, *extra):
@@ -219,12 +185,12 @@ def test_bad_input_gets_the_command_line_s_message(files, tmp_path, stub_parser,
 def test_an_empty_parsed_mask_is_refused_naming_the_seed(files, stub_parser, calls):
     s = _session(files)
     s.run(PageInputs(prompt=PD, seed=3, steps=2, omega=0.5))
-    stub_parser.empty = True
+    stub_parser.empty_from = stub_parser.calls + 1
     with pytest.raises(CLIError) as e:
         s.run(PageInputs(prompt=PD, seed=5, steps=2, omega=0.5))
     assert str(e.value).startswith("--seed 5: the attribute mask is empty after parsing")
     assert not s.holds_foundation and s.fd_view(True) is None and calls == [FD, PD, FD]  # no pass 2 after it
-    stub_parser.empty = False
+    stub_parser.empty_from = None
     r = s.run(PageInputs(prompt=PD, seed=5, steps=2, omega=0.5))         # the next request starts over
     assert r.pass1_ran and r.pass1_reason == "no foundation was held" and r.pass1_runs == 2
 

@@ -154,3 +154,50 @@ def write_cli_inputs(root):
     m = np.zeros((IMAGE, IMAGE), np.uint8)
     m[: IMAGE // 2] = 255
     Image.fromarray(m, mode="L").save(root / "mask.png")
+
+
+class StubBiSeNet:
+    """The face parser the CLI's --parser-weights loads, stubbed (tests patch ``BiSeNetParser.from_checkpoint``
+    with :func:`install_stub_parser`): hair on the top half; ``empty_from``: the call from which it finds
+    nothing (None: never)."""
+
+    def __init__(self):
+        import freecure_ops.pipeline.face_parser as fp
+
+        self.labels = dict(fp.BISENET_CELEBAMASK_LABELS)
+        self.calls = 0
+        self.empty_from = None
+
+    def __call__(self, image):
+        self.calls += 1
+        lm = torch.zeros(image.shape[-2:], dtype=torch.int64)
+        if self.empty_from is None or self.calls < self.empty_from:
+            lm[: IMAGE // 2] = 17
+        return lm
+
+
+def install_stub_parser(mp) -> StubBiSeNet:
+    """Make every ``BiSeNetParser.from_checkpoint`` (``mp``: pytest's monkeypatch) return one StubBiSeNet."""
+    import freecure_ops.pipeline.face_parser as fp
+
+    parser = StubBiSeNet()
+    mp.setattr(fp.BiSeNetParser, "from_checkpoint", classmethod(lambda cls, path, **kw: parser))
+    return parser
+
+
+def count_sd_calls(mp) -> list:
+    """The prompt of every StableDiffusionPipeline call from now on (pass 1: the FD prompt; pass 2: the PD one)."""
+    import functools
+
+    from diffusers import StableDiffusionPipeline
+
+    prompts = []
+    orig = StableDiffusionPipeline.__call__
+
+    @functools.wraps(orig)  # Foundation.run reads the signature (latents=) through __wrapped__
+    def counting(self, *args, **kwargs):
+        prompts.append(kwargs.get("prompt"))
+        return orig(self, *args, **kwargs)
+
+    mp.setattr(StableDiffusionPipeline, "__call__", counting)
+    return prompts
