@@ -223,3 +223,28 @@ def test_bench_usage_error_is_one_line(capsys):
     err = capsys.readouterr().err
     assert err.startswith("freecure: error: --models: unknown model ['foo']") and err.count("\n") == 1, err
     assert "freecure bench --help" in err
+
+
+@pytest.mark.parametrize("extra, fd", [((), FD),                                     # sks left out by default
+                                        (("--identity-words", "man,sks"), "a photo of with red hair"),
+                                        (("--identity-words", ""), PD),              # none: the prompt itself
+                                        (("--fd-prompt", "a photo of a person"), "a photo of a person")])
+def test_the_default_fd_prompt_leaves_out_the_identity_words(model_dir, mask_png, tmp_path, monkeypatch, extra, fd):
+    """generate, sweep and demo derive the FD prompt alike: --prompt without --identity-words (sks, img)."""
+    from tiny_pipes import count_sd_calls
+
+    prompts = count_sd_calls(monkeypatch)
+    args = _args(model_dir, tmp_path / "o", "--mask", str(mask_png), "--steps", "1")
+    del args[args.index("--fd-prompt"):args.index("--fd-prompt") + 2]
+    assert main(args + list(extra)) == 0
+    meta = json.loads((tmp_path / "o" / "freecure.json").read_text())
+    assert meta["fd_prompt"] == fd and prompts == [[PD, fd]], prompts  # with --mask: one batched [PD, FD] call
+
+
+def test_identity_words_must_be_words(model_dir, tmp_path, capsys):
+    args = _args(model_dir, tmp_path / "o") + ["--identity-words", "sks,two words"]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--identity-words" in err and "is not one word" in err and len(err.strip().splitlines()) == 1

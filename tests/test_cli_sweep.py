@@ -73,12 +73,15 @@ def _args(root, out, *extra, model="tiny-sd", omegas=OMEGAS, seeds=SEEDS):
 @pytest.fixture(scope="module")
 def swept(files, tmp_path_factory):
     """One sweep (3 omegas x 2 seeds) with the stub parser and a pipeline-call counter:
-    ``(out folder, prompts of every pipeline call, parser)``."""
+    ``(out folder, prompts of every pipeline call, parser)``. No --fd-prompt: the FD prompt is PD without the
+    default --identity-words (sks), i.e. FD, as generate and demo derive it."""
     out = tmp_path_factory.mktemp("swept") / "out"
+    args = _args(files, out)
+    del args[args.index("--fd-prompt"):args.index("--fd-prompt") + 2]
     with pytest.MonkeyPatch.context() as mp:
         parser = install_stub_parser(mp)
         prompts = count_sd_calls(mp)
-        assert main(_args(files, out)) == 0
+        assert main(args) == 0
     return out, prompts, parser
 
 

@@ -12,7 +12,7 @@ from ..outputs import output_dir_problem
 from .errors import CLIError
 from .model_files import model_path_problem
 
-__all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "number_list_arg", "json_object_arg",
+__all__ = ["DTYPES", "add_weights_arguments", "user_path", "layers_arg", "identity_words_arg", "DEFAULT_IDENTITY_WORDS", "number_list_arg", "json_object_arg",
            "fraction_arg", "check_finite",
            "real_problem", "read_mask_png", "parser_weights_problem", "parser_weights_error", "pick_device",
            "interpreting", "torch_dtype", "apg_steps_problem", "check_run_flags", "check_run_settings",
@@ -80,6 +80,22 @@ def json_object_arg(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object {{\"name\": value, ...}}, got {text!r}")
     return value
+
+
+#: the identity trigger words the command line leaves out of --prompt for the default --fd-prompt: DreamBooth's
+#: usual token and PhotoMaker's trigger word
+DEFAULT_IDENTITY_WORDS = ("sks", "img")
+
+
+def identity_words_arg(text: str) -> tuple:
+    """``--identity-words``: comma-separated words ('' for none)."""
+    from ..pipeline.prompts import identity_words_problem
+
+    words = tuple(w.strip() for w in text.split(",") if w.strip())
+    problem = identity_words_problem(words)
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return words
 
 
 def fraction_arg(text: str) -> float:

@@ -15,39 +15,20 @@ every request (a problem is the command line's one-line message, shown on the pa
 127.0.0.1: this machine only. Gradio is an optional extra; without it this is one line and exit status 2."""
 from __future__ import annotations
 
-import argparse
-
 from .args import check_run_settings, seed_problem
 from .errors import CLIError
 from .flags import (MASK_WITH_FOUNDATION, add_device_arguments, add_fasa_arguments, add_fd_reuse_argument,
                     add_mask_arguments, add_pipeline_arguments, add_prompt_arguments, add_sampling_arguments)
 from .two_pass import check_pipeline_args, require_model_or_pipeline
 
-__all__ = ["add_arguments", "check_demo_args", "load_session", "run", "gradio_problem", "DEFAULT_IDENTITY_WORDS"]
-
-#: left out of the prompt to make the default foundation prompt: DreamBooth's usual token, PhotoMaker's trigger
-DEFAULT_IDENTITY_WORDS = ("sks", "img")
-
-
-def _identity_words(text: str) -> tuple:
-    from ..pipeline.prompts import identity_words_problem
-
-    words = tuple(w.strip() for w in text.split(",") if w.strip())
-    problem = identity_words_problem(words)
-    if problem:
-        raise argparse.ArgumentTypeError(problem)
-    return words
-
+__all__ = ["add_arguments", "check_demo_args", "load_session", "run", "gradio_problem"]
 
 def add_arguments(sub) -> None:
     d = sub.add_parser("demo", help="a local web page: prompt, seed, an omega slider that reruns pass 2 only",
                        description="A local web page (Gradio) on a diffusers pipeline: pass 1 once per prompt and "
                                    "seed, pass 2 whenever omega moves; PD and FD side by side, the mask over FD.")
     add_pipeline_arguments(d)
-    add_prompt_arguments(d, required=False, fd_default="--prompt without the --identity-words")
-    d.add_argument("--identity-words", type=_identity_words, default=DEFAULT_IDENTITY_WORDS, metavar="W,W,...",
-                   help="words the derived foundation prompt leaves out (default: sks,img; '' for none: the "
-                        "foundation prompt is then the prompt, as in generate)")
+    add_prompt_arguments(d, required=False)
     add_mask_arguments(d, mask_effect=MASK_WITH_FOUNDATION)
     d.add_argument("--omega", type=float, help="the slider's first value (default: the model family's preset)")
     add_fasa_arguments(d)

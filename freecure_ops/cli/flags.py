@@ -3,11 +3,12 @@ group defined once so that the commands spell, default and explain a flag alike.
 :mod:`.args`."""
 from __future__ import annotations
 
-from .args import DTYPES, add_weights_arguments, json_object_arg, layers_arg, user_path
+from .args import (DEFAULT_IDENTITY_WORDS, DTYPES, add_weights_arguments, identity_words_arg, json_object_arg,
+                   layers_arg, user_path)
 
-__all__ = ["add_pipeline_arguments", "add_prompt_arguments", "add_mask_arguments", "MASK_WITH_FOUNDATION",
-           "add_fasa_arguments", "add_fd_reuse_argument", "add_sampling_arguments", "add_device_arguments",
-           "add_output_arguments"]
+__all__ = ["add_pipeline_arguments", "add_prompt_arguments", "fd_prompt_of", "add_mask_arguments",
+           "MASK_WITH_FOUNDATION", "add_fasa_arguments", "add_fd_reuse_argument", "add_sampling_arguments",
+           "add_device_arguments", "add_output_arguments"]
 
 
 def add_pipeline_arguments(g) -> None:
@@ -28,12 +29,26 @@ def add_pipeline_arguments(g) -> None:
 MASK_WITH_FOUNDATION = "skips the parser (pass 1 still runs: pass 2 reads its keys/values)"
 
 
-def add_prompt_arguments(g, required: bool = True, fd_default: str = "--prompt") -> None:
-    """``--prompt``, ``--fd-prompt``, ``--negative-prompt`` (``required=False``: the demo, where they only fill
-    the page's fields)."""
+def add_prompt_arguments(g, required: bool = True) -> None:
+    """``--prompt``, ``--fd-prompt``, ``--identity-words``, ``--negative-prompt`` (``required=False``: the demo,
+    where they only fill the page's fields)."""
     g.add_argument("--prompt", required=required, help="PD prompt (with the identity, e.g. a DreamBooth token)")
-    g.add_argument("--fd-prompt", help=f"FD prompt (the same without the identity); default: {fd_default}")
+    g.add_argument("--fd-prompt", help="FD prompt (the same without the identity); default: --prompt without the "
+                                       "--identity-words")
+    g.add_argument("--identity-words", type=identity_words_arg, default=DEFAULT_IDENTITY_WORDS, metavar="W,W,...",
+                   help=f"the identity's trigger words, left out of --prompt to make the default --fd-prompt "
+                        f"(default: {','.join(DEFAULT_IDENTITY_WORDS)}; '' for none: the FD prompt is then --prompt)")
     g.add_argument("--negative-prompt", help="negative prompt for both branches")
+
+
+def fd_prompt_of(prompt: str, fd_prompt: str | None, identity_words) -> str:
+    """The FD prompt a command runs: ``--fd-prompt`` as given, else ``prompt`` without the identity words (the
+    prompt itself when that leaves nothing)."""
+    from ..pipeline.prompts import foundation_prompt  # the package imports diffusers: not while building flags
+
+    if fd_prompt:
+        return fd_prompt
+    return foundation_prompt(prompt, identity_words) or prompt
 
 
 def add_mask_arguments(g, mask_effect: str = "skips pass 1") -> None:

@@ -13,7 +13,7 @@ from .args import (add_weights_arguments, apg_steps_problem, check_backend_devic
                    fraction_arg, pick_device, seed_problem, torch_dtype)
 from .errors import CLIError, flag_message
 from .flags import (add_device_arguments, add_fasa_arguments, add_fd_reuse_argument, add_mask_arguments,
-                    add_output_arguments, add_prompt_arguments, add_sampling_arguments)
+                    add_output_arguments, add_prompt_arguments, add_sampling_arguments, fd_prompt_of)
 from .pipeline import (effective_settings, library_versions, load_parser, load_pipeline, quiet_libraries, save_mask,
                        show_warnings)
 from .weights import resolve_run_weights
@@ -83,7 +83,8 @@ def _run_generate(args, device, dtype, mask, model, parser_ref) -> int:
     except (TypeError, ValueError) as e:
         raise CLIError(f"--model {args.model}: {flag_message(str(e))}") from e
 
-    call = dict(fd_prompt=args.fd_prompt or args.prompt, mask=None if mask is None else torch.from_numpy(mask),
+    call = dict(fd_prompt=fd_prompt_of(args.prompt, args.fd_prompt, args.identity_words),
+                mask=None if mask is None else torch.from_numpy(mask),
                 seed=args.seed, apg=args.apg, gamma=args.gamma, apg_template=args.apg_template,
                 num_inference_steps=args.steps, output_type="pil")
     for key in ("negative_prompt", "guidance_scale", "height", "width"):

@@ -37,7 +37,7 @@ from .args import check_finite, check_run_flags, number_list_arg, seed_problem
 from .errors import CLIError
 from .flags import (MASK_WITH_FOUNDATION, add_device_arguments, add_fasa_arguments, add_fd_reuse_argument,
                     add_mask_arguments, add_output_arguments, add_pipeline_arguments, add_prompt_arguments,
-                    add_sampling_arguments)
+                    add_sampling_arguments, fd_prompt_of)
 from .pipeline import effective_settings, library_versions, quiet_libraries, save_mask
 from .two_pass import Plan, TwoPass, check_pipeline_args, omega_text, require_model_or_pipeline
 
@@ -176,7 +176,7 @@ def _run_sweep(args, plan) -> int:
     runner = TwoPass(args, plan)
     fc, device, dtype = runner.fc, runner.device, runner.dtype
     common = runner.common(args.steps, args.guidance_scale, args.negative_prompt)
-    fd_prompt = args.fd_prompt or args.prompt
+    fd_prompt = fd_prompt_of(args.prompt, args.fd_prompt, args.identity_words)
 
     problem = output_dir_problem(args.out)  # checked before any work; checked again in case it changed since
     if problem:

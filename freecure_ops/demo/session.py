@@ -21,7 +21,7 @@ from typing import Any, Callable
 from ..cli.args import check_attribute_words, check_sampling_flags, seed_problem
 from ..cli.errors import CLIError
 from ..cli.two_pass import omega_text
-from ..pipeline.prompts import foundation_prompt
+from ..cli.flags import fd_prompt_of
 
 __all__ = ["PageInputs", "DemoResult", "DemoSession", "HISTORY_MAX"]
 
@@ -184,8 +184,7 @@ class DemoSession:
     def derived_fd_prompt(self, prompt: str) -> str:
         """The foundation prompt the page uses when its box is empty: the prompt without the identity words
         (the prompt itself when that leaves nothing)."""
-        prompt = (prompt or "").strip()
-        return foundation_prompt(prompt, self.identity_words) or prompt
+        return fd_prompt_of((prompt or "").strip(), None, self.identity_words)
 
     def attributes_in(self, prompt: str) -> list:
         """The attribute words FreeCure finds in ``prompt`` (what a parsed mask covers)."""
