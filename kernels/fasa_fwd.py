@@ -678,31 +678,25 @@ def pd_sdpa_op(q, k_p, v_p, scale: float, want="auto") -> str | None:
         return None
     dev = q.device
     if want == PD_GLUON:
-        key = (want, dev, q.dtype, q.shape, k_p.shape, q.stride(), k_p.stride(), v_p.stride(),
-               q.data_ptr() % 16, k_p.data_ptr() % 16, v_p.data_ptr() % 16)
-        pick = _PD_SDPA_PICKS.get(key, False)
-        if pick is False:
-            pick = _remember(key, PD_GLUON if _gluon_takes(q, k_p, v_p, scale) else None)
-        return pick
-    names = ("flash_cpu",) if dev.type == "cpu" else PD_SDPA_CUDA if want == "auto" else (want,)
-    if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not set(names) <= set(PD_SDPA_CUDA)):
-        return None
-    flags = tuple(getattr(torch.backends.cuda, _SDP_FLAGS[n])() for n in names)
+        names = flags = ()  # our own kernel: no torch backend switch applies
+    else:
+        names = ("flash_cpu",) if dev.type == "cpu" else PD_SDPA_CUDA if want == "auto" else (want,)
+        if dev.type not in ("cpu", "cuda") or (dev.type == "cuda" and not set(names) <= set(PD_SDPA_CUDA)):
+            return None
+        flags = tuple(getattr(torch.backends.cuda, _SDP_FLAGS[n])() for n in names)
     key = (want, dev, q.dtype, q.shape, k_p.shape, q.stride(), k_p.stride(), v_p.stride(), flags,
            q.data_ptr() % 16, k_p.data_ptr() % 16, v_p.data_ptr() % 16)
     pick = _PD_SDPA_PICKS.get(key, False)
     if pick is False:
         head_dim = q.shape[-1]
-        pick = next((n for n, on in zip(names, flags) if on and (n == "flash_cpu" or (head_dim % 8 == 0 and
-                     head_dim <= 256)) and _torch_takes(n, q, k_p, v_p, scale)), None)
-        _remember(key, pick)
-    return pick
-
-
-def _remember(key, pick):
-    if len(_PD_SDPA_PICKS) > 1024:  # bounded like an autotune cache: a long-running server sees many shapes
-        _PD_SDPA_PICKS.clear()
-    _PD_SDPA_PICKS[key] = pick
+        if want == PD_GLUON:
+            pick = PD_GLUON if _gluon_takes(q, k_p, v_p, scale) else None
+        else:
+            pick = next((n for n, on in zip(names, flags) if on and (n == "flash_cpu" or (head_dim % 8 == 0 and
+                         head_dim <= 256)) and _torch_takes(n, q, k_p, v_p, scale)), None)
+        if len(_PD_SDPA_PICKS) > 1024:  # bounded like an autotune cache: a long-running server sees many shapes
+            _PD_SDPA_PICKS.clear()
+        _PD_SDPA_PICKS[key] = pick
     return pick
 
 

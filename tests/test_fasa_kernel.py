@@ -334,6 +334,18 @@ def test_interpreter_converts_one_element_scalars_under_any_numpy():
 # ---- kernel variants the GPU tile sweep times: the binary-mask FD loop and the split-KV launch ----------
 
 
+def _mask_with_live_counts(counts, n_img, binary, device, seed):
+    """A mask with ``counts[r]`` live keys at random places in row r (value 1, or ``0.5 + r / 4`` when not
+    binary) and its prepared form, checked to hold exactly those counts."""
+    mask = torch.zeros(len(counts), n_img, device=device)
+    gen = torch.Generator().manual_seed(seed)
+    for row, n in enumerate(counts):
+        mask[row, torch.randperm(n_img, generator=gen)[:n].to(device)] = 1.0 if binary else 0.5 + row / 4
+    pm = prepare_fasa_mask(mask)
+    assert pm.binary == binary and pm.fd_count.tolist() == list(counts)
+    return mask, pm
+
+
 def _poison_excluded(inputs, mask, n_txt, mode):
     """Copies of the inputs whose FD keys outside the computation (FD text keys; in "bias" mode m == 0)
     hold NaN: a read of any of them poisons the output."""
@@ -479,12 +491,7 @@ def test_packed_fd_loop_full_and_partial_tiles(binary, device):
     counts = (0, 1, 16, 32, 33)
     b, h, d, n_img, n_txt = len(counts), 2, 40, 45, 3
     clean = make_inputs(b, h, 21, 17, n_txt + n_img, d, torch.float16, device, layout="bnhd", seed=11)
-    mask = torch.zeros(b, n_img, device=device)
-    gen = torch.Generator().manual_seed(12)
-    for row, n in enumerate(counts):
-        mask[row, torch.randperm(n_img, generator=gen)[:n].to(device)] = 1.0 if binary else 0.5 + row / 4
-    pm = prepare_fasa_mask(mask)
-    assert pm.binary == binary and pm.fd_count.tolist() == list(counts)
+    mask, pm = _mask_with_live_counts(counts, n_img, binary, device, seed=12)
     out = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5, mode="bias",
                    n_txt=n_txt, block_m=16, block_n=16)
     assert_close_to_ref(out, clean, mask, 1.5, n_txt=n_txt)
@@ -504,12 +511,7 @@ def test_fd_loop_on_128_key_tiles(binary, n_txt, dtype, extra, device):
     counts = (0, 1, 127, 128, 129, 256, 300)
     b, h, d, n_img = len(counts), 1, 40, 301
     clean = make_inputs(b, h, 45, 39, n_txt + n_img, d, dtype, device, layout="bnhd", seed=21 + n_txt)
-    mask = torch.zeros(b, n_img, device=device)
-    gen = torch.Generator().manual_seed(22)
-    for row, n in enumerate(counts):
-        mask[row, torch.randperm(n_img, generator=gen)[:n].to(device)] = 1.0 if binary else 0.5 + row / 4
-    pm = prepare_fasa_mask(mask)
-    assert pm.binary == binary and pm.fd_count.tolist() == list(counts)
+    mask, pm = _mask_with_live_counts(counts, n_img, binary, device, seed=22)
     visited = None if extra else torch.zeros(b, h, 3, dtype=torch.int32, device=device)
     out, lse = fasa_fwd(*_poison_excluded(clean, mask, n_txt, "bias"), pm, scale=d ** -0.5, omega=1.5,
                         mode="bias", n_txt=n_txt, return_lse=True, block_m=16, block_n=16, fd_block_n=128,

@@ -20,9 +20,9 @@ import sys
 
 import pytest
 import torch
-import triton
 
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+from test_kernel_compile import needs_ptxas
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -58,7 +58,7 @@ def sass_reports():
     return {r["case"]: r for r in map(json.loads, (x for x in run.stdout.splitlines() if x.startswith("{")))}
 
 
-@pytest.mark.skipif(not os.path.exists(os.path.join(BIN, "ptxas")), reason="this triton build ships no NVIDIA ptxas")
+@needs_ptxas
 @pytest.mark.skipif(not _has_gluon_hopper(), reason="this triton has no Gluon Hopper API (Triton 3.6+ has)")
 @pytest.mark.parametrize("case", ["d64", "d128"])
 def test_key_loop_overlaps_pv_with_the_softmax_in_sass(case, sass_reports):
