@@ -46,8 +46,8 @@ setup(
         # build a wheel and an sdist offline (>= 70.1 builds wheels without the "wheel" package); selenium: the demo
         # page's browser test drives Debian's chromium through it (4.x: Service, WebDriverWait); pytest-xdist: the
         # suite runs on every core (-n auto: 774 s -> 444 s on a 2-core CI-sized machine)
-        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40", "huggingface_hub",
-                 "sentencepiece", "setuptools>=70.1",
+        "test": ["pytest>=7", "pytest-xdist>=3", "hypothesis>=6", "diffusers>=0.42", "transformers>=4.40",
+                 "huggingface_hub", "sentencepiece", "setuptools>=70.1",
                  "matplotlib", "peft", "accelerate>=0.26", "onnxruntime>=1.16", "onnx>=1.14", "selenium>=4"],
     },
 )
